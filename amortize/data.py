@@ -1,0 +1,431 @@
+"""Hierarchical datasets in long format: one row per observation, one id per level.
+
+A :class:`HierarchicalData` holds the levels (outermost first), for every level below the
+first a dense index of each group's parent, the innermost group of every observation, the
+response, and covariates that live at a level or at the observations. The response may
+carry a leading batch dimension ``[B, N]``: B datasets that share one structure.
+
+Example:
+    >>> import amortize as am
+    >>> data = am.HierarchicalData.from_frame(
+    ...     {"school": [0, 0, 1, 1, 1], "y": [1.0, 2.0, 0.5, 0.1, 0.3]},
+    ...     levels=["school"], response="y")
+    >>> data.size("school"), data.n_obs
+    (2, 5)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+__all__ = ["HierarchicalData", "OBS"]
+
+OBS = "obs"  # the name of the observation level (rows), used for covariates and indices
+
+
+def _as_index(values: Any, what: str) -> torch.Tensor:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise DataError(f"{what}: expected a 1-d index array, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise DataError(f"{what}: ids must be integers 0..G-1, got dtype {arr.dtype}")
+    return torch.as_tensor(arr.astype(np.int64))
+
+
+def _as_float(values: Any, what: str, dtype: torch.dtype) -> torch.Tensor:
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        bad = next((v for v in np.asarray(values, dtype=object).ravel() if not _is_number(v)), None)
+        raise DataError(f"{what}: non-numeric value {bad!r}") from None
+    if not np.all(np.isfinite(arr)):
+        flat = np.flatnonzero(~np.isfinite(arr.reshape(-1)))
+        raise DataError(f"{what}: {len(flat)} value(s) are NaN or infinite (first at position {flat[0]})")
+    if np.abs(arr).max(initial=0.0) > 1e30:
+        raise DataError(f"{what}: values of magnitude {np.abs(arr).max():.3g} are too large to use")
+    return torch.as_tensor(arr, dtype=dtype)
+
+
+def _is_number(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class HierarchicalData:
+    """A nested (ragged) dataset: levels outermost first, observations as rows.
+
+    Args:
+        levels: level names, outermost first, e.g. ``["district", "school"]``.
+        parents: for every level but the first, an index ``[G_level]`` of each group's parent
+            group in the level above.
+        group: ``[N]`` index of each observation's group at the innermost level.
+        y: response, ``[N]`` or ``[B, N]`` (B datasets sharing this structure), or None.
+        covariates: ``{level: {name: values}}``; ``level`` is a level name (values ``[G_level]``)
+            or ``"obs"`` (values ``[N]``). Covariate names are unique across levels.
+        labels: optional original group ids per level (used for coordinates in exports).
+        response: name of the response column (for messages and exports).
+
+    Raises:
+        DataError: naming the level or column at fault.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[str],
+        parents: Mapping[str, Any],
+        group: Any,
+        y: Any = None,
+        covariates: Mapping[str, Mapping[str, Any]] | None = None,
+        labels: Mapping[str, Sequence[Any]] | None = None,
+        response: str = "y",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        dtype = dtype or torch.get_default_dtype()
+        self.levels = tuple(levels)
+        self.response = response
+        self._check_levels()
+        self.group = _as_index(group, "observations' innermost group index")
+        self.parents = {
+            lvl: _as_index(parents[lvl], f"level '{lvl}': parent index") for lvl in self.levels[1:] if lvl in parents
+        }
+        self.labels = {lvl: list(labels[lvl]) for lvl in labels} if labels else {}
+        self._sizes = self._infer_sizes()
+        self.covariates: dict[str, dict[str, torch.Tensor]] = {}
+        self.covariate_level: dict[str, str] = {}
+        for lvl, cols in (covariates or {}).items():
+            if lvl != OBS and lvl not in self.levels:
+                raise DataError(f"covariates given for unknown level '{lvl}'; levels are {list(self.levels) + [OBS]}")
+            self.covariates[lvl] = {}
+            for name, values in cols.items():
+                if name in self.covariate_level:
+                    raise DataError(
+                        f"covariate '{name}' is given at two levels ('{self.covariate_level[name]}', '{lvl}')"
+                    )
+                t = _as_float(values, f"covariate '{name}' (level '{lvl}')", dtype)
+                want = self.n_obs if lvl == OBS else self.size(lvl)
+                if t.dim() != 1 or t.shape[0] != want:
+                    raise DataError(
+                        f"covariate '{name}' (level '{lvl}'): expected {want} values, got shape {tuple(t.shape)}"
+                    )
+                self.covariates[lvl][name] = t
+                self.covariate_level[name] = lvl
+        self.y = None
+        if y is not None:
+            self.y = _as_float(y, f"response '{response}'", dtype)
+            if self.y.dim() not in (1, 2) or self.y.shape[-1] != self.n_obs:
+                raise DataError(
+                    f"response '{response}': expected shape [N] or [B, N] with N={self.n_obs}, got {tuple(self.y.shape)}"
+                )
+        self._index_cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ validation
+    def _check_levels(self) -> None:
+        if not self.levels:
+            raise DataError("levels: at least one grouping level is required")
+        if len(set(self.levels)) != len(self.levels):
+            raise DataError(f"levels: names must be unique, got {list(self.levels)}")
+        for lvl in self.levels:
+            if not isinstance(lvl, str) or not lvl or lvl == OBS:
+                raise DataError(f"levels: invalid level name {lvl!r} ('{OBS}' is reserved for observations)")
+
+    def _infer_sizes(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        children: list[tuple[str, torch.Tensor]] = [(lvl, self.parents.get(lvl)) for lvl in self.levels[1:]]
+        children.append((OBS, self.group))
+        for (child, idx), lvl in zip(children, self.levels):
+            if idx is None:
+                raise DataError(f"level '{child}': parent index into level '{lvl}' is missing")
+            if idx.numel() == 0:
+                raise DataError(f"level '{lvl}': no groups (empty data)")
+            if int(idx.min()) < 0:
+                raise DataError(f"level '{child}': negative index into level '{lvl}'")
+            n = len(self.labels[lvl]) if lvl in self.labels else int(idx.max()) + 1
+            if int(idx.max()) >= n:
+                raise DataError(
+                    f"level '{child}': index {int(idx.max())} points to no group of level '{lvl}' (it has {n})"
+                )
+            counts = torch.bincount(idx, minlength=n)
+            if bool((counts == 0).any()):
+                g = int(torch.nonzero(counts == 0)[0])
+                label = self.labels[lvl][g] if lvl in self.labels else g
+                raise DataError(
+                    f"level '{lvl}': group {label!r} has no {'observations' if child == OBS else child + ' groups'}"
+                    " (ids must be dense 0..G-1 with no gaps)"
+                )
+            sizes[lvl] = n
+            if child != OBS and child in self.labels and len(self.labels[child]) != idx.numel():
+                raise DataError(f"level '{child}': {len(self.labels[child])} labels for {idx.numel()} groups")
+        return sizes
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def n_obs(self) -> int:
+        """Number of observations (rows)."""
+        return int(self.group.shape[0])
+
+    @property
+    def batch_size(self) -> int | None:
+        """B when the response holds B datasets ``[B, N]``; None for a single dataset."""
+        return None if self.y is None or self.y.dim() == 1 else int(self.y.shape[0])
+
+    def size(self, level: str) -> int:
+        """Number of groups at ``level`` (``"obs"``: number of observations)."""
+        if level == OBS:
+            return self.n_obs
+        if level not in self.levels:
+            raise DataError(f"unknown level '{level}'; levels are {list(self.levels)}")
+        return self._sizes[level]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Number of groups per level, outermost first."""
+        return {lvl: self.size(lvl) for lvl in self.levels}
+
+    @property
+    def x(self) -> dict[str, torch.Tensor]:
+        """All covariates by name (each ``[G_level]`` or ``[N]``)."""
+        return {name: self.covariates[lvl][name] for name, lvl in self.covariate_level.items()}
+
+    def index(self, level: str, at: str = OBS) -> torch.Tensor:
+        """Index ``[size(at)]`` of the ``level`` group that each unit of ``at`` belongs to.
+
+        ``at`` defaults to the observations; gather a level's latent for each row with
+        ``theta[..., data.index("school")]`` (the ``...`` keeps the model batch-safe).
+        """
+        key = (level, at)
+        if key not in self._index_cache:
+            order = list(self.levels) + [OBS]
+            if level not in self.levels or at not in order or order.index(at) <= order.index(level):
+                raise DataError(f"index: level '{level}' is not above '{at}' (levels {list(self.levels)})")
+            if at == OBS:
+                idx, cur = self.group, len(self.levels) - 1
+            else:
+                idx, cur = self.parents[at], order.index(at) - 1
+            while cur > order.index(level):
+                idx, cur = self.parents[self.levels[cur]][idx], cur - 1
+            self._index_cache[key] = idx
+        return self._index_cache[key]
+
+    def parent_index(self, level: str) -> torch.Tensor:
+        """Index ``[size(level)]`` of each group's parent in the level above."""
+        i = self.levels.index(level)
+        if i == 0:
+            raise DataError(f"level '{level}' is the outermost level and has no parent")
+        return self.index(self.levels[i - 1], at=level)
+
+    def counts(self, level: str, at: str = OBS) -> torch.Tensor:
+        """Number of units of ``at`` in each group of ``level``: ``[size(level)]``."""
+        return torch.bincount(self.index(level, at), minlength=self.size(level))
+
+    def with_response(self, y: torch.Tensor | None) -> HierarchicalData:
+        """The same structure and covariates with another response (``[N]`` or ``[B, N]``)."""
+        new = object.__new__(HierarchicalData)
+        new.__dict__.update(self.__dict__)
+        new.y = y
+        return new
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> HierarchicalData:
+        """A copy on ``device`` with floating tensors cast to ``dtype``."""
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+
+        new = self.with_response(mv(self.y))
+        new.group = mv(self.group)
+        new.parents = {k: mv(v) for k, v in self.parents.items()}
+        new.covariates = {lvl: {k: mv(v) for k, v in cols.items()} for lvl, cols in self.covariates.items()}
+        new._index_cache = {}
+        return new
+
+    def structure_signature(self) -> dict[str, Any]:
+        """What a model needs of a dataset: levels and covariate names per level."""
+        return {
+            "levels": list(self.levels),
+            "covariates": {lvl: sorted(cols) for lvl, cols in sorted(self.covariates.items())},
+        }
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{lvl}={n}" for lvl, n in self.sizes.items())
+        batch = f", batch={self.batch_size}" if self.batch_size else ""
+        cov = ", ".join(f"{k}@{v}" for k, v in self.covariate_level.items())
+        return f"HierarchicalData({sizes}, obs={self.n_obs}{batch}{', covariates: ' + cov if cov else ''})"
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_frame(
+        cls,
+        frame: Any,
+        levels: Sequence[str],
+        response: str | None = None,
+        covariates: Mapping[str, Sequence[str]] | None = None,
+        nested_ids: bool = False,
+    ) -> HierarchicalData:
+        """Build from a long-format table (pandas DataFrame or dict of columns).
+
+        Args:
+            frame: one row per observation.
+            levels: id columns, outermost first; ids may be any labels (names, codes).
+            response: response column; None for a structure without response.
+            covariates: ``{level: [columns]}`` with ``"obs"`` for row-level covariates. A level
+                covariate must be constant within each group of that level.
+            nested_ids: if True, ids are unique only within their parent (school 1 of district A
+                differs from school 1 of district B); by default ids are global.
+
+        Raises:
+            DataError: naming the column, level or group at fault.
+        """
+        columns = _columns(frame)
+        levels = list(levels)
+        wanted = list(levels) + ([response] if response else [])
+        for lvl, cols in (covariates or {}).items():
+            wanted += list(cols)
+        for col in wanted:
+            if col not in columns:
+                raise DataError(f"column '{col}' is not in the data; columns are {sorted(columns)}")
+        n = len(columns[levels[0]]) if levels else 0
+        if n == 0:
+            raise DataError("the data has no rows")
+        labels: dict[str, list[Any]] = {}
+        codes: dict[str, np.ndarray] = {}
+        prev: list[Any] | None = None
+        for lvl in levels:
+            ids = list(columns[lvl])
+            for r, v in enumerate(ids):
+                if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+                    raise DataError(f"column '{lvl}': missing id in row {r}")
+            ids = [v.item() if isinstance(v, np.generic) else v for v in ids]
+            key = (
+                [(*p, v) if isinstance(p, tuple) else (p, v) for p, v in zip(prev, ids)]
+                if (nested_ids and prev)
+                else ids
+            )
+            uniq = _unique_in_order(key)
+            lookup = {k: i for i, k in enumerate(uniq)}
+            codes[lvl] = np.array([lookup[k] for k in key], dtype=np.int64)
+            labels[lvl] = ["/".join(map(str, k)) if isinstance(k, tuple) else k for k in uniq]
+            prev = key
+        parents: dict[str, np.ndarray] = {}
+        for above, lvl in zip(levels[:-1], levels[1:]):
+            g = codes[lvl]
+            par = np.full(len(labels[lvl]), -1, dtype=np.int64)
+            par[g] = codes[above]
+            mismatch = par[g] != codes[above]
+            if mismatch.any():
+                r = int(np.flatnonzero(mismatch)[0])
+                grp = labels[lvl][g[r]]
+                two = sorted({str(labels[above][c]) for c in codes[above][g == g[r]]})
+                raise DataError(
+                    f"column '{lvl}': group {grp!r} has rows in {len(two)} different '{above}' groups ({', '.join(two[:3])})"
+                    "; use nested_ids=True if ids repeat within parents"
+                )
+            parents[lvl] = par
+        cov: dict[str, dict[str, np.ndarray]] = {}
+        for lvl, cols in (covariates or {}).items():
+            if lvl != OBS and lvl not in levels:
+                raise DataError(f"covariates given for unknown level '{lvl}'; levels are {levels + [OBS]}")
+            cov[lvl] = {}
+            for col in cols:
+                vals = _as_float(columns[col], f"column '{col}'", torch.float64).numpy()
+                if lvl == OBS:
+                    cov[lvl][col] = vals
+                    continue
+                g = codes[lvl]
+                per = np.zeros(len(labels[lvl]))
+                per[g] = vals
+                bad = np.flatnonzero(per[g] != vals)
+                if bad.size:
+                    raise DataError(
+                        f"column '{col}': a '{lvl}' covariate must be constant within each '{lvl}' group;"
+                        f" group {labels[lvl][g[bad[0]]]!r} has several values"
+                    )
+                cov[lvl][col] = per
+        y = None
+        if response:
+            y = _as_float(columns[response], f"column '{response}'", torch.float64)
+        return cls(
+            levels,
+            parents,
+            codes[levels[-1]],
+            y=y,
+            covariates=cov,
+            labels=labels,
+            response=response or "y",
+        )
+
+    @classmethod
+    def from_csv(cls, path: str, levels: Sequence[str], response: str | None = None, **kwargs: Any) -> HierarchicalData:
+        """Read a long-format CSV file (header row, one row per observation); see :meth:`from_frame`."""
+        try:
+            with open(path, newline="") as fh:
+                reader = csv.reader(fh)
+                header = next(reader, None)
+                if not header:
+                    raise DataError(f"{path}: empty file or no header row")
+                rows = list(reader)
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such data file") from None
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path}: not a readable CSV file ({e})") from None
+        header = [h.strip() for h in header]
+        cols: dict[str, list[Any]] = {h: [] for h in header}
+        for lineno, row in enumerate(rows, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}: line {lineno} has {len(row)} fields, the header has {len(header)}")
+            for h, v in zip(header, row):
+                cols[h].append(_parse_cell(v))
+        try:
+            return cls.from_frame(cols, levels, response=response, **kwargs)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+
+
+def _parse_cell(v: str) -> Any:
+    v = v.strip()
+    if v == "":
+        return None
+    try:
+        f = float(v)
+    except ValueError:
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() and "n" not in v.lower() else f
+
+
+def _columns(frame: Any) -> dict[str, Any]:
+    if hasattr(frame, "columns") and hasattr(frame, "__getitem__") and not isinstance(frame, Mapping):
+        return {str(c): np.asarray(frame[c]) for c in frame.columns}
+    if isinstance(frame, Mapping):
+        cols = {str(k): v for k, v in frame.items()}
+        lengths = {k: len(v) for k, v in cols.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"columns have different lengths: {lengths}")
+        return cols
+    raise DataError(f"expected a pandas DataFrame or a dict of columns, got {type(frame).__name__}")
+
+
+def _unique_in_order(keys: list[Any]) -> list[Any]:
+    seen: dict[Any, None] = {}
+    for k in keys:
+        seen.setdefault(k, None)
+    uniq = list(seen)
+    try:
+        return sorted(uniq)
+    except TypeError:
+        return uniq

@@ -1,0 +1,196 @@
+"""The amortized guide: a real Pyro guide with the model's site names, computed top-down.
+
+It runs the model itself (Pyro's effect-based :class:`~pyro.poutine.guide.GuideMessenger`): at each
+latent site it sees the model's prior given the parents already drawn from the guide, and returns
+
+* for global sites: one joint draw ``u ~ q(u_globals | dataset)`` on the unconstrained scale,
+  handed out site by site through the site's bijection (the joint log density rides on the first
+  global site);
+* for a group site: ``q(u_g | parents, data) ∝ prior(u_g | parents) x N(u_g; m_g, s_g)``, the
+  model's own conditional prior times a learned Gaussian data term of the group (exact when the
+  prior is Gaussian on the unconstrained scale; the data term alone otherwise).
+
+The same pass scores given values (``truth``): that is the NPE objective, and with the model's
+log density it gives the importance weights behind the ELBO, the IW bound and PSIS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
+from pyro.poutine.guide import GuideMessenger
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+from torch.distributions import constraints
+
+from .data import HierarchicalData
+from .errors import ModelStructureError
+from .nn import GlobalHead, GroupHead, HierarchicalEncoder
+from .structure import LatentSite, ModelStructure, batched
+
+__all__ = ["AmortizedGuide", "gaussian_prior"]
+
+
+def _base(fn: Any) -> Any:
+    while isinstance(fn, (dist.Independent, torch.distributions.Independent, ExpandedDistribution, MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def _real(c: Any) -> bool:
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return c is constraints.real
+
+
+def gaussian_prior(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The prior of a site as ``(loc, scale)`` on its unconstrained scale, ``[*batch, dim]``, when it
+    is exactly Gaussian there (Normal on R, LogNormal on R+); None otherwise."""
+    base = _base(fn)
+    if isinstance(base, torch.distributions.LogNormal) and site.support is constraints.positive:
+        loc, scale = base.loc, base.scale
+    elif isinstance(base, torch.distributions.Normal) and _real(site.support):
+        loc, scale = base.loc, base.scale
+    else:
+        return None
+    shape = fn.batch_shape + fn.event_shape
+    return loc.expand(shape).reshape(*fn.batch_shape, site.dim), scale.expand(shape).reshape(*fn.batch_shape, site.dim)
+
+
+class AmortizedGuide(GuideMessenger, nn.Module):
+    """q(all latents | dataset) for ``batched(model)``: call ``guide(data, num_draws)``.
+
+    Args:
+        model: the user's model for one dataset.
+        structure: its traced :class:`ModelStructure`.
+        covariates: ``{level or "obs": [names]}`` carried by the data.
+        hidden: width of every network.
+    """
+
+    def __init__(
+        self, model: Callable, structure: ModelStructure, covariates: dict[str, list[str]], hidden: int = 64
+    ) -> None:
+        nn.Module.__init__(self)
+        GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
+        self.structure = structure
+        self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden)
+        self.global_head = GlobalHead(hidden, structure.global_dim) if structure.global_dim else None
+        self.group_heads = nn.ModuleDict(
+            {s.name: GroupHead(hidden, s.dim) for s in structure.latents if s.level is not None}
+        )
+        self._state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ guide protocol
+    def __call__(  # type: ignore[override]
+        self, data: HierarchicalData, num_draws: int = 1, truth: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Draw ``num_draws`` joint posterior samples for each dataset in ``data`` (or score
+        ``truth``, values in the batched layout); returns every sample site's value."""
+        self._state = self._prepare(data, truth)
+        try:
+            return super().__call__(data, num_draws)
+        finally:
+            self._state = None
+
+    def _prepare(self, data: HierarchicalData, truth: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        K = self.structure.max_plate_nesting
+        enc = self.encoder(data)
+        B = enc.dataset.shape[0]
+        state: dict[str, Any] = {"truth": truth, "u": None, "terms": {}}
+        if self.global_head is not None:
+            q = self.global_head(enc.dataset)  # batch [B], event [D]
+            state["q_globals"] = dist.MultivariateNormal(
+                q.loc.reshape(B, *[1] * K, -1), scale_tril=q.scale_tril.reshape(B, *[1] * K, *q.scale_tril.shape[-2:])
+            )
+        for name, head in self.group_heads.items():
+            site = self.structure[name]
+            loc, scale = head(enc.groups[site.level], enc.dataset)  # [B, G, d]
+            G = loc.shape[-2]
+            state["terms"][name] = (
+                loc.reshape(B, *[1] * (K - 1), G, -1),
+                scale.reshape(B, *[1] * (K - 1), G, -1),
+            )
+        return state
+
+    def get_posterior(self, name: str, prior: Any) -> Any:
+        st = self._state
+        if st is None:
+            raise RuntimeError("AmortizedGuide.get_posterior called outside guide(data)")
+        try:
+            site = self.structure[name]
+        except KeyError:
+            raise ModelStructureError(f"site '{name}' was not in the model when it was traced") from None
+        truth = st["truth"]
+        if site.level is None:
+            return self._global_posterior(site, prior, st, truth)
+        loc, scale = st["terms"][name]
+        g = gaussian_prior(prior, site)
+        if g is not None:  # precision-weighted product of prior and data term
+            prec0, prec = g[1].pow(-2), scale.pow(-2)
+            total = prec0 + prec
+            loc = (g[0] * prec0 + loc * prec) / total
+            scale = total.rsqrt()
+        ushape = site.unconstrained_shape
+        loc = loc.reshape(*loc.shape[:-1], *ushape)
+        scale = scale.reshape(*scale.shape[:-1], *ushape)
+        q = dist.Normal(loc, scale).to_event(len(ushape))
+        if not _real(site.support):
+            q = dist.TransformedDistribution(q, [site.transform])
+        if truth is None:
+            return q
+        value = truth[name]
+        return dist.Delta(value, log_density=q.log_prob(value), event_dim=len(site.event_shape))
+
+    def _global_posterior(self, site: LatentSite, prior: Any, st: dict[str, Any], truth: Any) -> Any:
+        q = st["q_globals"]
+        first = st["u"] is None
+        if first:
+            if truth is None:
+                u = q.rsample(prior.batch_shape[:1])  # [S, B, 1.., D]
+            else:
+                u = torch.cat([s.unconstrain(truth[s.name]) for s in self.structure.global_sites], -1)
+            st["u"] = u
+            st["log_q"] = q.log_prob(u)
+        offset = 0
+        for s in self.structure.global_sites:
+            if s.name == site.name:
+                break
+            offset += s.dim
+        value, ladj = site.constrain(st["u"][..., offset : offset + site.dim])
+        log_density = -ladj + (st["log_q"] if first else 0.0)
+        if truth is not None:
+            value = truth[site.name]
+        return dist.Delta(value, log_density=log_density, event_dim=len(site.event_shape))
+
+    # ------------------------------------------------------------------ objectives
+    def log_weights(
+        self, data: HierarchicalData, num_draws: int = 1, truth: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(log p(y, z), log q(z | y), z)`` per draw and dataset, ``[S, B]`` each; with ``truth``,
+        z is the given values (log p is then skipped and returned as zeros)."""
+        values = self(data, num_draws, truth)
+        model_trace, guide_trace = self.get_traces()
+        log_q = _sum_per_particle(guide_trace, self.structure.max_plate_nesting)
+        if truth is not None:
+            return torch.zeros_like(log_q), log_q, values
+        return _sum_per_particle(model_trace, self.structure.max_plate_nesting), log_q, values
+
+
+def _sum_per_particle(trace: Any, K: int) -> torch.Tensor:
+    total: torch.Tensor | float = 0.0
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        lp = site["fn"].log_prob(site["value"])
+        if site.get("scale", 1.0) is not None:
+            lp = lp * site.get("scale", 1.0)
+        if lp.dim() > 2:
+            lp = lp.sum(tuple(range(2, lp.dim())))
+        while lp.dim() < 2:
+            lp = lp.unsqueeze(0)
+        total = total + lp
+    return total  # type: ignore[return-value]

@@ -1,0 +1,184 @@
+"""Bottom-up set encoder: pools observations into groups, groups into parents, up to one
+dataset embedding, carrying explicit log-scale summary statistics at every level.
+
+All tensors carry B datasets that share one structure: the response is ``[B, N]``, index arrays
+and covariates are shared. Per-group work is done once per group, with segment sums.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import OBS, HierarchicalData
+
+__all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp", "segment_mean"]
+
+
+def mlp(d_in: int, d_hidden: int, d_out: int, layers: int = 2) -> nn.Sequential:
+    """A SiLU MLP with ``layers`` hidden layers."""
+    mods: list[nn.Module] = []
+    d = d_in
+    for _ in range(layers):
+        mods += [nn.Linear(d, d_hidden), nn.SiLU()]
+        d = d_hidden
+    mods.append(nn.Linear(d, d_out))
+    return nn.Sequential(*mods)
+
+
+def segment_sum(x: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum ``x [..., N, F]`` into ``[..., size, F]`` by ``idx [N]``."""
+    out = x.new_zeros(*x.shape[:-2], size, x.shape[-1])
+    return out.index_add_(x.dim() - 2, idx, x)
+
+
+def segment_mean(x: torch.Tensor, idx: torch.Tensor, size: int, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x [..., N, F]`` per segment: ``[..., size, F]``; ``counts [size]`` > 0."""
+    return segment_sum(x, idx, size) / counts.to(x.dtype).unsqueeze(-1)
+
+
+class RobustScaler(nn.Module):
+    """Fixed feature standardization fitted once on simulated data: robust z-score, then a soft clamp
+    (``c * tanh(z / c)``) so that extreme but legitimate datasets stay in range."""
+
+    def __init__(self, dim: int, clamp: float = 6.0) -> None:
+        super().__init__()
+        self.clamp = clamp
+        self.register_buffer("loc", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        q = torch.quantile(x[:200_000], torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=0)
+        scale = (q[2] - q[0]) / 1.349
+        scale = torch.where(scale > 1e-6, scale, x.std(0).clamp_min(1e-6))
+        self.loc.copy_(q[1])
+        self.scale.copy_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.loc) / self.scale
+        return self.clamp * torch.tanh(z / self.clamp)
+
+
+class Encoding:
+    """Output of the encoder: ``dataset [B, H]`` and ``groups[level] [B, G_level, H]``."""
+
+    def __init__(self, dataset: torch.Tensor, groups: dict[str, torch.Tensor]) -> None:
+        self.dataset = dataset
+        self.groups = groups
+
+
+class HierarchicalEncoder(nn.Module):
+    """Encode B datasets of one structure bottom-up through the levels.
+
+    Args:
+        levels: level names, outermost first.
+        covariates: ``{level or "obs": [names]}`` the model's data carries.
+        hidden: embedding width H.
+    """
+
+    def __init__(self, levels: tuple[str, ...], covariates: dict[str, list[str]], hidden: int = 64) -> None:
+        super().__init__()
+        self.levels = tuple(levels)
+        self.cov_names = {lvl: list(names) for lvl, names in covariates.items()}
+        kx = len(self.cov_names.get(OBS, []))
+        self.obs_dim = 2 + 2 * kx  # standardized y, asinh y, covariates, y * covariates
+        self.phi = mlp(self.obs_dim, hidden, hidden)
+        self.level_stats = {lvl: self._n_level_stats(lvl) for lvl in self.levels}
+        self.scalers = nn.ModuleDict({lvl: RobustScaler(n) for lvl, n in self.level_stats.items()})
+        self.nets = nn.ModuleDict()
+        for i, lvl in enumerate(self.levels):
+            child = hidden if i + 1 < len(self.levels) else 0
+            self.nets[lvl] = mlp(self.level_stats[lvl] + hidden + child, hidden, hidden)
+        self.n_global_stats = 4 + self.obs_dim + 4 * len(self.levels)
+        self.global_scaler = RobustScaler(self.n_global_stats)
+        self.global_net = mlp(self.n_global_stats + 2 * hidden, hidden, hidden)
+
+    def _n_level_stats(self, lvl: str) -> int:
+        inner = self.levels.index(lvl) == len(self.levels) - 1
+        return 7 + self.obs_dim + len(self.cov_names.get(lvl, [])) + (0 if inner else 2)
+
+    # -------------------------------------------------------------- summary statistics
+    def statistics(self, data: HierarchicalData) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Unscaled per-level summaries ``{level: [B, G, F_level]}``, dataset summaries ``[B, F]``
+        and per-observation features ``[B, N, F_obs]``."""
+        y = data.y if data.y.dim() == 2 else data.y.unsqueeze(0)  # [B, N]
+        B, N = y.shape
+        m = y.mean(-1, keepdim=True)  # [B, 1]
+        s = y.std(-1, unbiased=False, keepdim=True).clamp_min(1e-6)  # [B, 1]
+        ys = (y - m) / s
+        feats = [ys, torch.asinh(y)]
+        if self.cov_names.get(OBS):
+            X = torch.stack([data.covariates[OBS][k] for k in self.cov_names[OBS]], -1)  # [N, kx]
+            X = (X - X.mean(0)) / X.std(0, unbiased=False).clamp_min(1e-6)
+            feats += [X.expand(B, N, -1).unbind(-1)[j] for j in range(X.shape[-1])]
+            feats += [ys * X[:, j] for j in range(X.shape[-1])]
+        f = torch.stack(feats, -1)  # [B, N, F_obs]
+        log_s = torch.log(s)
+        stats: dict[str, torch.Tensor] = {}
+        glob = [m.squeeze(-1), torch.asinh(m.squeeze(-1)), log_s.squeeze(-1), torch.full_like(m.squeeze(-1), N).log()]
+        glob += list(f.mean(-2).unbind(-1))
+        child_mean: torch.Tensor | None = None
+        for i in reversed(range(len(self.levels))):
+            lvl = self.levels[i]
+            G = data.size(lvl)
+            idx = data.index(lvl)  # [N]
+            n = data.counts(lvl).to(y.dtype)  # [G]
+            moments = segment_mean(torch.stack([y, y * y], -1), idx, G, n)  # [B, G, 2]
+            ybar = moments[..., 0]
+            var = (moments[..., 1] - ybar**2).clamp_min(0.0)
+            lsd = 0.5 * torch.log(var + 1e-6 * s**2)
+            cols = [ybar, (ybar - m) / s, lsd, lsd - log_s, n.log().expand(B, G), (n > 1).to(y.dtype).expand(B, G)]
+            cols.append(torch.asinh(ybar))
+            cols += list(segment_mean(f, idx, G, n).unbind(-1))
+            for k in self.cov_names.get(lvl, []):
+                c = data.covariates[lvl][k]
+                cols.append(((c - c.mean()) / c.std(unbiased=False).clamp_min(1e-6)).expand(B, G))
+            if i + 1 < len(self.levels):
+                cidx = data.parent_index(self.levels[i + 1])
+                nc = torch.bincount(cidx, minlength=G).to(y.dtype)
+                cm = segment_mean(torch.stack([child_mean, child_mean**2], -1), cidx, G, nc)
+                cols += [0.5 * torch.log((cm[..., 1] - cm[..., 0] ** 2).clamp_min(0) + 1e-6), nc.log().expand(B, G)]
+            stats[lvl] = torch.stack(cols, -1)
+            child_mean = (ybar - m) / s
+            rel = (ybar - m) / s
+            glob += [
+                torch.full_like(m.squeeze(-1), G).log(),
+                rel.mean(-1),
+                0.5 * torch.log(rel.var(-1, unbiased=False) + 1e-6),
+                (lsd - log_s).mean(-1),
+            ]
+        return stats, torch.stack(glob, -1), f
+
+    @torch.no_grad()
+    def fit(self, datasets: list[HierarchicalData]) -> None:
+        """Fit the feature scalers on simulated datasets."""
+        per_level: dict[str, list[torch.Tensor]] = {lvl: [] for lvl in self.levels}
+        glob = []
+        for d in datasets:
+            stats, g, _ = self.statistics(d)
+            for lvl in self.levels:
+                per_level[lvl].append(stats[lvl].reshape(-1, stats[lvl].shape[-1]))
+            glob.append(g)
+        for lvl in self.levels:
+            self.scalers[lvl].fit(torch.cat(per_level[lvl]))
+        self.global_scaler.fit(torch.cat(glob))
+
+    def forward(self, data: HierarchicalData) -> Encoding:
+        stats, glob, f = self.statistics(data)
+        h_obs = self.phi(f)  # [B, N, H]
+        groups: dict[str, torch.Tensor] = {}
+        child: torch.Tensor | None = None
+        for i in reversed(range(len(self.levels))):
+            lvl = self.levels[i]
+            G = data.size(lvl)
+            pooled = segment_mean(h_obs, data.index(lvl), G, data.counts(lvl))  # [B, G, H]
+            parts = [self.scalers[lvl](stats[lvl]), pooled]
+            if child is not None:
+                cidx = data.parent_index(self.levels[i + 1])
+                parts.append(segment_mean(child, cidx, G, torch.bincount(cidx, minlength=G)))
+            child = groups[lvl] = self.nets[lvl](torch.cat(parts, -1))  # [B, G, H]
+        top = groups[self.levels[0]].mean(-2)  # [B, H]
+        dataset = self.global_net(torch.cat([self.global_scaler(glob), h_obs.mean(-2), top], -1))
+        return Encoding(dataset, groups)

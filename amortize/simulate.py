@@ -1,0 +1,148 @@
+"""Training data: random dataset structures and prior-predictive simulation from the model.
+
+A :class:`StructureSampler` draws the shape of a dataset (groups per level, observations per
+group, covariates); :func:`simulate` runs the user's model on it for a batch of B datasets at once
+and returns the latent values and responses.
+
+Example:
+    >>> sampler = StructureSampler(["school"], groups={"school": (10, 50)}, obs=(5, 30))
+    >>> data = sampler.sample(torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pyro.poutine as poutine
+import torch
+
+from .data import OBS, HierarchicalData
+from .errors import ConfigError
+from .structure import ModelStructure, batched
+
+__all__ = ["StructureSampler", "simulate", "Simulation"]
+
+CovariateSpec = Callable[[int, torch.Generator], torch.Tensor] | Mapping[str, Any]
+
+
+def _draw_covariate(spec: CovariateSpec, n: int, gen: torch.Generator, name: str) -> torch.Tensor:
+    if callable(spec):
+        return torch.as_tensor(spec(n, gen), dtype=torch.get_default_dtype()).reshape(n)
+    kind = spec.get("dist", "normal")
+    if kind == "normal":
+        return spec.get("loc", 0.0) + spec.get("scale", 1.0) * torch.randn(n, generator=gen)
+    if kind == "uniform":
+        lo, hi = spec.get("low", 0.0), spec.get("high", 1.0)
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+    if kind == "bernoulli":
+        return (torch.rand(n, generator=gen) < spec.get("p", 0.5)).to(torch.get_default_dtype())
+    raise ConfigError(f"covariate '{name}': unknown dist '{kind}' (normal, uniform, bernoulli or a callable)")
+
+
+class StructureSampler:
+    """Draws dataset structures for training.
+
+    Args:
+        levels: level names, outermost first.
+        groups: ``{level: (lo, hi)}``: the number of groups of the outermost level, and for each
+            inner level the number of children per parent group (inclusive ranges).
+        obs: ``(lo, hi)`` observations per innermost group.
+        covariates: ``{level or "obs": {name: spec}}``; a spec is ``{"dist": "normal", "loc": 0,
+            "scale": 1}``, ``{"dist": "uniform", "low", "high"}``, ``{"dist": "bernoulli", "p"}``
+            or a callable ``(n, generator) -> tensor[n]``.
+        template: a dataset to reuse as is (``fixed``): every draw returns its structure.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[str],
+        groups: Mapping[str, tuple[int, int]] | None = None,
+        obs: tuple[int, int] = (1, 1),
+        covariates: Mapping[str, Mapping[str, CovariateSpec]] | None = None,
+        template: HierarchicalData | None = None,
+    ) -> None:
+        self.levels = tuple(levels)
+        self.template = template
+        self.groups = {lvl: tuple(int(v) for v in groups[lvl]) for lvl in self.levels} if groups else {}
+        self.obs = tuple(int(v) for v in obs)
+        self.covariates = {lvl: dict(c) for lvl, c in (covariates or {}).items()}
+        if template is None:
+            for lvl in self.levels:
+                if lvl not in self.groups:
+                    raise ConfigError(f"groups: no range for level '{lvl}'")
+            for key, (lo, hi) in list(self.groups.items()) + [("obs", self.obs)]:
+                if not 1 <= lo <= hi:
+                    raise ConfigError(f"groups['{key}']: need 1 <= lo <= hi, got ({lo}, {hi})")
+            for lvl in self.covariates:
+                if lvl != OBS and lvl not in self.levels:
+                    raise ConfigError(f"covariates: unknown level '{lvl}' (levels {list(self.levels)} or 'obs')")
+
+    @classmethod
+    def fixed(cls, data: HierarchicalData) -> StructureSampler:
+        """A sampler that always returns ``data``'s structure and covariates (its response dropped)."""
+        return cls(data.levels, template=data.with_response(None))
+
+    def sample(self, gen: torch.Generator) -> HierarchicalData:
+        """One random structure (``y`` is None)."""
+        if self.template is not None:
+            return self.template
+
+        def counts(lo: int, hi: int, n: int) -> torch.Tensor:
+            return torch.randint(lo, hi + 1, (n,), generator=gen)
+
+        parents: dict[str, torch.Tensor] = {}
+        n_groups = int(counts(*self.groups[self.levels[0]], 1))
+        sizes = {self.levels[0]: n_groups}
+        for lvl in self.levels[1:]:
+            c = counts(*self.groups[lvl], n_groups)
+            parents[lvl] = torch.repeat_interleave(torch.arange(n_groups), c)
+            n_groups = sizes[lvl] = int(c.sum())
+        group = torch.repeat_interleave(torch.arange(n_groups), counts(*self.obs, n_groups))
+        cov = {
+            lvl: {
+                name: _draw_covariate(spec, len(group) if lvl == OBS else sizes[lvl], gen, name)
+                for name, spec in specs.items()
+            }
+            for lvl, specs in self.covariates.items()
+        }
+        return HierarchicalData(self.levels, parents, group, covariates=cov)
+
+    def ranges(self) -> dict[str, Any]:
+        """The training range: groups per level and observations per group (for out-of-range flags)."""
+        if self.template is not None:
+            t = self.template
+            out = {lvl: [t.size(lvl), t.size(lvl)] for lvl in t.levels}
+            c = t.counts(t.levels[-1])
+            out["obs"] = [int(c.min()), int(c.max())]
+            return out
+        return {**{k: list(v) for k, v in self.groups.items()}, "obs": list(self.obs)}
+
+
+class Simulation:
+    """B simulated datasets sharing one structure: ``data.y`` is ``[B, N]``; ``latents`` maps each
+    latent site to its value in the batched layout ``[1, B, *plates, *event]``."""
+
+    def __init__(self, data: HierarchicalData, latents: dict[str, torch.Tensor]) -> None:
+        self.data = data
+        self.latents = latents
+
+
+def simulate(model: Callable, structure: ModelStructure, data: HierarchicalData, num_datasets: int) -> Simulation:
+    """Draw ``num_datasets`` datasets from the prior predictive on ``data``'s structure.
+
+    Datasets whose response or latents are not finite are dropped, so fewer may come back.
+    """
+    fn = batched(model, structure.max_plate_nesting)
+    with torch.no_grad():
+        tr = poutine.trace(fn).get_trace(data.with_response(None), 1, num_datasets)
+    y = tr.nodes[structure.response]["value"].reshape(num_datasets, data.n_obs)
+    latents = {s.name: tr.nodes[s.name]["value"].detach() for s in structure.latents}
+    ok = torch.isfinite(y).all(-1) & (y.abs() < 1e12).all(-1)
+    for v in latents.values():
+        ok &= torch.isfinite(v.reshape(1, num_datasets, -1)).all(-1)[0]
+    if not bool(ok.all()):
+        keep = torch.nonzero(ok).squeeze(-1)
+        y = y[keep]
+        latents = {k: v.index_select(1, keep) for k, v in latents.items()}
+    return Simulation(data.with_response(y.detach()), latents)
