@@ -54,7 +54,7 @@ def _as_float(values: Any, what: str, dtype: torch.dtype) -> torch.Tensor:
         raise DataError(f"{what}: {len(flat)} value(s) are NaN or infinite (first at position {flat[0]})")
     if np.abs(arr).max(initial=0.0) > 1e30:
         raise DataError(f"{what}: values of magnitude {np.abs(arr).max():.3g} are too large to use")
-    return torch.as_tensor(arr, dtype=dtype)
+    return torch.tensor(arr, dtype=dtype)
 
 
 def _is_number(v: Any) -> bool:
@@ -128,7 +128,8 @@ class HierarchicalData:
             self.y = _as_float(y, f"response '{response}'", dtype)
             if self.y.dim() not in (1, 2) or self.y.shape[-1] != self.n_obs:
                 raise DataError(
-                    f"response '{response}': expected shape [N] or [B, N] with N={self.n_obs}, got {tuple(self.y.shape)}"
+                    f"response '{response}': expected shape [N] or [B, N] with N={self.n_obs},"
+                    f" got {tuple(self.y.shape)}"
                 )
         self._index_cache: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -293,7 +294,7 @@ class HierarchicalData:
         columns = _columns(frame)
         levels = list(levels)
         wanted = list(levels) + ([response] if response else [])
-        for lvl, cols in (covariates or {}).items():
+        for cols in (covariates or {}).values():
             wanted += list(cols)
         for col in wanted:
             if col not in columns:
@@ -331,7 +332,8 @@ class HierarchicalData:
                 grp = labels[lvl][g[r]]
                 two = sorted({str(labels[above][c]) for c in codes[above][g == g[r]]})
                 raise DataError(
-                    f"column '{lvl}': group {grp!r} has rows in {len(two)} different '{above}' groups ({', '.join(two[:3])})"
+                    f"column '{lvl}': group {grp!r} has rows in {len(two)} different '{above}' groups"
+                    f" ({', '.join(two[:3])})"
                     "; use nested_ids=True if ids repeat within parents"
                 )
             parents[lvl] = par

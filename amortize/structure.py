@@ -172,7 +172,8 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         other = [f.name for f in frames if f.name not in data.levels]
         if other:
             raise ModelStructureError(
-                f"site '{name}' is in plate '{other[0]}', which is not a level of the data (levels: {list(data.levels)})"
+                f"site '{name}' is in plate '{other[0]}', which is not a level of the data"
+                f" (levels: {list(data.levels)})"
             )
         if len(level_frames) > 1:
             raise ModelStructureError(
@@ -182,7 +183,8 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         level = level_frames[0].name if level_frames else None
         if level is not None and level_frames[0].size != data.size(level):
             raise ModelStructureError(
-                f"site '{name}': plate '{level}' has size {level_frames[0].size}, the data has {data.size(level)} groups"
+                f"site '{name}': plate '{level}' has size {level_frames[0].size},"
+                f" the data has {data.size(level)} groups"
             )
         try:
             t = biject_to(fn.support)

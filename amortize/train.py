@@ -140,6 +140,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(step, cfg)
             loss = _loss(amortizer, cfg, gen)
+            value = float(loss.detach())
             opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
@@ -148,7 +149,7 @@ def train(
                 gnorm = torch.tensor(float("nan"))
             if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
                 bad += 1
-                log.warning("step %d: non-finite loss or gradient (%s); step skipped", step, float(loss))
+                log.warning("step %d: non-finite loss or gradient (%s); step skipped", step, value)
                 if bad >= cfg.max_bad_steps:
                     raise AmortizeError(
                         f"training stopped at step {step}: {bad} consecutive non-finite steps; "
@@ -160,9 +161,9 @@ def train(
             opt.step()
             amortizer.step = step + 1
             seen += cfg.batch_size
-            running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+            running = value if running is None else 0.95 * running + 0.05 * value
             if callback:
-                callback(step, float(loss))
+                callback(step, value)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 rate = seen / (time.perf_counter() - t0)
                 rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm)}

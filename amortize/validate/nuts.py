@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -38,6 +40,10 @@ logger = logging.getLogger(__name__)
 # distributions that LocScaleReparam can decenter (loc, scale, plus copied shape params such as df)
 _LOC_SCALE = (dist.Normal, dist.StudentT, dist.Cauchy, dist.Laplace)
 _PARAMETERIZATIONS = ("auto", "none", "noncentered")
+# code whose tensor-to-Python conversions under JIT tracing are structural constants, not latent values
+_TRUSTED_ROOTS = tuple(str(Path(m.__file__).resolve().parent) for m in (pyro, torch)) + (
+    str(Path(__file__).resolve().parents[1]),
+)
 
 
 @dataclass
@@ -203,29 +209,16 @@ def _run(
     start = time.perf_counter()
     chains: list[dict[str, torch.Tensor]] = []
     divergences = 0
-    jit = True
+    jit = True  # once compiling fails or looks unsafe, the remaining chains run eagerly
+    settings = dict(target_accept_prob=target_accept, max_tree_depth=max_tree_depth)
     for chain in range(num_chains):
-        mcmc = None
-        for use_jit in (True, False) if jit else (False,):
+        if jit:
             pyro.set_rng_seed(seed + chain)
-            kernel = NUTS(
-                run_model,
-                target_accept_prob=target_accept,
-                max_tree_depth=max_tree_depth,
-                jit_compile=use_jit,
-                ignore_jit_warnings=True,
-            )
-            mcmc = MCMC(
-                kernel, num_samples=num_samples, warmup_steps=num_warmup, num_chains=1, disable_progbar=not progress
-            )
-            try:
-                mcmc.run(data)
-                break
-            except Exception as e:  # noqa: BLE001 - a JIT failure of any kind falls back to eager mode
-                if not use_jit:
-                    raise
-                logger.warning("run_nuts: JIT compilation failed (%s: %s); running without JIT", type(e).__name__, e)
-                jit = False
+            mcmc, jit = _run_jit(run_model, data, settings, num_warmup, num_samples, progress)
+        if not jit:
+            pyro.set_rng_seed(seed + chain)
+            mcmc = MCMC(NUTS(run_model, **settings), num_samples, warmup_steps=num_warmup, disable_progbar=not progress)
+            mcmc.run(data)
         draws = mcmc.get_samples()  # site -> [S, *shape]
         if noncentered:
             draws = _original_sites(run_model, data, draws, latent)
@@ -253,6 +246,37 @@ def _run(
     )
     logger.debug("run_nuts: %s", res.summary())
     return res
+
+
+def _run_jit(
+    model: Callable, data: HierarchicalData, settings: dict, num_warmup: int, num_samples: int, progress: bool
+) -> tuple[MCMC, bool]:
+    """One chain with a JIT-compiled potential; ``(mcmc, False)`` if compiling failed or looked unsafe.
+
+    Tracing bakes Python control flow into the compiled function. A ``TracerWarning`` about converting a
+    tensor to a Python value raised from user code (outside pyro, torch and amortize) means the model
+    may branch on a latent value, so the chain is rejected and the caller reruns it without JIT.
+    """
+    kernel = NUTS(model, jit_compile=True, ignore_jit_warnings=False, **settings)
+    mcmc = MCMC(kernel, num_samples, warmup_steps=num_warmup, disable_progbar=not progress)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mcmc.run(data)
+    except Exception as e:  # noqa: BLE001 - a JIT failure of any kind falls back to eager mode
+        logger.warning("run_nuts: JIT compilation failed (%s: %s); running without JIT", type(e).__name__, e)
+        return mcmc, False
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning) and "to a Python" in str(w.message):
+            if not any(root in str(Path(w.filename).resolve()) for root in _TRUSTED_ROOTS):
+                logger.warning(
+                    "run_nuts: the model converts a tensor to a Python value at %s:%s, which JIT tracing would "
+                    "freeze; running without JIT",
+                    w.filename,
+                    w.lineno,
+                )
+                return mcmc, False
+    return mcmc, True
 
 
 def _original_sites(
@@ -288,7 +312,7 @@ def chain_diagnostics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shape = x.shape[2:]
     flat = x.reshape(c, s, -1).to(torch.float64)  # [C, S, K]
     z = _split(_rank_normalize(flat))  # [2C, S//2, K]
-    med = flat.reshape(c * s, -1).median(0).values
+    med = torch.quantile(flat.reshape(c * s, -1), 0.5, dim=0)  # numpy-style median (mean of the middle two)
     zf = _split(_rank_normalize((flat - med).abs()))
     r_hat = torch.maximum(gelman_rubin(z), gelman_rubin(zf))
     ess = effective_sample_size(z)

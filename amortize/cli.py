@@ -1,0 +1,491 @@
+"""The ``amortize`` command line: ``train``, ``sample``, ``validate``, ``sbc``, ``bench``.
+
+Library code never prints; this module formats all output. Errors of the library (and missing
+files) end the command with one line ``amortize: error: ...`` and exit code 2; ``--debug`` adds
+the traceback.
+
+Example:
+    $ amortize train experiments/gaussian_2level.yaml train.steps=500
+    $ amortize sample checkpoints/gaussian_2level/20250101-120000 --data my.csv --out draws.nc
+    $ amortize validate checkpoints/gaussian_2level/20250101-120000 --datasets 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+
+from . import __version__
+from .amortizer import Amortizer
+from .config import (
+    Config,
+    build_sampler,
+    config_dir,
+    config_source,
+    dataset_spec,
+    load_config,
+    read_dataset,
+    resolve_model,
+    save_config,
+    write_text,
+)
+from .data import HierarchicalData
+from .errors import AmortizeError, ConfigError
+from .posterior import K_THRESHOLD, Posterior
+from .simulate import simulate
+
+__all__ = ["main", "build_parser", "load_run"]
+
+log = logging.getLogger(__name__)
+EXAMPLES = {
+    "train": """examples:
+  amortize train experiments/gaussian_2level.yaml
+  amortize train experiments/gaussian_2level.yaml train.steps=500 network.hidden=32 --root runs
+  amortize train --resume checkpoints/gaussian_2level/20250101-120000 train.steps=6000""",
+    "sample": """examples:
+  amortize sample checkpoints/gaussian_2level/20250101-120000 --data my.csv --out draws.nc
+  amortize sample RUN_DIR --data my.csv --levels district,school --response y --covariates obs:x --out draws.csv""",
+    "validate": """examples:
+  amortize validate checkpoints/gaussian_2level/20250101-120000 --datasets 5 --json val.json
+  amortize validate RUN_DIR --data experiments/data/eight_schools.csv validate.nuts.num_chains=4""",
+    "sbc": "example:\n  amortize sbc checkpoints/gaussian_2level/20250101-120000 --datasets 200",
+    "bench": "example:\n  amortize bench checkpoints/gaussian_2level/20250101-120000 --json bench.json",
+}
+TABLE_COLUMNS = ("count", "z_median", "z_p90", "sd_ratio_median", "coverage90", "w1_median")
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as ``amortize: warning: ...`` lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"amortize: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+_HANDLER = _StderrHandler()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and not os.environ.get("CI")
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A progress line on stderr (stdout is kept for results)."""
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+def _warn(text: str) -> None:
+    print(f"amortize: warning: {text}", file=sys.stderr)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{name}' was asked for but CUDA is not available")
+    return dev
+
+
+def load_run(
+    run_dir: str | os.PathLike, overrides: Sequence[str] = (), device: str | None = None, with_sampler: bool = False
+) -> tuple[Config, Callable, Amortizer]:
+    """Load a run directory written by ``amortize train``: its config, model and trained amortizer.
+
+    Args:
+        run_dir: the run directory (``config.yaml`` and ``checkpoint.pt`` inside).
+        overrides: ``key=value`` changes to the snapshotted config.
+        device: overrides the config's ``device``.
+        with_sampler: build the training structure sampler (needed to continue training).
+
+    Returns:
+        ``(config, model, amortizer)``.
+    """
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError(f"{run}: not a run directory (no config.yaml; runs are made by 'amortize train')")
+    cfg = load_config(run / "config.yaml", overrides)
+    model = resolve_model(cfg.model, config_dir(cfg), config_source(cfg))
+    sampler = build_sampler(cfg) if with_sampler else None
+    amortizer = Amortizer.load(run / "checkpoint.pt", model, sampler=sampler, device=_device(device or cfg.device))
+    return cfg, model, amortizer
+
+
+def _read_data(cfg: Config, args: argparse.Namespace) -> HierarchicalData:
+    """The ``--data`` CSV, read with the config's dataset spec, columns overridden by flags."""
+    spec = replace(dataset_spec(cfg))
+    if args.levels:
+        spec.levels = [s.strip() for s in args.levels.split(",") if s.strip()]
+    if args.response:
+        spec.response = args.response
+    if args.covariates is not None:
+        spec.covariates = {}
+        for item in args.covariates:
+            lvl, sep, cols = item.partition(":")
+            if not sep or not lvl or not cols:
+                raise ConfigError(f"--covariates: expected LEVEL:COL[,COL...], got '{item}'")
+            spec.covariates.setdefault(lvl, []).extend(c.strip() for c in cols.split(",") if c.strip())
+    if args.nested_ids:
+        spec.nested_ids = True
+    return read_dataset(spec, args.data, key="--data")
+
+
+def _diagnose(post: Posterior, num_samples: int, seed: int) -> dict[str, Any]:
+    """Posterior diagnostics, each problem printed as one warning line."""
+    diag = post.diagnostics(num_samples=num_samples, seed=seed)
+    for flag in diag["flags"]:
+        _warn(f"outside the training range: {flag}")
+    k = diag["pareto_k"]
+    if k > K_THRESHOLD:
+        _warn(f"Pareto k {k:.2f} > {K_THRESHOLD}: do not trust these draws; check with 'amortize validate --data'")
+    return diag
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return _json_safe(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _draws_csv(draws: dict[str, torch.Tensor]) -> str:
+    """One row per draw, one column per site element: ``mu``, ``theta[3]``, ``beta[1,2]``."""
+    names, cols = ["draw"], []
+    n = next(iter(draws.values())).shape[0]
+    for site, v in draws.items():
+        flat = v.reshape(n, -1).double().cpu().numpy()
+        shape = tuple(v.shape[1:])
+        names += [site] if not shape else [f"{site}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
+        cols.append(flat)
+    table = np.concatenate([np.arange(n)[:, None].astype(float)] + cols, axis=1)
+    lines = [",".join(f'"{c}"' if "," in c else c for c in names)]
+    lines += [f"{int(row[0])}," + ",".join(f"{x:.9g}" for x in row[1:]) for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def _write_netcdf(post: Posterior, path: Path, num_samples: int, seed: int) -> None:
+    idata = post.to_arviz(num_samples, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        idata.to_netcdf(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def _new_run_dir(args: argparse.Namespace, cfg: Config) -> Path:
+    if args.run_dir:
+        run = Path(args.run_dir)
+        if (run / "checkpoint.pt").exists():
+            raise ConfigError(f"--run-dir {run}: already holds a run; continue it with --resume {run}")
+        run.mkdir(parents=True, exist_ok=True)
+        return run
+    root = Path(args.root) / "checkpoints" / cfg.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        run = root / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            run.mkdir(parents=True)
+            return run
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{root}: cannot make a new run directory for {stamp}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``amortize train``: new run, or ``--resume`` an existing one."""
+    overrides = list(args.overrides)
+    if args.resume:
+        if args.config and "=" not in args.config:
+            raise ConfigError("train: give CONFIG.yaml or --resume RUN_DIR, not both (a run keeps its config)")
+        overrides = ([args.config] if args.config else []) + overrides
+        cfg, _, amortizer = load_run(args.resume, overrides, with_sampler=True)
+        run = Path(args.resume)
+        if amortizer.step >= cfg.train.steps:
+            print(f"{run}: already at step {amortizer.step} (train.steps={cfg.train.steps}); pass train.steps=N")
+            return 0
+    else:
+        if not args.config or "=" in args.config:
+            raise ConfigError("train: give CONFIG.yaml (or --resume RUN_DIR)")
+        cfg = load_config(args.config, overrides)
+        model = resolve_model(cfg.model, config_dir(cfg), config_source(cfg))
+        amortizer = Amortizer(
+            model, build_sampler(cfg), hidden=cfg.network.hidden, seed=cfg.seed, device=_device(cfg.device)
+        )
+        run = _new_run_dir(args, cfg)
+    save_config(cfg, run / "config.yaml")
+    _note(args, f"run: {run} ({amortizer!r})")
+    start, t0 = amortizer.step, time.perf_counter()
+    try:
+        history = amortizer.fit(
+            config=cfg.train,
+            log_dir=str(run / "tb"),
+            checkpoint_path=str(run / "checkpoint.pt"),
+            progress=_progress(args),
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted at step {amortizer.step}; continue with: amortize train --resume {run}", file=sys.stderr)
+        return 130
+    loss = amortizer.history[-1]["loss"] if amortizer.history else float("nan")
+    print(f"run: {run}")
+    print(
+        f"steps {start}->{amortizer.step} in {time.perf_counter() - t0:.1f} s; final loss {loss:.4f}"
+        f"{'' if history else ' (no new log entry)'}"
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """``amortize sample``: amortized posterior draws for one dataset."""
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix not in (".nc", ".csv"):
+        raise ConfigError(f"--out {out}: the name must end in .nc (ArviZ NetCDF) or .csv")
+    cfg, _, amortizer = load_run(args.run_dir, device=args.device)
+    data = _read_data(cfg, args)
+    post = amortizer.posterior(data)
+    diag = _diagnose(post, args.num_samples, args.seed)
+    _note(args, f"pareto k {diag['pareto_k']:.2f}, importance ESS {diag['ess']:.0f}/{diag['num_samples']}")
+    if out is None:
+        print(post.summary(args.num_samples, args.seed))
+        return 0
+    if out.suffix == ".nc":
+        _write_netcdf(post, out, args.num_samples, args.seed)
+    else:
+        write_text(out, _draws_csv(post.sample(args.num_samples, args.seed)))
+    print(f"wrote {args.num_samples} draws to {out}")
+    return 0
+
+
+def _heldout(cfg: Config, model: Callable, amortizer: Amortizer, n: int, seed: int) -> list[HierarchicalData]:
+    """``n`` datasets simulated from the model on training-like structures, seeded apart from training."""
+    sampler = build_sampler(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    out: list[HierarchicalData] = []
+    for _ in range(20 * n):
+        if len(out) == n:
+            break
+        sim = simulate(model, amortizer.structure, sampler.sample(gen), 1)
+        if sim.data.y.shape[0]:
+            out.append(sim.data.with_response(sim.data.y[0]))
+    if len(out) < n:
+        raise AmortizeError(f"validate: only {len(out)} of {n} simulated datasets were finite")
+    return out
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``amortize validate``: amortized posterior vs NUTS, on ``--data`` or on held-out simulations."""
+    from .validate import compare, format_table, run_nuts, summarize
+
+    cfg, model, amortizer = load_run(args.run_dir, args.overrides, device=args.device)
+    v, nc = cfg.validate, cfg.validate.nuts
+    n = args.datasets if args.datasets is not None else v.datasets
+    num_samples = args.num_samples or v.num_samples
+    seed = v.seed if v.seed is not None else cfg.seed + 100_003
+    if args.data:
+        source, datasets = str(args.data), [_read_data(cfg, args)]
+    else:
+        source, datasets = f"{n} held-out simulated dataset(s), seed {seed}", _heldout(cfg, model, amortizer, n, seed)
+    levels = {s.name: s.level for s in amortizer.structure.latents}
+    rows: list[dict[str, Any]] = []
+    per: list[dict[str, Any]] = []
+    for i, data in enumerate(datasets):
+        t0 = time.perf_counter()
+        post = amortizer.posterior(data)
+        draws = post.sample(num_samples, seed + i)
+        t_am = time.perf_counter() - t0
+        diag = _diagnose(post, num_samples, seed + i)
+        ref = run_nuts(
+            model,
+            data,
+            num_warmup=nc.num_warmup,
+            num_samples=nc.num_samples,
+            num_chains=nc.num_chains,
+            seed=seed + i,
+            reparam=nc.reparam,
+            target_accept=nc.target_accept,
+        )
+        if not ref.ok:
+            _warn(f"dataset {i}: the NUTS reference failed its checks: {ref.summary()}")
+        rows += [{**r, "dataset": i} for r in compare(draws, ref.samples, levels=levels)]
+        per.append(
+            {
+                "dataset": i,
+                "amortized_s": t_am,
+                "nuts_s": ref.seconds,
+                "pareto_k": diag["pareto_k"],
+                "flags": diag["flags"],
+                "nuts": {"ok": ref.ok, "r_hat": ref.r_hat, "ess_bulk": ref.ess_bulk, "summary": ref.summary()},
+                "nuts_parameterization": ref.parameterization,
+                "divergences": ref.divergences,
+            }
+        )
+        _note(args, f"dataset {i + 1}/{len(datasets)}: amortized {t_am:.3f} s, NUTS {ref.seconds:.1f} s")
+    am_s = float(np.mean([p["amortized_s"] for p in per]))
+    nuts_s = float(np.mean([p["nuts_s"] for p in per]))
+    table = summarize(rows, by=args.by)
+    for r in table:
+        r.update(amortized_s=am_s, nuts_s=nuts_s, speedup=nuts_s / am_s if am_s > 0 else float("nan"))
+    print(f"{args.run_dir}: amortized ({num_samples} draws) vs NUTS ({nc.num_chains}x{nc.num_samples}) on {source}")
+    print(format_table(table, columns=(args.by, *TABLE_COLUMNS, "amortized_s", "nuts_s", "speedup")))
+    report = {
+        "run_dir": str(args.run_dir),
+        "source": source,
+        "settings": {"num_samples": num_samples, "seed": seed, "nuts": vars(nc).copy()},
+        "summary": table,
+        "datasets": per,
+        "rows": rows,
+    }
+    out = Path(args.json) if args.json else Path(args.run_dir) / "validate.json"
+    write_text(out, json.dumps(_json_safe(report), indent=1, allow_nan=False))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_delegate(args: argparse.Namespace) -> int:
+    """``sbc`` / ``bench``: run ``amortize.validate.<command>.cli(args)`` when that module provides it."""
+    name = f"amortize.validate.{args.command}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        module = None
+    fn = getattr(module, "cli", None)
+    if fn is None:
+        print(f"amortize: error: 'amortize {args.command}' is not available yet ({name}.cli)", file=sys.stderr)
+        return 2
+    return int(fn(args) or 0)
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, metavar="CSV", help="long-format CSV, one row per observation")
+    p.add_argument("--levels", help="id columns, outermost first, comma-separated (default: from the config)")
+    p.add_argument("--response", help="response column (default: from the config)")
+    p.add_argument("--covariates", action="append", metavar="LEVEL:COL[,COL]", help="covariate columns (repeatable)")
+    p.add_argument("--nested-ids", action="store_true", help="ids repeat within parents")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``amortize`` command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks on errors")
+    parser = argparse.ArgumentParser(prog="amortize", description="Neural amortized inference for Pyro models.")
+    parser.add_argument("--version", action="version", version=f"amortize {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no progress output (also when CI is set)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[common],
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = add("train", "Train an amortized posterior from a YAML config (or resume a run).")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="experiment config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
+    p.add_argument("--root", default=".", help="folder that holds checkpoints/<name>/<timestamp>/ (default: cwd)")
+    p.add_argument("--run-dir", help="write the run to this folder instead")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run to train.steps")
+    p.set_defaults(func=cmd_train)
+
+    p = add("sample", "Draw from the amortized posterior of a dataset.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    _data_flags(p, required=True)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--out", help="draws.nc (ArviZ NetCDF) or draws.csv; default: print a summary")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="override the config's device")
+    p.set_defaults(func=cmd_sample)
+
+    p = add("validate", "Compare the amortized posterior with NUTS (a dataset, or held-out simulations).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. validate.nuts.num_samples=1000")
+    _data_flags(p, required=False)
+    p.add_argument("--datasets", type=int, help="held-out datasets (default: validate.datasets)")
+    p.add_argument("--num-samples", type=int, help="amortized draws (default: validate.num_samples)")
+    p.add_argument("--by", choices=("level", "site"), default="level", help="rows of the table")
+    p.add_argument("--json", help="JSON report (default: RUN_DIR/validate.json)")
+    p.add_argument("--device", help="override the config's device")
+    p.set_defaults(func=cmd_validate)
+
+    p = add("sbc", "Simulation-based calibration of a trained run.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--datasets", type=int, default=200)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--json")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_delegate)
+
+    p = add("bench", "Benchmark trained runs (accuracy against references, speed).")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--json")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_delegate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``amortize`` command; returns the exit code (0 ok, 2 usage or input error)."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # key=value overrides after an option land here
+            if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = list(args.overrides) + extra
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    quiet = {"amortize.posterior": logging.ERROR, "amortize.validate.nuts": logging.ERROR}  # the CLI prints these
+    levels = {"amortize": logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.WARNING}
+    levels.update({name: logging.DEBUG for name in quiet} if args.debug else quiet)
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("amortize").addHandler(_HANDLER)
+    try:
+        return args.func(args)
+    except (AmortizeError, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"amortize: error: {'; '.join(s.strip() for s in str(e).splitlines() if s.strip())}", file=sys.stderr)
+        return 2
+    finally:  # leave logging as it was (main may be called from Python, e.g. in tests)
+        logging.getLogger("amortize").removeHandler(_HANDLER)
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)

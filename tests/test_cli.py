@@ -1,0 +1,207 @@
+"""End-to-end tests of the ``amortize`` command line on a tiny config (train once, reuse the run)."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from amortize.checkpoint import load_checkpoint
+from amortize.cli import _progress, build_parser, main
+from amortize.config import load_config
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TINY = """\
+name: tiny
+model: amortize.models:gaussian_2level
+network: {hidden: 8}
+structure: {levels: [group], groups: {group: [3, 5]}, obs: [2, 4]}
+train: {steps: 6, batch_size: 8, pilot_structures: 2, log_every: 2, warmup: 2}
+validate:
+  num_samples: 100
+  datasets: 1
+  nuts: {num_warmup: 20, num_samples: 20, num_chains: 1, reparam: none}
+"""
+DATA = "group,y\na,1.0\na,1.2\nb,0.3\nb,0.1\nb,0.5\nc,2.0\nc,2.1\n"
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """Run ``amortize argv``; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run: (run dir, stdout of ``amortize train``, data CSV)."""
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny.yaml").write_text(TINY)
+    (root / "d.csv").write_text(DATA)
+    code, out, err = run_cli("train", root / "tiny.yaml", "--quiet", "--root", root)
+    assert code == 0, err
+    (run,) = (root / "checkpoints" / "tiny").iterdir()
+    return run, out, root / "d.csv"
+
+
+def test_train_writes_a_run(trained):
+    run, out, _ = trained
+    assert f"run: {run}" in out and "final loss" in out
+    assert (run / "checkpoint.pt").is_file() and any((run / "tb").iterdir())
+    cfg = load_config(run / "config.yaml")
+    assert cfg.name == "tiny" and cfg.train.steps == 6 and cfg.validate.nuts.num_chains == 1
+    assert load_checkpoint(run)["step"] == 6
+
+
+def test_resume_continues_to_train_steps(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    code, out, err = run_cli("train", "--resume", run, "--quiet", "train.steps=9")
+    assert code == 0, err
+    assert "steps 6->9" in out
+    assert load_checkpoint(run)["step"] == 9 and load_config(run / "config.yaml").train.steps == 9
+    code, out, _ = run_cli("train", "--resume", run)
+    assert code == 0 and "already at step 9" in out
+
+
+def test_sample_writes_csv_and_netcdf(trained, tmp_path):
+    run, _, data = trained
+    code, out, err = run_cli("sample", run, "--data", data, "--num-samples", 50, "--out", tmp_path / "d.csv")
+    assert code == 0, err
+    with open(tmp_path / "d.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["draw", "mu", "tau", "sigma", "theta[0]", "theta[1]", "theta[2]"]
+    assert len(rows) == 51 and all(float(r[2]) > 0 for r in rows[1:])
+    code, _, err = run_cli("sample", run, "--data", data, "--num-samples", 30, "--out", tmp_path / "d.nc", "--quiet")
+    assert code == 0, err
+    az = pytest.importorskip("arviz")
+    post = az.from_netcdf(tmp_path / "d.nc").posterior
+    assert post["theta"].shape == (1, 30, 3) and list(post["group"].values) == ["a", "b", "c"]
+    code, out, _ = run_cli("sample", run, "--data", data, "--num-samples", 30)
+    assert code == 0 and "theta[b]" in out and "mean" in out
+
+
+def test_validate_on_simulated_and_given_data(trained, tmp_path):
+    run, _, data = trained
+    code, out, err = run_cli("validate", run, "--json", tmp_path / "v.json", "--quiet")
+    assert code == 0, err
+    for col in ("level", "z_median", "z_p90", "sd_ratio_median", "coverage90", "amortized_s", "nuts_s", "speedup"):
+        assert col in out
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert [r["level"] for r in report["summary"]] == ["global", "group"]
+    assert len(report["datasets"]) == 1 and report["settings"]["nuts"]["num_samples"] == 20
+    assert "held-out" in report["source"]
+    code, out, err = run_cli("validate", run, "--data", data, "--by", "site", "validate.num_samples=50", "--quiet")
+    assert code == 0, err
+    report = json.loads((run / "validate.json").read_text())
+    assert report["source"] == str(data) and {r["site"] for r in report["summary"]} == {"mu", "tau", "sigma", "theta"}
+    assert report["settings"]["num_samples"] == 50
+
+
+def bad_case(tmp_path: Path, name: str) -> list[str]:
+    """Arguments of ``amortize train`` that must fail with exit code 2."""
+    (tmp_path / "es.csv").write_text("school,y,sigma\n1,28,15\n2,8,10\n")
+    es = textwrap.dedent(
+        """\
+        model: amortize.models:eight_schools
+        structure: {data: es}
+        data: {es: {path: %s, levels: [school], covariates: {obs: [%s]}}}
+        """
+    )
+    texts = {
+        "unknown_key": TINY + "trian: {steps: 3}\n",
+        "wrong_type": TINY.replace("hidden: 8", "hidden: wide"),
+        "missing_model": TINY.replace("model: amortize.models:gaussian_2level\n", ""),
+        "missing_data_file": es % ("nope.csv", "sigma"),
+        "column_typo": es % ("es.csv", "sigmaa"),
+        "model_not_found": TINY.replace("amortize.models:", "amortize.modelz:"),
+    }
+    (tmp_path / "c.yaml").write_text(texts[name])
+    return ["train", str(tmp_path / "c.yaml"), "--quiet", "--root", str(tmp_path)]
+
+
+@pytest.mark.parametrize(
+    "name, expect",
+    [
+        ("unknown_key", "unknown key 'trian'"),
+        ("wrong_type", "network.hidden"),
+        ("missing_model", "key 'model' is required"),
+        ("missing_data_file", "data.es.path: no such data file 'nope.csv'"),
+        ("column_typo", "column 'sigmaa' is not in the data"),
+        ("model_not_found", "module 'amortize.modelz' not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, name, expect):
+    code, out, err = run_cli(*bad_case(tmp_path, name))
+    assert code == 2 and out == ""
+    assert err.startswith("amortize: error: ") and err.count("\n") == 1, err
+    assert expect in err and "c.yaml" in err
+    assert not (tmp_path / "checkpoints").exists()  # nothing half-written
+
+
+def test_bad_override_and_debug_traceback(trained, tmp_path):
+    code, _, err = run_cli("train", trained[2].parent / "tiny.yaml", "train.stepz=3", "--root", tmp_path)
+    assert code == 2 and "unknown key 'train.stepz'" in err and "Traceback" not in err
+    code, _, err = run_cli("--debug", "train", trained[2].parent / "tiny.yaml", "train.stepz=3", "--root", tmp_path)
+    assert code == 2 and "Traceback" in err and err.rstrip().endswith("(Did you mean: 'steps'?)")
+
+
+def test_sample_and_validate_errors(trained, tmp_path):
+    run, _, data = trained
+    cases = [
+        (("sample", run, "--data", tmp_path / "nope.csv"), "--data: no such data file"),
+        (("sample", run, "--data", data, "--response", "yy"), "column 'yy' is not in the data"),
+        (("sample", run, "--data", data, "--out", tmp_path / "x.txt"), "must end in .nc"),
+        (("sample", tmp_path, "--data", data), "not a run directory"),
+        (("validate", run, "validate.nuts.reparam=maybe"), "validate.nuts.reparam"),
+    ]
+    for argv, expect in cases:
+        code, _, err = run_cli(*argv)
+        assert code == 2 and expect in err and err.count("\n") == 1, (argv, err)
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "validate", "sbc", "bench"])
+def test_help_shows_an_example(command):
+    code, out, _ = run_cli(command, "--help")
+    assert code == 0 and "example" in out and f"amortize {command}" in out
+
+
+def test_sbc_and_bench_not_available_yet(monkeypatch, tmp_path):
+    for command in ("sbc", "bench"):
+        monkeypatch.setitem(sys.modules, f"amortize.validate.{command}", None)
+        code, _, err = run_cli(command, tmp_path)
+        assert code == 2 and "not available yet" in err and err.count("\n") == 1
+
+
+def test_progress_off_with_quiet_or_ci(monkeypatch):
+    parser = build_parser()
+    monkeypatch.delenv("CI", raising=False)
+    assert _progress(parser.parse_args(["train", "c.yaml"]))
+    assert not _progress(parser.parse_args(["train", "c.yaml", "--quiet"]))
+    monkeypatch.setenv("CI", "true")
+    assert not _progress(parser.parse_args(["train", "c.yaml"]))
+
+
+def test_usage_errors_exit_2():
+    assert run_cli()[0] == 2
+    assert run_cli("train", "--resume", "somewhere", "other.yaml")[0] == 2
+    assert run_cli("sample", "run")[0] == 2  # --data is required
+
+
+def test_experiment_configs_train_one_step(tmp_path):
+    """Every shipped config builds its model and sampler and trains (one tiny step)."""
+    tiny = ["train.steps=1", "train.batch_size=2", "train.pilot_structures=1", "network.hidden=4"]
+    torch.manual_seed(0)
+    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+        code, out, err = run_cli("train", path, *tiny, "--quiet", "--run-dir", tmp_path / path.stem)
+        assert code == 0, (path.name, err)
+        assert (tmp_path / path.stem / "checkpoint.pt").is_file()
