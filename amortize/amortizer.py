@@ -43,6 +43,7 @@ class Amortizer:
         sampler: a :class:`StructureSampler` of training structures, or a dataset whose structure
             is used as is.
         hidden: width of the encoder and heads.
+        flow_bins: bins of the spline flow on the global latents (0: a Gaussian).
         seed: seeds the structure sampler and, when training starts, Pyro's RNG.
         device: where the networks live (``"cpu"``, ``"cuda"``); never hard-coded elsewhere.
     """
@@ -52,6 +53,7 @@ class Amortizer:
         model: Callable,
         sampler: StructureSampler | HierarchicalData,
         hidden: int = 64,
+        flow_bins: int = 8,
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
@@ -60,13 +62,15 @@ class Amortizer:
         self.model = model
         self.sampler = sampler
         self.hidden = int(hidden)
+        self.flow_bins = int(flow_bins)
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.generator = torch.Generator().manual_seed(self.seed)
         self.example = sampler.sample(torch.Generator().manual_seed(self.seed))
         self.structure = trace_structure(model, self.example)
         self.covariates = {lvl: sorted(cols) for lvl, cols in self.example.covariates.items()}
-        self.guide = AmortizedGuide(model, self.structure, self.covariates, self.hidden).to(self.device)
+        self.guide = AmortizedGuide(model, self.structure, self.covariates, self.hidden, self.flow_bins)
+        self.guide.to(self.device)
         self.config = TrainConfig()
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
@@ -136,6 +140,7 @@ class Amortizer:
             "signature": self.structure.signature(),
             "fingerprint": self.structure.fingerprint(),
             "hidden": self.hidden,
+            "flow_bins": self.flow_bins,
             "seed": self.seed,
             "step": self.step,
             "pilot_done": self.pilot_done,
@@ -177,7 +182,9 @@ class Amortizer:
         ex = ck["example"]
         example = HierarchicalData(ex["levels"], ex["parents"], ex["group"], covariates=ex["covariates"])
         try:
-            new = cls(model, sampler or example, hidden=ck["hidden"], seed=ck["seed"], device=device)
+            new = cls(
+                model, sampler or example, hidden=ck["hidden"], flow_bins=ck.get("flow_bins", 0), seed=ck["seed"], device=device
+            )
         except Exception as e:
             raise CheckpointError(f"{path}: the model does not run on the checkpoint's data structure ({e})") from e
         if new.structure.fingerprint() != ck["fingerprint"]:

@@ -22,12 +22,11 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyro
 import torch
 
 from . import __version__
@@ -47,7 +46,6 @@ from .config import (
 from .data import HierarchicalData
 from .errors import AmortizeError, ConfigError
 from .posterior import K_THRESHOLD, Posterior
-from .simulate import simulate
 
 __all__ = ["main", "build_parser", "load_run"]
 
@@ -283,88 +281,42 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _heldout(cfg: Config, model: Callable, amortizer: Amortizer, n: int, seed: int) -> list[HierarchicalData]:
-    """``n`` datasets simulated from the model on training-like structures, seeded apart from training."""
-    sampler = build_sampler(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    pyro.set_rng_seed(seed)
-    out: list[HierarchicalData] = []
-    for _ in range(20 * n):
-        if len(out) == n:
-            break
-        sim = simulate(model, amortizer.structure, sampler.sample(gen), 1)
-        if sim.data.y.shape[0]:
-            out.append(sim.data.with_response(sim.data.y[0]))
-    if len(out) < n:
-        raise AmortizeError(f"validate: only {len(out)} of {n} simulated datasets were finite")
-    return out
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     """``amortize validate``: amortized posterior vs NUTS, on ``--data`` or on held-out simulations."""
-    from .validate import compare, format_table, run_nuts, summarize
+    from .validate import format_table, summarize
+    from .validate.heldout import against_nuts, heldout_datasets
 
-    cfg, model, amortizer = load_run(args.run_dir, args.overrides, device=args.device)
-    v, nc = cfg.validate, cfg.validate.nuts
+    cfg, _, amortizer = load_run(args.run_dir, args.overrides, device=args.device, with_sampler=not args.data)
+    v = cfg.validate
     n = args.datasets if args.datasets is not None else v.datasets
     num_samples = args.num_samples or v.num_samples
     seed = v.seed if v.seed is not None else cfg.seed + 100_003
     if args.data:
         source, datasets = str(args.data), [_read_data(cfg, args)]
     else:
-        source, datasets = f"{n} held-out simulated dataset(s), seed {seed}", _heldout(cfg, model, amortizer, n, seed)
-    levels = {s.name: s.level for s in amortizer.structure.latents}
-    rows: list[dict[str, Any]] = []
-    per: list[dict[str, Any]] = []
+        source, datasets = f"{n} held-out simulated dataset(s), seed {seed}", heldout_datasets(amortizer, n, seed)
+    report = against_nuts(amortizer, datasets, num_samples, nuts=asdict(v.nuts), seed=seed, progress=_progress(args))
     for i, data in enumerate(datasets):
-        t0 = time.perf_counter()
         post = amortizer.posterior(data)
-        draws = post.sample(num_samples, seed + i)
-        t_am = time.perf_counter() - t0
-        diag = _diagnose(post, num_samples, seed + i)
-        ref = run_nuts(
-            model,
-            data,
-            num_warmup=nc.num_warmup,
-            num_samples=nc.num_samples,
-            num_chains=nc.num_chains,
-            seed=seed + i,
-            reparam=nc.reparam,
-            target_accept=nc.target_accept,
-        )
-        if not ref.ok:
-            _warn(f"dataset {i}: the NUTS reference failed its checks: {ref.summary()}")
-        rows += [{**r, "dataset": i} for r in compare(draws, ref.samples, levels=levels)]
-        per.append(
-            {
-                "dataset": i,
-                "amortized_s": t_am,
-                "nuts_s": ref.seconds,
-                "pareto_k": diag["pareto_k"],
-                "flags": diag["flags"],
-                "nuts": {"ok": ref.ok, "r_hat": ref.r_hat, "ess_bulk": ref.ess_bulk, "summary": ref.summary()},
-                "nuts_parameterization": ref.parameterization,
-                "divergences": ref.divergences,
-            }
-        )
-        _note(args, f"dataset {i + 1}/{len(datasets)}: amortized {t_am:.3f} s, NUTS {ref.seconds:.1f} s")
-    am_s = float(np.mean([p["amortized_s"] for p in per]))
-    nuts_s = float(np.mean([p["nuts_s"] for p in per]))
-    table = summarize(rows, by=args.by)
-    for r in table:
-        r.update(amortized_s=am_s, nuts_s=nuts_s, speedup=nuts_s / am_s if am_s > 0 else float("nan"))
-    print(f"{args.run_dir}: amortized ({num_samples} draws) vs NUTS ({nc.num_chains}x{nc.num_samples}) on {source}")
-    print(format_table(table, columns=(args.by, *TABLE_COLUMNS, "amortized_s", "nuts_s", "speedup")))
-    report = {
-        "run_dir": str(args.run_dir),
-        "source": source,
-        "settings": {"num_samples": num_samples, "seed": seed, "nuts": vars(nc).copy()},
-        "summary": table,
-        "datasets": per,
-        "rows": rows,
-    }
+        diag = _diagnose(post, num_samples, seed + i) if args.data else post.diagnostics(num_samples, seed + i)
+        report.diagnostics.append({"dataset": i, **diag})
+    nuts = f"NUTS ({v.nuts.num_chains}x{v.nuts.num_samples})"
+    print(f"{args.run_dir}: amortized ({num_samples} draws) vs {nuts} on {source}")
+    if not report.rows:
+        _warn("no dataset has a NUTS reference that passed its checks: nothing to compare (see the JSON report)")
+    elif args.by == "level":
+        print(report.table())
+    else:
+        times = {k: report.to_dict()[f"{k}_seconds_per_dataset"] for k in ("amortized", "nuts")}
+        rows = [
+            {**r, "amortized_s": times["amortized"], "nuts_s": times["nuts"], "speedup": report.speedup}
+            for r in summarize(report.rows, by="site")
+        ]
+        print(format_table(rows, ("site", *TABLE_COLUMNS, "amortized_s", "nuts_s", "speedup")))
+    settings = {"num_samples": num_samples, "seed": seed, "datasets": len(datasets), "nuts": asdict(v.nuts)}
+    result = {"run_dir": str(args.run_dir), "source": source, "settings": settings, **report.to_dict()}
     out = Path(args.json) if args.json else Path(args.run_dir) / "validate.json"
-    write_text(out, json.dumps(_json_safe(report), indent=1, allow_nan=False))
+    write_text(out, json.dumps(_json_safe(result), indent=1, allow_nan=False))
     print(f"wrote {out}")
     return 0
 
@@ -386,6 +338,12 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return int(text)
+
+
 def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data", required=required, metavar="CSV", help="long-format CSV, one row per observation")
     p.add_argument("--levels", help="id columns, outermost first, comma-separated (default: from the config)")
@@ -426,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sample", "Draw from the amortized posterior of a dataset.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     _data_flags(p, required=True)
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--num-samples", type=_positive, default=1000)
     p.add_argument("--out", help="draws.nc (ArviZ NetCDF) or draws.csv; default: print a summary")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="override the config's device")
@@ -436,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. validate.nuts.num_samples=1000")
     _data_flags(p, required=False)
-    p.add_argument("--datasets", type=int, help="held-out datasets (default: validate.datasets)")
-    p.add_argument("--num-samples", type=int, help="amortized draws (default: validate.num_samples)")
+    p.add_argument("--datasets", type=_positive, help="held-out datasets (default: validate.datasets)")
+    p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--by", choices=("level", "site"), default="level", help="rows of the table")
     p.add_argument("--json", help="JSON report (default: RUN_DIR/validate.json)")
     p.add_argument("--device", help="override the config's device")
@@ -446,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sbc", "Simulation-based calibration of a trained run.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--datasets", type=int, default=200)
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--datasets", type=_positive, default=200)
+    p.add_argument("--num-samples", type=_positive, default=1000)
     p.add_argument("--json")
     p.add_argument("--device")
     p.set_defaults(func=cmd_delegate)
@@ -472,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     quiet = {"amortize.posterior": logging.ERROR, "amortize.validate.nuts": logging.ERROR}  # the CLI prints these
-    levels = {"amortize": logging.DEBUG if args.debug else logging.ERROR if args.quiet else logging.WARNING}
+    levels = {"amortize": logging.DEBUG if args.debug else logging.WARNING}
     levels.update({name: logging.DEBUG for name in quiet} if args.debug else quiet)
     saved = {name: logging.getLogger(name).level for name in levels}
     for name, level in levels.items():

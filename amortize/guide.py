@@ -69,16 +69,22 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         structure: its traced :class:`ModelStructure`.
         covariates: ``{level or "obs": [names]}`` carried by the data.
         hidden: width of every network.
+        flow_bins: spline bins of the flow on the globals (0: Gaussian globals).
     """
 
     def __init__(
-        self, model: Callable, structure: ModelStructure, covariates: dict[str, list[str]], hidden: int = 64
+        self,
+        model: Callable,
+        structure: ModelStructure,
+        covariates: dict[str, list[str]],
+        hidden: int = 64,
+        flow_bins: int = 8,
     ) -> None:
         nn.Module.__init__(self)
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
         self.structure = structure
         self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden)
-        self.global_head = GlobalHead(hidden, structure.global_dim) if structure.global_dim else None
+        self.global_head = GlobalHead(hidden, structure.global_dim, flow_bins) if structure.global_dim else None
         self.group_heads = nn.ModuleDict(
             {s.name: GroupHead(hidden, s.dim) for s in structure.latents if s.level is not None}
         )
@@ -102,10 +108,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"truth": truth, "u": None, "terms": {}}
         if self.global_head is not None:
-            q = self.global_head(enc.dataset)  # batch [B], event [D]
-            state["q_globals"] = dist.MultivariateNormal(
-                q.loc.reshape(B, *[1] * K, -1), scale_tril=q.scale_tril.reshape(B, *[1] * K, *q.scale_tril.shape[-2:])
-            )
+            state["q_globals"] = self.global_head(enc.dataset, K)  # batch [B, 1.. (K)], event [D]
         for name, head in self.group_heads.items():
             site = self.structure[name]
             loc, scale = head(enc.groups[site.level], enc.dataset)  # [B, G, d]

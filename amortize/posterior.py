@@ -74,9 +74,16 @@ class Posterior:
     def _draws(
         self, num_samples: int, seed: int | None, with_weights: bool = False
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        am, st = self.amortizer, self.amortizer.structure
-        if seed is not None:
+        if seed is None:
+            return self._draws_unseeded(num_samples, with_weights)
+        with torch.random.fork_rng(devices=[]):  # a seed for these draws only, not for the caller's RNG
             torch.manual_seed(seed)
+            return self._draws_unseeded(num_samples, with_weights)
+
+    def _draws_unseeded(
+        self, num_samples: int, with_weights: bool
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        am, st = self.amortizer, self.amortizer.structure
         B = self.data.batch_size or 1
         width = B * (self.data.n_obs + sum(self.data.sizes.values()))
         chunk = max(1, min(num_samples, int(2e7 // max(1, width))))

@@ -208,6 +208,19 @@ def test_run_nuts_auto_retries_and_keeps_the_better_run(caplog: pytest.LogCaptur
     assert any("non-centered" in r.getMessage() for r in caplog.records)
 
 
+def test_run_nuts_runs_without_jit_when_the_model_branches_on_a_latent(caplog: pytest.LogCaptureFixture) -> None:
+    def branching_model(data: HierarchicalData) -> None:
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        scale = 1.0 if mu > 100 else 1.0  # a Python branch on a latent: JIT tracing would freeze it
+        with pyro.plate("obs", data.n_obs):
+            pyro.sample("y", dist.Normal(mu, scale), obs=data.y)
+
+    with caplog.at_level(logging.WARNING, logger="amortize.validate.nuts"):
+        res = run_nuts(branching_model, conjugate_data(), num_warmup=30, num_samples=30, num_chains=1)
+    assert res.samples["mu"].shape == (30,)
+    assert any("without JIT" in r.getMessage() for r in caplog.records)
+
+
 def test_run_nuts_rejects_a_batch_of_datasets() -> None:
     data = conjugate_data()
     batch = data.with_response(torch.stack([data.y, data.y]))

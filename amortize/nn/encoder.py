@@ -84,7 +84,7 @@ class HierarchicalEncoder(nn.Module):
         self.cov_names = {lvl: list(names) for lvl, names in covariates.items()}
         kx = len(self.cov_names.get(OBS, []))
         self.obs_dim = 2 + 2 * kx  # standardized y, asinh y, covariates, y * covariates
-        self.phi = mlp(self.obs_dim, hidden, hidden)
+        self.phi = mlp(self.obs_dim, 32, hidden, layers=1)  # per observation: kept small, it runs N times
         self.level_stats = {lvl: self._n_level_stats(lvl) for lvl in self.levels}
         self.scalers = nn.ModuleDict({lvl: RobustScaler(n) for lvl, n in self.level_stats.items()})
         self.nets = nn.ModuleDict()

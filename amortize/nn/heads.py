@@ -8,7 +8,9 @@ own conditional prior of the group latent given its sampled parents.
 from __future__ import annotations
 
 import torch
-from pyro.distributions import MultivariateNormal
+from pyro.distributions import MultivariateNormal, TransformedDistribution
+from pyro.distributions.transforms import AffineTransform, ConditionalSpline
+from pyro.nn import DenseNN
 from torch import nn
 from torch.nn.functional import softplus
 
@@ -36,17 +38,25 @@ class ParamScaler(nn.Module):
 
 
 class GlobalHead(nn.Module):
-    """q(u_globals | dataset embedding): a full-covariance Gaussian on the unconstrained scale."""
+    """q(u_globals | dataset embedding) on the joint unconstrained scale: a full-covariance Gaussian,
+    followed (``flow_bins > 0``) by a conditional elementwise rational-quadratic spline, so that
+    skewed marginals (log tau with mass near 0) are represented; then the fitted affine map."""
 
-    def __init__(self, hidden: int, dim: int) -> None:
+    def __init__(self, hidden: int, dim: int, flow_bins: int = 8) -> None:
         super().__init__()
         self.dim = dim
         self.net = mlp(hidden, hidden, dim + dim * (dim + 1) // 2)
         self.scaler = ParamScaler(dim)
         self.register_buffer("tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
+        self.spline = None
+        if flow_bins:
+            k = flow_bins
+            hyper = DenseNN(hidden, [hidden], [dim * k, dim * k, dim * (k - 1)])
+            self.spline = ConditionalSpline(hyper, dim, count_bins=k, bound=5.0, order="quadratic")
 
-    def forward(self, emb: torch.Tensor) -> MultivariateNormal:
-        """``emb [B, H]`` -> MultivariateNormal with batch ``[B]`` and event ``[D]``."""
+    def forward(self, emb: torch.Tensor, batch_dims: int = 0) -> TransformedDistribution:
+        """``emb [B, H]`` -> distribution with batch ``[B, *(1,) * batch_dims]`` and event ``[D]``."""
+        emb = emb.reshape(emb.shape[0], *[1] * batch_dims, emb.shape[-1])
         out = self.net(emb)
         D = self.dim
         loc = out[..., :D]
@@ -54,8 +64,9 @@ class GlobalHead(nn.Module):
         L = torch.diag_embed(diag)
         if D > 1:
             L = _fill_tril(L, out[..., 2 * D :], self.tril)
-        scale = self.scaler.scale
-        return MultivariateNormal(self.scaler.loc + scale * loc, scale_tril=scale.unsqueeze(-1) * L)
+        transforms = [] if self.spline is None else [self.spline.condition(emb)]
+        transforms.append(AffineTransform(self.scaler.loc, self.scaler.scale, event_dim=1))
+        return TransformedDistribution(MultivariateNormal(loc, scale_tril=L), transforms)
 
 
 def _fill_tril(L: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

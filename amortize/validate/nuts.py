@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from pyro.ops.stats import effective_sample_size, gelman_rubin
 from pyro.poutine.util import site_is_subsample
 
 from ..data import HierarchicalData
-from ..errors import DataError, ModelStructureError
+from ..errors import ConfigError, DataError, ModelStructureError
 
 __all__ = ["NUTSResult", "run_nuts", "chain_diagnostics"]
 
@@ -41,8 +42,8 @@ logger = logging.getLogger(__name__)
 _LOC_SCALE = (dist.Normal, dist.StudentT, dist.Cauchy, dist.Laplace)
 _PARAMETERIZATIONS = ("auto", "none", "noncentered")
 # code whose tensor-to-Python conversions under JIT tracing are structural constants, not latent values
-_TRUSTED_ROOTS = tuple(str(Path(m.__file__).resolve().parent) for m in (pyro, torch)) + (
-    str(Path(__file__).resolve().parents[1]),
+_TRUSTED_PATHS = tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (pyro, torch)) + (
+    str(Path(__file__).resolve().parents[1] / "data.py"),
 )
 
 
@@ -73,8 +74,8 @@ class NUTSResult:
     def summary(self) -> str:
         """One line: parameterization, draws, time, worst R-hat and ESS with their sites, divergences, verdict."""
         n = next(iter(self.samples.values())).shape[0] if self.samples else 0
-        worst_r = max(self.r_hat, key=lambda k: _nan_high(self.r_hat[k]), default=None)
-        worst_e = min(self.ess_bulk, key=lambda k: _nan_low(self.ess_bulk[k]), default=None)
+        worst_r = max(self.r_hat, key=self.r_hat.__getitem__, default=None)
+        worst_e = min(self.ess_bulk, key=self.ess_bulk.__getitem__, default=None)
         r = f"{self.r_hat[worst_r]:.3f} ({worst_r})" if worst_r else "n/a"
         e = f"{self.ess_bulk[worst_e]:.0f} ({worst_e})" if worst_e else "n/a"
         return (
@@ -82,14 +83,6 @@ class NUTSResult:
             f"{self.seconds:.1f} s; max R-hat {r}, min bulk ESS {e}, {self.divergences} divergences: "
             f"{'ok' if self.ok else 'NOT ok'}"
         )
-
-
-def _nan_high(v: float) -> float:
-    return float("inf") if v != v else v
-
-
-def _nan_low(v: float) -> float:
-    return float("-inf") if v != v else v
 
 
 def run_nuts(
@@ -129,14 +122,15 @@ def run_nuts(
     Raises:
         DataError: ``data`` has no response or holds a batch of datasets.
         ModelStructureError: the model has no latent site.
+        ConfigError: an unknown ``reparam`` or fewer than 4 draws per chain.
     """
     if reparam not in _PARAMETERIZATIONS:
-        raise ValueError(f"reparam must be one of {_PARAMETERIZATIONS}, got {reparam!r}")
+        raise ConfigError(f"run_nuts: reparam must be one of {_PARAMETERIZATIONS}, got {reparam!r}")
     if data.y is None or data.y.dim() != 1:
         shape = None if data.y is None else tuple(data.y.shape)
         raise DataError(f"run_nuts needs one dataset with response '{data.response}' of shape [N], got {shape}")
     if num_samples < 4:
-        raise ValueError(f"num_samples must be at least 4 for split R-hat, got {num_samples}")
+        raise ConfigError(f"run_nuts: num_samples must be at least 4 for split R-hat, got {num_samples}")
     trace = poutine.trace(model).get_trace(data)
     latent = {
         name: tuple(site["value"].shape)
@@ -146,27 +140,19 @@ def run_nuts(
     if not latent:
         raise ModelStructureError("run_nuts: the model has no latent sample site (is data.y observed everywhere?)")
     loc_scale = [name for name in latent if isinstance(_unwrap(trace.nodes[name]["fn"]), _LOC_SCALE)]
-    settings = dict(
-        num_warmup=num_warmup,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        seed=seed,
-        target_accept=target_accept,
-        progress=progress,
-        max_rhat=max_rhat,
-        min_ess=min_ess,
-        max_tree_depth=max_tree_depth,
+    cfg = _Settings(
+        num_warmup, num_samples, num_chains, seed, target_accept, progress, max_rhat, min_ess, max_tree_depth
     )
     if reparam == "noncentered" and not loc_scale:
         logger.info("run_nuts: no loc-scale latent site to non-center; running the model as written")
         reparam = "none"
     if reparam in ("none", "noncentered"):
-        return _run(model, data, latent, loc_scale if reparam == "noncentered" else [], **settings)
-    first = _run(model, data, latent, [], **settings)
+        return _run(model, data, latent, loc_scale if reparam == "noncentered" else [], cfg)
+    first = _run(model, data, latent, [], cfg)
     if first.ok or not loc_scale:
         return first
     logger.info("run_nuts: %s; retrying with %s non-centered", first.summary(), ", ".join(loc_scale))
-    second = _run(model, data, latent, loc_scale, **settings)
+    second = _run(model, data, latent, loc_scale, cfg)
     if second.ok:
         return second
     best = min((first, second), key=_badness)
@@ -175,9 +161,7 @@ def run_nuts(
 
 
 def _badness(res: NUTSResult) -> tuple[float, float, float]:
-    r = max((_nan_high(v) for v in res.r_hat.values()), default=0.0)
-    e = min((_nan_low(v) for v in res.ess_bulk.values()), default=0.0)
-    return (res.divergences, r, -e)
+    return (res.divergences, max(res.r_hat.values()), -min(res.ess_bulk.values()))
 
 
 def _unwrap(fn: torch.distributions.Distribution) -> torch.distributions.Distribution:
@@ -186,21 +170,21 @@ def _unwrap(fn: torch.distributions.Distribution) -> torch.distributions.Distrib
     return fn
 
 
+@dataclass(frozen=True)
+class _Settings:
+    num_warmup: int
+    num_samples: int
+    num_chains: int
+    seed: int
+    target_accept: float
+    progress: bool
+    max_rhat: float
+    min_ess: float
+    max_tree_depth: int
+
+
 def _run(
-    model: Callable,
-    data: HierarchicalData,
-    latent: dict[str, tuple[int, ...]],
-    noncentered: list[str],
-    *,
-    num_warmup: int,
-    num_samples: int,
-    num_chains: int,
-    seed: int,
-    target_accept: float,
-    progress: bool,
-    max_rhat: float,
-    min_ess: float,
-    max_tree_depth: int,
+    model: Callable, data: HierarchicalData, latent: dict[str, tuple[int, ...]], noncentered: list[str], cfg: _Settings
 ) -> NUTSResult:
     """One parameterization: run the chains, recover original sites, compute the diagnostics."""
     run_model = model
@@ -210,14 +194,14 @@ def _run(
     chains: list[dict[str, torch.Tensor]] = []
     divergences = 0
     jit = True  # once compiling fails or looks unsafe, the remaining chains run eagerly
-    settings = dict(target_accept_prob=target_accept, max_tree_depth=max_tree_depth)
-    for chain in range(num_chains):
+    for chain in range(cfg.num_chains):
+        pyro.set_rng_seed(cfg.seed + chain)
         if jit:
-            pyro.set_rng_seed(seed + chain)
-            mcmc, jit = _run_jit(run_model, data, settings, num_warmup, num_samples, progress)
+            mcmc, jit = _run_jit(run_model, data, cfg)
+            pyro.set_rng_seed(cfg.seed + chain)
         if not jit:
-            pyro.set_rng_seed(seed + chain)
-            mcmc = MCMC(NUTS(run_model, **settings), num_samples, warmup_steps=num_warmup, disable_progbar=not progress)
+            kernel = NUTS(run_model, target_accept_prob=cfg.target_accept, max_tree_depth=cfg.max_tree_depth)
+            mcmc = MCMC(kernel, cfg.num_samples, warmup_steps=cfg.num_warmup, disable_progbar=not cfg.progress)
             mcmc.run(data)
         draws = mcmc.get_samples()  # site -> [S, *shape]
         if noncentered:
@@ -229,10 +213,11 @@ def _run(
     ess: dict[str, float] = {}
     for name in latent:
         stacked = torch.stack([c[name] for c in chains])  # [C, S, *shape]
-        rh, es = chain_diagnostics(stacked)
-        r_hat[name] = float(rh.max()) if rh.numel() else float("nan")
-        ess[name] = float(es.min()) if es.numel() else float("nan")
-    ok = all(v < max_rhat for v in r_hat.values()) and all(v >= min_ess for v in ess.values()) and divergences == 0
+        rh, es = chain_diagnostics(stacked)  # undefined (constant draws) counts as failed: inf R-hat, 0 ESS
+        r_hat[name] = float(rh.nan_to_num(nan=float("inf")).max())
+        ess[name] = float(es.nan_to_num(nan=0.0).min())
+    ok = all(v < cfg.max_rhat for v in r_hat.values()) and all(v >= cfg.min_ess for v in ess.values())
+    ok = ok and divergences == 0
     samples = {name: torch.cat([c[name] for c in chains]) for name in latent}  # [C*S, *shape]
     res = NUTSResult(
         samples=samples,
@@ -242,23 +227,28 @@ def _run(
         seconds=seconds,
         parameterization="noncentered" if noncentered else "none",
         ok=ok,
-        num_chains=num_chains,
+        num_chains=cfg.num_chains,
     )
     logger.debug("run_nuts: %s", res.summary())
     return res
 
 
-def _run_jit(
-    model: Callable, data: HierarchicalData, settings: dict, num_warmup: int, num_samples: int, progress: bool
-) -> tuple[MCMC, bool]:
+def _run_jit(model: Callable, data: HierarchicalData, cfg: _Settings) -> tuple[MCMC, bool]:
     """One chain with a JIT-compiled potential; ``(mcmc, False)`` if compiling failed or looked unsafe.
 
     Tracing bakes Python control flow into the compiled function. A ``TracerWarning`` about converting a
-    tensor to a Python value raised from user code (outside pyro, torch and amortize) means the model
-    may branch on a latent value, so the chain is rejected and the caller reruns it without JIT.
+    tensor to a Python value raised from user code (outside pyro, torch and ``amortize/data.py``) means the
+    model may branch on a latent value, so the chain is rejected and the caller reruns it without JIT.
+    Other warnings raised during the run are passed on.
     """
-    kernel = NUTS(model, jit_compile=True, ignore_jit_warnings=False, **settings)
-    mcmc = MCMC(kernel, num_samples, warmup_steps=num_warmup, disable_progbar=not progress)
+    kernel = NUTS(
+        model,
+        target_accept_prob=cfg.target_accept,
+        max_tree_depth=cfg.max_tree_depth,
+        jit_compile=True,
+        ignore_jit_warnings=False,
+    )
+    mcmc = MCMC(kernel, cfg.num_samples, warmup_steps=cfg.num_warmup, disable_progbar=not cfg.progress)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -266,17 +256,21 @@ def _run_jit(
     except Exception as e:  # noqa: BLE001 - a JIT failure of any kind falls back to eager mode
         logger.warning("run_nuts: JIT compilation failed (%s: %s); running without JIT", type(e).__name__, e)
         return mcmc, False
+    safe = True
     for w in caught:
-        if issubclass(w.category, torch.jit.TracerWarning) and "to a Python" in str(w.message):
-            if not any(root in str(Path(w.filename).resolve()) for root in _TRUSTED_ROOTS):
+        if issubclass(w.category, torch.jit.TracerWarning):
+            trusted = str(Path(w.filename).resolve()).startswith(_TRUSTED_PATHS)
+            if safe and "to a Python" in str(w.message) and not trusted:
                 logger.warning(
-                    "run_nuts: the model converts a tensor to a Python value at %s:%s, which JIT tracing would "
-                    "freeze; running without JIT",
+                    "run_nuts: the model converts a tensor to a Python value at %s:%s, which JIT tracing "
+                    "would freeze; running without JIT",
                     w.filename,
                     w.lineno,
                 )
-                return mcmc, False
-    return mcmc, True
+                safe = False
+        elif not (issubclass(w.category, DeprecationWarning) and "torch.jit" in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return mcmc, safe
 
 
 def _original_sites(

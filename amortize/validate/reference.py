@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..data import HierarchicalData
-from ..errors import AmortizeError
+from ..errors import AmortizeError, ConfigError
 from .metrics import ReferenceMoments
 
 __all__ = [
@@ -184,12 +184,12 @@ def radon_minnesota(prior: str = "uniform", dtype: torch.dtype | None = None) ->
         ``log_radon_scale`` ``[]``.
 
     Raises:
-        ValueError: unknown ``prior``.
+        ConfigError: unknown ``prior`` (a ValueError).
         ReferenceNotFoundError: the reference folder or a file is missing (names the path).
     """
     files = {"uniform": "ground_truth.json", "halfnormal": "ground_truth_halfnormal.json"}
     if prior not in files:
-        raise ValueError(f"radon_minnesota: prior must be one of {sorted(files)}, got {prior!r}")
+        raise ConfigError(f"radon_minnesota: prior must be one of {sorted(files)}, got {prior!r}")
     dtype = dtype or torch.get_default_dtype()
     folder = "inference_gym/radon_contextual_effects_minnesota"
     raw = _read_json(_path(folder, "data.json"))

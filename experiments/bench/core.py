@@ -1,0 +1,102 @@
+"""Acceptance benchmark of the core: each shipped model trained with the default objective (NPE),
+compared with NUTS on held-out prior-predictive datasets in the same run, and eight schools on its
+real data against posteriordb's reference draws. Prints the tables; writes JSON and markdown.
+
+    python experiments/bench/core.py [--datasets 20] [--steps 3000] [--models gaussian_2level ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import torch
+
+import amortize as am
+from amortize import models
+from amortize.checkpoint import atomic_write
+from amortize.validate import compare, reference, summarize, to_markdown
+from amortize.validate.heldout import against_nuts, heldout_datasets
+
+COLUMNS = ["level", "z_median", "z_p90", "sd_ratio_median", "sd_ratio_p10", "sd_ratio_p90", "coverage90", "count"]
+
+
+def train(name: str, steps: int, batch_size: int, root: str, seed: int, progress: bool) -> tuple[am.Amortizer, float]:
+    amortizer = am.Amortizer(getattr(models, name), models.SAMPLERS[name](), seed=seed)
+    t0 = time.perf_counter()
+    amortizer.fit(steps=steps, batch_size=batch_size, progress=progress, checkpoint_path=f"{root}/{name}.pt")
+    return amortizer, time.perf_counter() - t0
+
+
+def eight_schools_vs_reference(amortizer: am.Amortizer, draws: int) -> dict:
+    y, sigma, ref = reference.eight_schools()
+    data = models.eight_schools_data(y.tolist(), sigma.tolist())
+    post = amortizer.posterior(data)
+    q = post.sample(draws, seed=0)
+    rows = compare(q, ref, {s.name: s.level for s in amortizer.structure.latents})
+    diag = post.diagnostics(num_samples=draws)
+    return {"rows": [{**r, "index": list(r["index"])} for r in rows], "diagnostics": diag}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["gaussian_2level", "gaussian_3level", "logistic_2level", "eight_schools"])
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--datasets", type=int, default=20)
+    p.add_argument("--draws", type=int, default=1000)
+    p.add_argument("--out", default="checkpoints/bench-core")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    progress = not args.quiet and not os.environ.get("CI")
+    os.makedirs(args.out, exist_ok=True)
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} (CPU)",
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "models": {},
+    }
+    md = [f"Measured {results['date']} on {results['machine']}; {args.steps} NPE steps x {args.batch_size} datasets.\n"]
+    for name in args.models:
+        amortizer, train_s = train(name, args.steps, args.batch_size, args.out, args.seed, progress)
+        entry: dict = {"train_seconds": train_s}
+        if name == "eight_schools":
+            entry.update(eight_schools_vs_reference(amortizer, 4000))
+            by_param = [
+                {"level": f"{r['site']}{r['index'] or ''}", **{k: r[k] for k in ("z", "sd_ratio", "covered90", "w1")}}
+                for r in entry["rows"]
+            ]
+            table = to_markdown(by_param, ["level", "z", "sd_ratio", "covered90", "w1"])
+            head = f"### eight schools (real data) vs posteriordb reference draws (train {train_s:.0f} s)\n"
+        else:
+            report = against_nuts(amortizer, heldout_datasets(amortizer, args.datasets), args.draws, progress=progress)
+            entry.update(report.to_dict())
+            rows = [
+                {**s, "amortized_s": entry["amortized_seconds_per_dataset"], "nuts_s": entry["nuts_seconds_per_dataset"]}
+                for s in report.summary
+            ]
+            table = to_markdown(rows, COLUMNS + ["amortized_s", "nuts_s"])
+            ok = sum(r["ok"] for r in report.nuts)
+            head = (
+                f"### {name}: {args.datasets} held-out datasets ({ok} with NUTS passing its checks), "
+                f"train {train_s:.0f} s, speed-up {report.speedup:.0f}x\n"
+            )
+        results["models"][name] = entry
+        md.append(head + "\n" + table + "\n")
+        print(head + table, flush=True)
+        atomic_write(f"{args.out}/results.json", lambda fh: fh.write(json.dumps(results, indent=1).encode()))
+        atomic_write(f"{args.out}/results.md", lambda fh: fh.write("\n".join(md).encode()))
+    print(f"\nwritten: {args.out}/results.json, {args.out}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
