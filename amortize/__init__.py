@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .amortizer import Amortizer  # noqa: E402
 from .data import OBS, HierarchicalData  # noqa: E402
-from .errors import AmortizeError, CheckpointError, ConfigError, DataError, ModelStructureError
+from .errors import AmortizeError, CheckpointError, ConfigError, DataError, ModelStructureError, TrainingError
 from .posterior import Posterior  # noqa: E402
 from .simulate import StructureSampler, simulate
 from .structure import ModelStructure, trace_structure  # noqa: E402
@@ -16,6 +16,7 @@ __all__ = [
     "Amortizer",
     "Posterior",
     "TrainConfig",
+    "TrainingError",
     "CheckpointError",
     "ConfigError",
     "DataError",

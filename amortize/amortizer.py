@@ -23,7 +23,7 @@ import torch
 from . import __version__ as _version
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import HierarchicalData
-from .errors import CheckpointError, ConfigError
+from .errors import AmortizeError, CheckpointError, ConfigError, DataError
 from .guide import AmortizedGuide
 from .posterior import Posterior
 from .simulate import Simulation, StructureSampler, simulate
@@ -44,7 +44,8 @@ class Amortizer:
             is used as is.
         hidden: width of the encoder and heads.
         flow_bins: bins of the spline flow on the global latents (0: a Gaussian).
-        seed: seeds the structure sampler and, when training starts, Pyro's RNG.
+        seed: seeds the initial weights, the structure sampler and, when training starts, Pyro's
+            RNG: the same seed gives the same run (the caller's RNG is left as it was).
         device: where the networks live (``"cpu"``, ``"cuda"``); never hard-coded elsewhere.
     """
 
@@ -67,9 +68,11 @@ class Amortizer:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.generator = torch.Generator().manual_seed(self.seed)
         self.example = sampler.sample(torch.Generator().manual_seed(self.seed))
-        self.structure = trace_structure(model, self.example)
-        self.covariates = {lvl: sorted(cols) for lvl, cols in self.example.covariates.items()}
-        self.guide = AmortizedGuide(model, self.structure, self.covariates, self.hidden, self.flow_bins)
+        with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed, not the caller's RNG
+            torch.default_generator.manual_seed(self.seed)
+            self.structure = trace_structure(model, self.example)
+            self.covariates = {lvl: sorted(cols) for lvl, cols in self.example.covariates.items()}
+            self.guide = AmortizedGuide(model, self.structure, self.covariates, self.hidden, self.flow_bins)
         self.guide.to(self.device)
         self.config = TrainConfig()
         self.step = 0
@@ -77,6 +80,8 @@ class Amortizer:
         self.pilot_done = False
         self.history: list[dict[str, float]] = []
         self._optimizer_state: dict[str, Any] | None = None
+        self._rng: dict[str, Any] | None = None  # torch's RNG as training left it (None: live, or never trained)
+        self._trainable = True
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{s.name}@{s.level or 'global'}" for s in self.structure.latents)
@@ -93,9 +98,14 @@ class Amortizer:
         log_dir: str | None = None,
         checkpoint_path: str | None = None,
         progress: bool = True,
+        stop_at: int | None = None,
         **overrides: Any,
     ) -> list[dict[str, float]]:
         """Train (or continue training) the amortized posterior.
+
+        Training continues the amortizer's own random stream (torch's RNG as the last ``fit`` left
+        it, or as the checkpoint saved it), so ``fit(steps=2N, stop_at=N)``, ``save``, ``load`` with
+        the same sampler, ``fit(steps=2N)`` gives bit for bit the weights of ``fit(steps=2N)`` on CPU.
 
         Args:
             config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields
@@ -103,10 +113,27 @@ class Amortizer:
             log_dir: TensorBoard run directory (scalars: loss, lr, grad norm, datasets/s).
             checkpoint_path: where checkpoints are written (atomically) during and after training.
             progress: show a tqdm progress bar.
+            stop_at: stop after this step; the learning-rate schedule still spans ``steps``, and a
+                later ``fit`` goes on from there.
 
         Returns:
-            The logged training history.
+            The logged training history of this call.
+
+        Raises:
+            TrainingError: repeated non-finite steps (see :func:`amortize.train.train`).
+            CheckpointError: a checkpoint could not be written.
+            AmortizeError: the amortizer was loaded without its training sampler.
+
+        Example:
+            >>> a.fit(steps=2000, stop_at=1000, checkpoint_path="ck.pt")  # doctest: +SKIP
+            >>> a = am.Amortizer.load("ck.pt", model, sampler=sampler)  # doctest: +SKIP
+            >>> a.fit(steps=2000)  # the same weights as one uninterrupted run  # doctest: +SKIP
         """
+        if not self._trainable:
+            raise AmortizeError(
+                "fit: this amortizer was loaded without its training sampler; pass sampler= to"
+                " Amortizer.load to continue training"
+            )
         cfg = config or self.config
         names = {f.name for f in fields(TrainConfig)}
         unknown = sorted(set(overrides) - names)
@@ -116,15 +143,21 @@ class Amortizer:
         self.config = cfg
         if self.step == 0 and not self.pilot_done:
             pyro.set_rng_seed(self.seed)
+        elif self._rng is not None:
+            _set_rng(self._rng, self.device)
         if self.optimizer is None and self._optimizer_state is not None:
             self.optimizer = torch.optim.Adam(self.guide.parameters(), lr=cfg.lr)
             self.optimizer.load_state_dict(self._optimizer_state)
             self._optimizer_state = None
+        self._rng = None  # while training, torch's global RNG is the stream (checkpoints read it live)
         self.guide.train()
         try:
-            return train(self, cfg, log_dir=log_dir, checkpoint_path=checkpoint_path, progress=progress)
+            return train(
+                self, cfg, log_dir=log_dir, checkpoint_path=checkpoint_path, progress=progress, stop_at=stop_at
+            )
         finally:
             self.guide.eval()
+            self._rng = _get_rng(self.device)
 
     def posterior(self, data: HierarchicalData) -> Posterior:
         """The amortized posterior for a new dataset (``y [N]``) or a batch sharing one structure
@@ -147,7 +180,7 @@ class Amortizer:
             "config": self.config.to_dict(),
             "state_dict": self.guide.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else self._optimizer_state,
-            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+            "rng": {**(self._rng or _get_rng(self.device)), "generator": self.generator.get_state()},
             "example": {
                 "levels": list(ex.levels),
                 "parents": dict(ex.parents),
@@ -175,34 +208,66 @@ class Amortizer:
     ) -> Amortizer:
         """Load a checkpoint for ``model``; pass the training ``sampler`` to continue training.
 
+        Nothing global changes: torch's RNG state of the checkpoint is restored when ``fit`` resumes.
+
         Raises:
-            CheckpointError: unreadable file, another model (sites, shapes, levels) or version.
+            CheckpointError: unreadable, truncated or corrupted file; another library version
+                (major.minor); another model (sites, shapes, levels, covariates).
         """
         ck = load_checkpoint(path)
+        missing = sorted(set(_CHECKPOINT_KEYS) - set(ck))
+        if "library_version" in missing or not isinstance(ck.get("library_version"), str):
+            raise CheckpointError(f"{path}: no library version; not written by Amortizer.save")
+        if ck["library_version"].split(".")[:2] != _version.split(".")[:2]:
+            raise CheckpointError(
+                f"{path}: written by amortize {ck['library_version']}, this is {_version}; retrain, or load it"
+                f" with amortize {'.'.join(ck['library_version'].split('.')[:2])}.x"
+            )
+        if missing:
+            raise CheckpointError(f"{path}: checkpoint lacks {missing}; not written by Amortizer.save")
         ex = ck["example"]
-        example = HierarchicalData(ex["levels"], ex["parents"], ex["group"], covariates=ex["covariates"])
+        try:
+            example = HierarchicalData(ex["levels"], ex["parents"], ex["group"], covariates=ex["covariates"])
+        except (DataError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: the checkpoint's example structure is damaged ({e})") from None
+        theirs = example.structure_signature()
+        if sampler is not None:
+            ours = sampler.sample(torch.Generator().manual_seed(int(ck["seed"]))).structure_signature()
+            if ours != theirs:
+                raise CheckpointError(
+                    f"{path}: the sampler's datasets (levels and covariates {ours}) differ from the"
+                    f" checkpoint's ({theirs})"
+                )
         try:
             new = cls(
-                model, sampler or example, hidden=ck["hidden"], flow_bins=ck.get("flow_bins", 0), seed=ck["seed"], device=device
+                model,
+                sampler or example,
+                hidden=ck["hidden"],
+                flow_bins=ck.get("flow_bins", 0),
+                seed=ck["seed"],
+                device=device,
             )
         except Exception as e:
             raise CheckpointError(f"{path}: the model does not run on the checkpoint's data structure ({e})") from e
         if new.structure.fingerprint() != ck["fingerprint"]:
-            raise CheckpointError(
-                f"{path}: checkpoint is for another model: its sites are {ck['signature']['latents']}, "
-                f"this model's are {new.structure.signature()['latents']}"
+            mine, saved = new.structure.signature(), ck["signature"]
+            diff = "; ".join(
+                f"{k}: checkpoint {saved.get(k)}, this model {mine[k]}" for k in mine if saved.get(k) != mine[k]
             )
-        if ck["library_version"].split(".")[:2] != _version.split(".")[:2]:
-            raise CheckpointError(f"{path}: written by amortize {ck['library_version']}, this is {_version}")
-        new.guide.load_state_dict(ck["state_dict"])
+            raise CheckpointError(f"{path}: checkpoint is for another model ({diff or 'signature differs'})")
+        try:
+            new.guide.load_state_dict(ck["state_dict"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: the weights do not fit this model's networks ({e})") from None
         new.guide.eval()
         new.step, new.pilot_done = int(ck["step"]), bool(ck["pilot_done"])
         new.config = TrainConfig(**ck["config"])
         new._optimizer_state = ck["optimizer"]
         new.history = list(ck["history"])
         new.generator.set_state(ck["rng"]["generator"])
-        torch.set_rng_state(ck["rng"]["torch"])
+        new._rng = {k: v for k, v in ck["rng"].items() if k != "generator"}
         new.ranges = ck["ranges"]
+        new._trainable = sampler is not None
         return new
 
     @property
@@ -213,3 +278,33 @@ class Amortizer:
     @ranges.setter
     def ranges(self, value: dict[str, Any]) -> None:
         self._ranges = value
+
+
+_CHECKPOINT_KEYS = (
+    "library_version",
+    "signature",
+    "fingerprint",
+    "hidden",
+    "seed",
+    "step",
+    "pilot_done",
+    "config",
+    "state_dict",
+    "optimizer",
+    "rng",
+    "example",
+    "ranges",
+    "history",
+)
+
+
+def _get_rng(device: torch.device) -> dict[str, Any]:
+    """torch's RNG state: the CPU generator and, for a CUDA device, that device's."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)

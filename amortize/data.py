@@ -43,26 +43,59 @@ def _as_index(values: Any, what: str) -> torch.Tensor:
     return torch.as_tensor(arr.astype(np.int64))
 
 
+def magnitude_limit(dtype: torch.dtype) -> float:
+    """The largest magnitude a value may have in ``dtype``: sums of squares over a million rows stay finite."""
+    return torch.finfo(dtype).max ** 0.5 * 1e-3
+
+
 def _as_float(values: Any, what: str, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    if np.iscomplexobj(values):
+        raise DataError(f"{what}: complex values are not supported")
     try:
         arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         bad = next((v for v in np.asarray(values, dtype=object).ravel() if not _is_number(v)), None)
         raise DataError(f"{what}: non-numeric value {bad!r}") from None
     if not np.all(np.isfinite(arr)):
         flat = np.flatnonzero(~np.isfinite(arr.reshape(-1)))
         raise DataError(f"{what}: {len(flat)} value(s) are NaN or infinite (first at position {flat[0]})")
-    if np.abs(arr).max(initial=0.0) > 1e30:
-        raise DataError(f"{what}: values of magnitude {np.abs(arr).max():.3g} are too large to use")
+    limit = magnitude_limit(dtype)
+    if np.abs(arr).max(initial=0.0) > limit:
+        raise DataError(
+            f"{what}: values of magnitude {np.abs(arr).max():.3g} are too large for {dtype} (limit {limit:.2g});"
+            " rescale the column"
+        )
     return torch.tensor(arr, dtype=dtype)
 
 
 def _is_number(v: Any) -> bool:
     try:
         float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
     return True
+
+
+def _is_missing(v: Any) -> bool:
+    """None, NaN, NaT, pandas.NA or a blank string."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return True
+    try:
+        return bool(v != v)
+    except (TypeError, ValueError):  # pandas.NA: comparisons are ambiguous
+        return True
+
+
+def _names(value: Any, what: str) -> list[str]:
+    """A list of column or level names (a lone string is refused: it is not a list of names)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise DataError(f"{what}: expected a list of names, got {value!r}")
+    for v in value:
+        if not isinstance(v, str):
+            raise DataError(f"{what}: names must be strings, got {v!r} ({type(v).__name__})")
+    return list(value)
 
 
 class HierarchicalData:
@@ -95,10 +128,17 @@ class HierarchicalData:
         dtype: torch.dtype | None = None,
     ) -> None:
         dtype = dtype or torch.get_default_dtype()
-        self.levels = tuple(levels)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DataError(f"dtype: expected a floating-point torch dtype, got {dtype!r}")
+        self.levels = tuple(_names(levels, "levels"))
         self.response = response
         self._check_levels()
         self.group = _as_index(group, "observations' innermost group index")
+        if not isinstance(parents, Mapping):
+            raise DataError(f"parents: expected {{level: parent index}}, got {type(parents).__name__}")
+        stray = [lvl for lvl in parents if lvl not in self.levels[1:]]
+        if stray:
+            raise DataError(f"parents given for {stray}, which are not inner levels of {list(self.levels)}")
         self.parents = {
             lvl: _as_index(parents[lvl], f"level '{lvl}': parent index") for lvl in self.levels[1:] if lvl in parents
         }
@@ -106,9 +146,13 @@ class HierarchicalData:
         self._sizes = self._infer_sizes()
         self.covariates: dict[str, dict[str, torch.Tensor]] = {}
         self.covariate_level: dict[str, str] = {}
+        if not isinstance(covariates or {}, Mapping):
+            raise DataError(f"covariates: expected {{level: {{name: values}}}}, got {type(covariates).__name__}")
         for lvl, cols in (covariates or {}).items():
             if lvl != OBS and lvl not in self.levels:
                 raise DataError(f"covariates given for unknown level '{lvl}'; levels are {list(self.levels) + [OBS]}")
+            if not isinstance(cols, Mapping):
+                raise DataError(f"covariates of level '{lvl}': expected {{name: values}}, got {type(cols).__name__}")
             self.covariates[lvl] = {}
             for name, values in cols.items():
                 if name in self.covariate_level:
@@ -125,15 +169,18 @@ class HierarchicalData:
                 self.covariate_level[name] = lvl
         self.y = None
         if y is not None:
-            self.y = _as_float(y, f"response '{response}'", dtype)
-            if self.y.dim() not in (1, 2) or self.y.shape[-1] != self.n_obs:
-                raise DataError(
-                    f"response '{response}': expected shape [N] or [B, N] with N={self.n_obs},"
-                    f" got {tuple(self.y.shape)}"
-                )
+            self.y = self._check_response(_as_float(y, f"response '{response}'", dtype))
         self._index_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ validation
+    def _check_response(self, y: torch.Tensor) -> torch.Tensor:
+        if y.dim() not in (1, 2) or y.shape[-1] != self.n_obs or y.numel() == 0:
+            raise DataError(
+                f"response '{self.response}': expected shape [N] or [B, N] with N={self.n_obs} and B >= 1,"
+                f" got {tuple(y.shape)}"
+            )
+        return y
+
     def _check_levels(self) -> None:
         if not self.levels:
             raise DataError("levels: at least one grouping level is required")
@@ -159,6 +206,16 @@ class HierarchicalData:
                 raise DataError(
                     f"level '{child}': index {int(idx.max())} points to no group of level '{lvl}' (it has {n})"
                 )
+            if n > idx.numel():  # more groups than members: some are empty (found without an [n] array)
+                present = torch.unique(idx)
+                gaps = torch.nonzero(present != torch.arange(len(present)))
+                g = int(present[gaps[0]]) - 1 if len(gaps) else len(present)
+                g = int(gaps[0]) if len(gaps) else len(present)
+                label = self.labels[lvl][g] if lvl in self.labels else g
+                raise DataError(
+                    f"level '{lvl}': group {label!r} has no {'observations' if child == OBS else child + ' groups'}"
+                    f" ({n} groups for {idx.numel()} members; ids must be dense 0..G-1 with no gaps)"
+                )
             counts = torch.bincount(idx, minlength=n)
             if bool((counts == 0).any()):
                 g = int(torch.nonzero(counts == 0)[0])
@@ -170,6 +227,13 @@ class HierarchicalData:
             sizes[lvl] = n
             if child != OBS and child in self.labels and len(self.labels[child]) != idx.numel():
                 raise DataError(f"level '{child}': {len(self.labels[child])} labels for {idx.numel()} groups")
+        for lvl, labs in self.labels.items():
+            try:
+                unique = len(set(labs)) == len(labs)
+            except TypeError:
+                raise DataError(f"level '{lvl}': labels must be hashable (numbers or strings)") from None
+            if not unique:
+                raise DataError(f"level '{lvl}': labels are not unique")
         return sizes
 
     # ------------------------------------------------------------------ accessors
@@ -233,10 +297,16 @@ class HierarchicalData:
         return torch.bincount(self.index(level, at), minlength=self.size(level))
 
     def with_response(self, y: torch.Tensor | None) -> HierarchicalData:
-        """The same structure and covariates with another response (``[N]`` or ``[B, N]``)."""
+        """The same structure and covariates with another response (``[N]`` or ``[B, N]``).
+
+        Raises:
+            DataError: ``y`` is not a tensor of shape ``[N]`` or ``[B, N]``.
+        """
+        if y is not None and not isinstance(y, torch.Tensor):
+            raise DataError(f"response '{self.response}': with_response takes a tensor, got {type(y).__name__}")
         new = object.__new__(HierarchicalData)
         new.__dict__.update(self.__dict__)
-        new.y = y
+        new.y = None if y is None else self._check_response(y)
         return new
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> HierarchicalData:

@@ -1,4 +1,28 @@
-"""The library's error family: every message names the column, level, site or file at fault."""
+"""The library's error family: every message names the column, level, site or file at fault.
+
+Every error raised on purpose is an :class:`AmortizeError`; catch that to catch them all. When each
+subclass is raised:
+
+* :class:`DataError` (also a ``ValueError``): building a :class:`~amortize.HierarchicalData` from
+  malformed input (NaN or infinite values, non-numeric values in a numeric column, values too large
+  for the dtype, missing or unhashable ids, a group nested in two parents, ids that are not dense,
+  missing or duplicated columns, empty data, columns of different lengths, an unreadable CSV), and a
+  posterior asked of a dataset whose structure does not match the model (a level missing or extra, a
+  covariate missing or extra, no response, a response of the wrong shape or dtype), before any
+  network runs.
+* :class:`ModelStructureError` (also a ``ValueError``): a model the library cannot amortize (names
+  the site or plate).
+* :class:`CheckpointError`: a checkpoint that cannot be written (disk full, no permission: the
+  previous file is left intact) or loaded (missing, truncated, corrupted (checksum mismatch), of
+  another format or library version, or of another model: sites, shapes, levels or covariates).
+* :class:`ConfigError` (also a ``ValueError``): a bad experiment config or option (unknown key,
+  wrong type, missing value, invalid YAML, model that cannot be imported); names the key and file.
+* :class:`TrainingError`: training stopped because ``max_bad_steps`` consecutive steps had a
+  non-finite loss or gradient; the last checkpoint written is left intact.
+
+A ``KeyboardInterrupt`` during training is not wrapped: the current step finishes, a checkpoint is
+saved, and the interrupt propagates.
+"""
 
 __all__ = [
     "AmortizeError",
@@ -6,6 +30,7 @@ __all__ = [
     "ModelStructureError",
     "CheckpointError",
     "ConfigError",
+    "TrainingError",
 ]
 
 
@@ -22,8 +47,12 @@ class ModelStructureError(AmortizeError, ValueError):
 
 
 class CheckpointError(AmortizeError):
-    """A checkpoint that cannot be loaded: names the file and the mismatch."""
+    """A checkpoint that cannot be written or loaded: names the file and the mismatch."""
 
 
 class ConfigError(AmortizeError, ValueError):
     """A bad experiment config: names the key and the file."""
+
+
+class TrainingError(AmortizeError):
+    """Training stopped on repeated numerical faults: names the step and the checkpoint kept."""

@@ -108,10 +108,10 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"truth": truth, "u": None, "terms": {}}
         if self.global_head is not None:
-            state["q_globals"] = self.global_head(enc.dataset, K)  # batch [B, 1.. (K)], event [D]
+            state["q_globals"] = self.global_head(enc.dataset, K, enc.raw_dataset)  # batch [B, 1..], event [D]
         for name, head in self.group_heads.items():
             site = self.structure[name]
-            loc, scale = head(enc.groups[site.level], enc.dataset)  # [B, G, d]
+            loc, scale = head(enc.groups[site.level], enc.dataset, enc.raw_groups[site.level])  # [B, G, d]
             G = loc.shape[-2]
             state["terms"][name] = (
                 loc.reshape(B, *[1] * (K - 1), G, -1),

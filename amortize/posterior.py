@@ -37,6 +37,8 @@ def psis_k(log_weights: torch.Tensor) -> float:
     srt, _ = torch.sort(lw)
     cutoff = srt[-M - 1]
     tail = torch.exp(srt[-M:] - srt[-1]) - torch.exp(cutoff - srt[-1])
+    if not bool(tail[int(M / 4 - 0.5)] > 0):  # the weights span > ~700 nats: the largest one is all there is
+        return float("inf")
     k, _ = fit_generalized_pareto(tail)
     return float(k)
 
@@ -47,19 +49,52 @@ class Posterior:
     def __init__(self, amortizer: Amortizer, data: HierarchicalData) -> None:
         self.amortizer = amortizer
         self._check(data)
-        self.data = data.to(amortizer.device)
+        dtype = next(amortizer.guide.parameters()).dtype
+        self.data = data.to(amortizer.device, dtype=dtype)  # float data of another precision is cast
 
     def _check(self, data: HierarchicalData) -> None:
+        """Refuse, before any network runs, a dataset whose structure is not the model's."""
+        if not isinstance(data, HierarchicalData):
+            raise DataError(
+                f"posterior: expected a HierarchicalData (see HierarchicalData.from_frame), got {type(data).__name__}"
+            )
         st = self.amortizer.structure
         if tuple(data.levels) != tuple(st.levels):
-            raise DataError(f"data has levels {list(data.levels)}; the model was trained on {list(st.levels)}")
-        for lvl, names in self.amortizer.covariates.items():
+            missing = [lvl for lvl in st.levels if lvl not in data.levels]
+            extra = [lvl for lvl in data.levels if lvl not in st.levels]
+            what = "in another order"
+            if missing or extra:
+                what = f"missing {missing}, not in the model {extra}"
+            raise DataError(f"data has levels {list(data.levels)}; the model was trained on {list(st.levels)} ({what})")
+        trained = self.amortizer.covariates
+        for lvl, names in trained.items():
             for name in names:
                 if name not in data.covariates.get(lvl, {}):
                     where = "observation" if lvl == OBS else f"'{lvl}'"
-                    raise DataError(f"covariate '{name}' ({where} level) is missing from the data")
+                    found = data.covariate_level.get(name)
+                    also = f"; the data has it at level '{found}'" if found else ""
+                    raise DataError(f"covariate '{name}' ({where} level) is missing from the data{also}")
+        for name, lvl in data.covariate_level.items():
+            if name not in trained.get(lvl, []):
+                raise DataError(
+                    f"covariate '{name}' (level '{lvl}') was not in the training data"
+                    f" (trained with {trained or 'no covariates'}); drop it or retrain"
+                )
         if data.y is None:
             raise DataError(f"the data has no response ('{data.response}')")
+        tensors = {f"response '{data.response}'": data.y, **{f"covariate '{k}'": v for k, v in data.x.items()}}
+        for what, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise DataError(
+                    f"{what}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
+                )
+        if data.y.dim() not in (1, 2) or data.y.shape[-1] != data.n_obs:
+            raise DataError(
+                f"response '{data.response}': expected shape [N] or [B, N] with N={data.n_obs},"
+                f" got {tuple(data.y.shape)}"
+            )
+        if not bool(torch.isfinite(data.y).all()):
+            raise DataError(f"response '{data.response}': NaN or infinite values")
 
     @property
     def batch_size(self) -> int | None:

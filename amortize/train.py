@@ -9,21 +9,30 @@ objective through the same guide:
 
 Losses are per latent coordinate, so datasets of different sizes weigh alike. Adam with linear
 warm-up and cosine annealing, gradient clipping, skipped non-finite steps, TensorBoard scalars.
+
+Faults: a step with a non-finite loss or gradient is skipped and logged, ``max_bad_steps`` in a
+row raise :class:`~amortize.errors.TrainingError` without touching the last checkpoint; Ctrl-C
+ends the current step, saves a checkpoint and re-raises ``KeyboardInterrupt``. Training draws its
+randomness from the amortizer's structure generator and torch's global RNG, both saved in every
+checkpoint, so a resumed run continues bit for bit (on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import AmortizeError, ConfigError
+from .errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
@@ -105,6 +114,28 @@ def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch
     return -(torch.logsumexp(lw, 0) - math.log(cfg.num_particles)).mean() / n_coords
 
 
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[dict[str, bool]]:
+    """Hold a Ctrl-C until the current step ends (``flags["stop"]``); a second Ctrl-C interrupts at
+    once, except inside the parameter update, so that a saved checkpoint is never half a step."""
+    flags = {"stop": False, "updating": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flags  # signal handlers can only be set in the main thread: plain KeyboardInterrupt
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flags["stop"] and not flags["updating"]:
+            raise KeyboardInterrupt
+        flags["stop"] = True
+        log.warning("interrupt: stopping after this step (Ctrl-C again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flags
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 def train(
     amortizer: Amortizer,
     cfg: TrainConfig,
@@ -112,13 +143,29 @@ def train(
     checkpoint_path: str | None = None,
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    stop_at: int | None = None,
 ) -> list[dict[str, float]]:
-    """Run ``cfg.steps - amortizer.step`` optimization steps (resumes where the amortizer stopped).
+    """Run optimization steps from ``amortizer.step`` up to ``cfg.steps`` (resumes where it stopped).
 
-    Returns the logged history (one dict per ``log_every`` steps).
+    ``stop_at`` ends the run earlier, after that step, without changing the learning-rate schedule
+    (which always spans ``cfg.steps``): a later call continues exactly where this one stopped.
+
+    A step whose loss or gradient is not finite is skipped and logged; ``cfg.max_bad_steps`` in a
+    row stop the run. Ctrl-C finishes the current step, saves a checkpoint and re-raises
+    ``KeyboardInterrupt``.
+
+    Returns:
+        The logged history of this call (one dict per ``log_every`` steps; also appended to
+        ``amortizer.history``).
+
+    Raises:
+        TrainingError: ``cfg.max_bad_steps`` consecutive non-finite steps (nothing is saved, so the
+            last checkpoint is the last good one).
+        CheckpointError: a checkpoint could not be written (the previous one is intact).
     """
     guide = amortizer.guide
     gen = amortizer.generator
+    end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
     if amortizer.step == 0 and not amortizer.pilot_done:
         pilot_fit(amortizer, cfg, gen)
         amortizer.pilot_done = True
@@ -133,49 +180,63 @@ def train(
     history: list[dict[str, float]] = []
     bad = 0
     t0, seen = time.perf_counter(), 0
-    bar = tqdm(range(amortizer.step, cfg.steps), disable=not progress, desc=f"train ({cfg.objective})", leave=False)
+    bar = tqdm(range(amortizer.step, end), disable=not progress, desc=f"train ({cfg.objective})", leave=False)
     running = None
     try:
-        for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * _lr_factor(step, cfg)
-            loss = _loss(amortizer, cfg, gen)
-            value = float(loss.detach())
-            opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), cfg.clip_norm)
-            else:
-                gnorm = torch.tensor(float("nan"))
-            if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
-                bad += 1
-                log.warning("step %d: non-finite loss or gradient (%s); step skipped", step, value)
-                if bad >= cfg.max_bad_steps:
-                    raise AmortizeError(
-                        f"training stopped at step {step}: {bad} consecutive non-finite steps; "
-                        "the last checkpoint is intact"
+        with _deferred_interrupt() as interrupt:
+            for step in bar:
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * _lr_factor(step, cfg)
+                loss = _loss(amortizer, cfg, gen)
+                value = float(loss.detach())
+                opt.zero_grad(set_to_none=True)
+                if torch.isfinite(loss):
+                    loss.backward()
+                    gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), cfg.clip_norm)
+                else:
+                    gnorm = torch.tensor(float("nan"))
+                if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+                    bad += 1
+                    log.warning(
+                        "step %d: non-finite %s (%s); step skipped (%d in a row)",
+                        step,
+                        "gradient" if torch.isfinite(loss) else "loss",
+                        value,
+                        bad,
                     )
-                amortizer.step = step + 1
-                continue
-            bad = 0
-            opt.step()
-            amortizer.step = step + 1
-            seen += cfg.batch_size
-            running = value if running is None else 0.95 * running + 0.05 * value
-            if callback:
-                callback(step, value)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                rate = seen / (time.perf_counter() - t0)
-                rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"], "grad_norm": float(gnorm)}
-                rec["datasets_per_s"] = rate
-                history.append(rec)
-                bar.set_postfix(loss=f"{running:.3f}")
-                if writer:
-                    for k, v in rec.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step + 1)
-            if checkpoint_path and (step + 1) % cfg.checkpoint_every == 0:
-                amortizer.save(checkpoint_path)
+                    if bad >= cfg.max_bad_steps:
+                        kept = f"; {checkpoint_path} was not overwritten" if checkpoint_path else ""
+                        raise TrainingError(
+                            f"training stopped at step {step}: {bad} consecutive non-finite losses or gradients"
+                            f" (max_bad_steps={cfg.max_bad_steps}){kept}"
+                        )
+                    amortizer.step = step + 1
+                    opt.zero_grad(set_to_none=True)
+                else:
+                    bad = 0
+                    interrupt["updating"] = True
+                    opt.step()
+                    amortizer.step = step + 1
+                    interrupt["updating"] = False
+                    seen += cfg.batch_size
+                    running = value if running is None else 0.95 * running + 0.05 * value
+                    if callback:
+                        callback(step, value)
+                    if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                        rate = seen / (time.perf_counter() - t0)
+                        rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"]}
+                        rec.update(grad_norm=float(gnorm), datasets_per_s=rate)
+                        history.append(rec)
+                        amortizer.history.append(rec)
+                        bar.set_postfix(loss=f"{running:.3f}")
+                        if writer:
+                            for k, v in rec.items():
+                                if k != "step":
+                                    writer.add_scalar(f"train/{k}", v, step + 1)
+                if checkpoint_path and bad == 0 and (step + 1) % cfg.checkpoint_every == 0:
+                    amortizer.save(checkpoint_path)
+                if interrupt["stop"]:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         log.warning("interrupted at step %d; saving a checkpoint", amortizer.step)
         if checkpoint_path:
@@ -184,7 +245,6 @@ def train(
     finally:
         if writer:
             writer.close()
-    amortizer.history.extend(history)
     if checkpoint_path:
         amortizer.save(checkpoint_path)
     return history

@@ -62,11 +62,21 @@ class RobustScaler(nn.Module):
 
 
 class Encoding:
-    """Output of the encoder: ``dataset [B, H]`` and ``groups[level] [B, G_level, H]``."""
+    """Output of the encoder: embeddings ``dataset [B, H]`` and ``groups[level] [B, G_level, H]``,
+    and raw location statistics on the response's own scale, never squashed by a scaler:
+    ``raw_dataset [B, 1]`` (mean response) and ``raw_groups[level] [B, G, 2]`` (group mean, dataset mean)."""
 
-    def __init__(self, dataset: torch.Tensor, groups: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        dataset: torch.Tensor,
+        groups: dict[str, torch.Tensor],
+        raw_dataset: torch.Tensor,
+        raw_groups: dict[str, torch.Tensor],
+    ) -> None:
         self.dataset = dataset
         self.groups = groups
+        self.raw_dataset = raw_dataset
+        self.raw_groups = raw_groups
 
 
 class HierarchicalEncoder(nn.Module):
@@ -181,4 +191,6 @@ class HierarchicalEncoder(nn.Module):
             child = groups[lvl] = self.nets[lvl](torch.cat(parts, -1))  # [B, G, H]
         top = groups[self.levels[0]].mean(-2)  # [B, H]
         dataset = self.global_net(torch.cat([self.global_scaler(glob), h_obs.mean(-2), top], -1))
-        return Encoding(dataset, groups)
+        m = glob[..., :1]  # [B, 1] dataset mean response
+        raw = {lvl: torch.stack([stats[lvl][..., 0], m.expand_as(stats[lvl][..., 0])], -1) for lvl in self.levels}
+        return Encoding(dataset, groups, m, raw)

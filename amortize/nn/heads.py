@@ -48,14 +48,18 @@ class GlobalHead(nn.Module):
         self.net = mlp(hidden, hidden, dim + dim * (dim + 1) // 2)
         self.scaler = ParamScaler(dim)
         self.register_buffer("tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
+        self.raw = _zero_linear(1, dim)
         self.spline = None
         if flow_bins:
             k = flow_bins
             hyper = DenseNN(hidden, [hidden], [dim * k, dim * k, dim * (k - 1)])
             self.spline = ConditionalSpline(hyper, dim, count_bins=k, bound=5.0, order="quadratic")
 
-    def forward(self, emb: torch.Tensor, batch_dims: int = 0) -> TransformedDistribution:
-        """``emb [B, H]`` -> distribution with batch ``[B, *(1,) * batch_dims]`` and event ``[D]``."""
+    def forward(
+        self, emb: torch.Tensor, batch_dims: int = 0, raw: torch.Tensor | None = None
+    ) -> TransformedDistribution:
+        """``emb [B, H]`` (and raw location statistics ``[B, r]``) -> distribution with batch
+        ``[B, *(1,) * batch_dims]`` and event ``[D]``."""
         emb = emb.reshape(emb.shape[0], *[1] * batch_dims, emb.shape[-1])
         out = self.net(emb)
         D = self.dim
@@ -65,8 +69,18 @@ class GlobalHead(nn.Module):
         if D > 1:
             L = _fill_tril(L, out[..., 2 * D :], self.tril)
         transforms = [] if self.spline is None else [self.spline.condition(emb)]
-        transforms.append(AffineTransform(self.scaler.loc, self.scaler.scale, event_dim=1))
+        shift = self.scaler.loc if raw is None else self.scaler.loc + self.raw(raw.reshape(*emb.shape[:-1], -1))
+        transforms.append(AffineTransform(shift, self.scaler.scale, event_dim=1))
         return TransformedDistribution(MultivariateNormal(loc, scale_tril=L), transforms)
+
+
+def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
+    """A linear skip path from raw (unscaled) location statistics, starting at zero: it lets a
+    location follow the data's own scale exactly, however extreme, where scaled features saturate."""
+    lin = nn.Linear(d_in, d_out)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
 
 
 def _fill_tril(L: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -83,12 +97,16 @@ class GroupHead(nn.Module):
         super().__init__()
         self.net = mlp(2 * hidden, hidden, 2 * dim)
         self.scaler = ParamScaler(dim)
+        self.raw = _zero_linear(2, dim)
         self.dim = dim
 
-    def forward(self, group_emb: torch.Tensor, dataset_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``group_emb [B, G, H]``, ``dataset_emb [B, H]`` -> ``loc, scale`` each ``[B, G, d]``."""
+    def forward(
+        self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, raw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, raw group statistics ``[B, G, 2]`` ->
+        ``loc, scale`` each ``[B, G, d]``."""
         ctx = dataset_emb.unsqueeze(-2).expand_as(group_emb)
         out = self.net(torch.cat([group_emb, ctx], -1))
-        loc = self.scaler.loc + self.scaler.scale * out[..., : self.dim]
+        loc = self.scaler.loc + self.scaler.scale * out[..., : self.dim] + self.raw(raw)
         scale = self.scaler.scale * (softplus(out[..., self.dim :] + 0.5) + 1e-4)
         return loc, scale
