@@ -84,7 +84,9 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
         self.structure = structure
         self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden)
-        self.global_head = GlobalHead(hidden, structure.global_dim, flow_bins) if structure.global_dim else None
+        self.global_head = None
+        if structure.global_dim:
+            self.global_head = GlobalHead(hidden, structure.global_dim, flow_bins, self.encoder.raw_dataset_dim)
         self.group_heads = nn.ModuleDict(
             {s.name: GroupHead(hidden, s.dim) for s in structure.latents if s.level is not None}
         )

@@ -7,6 +7,8 @@ and covariates are shared. Per-group work is done once per group, with segment s
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -63,8 +65,9 @@ class RobustScaler(nn.Module):
 
 class Encoding:
     """Output of the encoder: embeddings ``dataset [B, H]`` and ``groups[level] [B, G_level, H]``,
-    and raw location statistics on the response's own scale, never squashed by a scaler:
-    ``raw_dataset [B, 1]`` (mean response) and ``raw_groups[level] [B, G, 2]`` (group mean, dataset mean)."""
+    and raw statistics on the response's own scale, never squashed by a scaler: ``raw_dataset
+    [B, 2 + 2L]`` (mean, log sd, pooled within-group and between-group log sds per level) and
+    ``raw_groups[level] [B, G, 4]`` (group mean, dataset mean, pooled within log sd, log n)."""
 
     def __init__(
         self,
@@ -101,7 +104,8 @@ class HierarchicalEncoder(nn.Module):
         for i, lvl in enumerate(self.levels):
             child = hidden if i + 1 < len(self.levels) else 0
             self.nets[lvl] = mlp(self.level_stats[lvl] + hidden + child, hidden, hidden)
-        self.n_global_stats = 4 + self.obs_dim + 4 * len(self.levels)
+        self.n_global_stats = 4 + self.obs_dim + 6 * len(self.levels)
+        self.raw_dataset_dim = 2 + 2 * len(self.levels)
         self.global_scaler = RobustScaler(self.n_global_stats)
         self.global_net = mlp(self.n_global_stats + 2 * hidden, hidden, hidden)
 
@@ -110,9 +114,10 @@ class HierarchicalEncoder(nn.Module):
         return 7 + self.obs_dim + len(self.cov_names.get(lvl, [])) + (0 if inner else 2)
 
     # -------------------------------------------------------------- summary statistics
-    def statistics(self, data: HierarchicalData) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Unscaled per-level summaries ``{level: [B, G, F_level]}``, dataset summaries ``[B, F]``
-        and per-observation features ``[B, N, F_obs]``."""
+    def statistics(self, data: HierarchicalData) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Any]:
+        """Unscaled per-level summaries ``{level: [B, G, F_level]}``, dataset summaries ``[B, F]``,
+        per-observation features ``[B, N, F_obs]`` and the raw location/scale statistics
+        ``(raw_dataset [B, 2 + 2L], raw_groups {level: [B, G, 4]})`` for the heads' skip paths."""
         y = data.y if data.y.dim() == 2 else data.y.unsqueeze(0)  # [B, N]
         B, N = y.shape
         m = y.mean(-1, keepdim=True)  # [B, 1]
@@ -130,6 +135,8 @@ class HierarchicalEncoder(nn.Module):
         glob = [m.squeeze(-1), torch.asinh(m.squeeze(-1)), log_s.squeeze(-1), torch.full_like(m.squeeze(-1), N).log()]
         glob += list(f.mean(-2).unbind(-1))
         child_mean: torch.Tensor | None = None
+        raw_groups: dict[str, torch.Tensor] = {}
+        pooled, between = [], []
         for i in reversed(range(len(self.levels))):
             lvl = self.levels[i]
             G = data.size(lvl)
@@ -153,13 +160,24 @@ class HierarchicalEncoder(nn.Module):
             stats[lvl] = torch.stack(cols, -1)
             child_mean = (ybar - m) / s
             rel = (ybar - m) / s
+            # pooled within-group and between-group log sds, on the response's own (log) scale
+            lw = 0.5 * torch.log((n * var).sum(-1) / N + 1e-6 * s.squeeze(-1) ** 2)  # [B]
+            lb = 0.5 * torch.log(ybar.var(-1, unbiased=False) + 1e-6 * s.squeeze(-1) ** 2)  # [B]
+            pooled.append(lw)
+            between.append(lb)
             glob += [
                 torch.full_like(m.squeeze(-1), G).log(),
                 rel.mean(-1),
                 0.5 * torch.log(rel.var(-1, unbiased=False) + 1e-6),
                 (lsd - log_s).mean(-1),
+                lw,
+                lb,
             ]
-        return stats, torch.stack(glob, -1), f
+            raw_groups[lvl] = torch.stack(
+                [ybar, m.expand(B, G), lw.unsqueeze(-1).expand(B, G), n.log().expand(B, G)], -1
+            )
+        raw_dataset = torch.stack([m.squeeze(-1), log_s.squeeze(-1), *pooled, *between], -1)
+        return stats, torch.stack(glob, -1), f, (raw_dataset, raw_groups)
 
     @torch.no_grad()
     def fit(self, datasets: list[HierarchicalData]) -> None:
@@ -167,7 +185,7 @@ class HierarchicalEncoder(nn.Module):
         per_level: dict[str, list[torch.Tensor]] = {lvl: [] for lvl in self.levels}
         glob = []
         for d in datasets:
-            stats, g, _ = self.statistics(d)
+            stats, g, _, _ = self.statistics(d)
             for lvl in self.levels:
                 per_level[lvl].append(stats[lvl].reshape(-1, stats[lvl].shape[-1]))
             glob.append(g)
@@ -176,7 +194,7 @@ class HierarchicalEncoder(nn.Module):
         self.global_scaler.fit(torch.cat(glob))
 
     def forward(self, data: HierarchicalData) -> Encoding:
-        stats, glob, f = self.statistics(data)
+        stats, glob, f, (raw_dataset, raw_groups) = self.statistics(data)
         h_obs = self.phi(f)  # [B, N, H]
         groups: dict[str, torch.Tensor] = {}
         child: torch.Tensor | None = None
@@ -191,6 +209,4 @@ class HierarchicalEncoder(nn.Module):
             child = groups[lvl] = self.nets[lvl](torch.cat(parts, -1))  # [B, G, H]
         top = groups[self.levels[0]].mean(-2)  # [B, H]
         dataset = self.global_net(torch.cat([self.global_scaler(glob), h_obs.mean(-2), top], -1))
-        m = glob[..., :1]  # [B, 1] dataset mean response
-        raw = {lvl: torch.stack([stats[lvl][..., 0], m.expand_as(stats[lvl][..., 0])], -1) for lvl in self.levels}
-        return Encoding(dataset, groups, m, raw)
+        return Encoding(dataset, groups, raw_dataset, raw_groups)

@@ -42,13 +42,13 @@ class GlobalHead(nn.Module):
     followed (``flow_bins > 0``) by a conditional elementwise rational-quadratic spline, so that
     skewed marginals (log tau with mass near 0) are represented; then the fitted affine map."""
 
-    def __init__(self, hidden: int, dim: int, flow_bins: int = 8) -> None:
+    def __init__(self, hidden: int, dim: int, flow_bins: int = 8, raw_dim: int = 1) -> None:
         super().__init__()
         self.dim = dim
         self.net = mlp(hidden, hidden, dim + dim * (dim + 1) // 2)
         self.scaler = ParamScaler(dim)
         self.register_buffer("tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
-        self.raw = _zero_linear(1, dim)
+        self.raw = _zero_linear(raw_dim, dim)
         self.spline = None
         if flow_bins:
             k = flow_bins
@@ -97,7 +97,8 @@ class GroupHead(nn.Module):
         super().__init__()
         self.net = mlp(2 * hidden, hidden, 2 * dim)
         self.scaler = ParamScaler(dim)
-        self.raw = _zero_linear(2, dim)
+        self.raw = _zero_linear(2, dim)  # group mean, dataset mean -> location
+        self.raw_scale = _zero_linear(2, dim)  # pooled within-group log sd, log n -> log scale
         self.dim = dim
 
     def forward(
@@ -107,6 +108,6 @@ class GroupHead(nn.Module):
         ``loc, scale`` each ``[B, G, d]``."""
         ctx = dataset_emb.unsqueeze(-2).expand_as(group_emb)
         out = self.net(torch.cat([group_emb, ctx], -1))
-        loc = self.scaler.loc + self.scaler.scale * out[..., : self.dim] + self.raw(raw)
-        scale = self.scaler.scale * (softplus(out[..., self.dim :] + 0.5) + 1e-4)
+        loc = self.scaler.loc + self.scaler.scale * out[..., : self.dim] + self.raw(raw[..., :2])
+        scale = self.scaler.scale * (softplus(out[..., self.dim :] + 0.5) + 1e-4) * self.raw_scale(raw[..., 2:]).exp()
         return loc, scale
