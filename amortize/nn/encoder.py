@@ -66,7 +66,7 @@ class RobustScaler(nn.Module):
 class Encoding:
     """Output of the encoder: embeddings ``dataset [B, H]`` and ``groups[level] [B, G_level, H]``,
     and raw statistics on the response's own scale, never squashed by a scaler: ``raw_dataset
-    [B, 2 + 2L]`` (mean, log sd, pooled within-group and between-group log sds per level) and
+    [B, 2 + 3L]`` (mean, log sd; per level pooled within-group, between-group and excess log sds) and
     ``raw_groups[level] [B, G, 4]`` (group mean, dataset mean, pooled within log sd, log n)."""
 
     def __init__(
@@ -104,8 +104,8 @@ class HierarchicalEncoder(nn.Module):
         for i, lvl in enumerate(self.levels):
             child = hidden if i + 1 < len(self.levels) else 0
             self.nets[lvl] = mlp(self.level_stats[lvl] + hidden + child, hidden, hidden)
-        self.n_global_stats = 4 + self.obs_dim + 6 * len(self.levels)
-        self.raw_dataset_dim = 2 + 2 * len(self.levels)
+        self.n_global_stats = 4 + self.obs_dim + 7 * len(self.levels)
+        self.raw_dataset_dim = 2 + 3 * len(self.levels)
         self.global_scaler = RobustScaler(self.n_global_stats)
         self.global_net = mlp(self.n_global_stats + 2 * hidden, hidden, hidden)
 
@@ -136,7 +136,7 @@ class HierarchicalEncoder(nn.Module):
         glob += list(f.mean(-2).unbind(-1))
         child_mean: torch.Tensor | None = None
         raw_groups: dict[str, torch.Tensor] = {}
-        pooled, between = [], []
+        pooled, between, excess = [], [], []
         for i in reversed(range(len(self.levels))):
             lvl = self.levels[i]
             G = data.size(lvl)
@@ -163,8 +163,13 @@ class HierarchicalEncoder(nn.Module):
             # pooled within-group and between-group log sds, on the response's own (log) scale
             lw = 0.5 * torch.log((n * var).sum(-1) / N + 1e-6 * s.squeeze(-1) ** 2)  # [B]
             lb = 0.5 * torch.log(ybar.var(-1, unbiased=False) + 1e-6 * s.squeeze(-1) ** 2)  # [B]
+            # method-of-moments log sd of group effects: between-group variance of the means in
+            # excess of the within-group noise they carry (floored: it may be negative)
+            noise = ((var / n.clamp_min(1)) * (n > 1)).sum(-1) / (n > 1).sum().clamp_min(1)  # [B]
+            le = 0.5 * torch.log((ybar.var(-1, unbiased=False) - noise).clamp_min(0) + 1e-4 * s.squeeze(-1) ** 2)
             pooled.append(lw)
             between.append(lb)
+            excess.append(le)
             glob += [
                 torch.full_like(m.squeeze(-1), G).log(),
                 rel.mean(-1),
@@ -172,11 +177,12 @@ class HierarchicalEncoder(nn.Module):
                 (lsd - log_s).mean(-1),
                 lw,
                 lb,
+                le,
             ]
             raw_groups[lvl] = torch.stack(
                 [ybar, m.expand(B, G), lw.unsqueeze(-1).expand(B, G), n.log().expand(B, G)], -1
             )
-        raw_dataset = torch.stack([m.squeeze(-1), log_s.squeeze(-1), *pooled, *between], -1)
+        raw_dataset = torch.stack([m.squeeze(-1), log_s.squeeze(-1), *pooled, *between, *excess], -1)
         return stats, torch.stack(glob, -1), f, (raw_dataset, raw_groups)
 
     @torch.no_grad()

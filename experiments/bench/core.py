@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             table = to_markdown(by_param, ["level", "z", "sd_ratio", "covered90", "w1"])
             head = f"### eight schools (real data) vs posteriordb reference draws (train {train_s:.0f} s)\n"
         else:
-            report = against_nuts(amortizer, heldout_datasets(amortizer, args.datasets), args.draws, progress=progress)
+            nuts = {"num_warmup": 500, "num_samples": 1000, "num_chains": 2}
+            report = against_nuts(amortizer, heldout_datasets(amortizer, args.datasets), args.draws, nuts, progress=progress)
             entry.update(report.to_dict())
             rows = [
                 {**s, "amortized_s": entry["amortized_seconds_per_dataset"], "nuts_s": entry["nuts_seconds_per_dataset"]}
