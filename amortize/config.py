@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ __all__ = [
     "write_text",
 ]
 
+MAX_ROWS = 10**8  # a training structure larger than this is a typo, not a plan: refused before allocating it
 COVARIATE_PARAMS = {"normal": {"loc", "scale"}, "uniform": {"low", "high"}, "bernoulli": {"p"}}
 
 
@@ -91,7 +93,7 @@ class NUTSConfig:
     """Settings of the NUTS reference (see :func:`amortize.validate.run_nuts`)."""
 
     num_warmup: int = 500
-    num_samples: int = 500
+    num_samples: int = 1000
     num_chains: int = 2
     reparam: str = "auto"
     target_accept: float = 0.9
@@ -142,8 +144,31 @@ def _translate(e: OmegaConfBaseException, where: str) -> ConfigError:
 def _merge(base: DictConfig, other: Any, where: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
-    except OmegaConfBaseException as e:
-        raise _translate(e, where) from None
+    except (OmegaConfBaseException, TypeError) as e:  # TypeError: "Cannot merge incompatible container types"
+        if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+            raise _translate(e, where) from None
+        theirs = OmegaConf.to_container(other, resolve=False) if isinstance(other, DictConfig) else other
+        key = _failing_key(base, theirs)
+        if isinstance(e, TypeError):
+            raise ConfigError(f"{where}: key '{key}': a list where a mapping is expected, or the reverse") from None
+        msg = (getattr(e, "msg", None) or str(e)).splitlines()[0].strip()
+        raise ConfigError(f"{where}: key '{key}': {msg}") from None
+
+
+def _failing_key(base: DictConfig, other: Any, path: tuple[str, ...] = ()) -> str:
+    """The deepest key of ``other`` whose value alone fails to merge into ``base``."""
+    node = other
+    for k in path:
+        node = node[k]
+    for k in node if isinstance(node, dict) else []:
+        trial: Any = node[k]
+        for p in reversed((*path, k)):
+            trial = {p: trial}
+        try:
+            OmegaConf.merge(base, trial)
+        except (OmegaConfBaseException, TypeError):
+            return _failing_key(base, other, (*path, k))
+    return ".".join(map(str, path)) or "?"
 
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
@@ -170,6 +195,8 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
         raw = OmegaConf.load(path)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except OmegaConfBaseException as e:
         raise _translate(e, str(path)) from None
     if not isinstance(raw, DictConfig):
@@ -180,12 +207,12 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     merged = _merge(schema, raw, str(path))
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=500")
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=500")
         try:
             dot = OmegaConf.from_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as e:
-            raise ConfigError(f"override '{item}': {' '.join(str(e).split())}") from None
-        merged = _merge(merged, dot, f"{path}: override '{item}'")
+            raise ConfigError(f"override {item!r}: {' '.join(str(e).split())}") from None
+        merged = _merge(merged, dot, f"{path}: override {item!r}")
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -236,12 +263,12 @@ def _absolute_model_spec(spec: str, base: Path) -> str:
 def _check(cfg: Config, src: str) -> None:
     """Checks beyond types: names that refer to other keys, ranges, positive counts."""
     if ":" not in cfg.model:
-        raise ConfigError(f"{src}: model: '{cfg.model}' is not 'package.module:function' or 'path/to/file.py:function'")
+        raise ConfigError(f"{src}: model: {cfg.model!r} is not 'package.module:function' or 'path/to/file.py:function'")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        raise ConfigError(f"{src}: name: '{cfg.name}' cannot be used as a folder name")
+        raise ConfigError(f"{src}: name: {cfg.name!r} cannot be used as a folder name")
     s = cfg.structure
     if s.data is not None and s.data not in cfg.data:
-        raise ConfigError(f"{src}: structure.data: '{s.data}' is not an entry of data (entries: {sorted(cfg.data)})")
+        raise ConfigError(f"{src}: structure.data: {s.data!r} is not an entry of data (entries: {sorted(cfg.data)})")
     for name, d in cfg.data.items():
         if not d.levels:
             raise ConfigError(f"{src}: data.{name}.levels: at least one level (id column) is required")
@@ -254,7 +281,7 @@ def _check(cfg: Config, src: str) -> None:
         if val < (0 if key == "validate.nuts.num_warmup" else 1):
             raise ConfigError(f"{src}: {key}: must be positive, got {val}")
     if v.nuts.reparam not in ("auto", "none", "noncentered"):
-        raise ConfigError(f"{src}: validate.nuts.reparam: '{v.nuts.reparam}' is not one of auto, none, noncentered")
+        raise ConfigError(f"{src}: validate.nuts.reparam: {v.nuts.reparam!r} is not one of auto, none, noncentered")
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -293,7 +320,7 @@ def resolve_model(spec: str, base_dir: str | os.PathLike | None = None, source: 
     """
     where = f"{source}: model" if source else "model"
     if not isinstance(spec, str) or spec.count(":") < 1 or not spec.rsplit(":", 1)[1]:
-        raise ConfigError(f"{where}: '{spec}' is not 'package.module:function' or 'path/to/file.py:function'")
+        raise ConfigError(f"{where}: {spec!r} is not 'package.module:function' or 'path/to/file.py:function'")
     target, func = spec.rsplit(":", 1)
     if _is_file_spec(target):
         found = _absolute(target, Path(base_dir) if base_dir else Path.cwd())
@@ -356,6 +383,8 @@ def build_sampler(cfg: Config) -> StructureSampler:
         return StructureSampler.fixed(load_dataset(cfg, s.data))
     if not s.levels:
         raise ConfigError(f"{src}: structure.levels: at least one level is required")
+    if len(set(s.levels)) != len(s.levels) or OBS in s.levels or not all(s.levels):
+        raise ConfigError(f"{src}: structure.levels: need distinct non-empty names other than '{OBS}', got {s.levels}")
     for lvl in s.levels:
         if lvl not in s.groups:
             raise ConfigError(f"{src}: structure.groups: no [lo, hi] range for level '{lvl}'")
@@ -365,6 +394,12 @@ def build_sampler(cfg: Config) -> StructureSampler:
     for key, rng in [(f"groups.{k}", v) for k, v in s.groups.items()] + [("obs", s.obs)]:
         if len(rng) != 2 or not 1 <= rng[0] <= rng[1]:
             raise ConfigError(f"{src}: structure.{key}: need [lo, hi] with 1 <= lo <= hi, got {list(rng)}")
+    rows = math.prod(s.groups[lvl][1] for lvl in s.levels) * s.obs[1]
+    if rows > MAX_ROWS:
+        raise ConfigError(
+            f"{src}: structure: the largest dataset these ranges allow has {rows:.3g} rows (limit {MAX_ROWS:.0e});"
+            " lower the upper bounds of structure.groups or structure.obs"
+        )
     for lvl, specs in s.covariates.items():
         if lvl != OBS and lvl not in s.levels:
             raise ConfigError(f"{src}: structure.covariates.{lvl}: not a level ({s.levels} or '{OBS}')")
@@ -372,10 +407,10 @@ def build_sampler(cfg: Config) -> StructureSampler:
             key = f"structure.covariates.{lvl}.{name}"
             kind = spec.get("dist", "normal")
             if kind not in COVARIATE_PARAMS:
-                raise ConfigError(f"{src}: {key}.dist: unknown '{kind}' (one of {', '.join(COVARIATE_PARAMS)})")
+                raise ConfigError(f"{src}: {key}.dist: unknown {kind!r} (one of {', '.join(COVARIATE_PARAMS)})")
             extra = sorted(set(spec) - COVARIATE_PARAMS[kind] - {"dist"})
             if extra:
-                raise ConfigError(f"{src}: {key}: unknown parameter(s) {extra} for '{kind}'")
+                raise ConfigError(f"{src}: {key}: unknown parameter(s) {extra} for {kind!r}")
             for k in COVARIATE_PARAMS[kind] & set(spec):
                 if not isinstance(spec[k], (int, float)) or isinstance(spec[k], bool):
                     raise ConfigError(f"{src}: {key}.{k}: expected a number, got {spec[k]!r}")

@@ -17,8 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,13 +50,15 @@ def magnitude_limit(dtype: torch.dtype) -> float:
 def _as_float(values: Any, what: str, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
-    if np.iscomplexobj(values):
-        raise DataError(f"{what}: complex values are not supported")
+        values = values.double() if values.is_floating_point() else values  # numpy has no bfloat16
     try:
-        arr = np.asarray(values, dtype=np.float64)
+        is_complex = np.iscomplexobj(values)
+        arr = np.asarray(values, dtype=np.float64) if not is_complex else None
     except (TypeError, ValueError, OverflowError):
         bad = next((v for v in np.asarray(values, dtype=object).ravel() if not _is_number(v)), None)
         raise DataError(f"{what}: non-numeric value {bad!r}") from None
+    if arr is None:
+        raise DataError(f"{what}: complex values are not supported")
     if not np.all(np.isfinite(arr)):
         flat = np.flatnonzero(~np.isfinite(arr.reshape(-1)))
         raise DataError(f"{what}: {len(flat)} value(s) are NaN or infinite (first at position {flat[0]})")
@@ -90,7 +91,7 @@ def _is_missing(v: Any) -> bool:
 
 def _names(value: Any, what: str) -> list[str]:
     """A list of column or level names (a lone string is refused: it is not a list of names)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise DataError(f"{what}: expected a list of names, got {value!r}")
     for v in value:
         if not isinstance(v, str):
@@ -174,10 +175,9 @@ class HierarchicalData:
 
     # ------------------------------------------------------------------ validation
     def _check_response(self, y: torch.Tensor) -> torch.Tensor:
-        if y.dim() not in (1, 2) or y.shape[-1] != self.n_obs or y.numel() == 0:
+        if y.dim() not in (1, 2) or y.shape[-1] != self.n_obs:
             raise DataError(
-                f"response '{self.response}': expected shape [N] or [B, N] with N={self.n_obs} and B >= 1,"
-                f" got {tuple(y.shape)}"
+                f"response '{self.response}': expected shape [N] or [B, N] with N={self.n_obs}, got {tuple(y.shape)}"
             )
         return y
 
@@ -209,7 +209,6 @@ class HierarchicalData:
             if n > idx.numel():  # more groups than members: some are empty (found without an [n] array)
                 present = torch.unique(idx)
                 gaps = torch.nonzero(present != torch.arange(len(present)))
-                g = int(present[gaps[0]]) - 1 if len(gaps) else len(present)
                 g = int(gaps[0]) if len(gaps) else len(present)
                 label = self.labels[lvl][g] if lvl in self.labels else g
                 raise DataError(
@@ -362,25 +361,40 @@ class HierarchicalData:
             DataError: naming the column, level or group at fault.
         """
         columns = _columns(frame)
-        levels = list(levels)
+        levels = _names(levels, "levels")
+        if not levels:
+            raise DataError("levels: at least one grouping level (id column) is required")
+        if response is not None and not isinstance(response, str):
+            raise DataError(f"response: expected a column name, got {response!r}")
+        if not isinstance(covariates or {}, Mapping):
+            raise DataError(f"covariates: expected {{level: [columns]}}, got {covariates!r}")
+        covariates = {lvl: _names(cols, f"covariates of level '{lvl}'") for lvl, cols in (covariates or {}).items()}
         wanted = list(levels) + ([response] if response else [])
-        for cols in (covariates or {}).values():
-            wanted += list(cols)
+        for cols in covariates.values():
+            wanted += cols
         for col in wanted:
             if col not in columns:
                 raise DataError(f"column '{col}' is not in the data; columns are {sorted(columns)}")
-        n = len(columns[levels[0]]) if levels else 0
+        twice = sorted({c for c in wanted if wanted.count(c) > 1})
+        if twice:
+            raise DataError(f"column(s) {twice} used twice (as level, response or covariate)")
+        n = len(columns[levels[0]])
         if n == 0:
             raise DataError("the data has no rows")
         labels: dict[str, list[Any]] = {}
         codes: dict[str, np.ndarray] = {}
         prev: list[Any] | None = None
         for lvl in levels:
-            ids = list(columns[lvl])
+            ids = [v.item() if isinstance(v, np.generic) else v for v in columns[lvl]]
             for r, v in enumerate(ids):
-                if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+                try:
+                    hash(v)
+                except TypeError:
+                    raise DataError(
+                        f"column '{lvl}': ids must be labels (numbers or strings), got {type(v).__name__} in row {r}"
+                    ) from None
+                if _is_missing(v):
                     raise DataError(f"column '{lvl}': missing id in row {r}")
-            ids = [v.item() if isinstance(v, np.generic) else v for v in ids]
             key = (
                 [(*p, v) if isinstance(p, tuple) else (p, v) for p, v in zip(prev, ids)]
                 if (nested_ids and prev)
@@ -413,7 +427,7 @@ class HierarchicalData:
                 raise DataError(f"covariates given for unknown level '{lvl}'; levels are {levels + [OBS]}")
             cov[lvl] = {}
             for col in cols:
-                vals = _as_float(columns[col], f"column '{col}'", torch.float64).numpy()
+                vals = _column_floats(columns, col).numpy()
                 if lvl == OBS:
                     cov[lvl][col] = vals
                     continue
@@ -429,7 +443,7 @@ class HierarchicalData:
                 cov[lvl][col] = per
         y = None
         if response:
-            y = _as_float(columns[response], f"column '{response}'", torch.float64)
+            y = _column_floats(columns, response)
         return cls(
             levels,
             parents,
@@ -452,9 +466,14 @@ class HierarchicalData:
                 rows = list(reader)
         except FileNotFoundError:
             raise DataError(f"{path}: no such data file") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
         except (UnicodeDecodeError, csv.Error) as e:
             raise DataError(f"{path}: not a readable CSV file ({e})") from None
         header = [h.strip() for h in header]
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice:
+            raise DataError(f"{path}: column(s) {twice} appear more than once in the header")
         cols: dict[str, list[Any]] = {h: [] for h in header}
         for lineno, row in enumerate(rows, start=2):
             if not row:
@@ -480,16 +499,41 @@ def _parse_cell(v: str) -> Any:
     return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() and "n" not in v.lower() else f
 
 
+def _column_floats(columns: dict[str, Any], col: str) -> torch.Tensor:
+    t = _as_float(columns[col], f"column '{col}'", torch.float64)
+    if t.dim() != 1:
+        raise DataError(f"column '{col}': expected one number per row, got shape {tuple(t.shape)}")
+    return t
+
+
 def _columns(frame: Any) -> dict[str, Any]:
     if hasattr(frame, "columns") and hasattr(frame, "__getitem__") and not isinstance(frame, Mapping):
-        return {str(c): np.asarray(frame[c]) for c in frame.columns}
-    if isinstance(frame, Mapping):
+        names = [str(c) for c in frame.columns]
+        twice = sorted({c for c in names if names.count(c) > 1})
+        if twice:
+            raise DataError(f"column(s) {twice} appear more than once in the data")
+        cols = {name: np.asarray(frame[c]) for name, c in zip(names, frame.columns)}
+    elif isinstance(frame, Mapping):
         cols = {str(k): v for k, v in frame.items()}
-        lengths = {k: len(v) for k, v in cols.items()}
-        if len(set(lengths.values())) > 1:
-            raise DataError(f"columns have different lengths: {lengths}")
-        return cols
-    raise DataError(f"expected a pandas DataFrame or a dict of columns, got {type(frame).__name__}")
+        if len(cols) != len(frame):
+            raise DataError(f"column names collide once written as strings: {list(frame)}")
+    else:
+        raise DataError(f"expected a pandas DataFrame or a dict of columns, got {type(frame).__name__}")
+    for k, v in cols.items():
+        try:
+            if isinstance(v, (str, bytes, Mapping, set, frozenset)):
+                raise TypeError
+            len(v)
+        except TypeError:
+            raise DataError(
+                f"column '{k}': expected one value per row (a list or array), got {type(v).__name__}"
+            ) from None
+        if getattr(v, "ndim", 1) != 1:
+            raise DataError(f"column '{k}': expected one value per row, got an array of shape {tuple(v.shape)}")
+    lengths = {k: len(v) for k, v in cols.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"columns have different lengths: {lengths}")
+    return cols
 
 
 def _unique_in_order(keys: list[Any]) -> list[Any]:

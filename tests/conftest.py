@@ -37,3 +37,8 @@ def small_sampler():
 def small_data(small_sampler):
     d = small_sampler.sample(torch.Generator().manual_seed(1))
     return d.with_response(torch.randn(d.n_obs))
+
+
+# Tests use tiny networks: one thread avoids thread-pool overhead that dominates such small ops
+# (about 50x per training step on a busy 2-core machine).
+torch.set_num_threads(1)
