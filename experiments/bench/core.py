@@ -20,13 +20,17 @@ import torch
 import amortize as am
 from amortize import models
 from amortize.checkpoint import atomic_write
-from amortize.validate import compare, reference, summarize, to_markdown
+from amortize.validate import compare, reference, to_markdown
 from amortize.validate.heldout import against_nuts, heldout_datasets
 
 COLUMNS = ["level", "z_median", "z_p90", "sd_ratio_median", "sd_ratio_p10", "sd_ratio_p90", "coverage90", "count"]
 
 
-def train(name: str, steps: int, batch_size: int, root: str, seed: int, progress: bool) -> tuple[am.Amortizer, float]:
+def train(
+    name: str, steps: int, batch_size: int, root: str, seed: int, progress: bool, load: dict[str, str]
+) -> tuple[am.Amortizer, float]:
+    if name in load:  # a checkpoint trained earlier (its training time is not re-measured)
+        return am.Amortizer.load(load[name], getattr(models, name), models.SAMPLERS[name]()), float("nan")
     amortizer = am.Amortizer(getattr(models, name), models.SAMPLERS[name](), seed=seed)
     t0 = time.perf_counter()
     amortizer.fit(steps=steps, batch_size=batch_size, progress=progress, checkpoint_path=f"{root}/{name}.pt")
@@ -45,7 +49,9 @@ def eight_schools_vs_reference(amortizer: am.Amortizer, draws: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["gaussian_2level", "gaussian_3level", "logistic_2level", "eight_schools"])
+    p.add_argument(
+        "--models", nargs="+", default=["gaussian_2level", "gaussian_3level", "logistic_2level", "eight_schools"]
+    )
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--datasets", type=int, default=20)
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="checkpoints/bench-core")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--load", nargs="*", default=[], metavar="MODEL=CHECKPOINT", help="reuse trained checkpoints")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     progress = not args.quiet and not os.environ.get("CI")
@@ -66,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = [f"Measured {results['date']} on {results['machine']}; {args.steps} NPE steps x {args.batch_size} datasets.\n"]
     for name in args.models:
-        amortizer, train_s = train(name, args.steps, args.batch_size, args.out, args.seed, progress)
+        load = dict(item.split("=", 1) for item in args.load)
+        amortizer, train_s = train(name, args.steps, args.batch_size, args.out, args.seed, progress, load)
         entry: dict = {"train_seconds": train_s}
         if name == "eight_schools":
             entry.update(eight_schools_vs_reference(amortizer, 4000))
@@ -78,10 +86,16 @@ def main(argv: list[str] | None = None) -> int:
             head = f"### eight schools (real data) vs posteriordb reference draws (train {train_s:.0f} s)\n"
         else:
             nuts = {"num_warmup": 500, "num_samples": 1000, "num_chains": 2}
-            report = against_nuts(amortizer, heldout_datasets(amortizer, args.datasets), args.draws, nuts, progress=progress)
+            report = against_nuts(
+                amortizer, heldout_datasets(amortizer, args.datasets), args.draws, nuts, progress=progress
+            )
             entry.update(report.to_dict())
             rows = [
-                {**s, "amortized_s": entry["amortized_seconds_per_dataset"], "nuts_s": entry["nuts_seconds_per_dataset"]}
+                {
+                    **s,
+                    "amortized_s": entry["amortized_seconds_per_dataset"],
+                    "nuts_s": entry["nuts_seconds_per_dataset"],
+                }
                 for s in report.summary
             ]
             table = to_markdown(rows, COLUMNS + ["amortized_s", "nuts_s"])
