@@ -187,12 +187,16 @@ class Amortizer:
                 "group": ex.group,
                 "covariates": {lvl: dict(c) for lvl, c in ex.covariates.items()},
             },
-            "ranges": self.sampler.ranges(),
+            "ranges": self.ranges,  # as trained (a checkpoint loaded without its sampler keeps them)
             "history": self.history,
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically (a directory gets ``checkpoint.pt`` inside it)."""
+        """Write a checkpoint atomically (a directory gets ``checkpoint.pt`` inside it).
+
+        Raises:
+            CheckpointError: the write failed (disk full, ...); the previous checkpoint is intact.
+        """
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "checkpoint.pt")
@@ -272,7 +276,12 @@ class Amortizer:
 
     @property
     def ranges(self) -> dict[str, Any]:
-        """The structure range seen in training (for out-of-range flags)."""
+        """The range seen in training (for out-of-range flags): structure, and response scale and
+        covariates recorded from simulations on first use (see :mod:`amortize.validate.ranges`)."""
+        if getattr(self, "_ranges", None) is None and self._trainable:
+            from .validate.ranges import training_ranges
+
+            self._ranges = training_ranges(self)
         return getattr(self, "_ranges", None) or self.sampler.ranges()
 
     @ranges.setter

@@ -11,36 +11,42 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pyro.ops.stats import fit_generalized_pareto
 
-from .data import OBS, HierarchicalData
+from .data import OBS, HierarchicalData, magnitude_limit
 from .errors import DataError
+from .validate.psis import K_THRESHOLD, psis
+from .validate.ranges import value_flags
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
 
-__all__ = ["Posterior", "psis_k"]
+__all__ = ["Posterior", "CorrectedDraws", "psis_k", "K_THRESHOLD"]
 
 log = logging.getLogger(__name__)
-K_THRESHOLD = 0.7
 
 
 def psis_k(log_weights: torch.Tensor) -> float:
-    """Pareto k of importance weights (Vehtari et al., PSIS): the shape of a generalized Pareto fit
-    to the largest weights. Below 0.5 fine, 0.5-0.7 usable, above 0.7 not to be trusted."""
-    lw = log_weights.double().flatten()
-    lw = lw[torch.isfinite(lw)]
-    S = lw.numel()
-    M = int(min(0.2 * S, 3 * math.sqrt(S)))
-    if M < 5:
-        return float("nan")
-    srt, _ = torch.sort(lw)
-    cutoff = srt[-M - 1]
-    tail = torch.exp(srt[-M:] - srt[-1]) - torch.exp(cutoff - srt[-1])
-    if not bool(tail[int(M / 4 - 0.5)] > 0):  # the weights span > ~700 nats: the largest one is all there is
-        return float("inf")
-    k, _ = fit_generalized_pareto(tail)
-    return float(k)
+    """Pareto k of importance weights (PSIS, see :mod:`amortize.validate.psis`). Below 0.5 fine,
+    0.5-0.7 usable, above 0.7 not to be trusted; NaN with fewer than 25 finite weights."""
+    return psis(log_weights).k
+
+
+class CorrectedDraws(dict):
+    """What ``Posterior.sample(n, correct=True)`` returns: ``{site: draws}`` like :meth:`Posterior.sample`,
+    plus what the correction did (per dataset for a batch).
+
+    Attributes:
+        pareto_k: PSIS k of the proposals' weights.
+        ess: importance ESS of the smoothed weights (out of ``num_proposals``).
+        corrected: True where the draws are PSIS-resampled; False where k > 0.7 (or NaN) and the
+            draws are the uncorrected proposals (a warning is logged).
+        num_proposals: proposals drawn per dataset.
+    """
+
+    pareto_k: float | list[float]
+    ess: float | list[float]
+    corrected: bool | list[bool]
+    num_proposals: int
 
 
 class Posterior:
@@ -48,12 +54,13 @@ class Posterior:
 
     def __init__(self, amortizer: Amortizer, data: HierarchicalData) -> None:
         self.amortizer = amortizer
-        self._check(data)
         dtype = next(amortizer.guide.parameters()).dtype
+        self._check(data, dtype)
         self.data = data.to(amortizer.device, dtype=dtype)  # float data of another precision is cast
 
-    def _check(self, data: HierarchicalData) -> None:
-        """Refuse, before any network runs, a dataset whose structure is not the model's."""
+    def _check(self, data: HierarchicalData, dtype: torch.dtype) -> None:
+        """Refuse, before any network runs, a dataset whose structure is not the model's or whose
+        values do not fit the network's ``dtype``."""
         if not isinstance(data, HierarchicalData):
             raise DataError(
                 f"posterior: expected a HierarchicalData (see HierarchicalData.from_frame), got {type(data).__name__}"
@@ -82,29 +89,84 @@ class Posterior:
                 )
         if data.y is None:
             raise DataError(f"the data has no response ('{data.response}')")
-        tensors = {f"response '{data.response}'": data.y, **{f"covariate '{k}'": v for k, v in data.x.items()}}
-        for what, t in tensors.items():
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise DataError(
-                    f"{what}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
-                )
-        if data.y.dim() not in (1, 2) or data.y.shape[-1] != data.n_obs:
+        if not isinstance(data.y, torch.Tensor) or data.y.dim() not in (1, 2) or data.y.shape[-1] != data.n_obs:
             raise DataError(
                 f"response '{data.response}': expected shape [N] or [B, N] with N={data.n_obs},"
-                f" got {tuple(data.y.shape)}"
+                f" got {tuple(getattr(data.y, 'shape', ()))}"
             )
-        if not bool(torch.isfinite(data.y).all()):
-            raise DataError(f"response '{data.response}': NaN or infinite values")
+        if data.y.numel() == 0:
+            raise DataError(f"response '{data.response}': an empty batch of datasets, shape {tuple(data.y.shape)}")
+        limit = magnitude_limit(dtype)
+        tensors = {f"response '{data.response}'": data.y, **{f"covariate '{k}'": v for k, v in data.x.items()}}
+        for what, t in tensors.items():
+            if not t.is_floating_point():
+                raise DataError(f"{what}: expected floating-point values, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise DataError(f"{what}: NaN or infinite values")
+            if float(t.abs().max()) > limit:
+                raise DataError(f"{what}: values too large for the network's {dtype} (limit {limit:.2g}); rescale them")
 
     @property
     def batch_size(self) -> int | None:
         return self.data.batch_size
 
     @torch.no_grad()
-    def sample(self, num_samples: int = 1000, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Joint posterior draws: ``{site: [num_samples, *site_shape]}`` (``[n, B, ...]`` for a batch)."""
+    def sample(
+        self, num_samples: int = 1000, seed: int | None = None, correct: bool = False, oversample: int = 4
+    ) -> dict[str, torch.Tensor]:
+        """Joint posterior draws: ``{site: [num_samples, *site_shape]}`` (``[n, B, ...]`` for a batch).
+
+        Args:
+            num_samples: draws per dataset.
+            seed: seeds these draws only (the caller's RNG is left as it was).
+            correct: importance-sampling correction: draw ``oversample * num_samples`` proposals from
+                q, Pareto-smooth their weights p(y, z) / q(z | y) and resample ``num_samples`` of
+                them (with replacement) by the smoothed weights. Where k > 0.7 the weights cannot be
+                trusted: those draws are returned uncorrected, with a warning, and the result says so
+                (:class:`CorrectedDraws`).
+            oversample: proposals per returned draw with ``correct``.
+        """
+        if correct:
+            return self._corrected(num_samples, seed, max(1, int(oversample)))
         draws = self._draws(num_samples, seed)[0]
         return {k: v for k, v in draws.items()}
+
+    def _corrected(self, num_samples: int, seed: int | None, oversample: int) -> CorrectedDraws:
+        S = oversample * num_samples
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            draws, lw = self._draws_unseeded(S, with_weights=True)
+            lw = lw if lw.dim() == 2 else lw.unsqueeze(1)  # [S, B]
+            cols, ks, ess, done = [], [], [], []
+            for b in range(lw.shape[1]):
+                res = psis(lw[:, b])
+                ks.append(res.k)
+                ess.append(res.ess)
+                done.append(res.ok)
+                if res.ok:
+                    cols.append(torch.multinomial(res.weights, num_samples, replacement=True))
+                else:
+                    cols.append(torch.arange(num_samples))
+        idx = torch.stack(cols, 1)  # [n, B] proposal index per returned draw
+        bad = [b for b, ok in enumerate(done) if not ok]
+        if bad:
+            log.warning(
+                "PSIS correction not applied to %s: Pareto k %s > %s; returning uncorrected draws",
+                "this dataset" if self.data.batch_size is None else f"datasets {bad}",
+                ", ".join(f"{ks[b]:.2f}" for b in bad),
+                K_THRESHOLD,
+            )
+        out = CorrectedDraws()
+        for name, v in draws.items():
+            if self.data.batch_size is None:
+                out[name] = v[idx[:, 0].to(v.device)]
+            else:
+                out[name] = v[idx.to(v.device), torch.arange(lw.shape[1], device=v.device)]  # [n, B, ...]
+        single = self.data.batch_size is None
+        out.pareto_k, out.ess, out.corrected = (ks[0], ess[0], done[0]) if single else (ks, ess, done)
+        out.num_proposals = S
+        return out
 
     def _draws(
         self, num_samples: int, seed: int | None, with_weights: bool = False
@@ -159,9 +221,9 @@ class Posterior:
         lw = lw if lw.dim() == 2 else lw.unsqueeze(1)  # [S, B]
         ks, ess = [], []
         for b in range(lw.shape[1]):
-            w = torch.softmax(lw[:, b].double(), 0)
-            ks.append(psis_k(lw[:, b]))
-            ess.append(float(1.0 / (w * w).sum()))
+            res = psis(lw[:, b])
+            ks.append(res.k)
+            ess.append(res.ess)  # of the Pareto-smoothed weights
         flags = self.range_flags()
         worst = max((k for k in ks if not math.isnan(k)), default=float("nan"))
         ok = not flags and not (worst > K_THRESHOLD)
@@ -177,7 +239,8 @@ class Posterior:
         }
 
     def range_flags(self) -> list[str]:
-        """Ways in which this dataset's structure lies outside what the amortizer was trained on."""
+        """Ways in which this dataset lies outside what the amortizer was trained on: structure
+        (groups per level, observations per group), response scale (mean, log sd) and covariate values."""
         ranges = self.amortizer.ranges
         d = self.data
         flags = []
@@ -194,7 +257,7 @@ class Posterior:
         lo, hi = ranges["obs"]
         if int(c.min()) < lo or int(c.max()) > hi:
             flags.append(f"observations: {int(c.min())}-{int(c.max())} per '{levels[-1]}' group, trained on {lo}-{hi}")
-        return flags
+        return flags + value_flags(d, ranges)
 
     def to_arviz(self, num_samples: int = 1000, seed: int | None = None) -> Any:
         """ArviZ InferenceData with dims named after the levels and coords from the data's group ids."""

@@ -1,8 +1,12 @@
-"""Validation: NUTS reference runs, metrics against reference posteriors, external ground truth loaders."""
+"""Validation: NUTS reference runs, metrics against reference posteriors, external ground truth loaders,
+simulation-based calibration and Pareto-smoothed importance sampling."""
 
 from . import reference
+from .ecdf import ECDFBand, ecdf_band, ecdf_test
 from .metrics import ReferenceMoments, compare, format_table, summarize, to_markdown
 from .nuts import NUTSResult, run_nuts
+from .psis import PSISResult, psis
+from .sbc import SBCResult, sbc
 
 __all__ = [
     "run_nuts",
@@ -13,4 +17,11 @@ __all__ = [
     "to_markdown",
     "ReferenceMoments",
     "reference",
+    "sbc",
+    "SBCResult",
+    "ecdf_band",
+    "ecdf_test",
+    "ECDFBand",
+    "psis",
+    "PSISResult",
 ]
