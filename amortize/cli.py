@@ -8,11 +8,16 @@ Example:
     $ amortize train experiments/gaussian_2level.yaml train.steps=500
     $ amortize sample checkpoints/gaussian_2level/20250101-120000 --data my.csv --out draws.nc
     $ amortize validate checkpoints/gaussian_2level/20250101-120000 --datasets 5
+    $ amortize bench checkpoints/radon_minnesota/20250101-120000 checkpoints/eight_schools/20250101-130000
+
+``validate`` and ``sbc`` add figures to the run's TensorBoard folder (``RUN_DIR/tb``): amortized vs
+NUTS marginals per site (``validate/...``) and the SBC ECDF and rank plots (``sbc/ecdf``, ``sbc/hist``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -21,15 +26,15 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, plots
 from .amortizer import Amortizer
 from .config import (
     Config,
@@ -47,6 +52,10 @@ from .data import HierarchicalData
 from .errors import AmortizeError, ConfigError
 from .posterior import K_THRESHOLD, Posterior
 
+if TYPE_CHECKING:
+    from .validate.heldout import Report
+    from .validate.nuts import NUTSResult
+
 __all__ = ["main", "build_parser", "load_run"]
 
 log = logging.getLogger(__name__)
@@ -60,9 +69,19 @@ EXAMPLES = {
   amortize sample RUN_DIR --data my.csv --levels district,school --response y --covariates obs:x --out draws.csv""",
     "validate": """examples:
   amortize validate checkpoints/gaussian_2level/20250101-120000 --datasets 5 --json val.json
-  amortize validate RUN_DIR --data experiments/data/eight_schools.csv validate.nuts.num_chains=4""",
-    "sbc": "example:\n  amortize sbc checkpoints/gaussian_2level/20250101-120000 --datasets 200",
-    "bench": "example:\n  amortize bench checkpoints/gaussian_2level/20250101-120000 --json bench.json",
+  amortize validate RUN_DIR --data experiments/data/eight_schools.csv validate.nuts.num_chains=4
+
+Figures (amortized vs NUTS per site) go to RUN_DIR/tb: tensorboard --logdir RUN_DIR""",
+    "sbc": """example:
+  amortize sbc checkpoints/gaussian_2level/20250101-120000 --datasets 200
+
+The ECDF and rank-histogram plots also go to RUN_DIR/tb (tags sbc/ecdf, sbc/hist).""",
+    "bench": """examples:
+  amortize bench checkpoints/radon_minnesota/20250101-120000 checkpoints/gaussian_2level/20250101-120000
+  amortize bench RUN_DIR --against nuts --datasets 5 --json bench.json
+
+Runs of a model with a known reference posterior (radon Minnesota: Inference Gym; eight schools:
+posteriordb) are compared with it on the real data; other runs with NUTS on held-out simulations.""",
 }
 TABLE_COLUMNS = ("count", "z_median", "z_p90", "sd_ratio_median", "coverage90", "w1_median")
 
@@ -295,7 +314,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         source, datasets = str(args.data), [_read_data(cfg, args)]
     else:
         source, datasets = f"{n} held-out simulated dataset(s), seed {seed}", heldout_datasets(amortizer, n, seed)
-    report = against_nuts(amortizer, datasets, num_samples, nuts=asdict(v.nuts), seed=seed, progress=_progress(args))
+    nuts_runs: list[NUTSResult] = []
+    with _keep_nuts_runs(nuts_runs, args.figures):
+        nuts_settings = {**asdict(v.nuts), "progress": _progress(args)}
+        report = against_nuts(amortizer, datasets, num_samples, nuts=nuts_settings, seed=seed, progress=_progress(args))
     for i, data in enumerate(datasets):
         post = amortizer.posterior(data)
         diag = _diagnose(post, num_samples, seed + i) if args.data else post.diagnostics(num_samples, seed + i)
@@ -318,7 +340,86 @@ def cmd_validate(args: argparse.Namespace) -> int:
     out = Path(args.json) if args.json else Path(args.run_dir) / "validate.json"
     write_text(out, json.dumps(_json_safe(result), indent=1, allow_nan=False))
     print(f"wrote {out}")
+    tags = _validate_figures(Path(args.run_dir), amortizer, datasets, nuts_runs, report, num_samples, seed, args.data)
+    if tags:
+        print(f"wrote {len(tags)} figures to {Path(args.run_dir) / 'tb'} (tensorboard --logdir {args.run_dir})")
     return 0
+
+
+@contextlib.contextmanager
+def _keep_nuts_runs(kept: list[NUTSResult], limit: int) -> Iterator[None]:
+    """Keep the first ``limit`` NUTS results of :func:`against_nuts` for the figures.
+
+    Its :class:`~amortize.validate.heldout.Report` keeps only their diagnostics, so the NUTS call it
+    makes is wrapped while it runs (single-threaded: the CLI runs one comparison at a time).
+    """
+    from .validate import heldout
+
+    run_nuts = heldout.run_nuts
+
+    def keeping(*a: Any, **k: Any) -> NUTSResult:
+        res = run_nuts(*a, **k)
+        if len(kept) < limit:
+            kept.append(res)
+        return res
+
+    heldout.run_nuts = keeping
+    try:
+        yield
+    finally:
+        heldout.run_nuts = run_nuts
+
+
+def _validate_figures(
+    run: Path,
+    amortizer: Amortizer,
+    datasets: list[HierarchicalData],
+    nuts_runs: list[NUTSResult],
+    report: Report,
+    num_samples: int,
+    seed: int,
+    given: str | None,
+) -> list[str]:
+    """Per-site figures (amortized vs NUTS) and the per-level summary scalars, into ``run/tb``.
+
+    Tags: ``validate/<site>`` for ``--data``, ``validate/heldout_<i>/<site>`` for held-out datasets,
+    ``validate/<level>/<metric>`` scalars; the step is the training step of the checkpoint.
+    """
+    if nuts_runs and not plots.available():
+        _warn("no TensorBoard figures: matplotlib is not installed (pip install 'amortize[arviz]')")
+        nuts_runs = []
+    levels = {s.name: s.level for s in amortizer.structure.latents}
+    figures = {}
+    for i, res in enumerate(nuts_runs):  # against_nuts runs NUTS once per dataset, in order
+        draws = amortizer.posterior(datasets[i]).sample(num_samples, seed=seed + i)  # the draws it compared
+        label = "NUTS" if res.ok else "NUTS (failed its checks)"
+        where = "" if given else f"heldout_{i}/"
+        for site, fig in plots.marginal_figures(draws, res.samples, levels, datasets[i].labels, label).items():
+            figures[where + site] = fig
+    metrics = ("z_median", "z_p90", "sd_ratio_median", "coverage90")
+    scalars = {f"{row['level']}/{k}": row[k] for row in report.summary for k in metrics if row.get(k) is not None}
+    if not figures and not scalars:
+        return []
+    return plots.write_tensorboard(run / "tb", figures, step=amortizer.step, prefix="validate/", scalars=scalars)
+
+
+def cmd_sbc(args: argparse.Namespace) -> int:
+    """``amortize sbc``: :func:`amortize.validate.sbc.cli`, then its PNG plots into ``RUN_DIR/tb``."""
+    start = time.time()
+    code = cmd_delegate(args)
+    if code not in (0, 1):  # 1: SBC ran and some quantity failed; its plots matter most then
+        return code
+    out = Path(args.json) if args.json else Path(args.run_dir) / "sbc.json"
+    pngs = {kind: out.with_name(f"{out.stem}_{kind}.png") for kind in ("ecdf", "hist")}  # as sbc.cli names them
+    images = {k: plots.read_png(p) for k, p in pngs.items() if p.is_file() and p.stat().st_mtime >= start - 1}
+    if images:
+        from .checkpoint import load_checkpoint
+
+        step = int(load_checkpoint(args.run_dir).get("step", 0))
+        tb = Path(args.run_dir) / "tb"
+        tags = plots.write_tensorboard(tb, images, step=step, prefix="sbc/")
+        print(f"wrote {', '.join(tags)} to {tb}")
+    return code
 
 
 def cmd_delegate(args: argparse.Namespace) -> int:
@@ -341,6 +442,12 @@ def cmd_delegate(args: argparse.Namespace) -> int:
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
     return int(text)
 
 
@@ -399,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", choices=("level", "site"), default="level", help="rows of the table")
     p.add_argument("--json", help="JSON report (default: RUN_DIR/validate.json)")
     p.add_argument("--device", help="override the config's device")
+    p.add_argument(
+        "--figures", type=_count, default=3, metavar="N", help="datasets drawn as figures in RUN_DIR/tb (default 3)"
+    )
     p.set_defaults(func=cmd_validate)
 
     p = add("sbc", "Simulation-based calibration of a trained run.")
@@ -408,11 +518,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive, default=1000)
     p.add_argument("--json")
     p.add_argument("--device")
-    p.set_defaults(func=cmd_delegate)
+    p.set_defaults(func=cmd_sbc)
 
     p = add("bench", "Benchmark trained runs (accuracy against references, speed).")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--json")
+    p.add_argument(
+        "--against",
+        choices=("auto", "reference", "nuts"),
+        default="auto",
+        help="auto: the model's reference posterior when there is one, else NUTS on held-out simulations",
+    )
+    p.add_argument("--datasets", type=_positive, help="held-out datasets for NUTS (default: validate.datasets)")
+    p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
+    p.add_argument("--json", help="one JSON report for all runs (default: RUN_DIR/bench.json per run)")
     p.add_argument("--device")
     p.set_defaults(func=cmd_delegate)
     return parser

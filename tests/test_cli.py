@@ -220,3 +220,92 @@ def test_experiment_configs_train_one_step(tmp_path):
         code, out, err = run_cli("train", path, *tiny, "--quiet", "--run-dir", tmp_path / path.stem)
         assert code == 0, (path.name, err)
         assert (tmp_path / path.stem / "checkpoint.pt").is_file()
+
+
+def tensorboard_tags(run: Path) -> dict[str, list[str]]:
+    """Image and scalar tags of all events files in ``run/tb``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+def test_validate_writes_figures_and_shows_nuts_progress(trained, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from amortize.validate import heldout
+
+    run, data = tmp_path / "run", trained[2]
+    shutil.copytree(trained[0], run)
+    progress, real = [], heldout.run_nuts
+
+    def spy(*args, **kwargs):
+        progress.append(kwargs["progress"])
+        return real(*args, **{**kwargs, "progress": False})
+
+    monkeypatch.setattr(heldout, "run_nuts", spy)
+    monkeypatch.delenv("CI", raising=False)
+    code, out, err = run_cli("validate", run, "--data", data)
+    assert code == 0, err
+    assert progress == [True] and f"wrote 2 figures to {run / 'tb'}" in out
+    tags = tensorboard_tags(run)
+    assert {"validate/mu", "validate/theta"} <= set(tags["images"])
+    assert {"validate/global/z_p90", "validate/group/sd_ratio_median", "train/loss"} <= set(tags["scalars"])
+    code, out, err = run_cli("validate", run, "--quiet")  # held-out datasets: tagged per dataset, no progress
+    assert code == 0 and progress == [True, False], err
+    assert {"validate/heldout_0/mu", "validate/heldout_0/theta"} <= set(tensorboard_tags(run)["images"])
+    code, out, err = run_cli("validate", run, "--figures", "0", "--quiet")
+    assert code == 0 and "figures to" not in out
+
+
+def test_sbc_adds_its_plots_to_tensorboard(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    code, out, err = run_cli("sbc", run, "--datasets", 8, "--num-samples", 9, "--quiet")
+    assert code in (0, 1), err  # 1: a quantity failed (6 training steps); the plots come either way
+    assert f"wrote sbc/ecdf, sbc/hist to {run / 'tb'}" in out
+    assert {"sbc/ecdf", "sbc/hist"} <= set(tensorboard_tags(run)["images"])
+
+
+def test_bench_against_nuts_on_held_out_datasets(trained, tmp_path):
+    run = trained[0]
+    code, out, err = run_cli("bench", run, "--quiet", "--num-samples", 50, "--json", tmp_path / "b.json")
+    assert code == 0, err
+    for col in ("run", "against", "level", "z_p90", "sd_ratio_median", "pareto_k", "nuts_s", "speedup"):
+        assert col in out.splitlines()[0]
+    assert "tiny/" in out and "NUTS, 1 held-out" in out
+    (entry,) = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert [s["level"] for s in entry["summary"]] == ["global", "group"] and entry["speedup"] > 0
+    assert entry["settings"]["num_samples"] == 50 and entry["settings"]["nuts"]["num_samples"] == 40
+
+
+def test_bench_against_a_reference_posterior(tmp_path):
+    pytest.importorskip("matplotlib")
+    from amortize.validate import reference
+
+    try:
+        reference.eight_schools()
+    except reference.ReferenceNotFoundError as e:
+        pytest.skip(str(e))
+    tiny = ["train.steps=2", "train.batch_size=4", "train.pilot_structures=1", "network.hidden=4"]
+    run = tmp_path / "es"
+    code, _, err = run_cli("train", EXPERIMENTS / "eight_schools.yaml", *tiny, "--quiet", "--run-dir", run)
+    assert code == 0, err
+    code, out, err = run_cli("bench", run, "--num-samples", 200, "--quiet")
+    assert code == 0, err
+    lines = [ln for ln in out.splitlines() if ln.startswith("eight_schools/es")]
+    assert len(lines) == 2 and all("posteriordb" in ln for ln in lines) and "school" in lines[1]
+    entry = json.loads((run / "bench.json").read_text())
+    assert entry["nuts_seconds_per_dataset"] is None and len(entry["rows"]) == 10  # mu, tau, 8 thetas
+    assert {"bench/mu", "bench/tau", "bench/theta"} <= set(tensorboard_tags(run)["images"])
+
+
+def test_bench_errors_exit_2_with_one_line(trained, tmp_path):
+    cases = [
+        (("bench", trained[0], "--against", "reference"), "no reference posterior for model"),
+        (("bench", tmp_path), "not a run directory"),
+    ]
+    for argv, expect in cases:
+        code, out, err = run_cli(*argv)
+        assert code == 2 and out == "" and expect in err and err.count("\n") == 1, (argv, err)

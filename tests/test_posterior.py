@@ -64,7 +64,9 @@ def test_summary_names_group_labels(amortizer):
 
 
 def test_out_of_range_structure_is_flagged(amortizer):
-    big = am.StructureSampler(["group"], groups={"group": (32, 32)}, obs=(2, 6)).sample(torch.Generator().manual_seed(0))
+    big = am.StructureSampler(["group"], groups={"group": (32, 32)}, obs=(2, 6)).sample(
+        torch.Generator().manual_seed(0)
+    )
     data = big.with_response(torch.randn(big.n_obs))
     diag = amortizer.posterior(data).diagnostics(num_samples=200)
     assert any("group" in f for f in diag["flags"]) and not diag["ok"]
