@@ -25,8 +25,8 @@ from amortize.validate.heldout import against_nuts, heldout_datasets
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gaussian_2level", choices=sorted(models.SAMPLERS))
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--datasets", type=int, default=10)
     p.add_argument("--draws", type=int, default=1000)

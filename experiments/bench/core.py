@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--models", nargs="+", default=["gaussian_2level", "gaussian_3level", "logistic_2level", "eight_schools"]
     )
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--datasets", type=int, default=20)
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--out", default="checkpoints/bench-core")
