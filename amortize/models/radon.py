@@ -87,19 +87,7 @@ def radon_minnesota_data(dtype: torch.dtype | None = None) -> HierarchicalData:
     from ..validate.reference import radon_minnesota
 
     radon, _ = radon_minnesota("halfnormal", dtype=dtype)
-    return HierarchicalData(
-        LEVELS,
-        {},
-        radon.county,
-        y=radon.log_radon,
-        covariates={
-            "county": {"log_uranium": radon.county_log_uranium, "floor_mean": radon.county_floor_mean},
-            "obs": {"floor": radon.floor},
-        },
-        labels={"county": radon.county_names},
-        response="log_radon",
-        dtype=radon.log_radon.dtype,
-    )
+    return radon.to_hierarchical_data()
 
 
 def radon_sampler() -> StructureSampler:
