@@ -13,6 +13,7 @@ import torch
 
 from amortize.data import HierarchicalData
 from amortize.errors import AmortizeError, DataError
+from amortize.models import eight_schools  # noqa: E402
 from amortize.validate import (
     NUTSResult,
     ReferenceMoments,
@@ -280,22 +281,12 @@ def test_missing_reference_folder_names_the_path(monkeypatch: pytest.MonkeyPatch
         reference.radon_minnesota("flat")
 
 
-def eight_schools_model(data: HierarchicalData) -> None:
-    """posteriordb's eight schools, centered: mu ~ N(0, 5), tau ~ HalfCauchy(5), theta ~ N(mu, tau)."""
-    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
-    with pyro.plate("school", data.size("school")):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-    with pyro.plate("obs", data.n_obs):
-        pyro.sample("y", dist.Normal(theta[..., data.index("school")], data.x["sigma"]), obs=data.y)
-
-
 @pytest.mark.slow
 @needs_reference
 def test_run_nuts_eight_schools_agrees_with_posteriordb() -> None:
     y, sigma, draws = reference.eight_schools()
     data = HierarchicalData(["school"], {}, np.arange(8), y=y, covariates={"obs": {"sigma": sigma}})
-    res = run_nuts(eight_schools_model, data, num_warmup=500, num_samples=1000, seed=3)
+    res = run_nuts(eight_schools, data, num_warmup=500, num_samples=1000, seed=3)
     assert res.ok, res.summary()
     rows = compare(res.samples, draws, levels={"theta": "school"})
     for row in rows:
