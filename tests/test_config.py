@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import amortize.models as models
 from amortize.config import (
@@ -53,7 +54,9 @@ def test_experiment_configs_match_shipped_samplers(name):
     gen = torch.Generator().manual_seed(0)
     got, want = sampler.sample(gen), reference.sample(torch.Generator().manual_seed(0))
     assert got.structure_signature() == want.structure_signature()
-    assert isinstance(cfg.train, TrainConfig) and cfg.train.steps == 3000 and cfg.train.batch_size == 128
+    raw = yaml.safe_load((EXPERIMENTS / f"{name}.yaml").read_text())["train"]
+    assert isinstance(cfg.train, TrainConfig)
+    assert (cfg.train.steps, cfg.train.batch_size) == (raw["steps"], raw["batch_size"])
 
 
 def test_eight_schools_dataset_is_the_posteriordb_data():
