@@ -17,7 +17,6 @@ NUTS marginals per site (``validate/...``) and the SBC ECDF and rank plots (``sb
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import logging
@@ -26,7 +25,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -314,10 +313,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
         source, datasets = str(args.data), [_read_data(cfg, args)]
     else:
         source, datasets = f"{n} held-out simulated dataset(s), seed {seed}", heldout_datasets(amortizer, n, seed)
-    nuts_runs: list[NUTSResult] = []
-    with _keep_nuts_runs(nuts_runs, args.figures):
-        nuts_settings = {**asdict(v.nuts), "progress": _progress(args)}
-        report = against_nuts(amortizer, datasets, num_samples, nuts=nuts_settings, seed=seed, progress=_progress(args))
+    nuts_settings = {**asdict(v.nuts), "progress": _progress(args)}
+    report = against_nuts(
+        amortizer,
+        datasets,
+        num_samples,
+        nuts=nuts_settings,
+        seed=seed,
+        progress=_progress(args),
+        keep_nuts=args.figures,
+    )
+    nuts_runs = report.nuts_results
     for i, data in enumerate(datasets):
         post = amortizer.posterior(data)
         diag = _diagnose(post, num_samples, seed + i) if args.data else post.diagnostics(num_samples, seed + i)
@@ -344,30 +350,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if tags:
         print(f"wrote {len(tags)} figures to {Path(args.run_dir) / 'tb'} (tensorboard --logdir {args.run_dir})")
     return 0
-
-
-@contextlib.contextmanager
-def _keep_nuts_runs(kept: list[NUTSResult], limit: int) -> Iterator[None]:
-    """Keep the first ``limit`` NUTS results of :func:`against_nuts` for the figures.
-
-    Its :class:`~amortize.validate.heldout.Report` keeps only their diagnostics, so the NUTS call it
-    makes is wrapped while it runs (single-threaded: the CLI runs one comparison at a time).
-    """
-    from .validate import heldout
-
-    run_nuts = heldout.run_nuts
-
-    def keeping(*a: Any, **k: Any) -> NUTSResult:
-        res = run_nuts(*a, **k)
-        if len(kept) < limit:
-            kept.append(res)
-        return res
-
-    heldout.run_nuts = keeping
-    try:
-        yield
-    finally:
-        heldout.run_nuts = run_nuts
 
 
 def _validate_figures(

@@ -233,17 +233,17 @@ def tensorboard_tags(run: Path) -> dict[str, list[str]]:
 
 def test_validate_writes_figures_and_shows_nuts_progress(trained, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from amortize.validate import heldout
+    from amortize.validate import nuts
 
     run, data = tmp_path / "run", trained[2]
     shutil.copytree(trained[0], run)
-    progress, real = [], heldout.run_nuts
+    progress, real = [], nuts.run_nuts
 
     def spy(*args, **kwargs):
         progress.append(kwargs["progress"])
         return real(*args, **{**kwargs, "progress": False})
 
-    monkeypatch.setattr(heldout, "run_nuts", spy)
+    monkeypatch.setattr(nuts, "run_nuts", spy)
     monkeypatch.delenv("CI", raising=False)
     code, out, err = run_cli("validate", run, "--data", data)
     assert code == 0, err

@@ -231,6 +231,27 @@ def test_run_nuts_rejects_a_batch_of_datasets() -> None:
         run_nuts(conjugate_model, data, reparam="centered")
 
 
+def test_cached_nuts_reuses_a_stored_run_and_recovers_from_a_corrupted_entry(tmp_path, monkeypatch, caplog) -> None:
+    from amortize.validate import nuts
+
+    calls = []
+    real = nuts.run_nuts
+    monkeypatch.setattr(nuts, "run_nuts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data, settings = conjugate_data(), {"num_warmup": 30, "num_samples": 30, "num_chains": 1, "seed": 3}
+    first = nuts.cached_nuts(conjugate_model, data, tmp_path, **settings)
+    again = nuts.cached_nuts(conjugate_model, data, tmp_path, **settings)
+    assert len(calls) == 1 and torch.equal(first.samples["theta"], again.samples["theta"])
+    assert again.r_hat == first.r_hat and again.ok == first.ok and again.parameterization == first.parameterization
+    nuts.cached_nuts(conjugate_model, data, tmp_path, **{**settings, "seed": 4})  # other settings: a new run
+    nuts.cached_nuts(conjugate_model, data.with_response(data.y + 1), tmp_path, **settings)  # other data
+    assert len(calls) == 3 and len(list(tmp_path.glob("nuts-*.pt"))) == 3
+    entry = sorted(tmp_path.glob("nuts-*.pt"), key=lambda p: p.stat().st_mtime)[0]
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated: run again, overwrite
+    with caplog.at_level(logging.WARNING, logger="amortize.validate.nuts"):
+        nuts.cached_nuts(conjugate_model, data, tmp_path, **settings)
+    assert len(calls) == 4 and any("unusable NUTS cache" in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------- reference loaders
 
 needs_reference = pytest.mark.skipif(

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..data import HierarchicalData
 from ..simulate import simulate
 from .metrics import compare, format_table, summarize
-from .nuts import run_nuts
+from .nuts import NUTSResult, cached_nuts
 
 if TYPE_CHECKING:
     from ..amortizer import Amortizer
@@ -55,6 +55,7 @@ class Report:
     nuts_seconds: list[float] = field(default_factory=list)
     nuts: list[dict[str, Any]] = field(default_factory=list)
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    nuts_results: list[NUTSResult] = field(default_factory=list, repr=False)  # the first ``keep_nuts`` runs
 
     @property
     def speedup(self) -> float:
@@ -90,11 +91,15 @@ def against_nuts(
     nuts: dict[str, Any] | None = None,
     seed: int = 0,
     progress: bool = False,
+    nuts_cache: str | None = None,
+    keep_nuts: int = 0,
 ) -> Report:
     """Compare the amortized posterior with NUTS on each dataset (same model, same data).
 
     Datasets whose NUTS run fails its own checks (R-hat, ESS, divergences after the
-    reparameterization retry) are reported but left out of the accuracy rows.
+    reparameterization retry) are reported but left out of the accuracy rows. ``nuts_cache``: a
+    folder where NUTS results are kept and reused for the same model, data and settings;
+    ``keep_nuts``: how many NUTS results (draws included) the report keeps, for figures.
     """
     report = Report()
     levels = {s.name: s.level for s in amortizer.structure.latents}
@@ -103,8 +108,10 @@ def against_nuts(
         t0 = time.perf_counter()
         draws = amortizer.posterior(data).sample(num_samples, seed=seed + i)
         report.amortized_seconds.append(time.perf_counter() - t0)
-        res = run_nuts(amortizer.model, data, seed=seed + i, **(nuts or {}))
+        res = cached_nuts(amortizer.model, data, nuts_cache, seed=seed + i, **(nuts or {}))
         report.nuts_seconds.append(res.seconds)
+        if len(report.nuts_results) < keep_nuts:
+            report.nuts_results.append(res)
         report.nuts.append(
             {
                 "dataset": i,

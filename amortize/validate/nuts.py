@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from pyro.poutine.util import site_is_subsample
 from ..data import HierarchicalData
 from ..errors import ConfigError, DataError, ModelStructureError
 
-__all__ = ["NUTSResult", "run_nuts", "chain_diagnostics"]
+__all__ = ["NUTSResult", "run_nuts", "cached_nuts", "chain_diagnostics"]
 
 logger = logging.getLogger(__name__)
 
@@ -325,3 +326,40 @@ def _split(x: torch.Tensor) -> torch.Tensor:
     """Each chain cut into its first and last halves (middle draw dropped when odd): ``[2C, S//2, K]``."""
     half = x.shape[1] // 2
     return torch.cat([x[:, :half], x[:, x.shape[1] - half :]], dim=0)
+
+
+def cached_nuts(
+    model: Callable[[HierarchicalData], object], data: HierarchicalData, cache_dir: str | os.PathLike | None, **kwargs
+) -> NUTSResult:
+    """:func:`run_nuts`, reusing a result stored in ``cache_dir`` for the same model source, data and
+    settings (``None``: no cache). Results are stored atomically with a checksum, so an interrupted
+    benchmark never leaves a half-written reference behind."""
+    if cache_dir is None:
+        return run_nuts(model, data, **kwargs)
+    from ..checkpoint import load_checkpoint, payload_checksum, save_checkpoint
+    from ..errors import CheckpointError
+
+    try:
+        source = inspect.getsource(model)
+    except (OSError, TypeError):
+        source = getattr(model, "__qualname__", repr(model))
+    key = payload_checksum(
+        {
+            "model": source,
+            "y": data.y,
+            "group": data.group,
+            "parents": dict(data.parents),
+            "covariates": {lvl: dict(cols) for lvl, cols in data.covariates.items()},
+            "settings": sorted((k, v) for k, v in kwargs.items() if k != "progress"),
+        }
+    )[:24]
+    path = Path(cache_dir) / f"nuts-{key}.pt"
+    if path.exists():
+        try:
+            ck = load_checkpoint(path)
+            return NUTSResult(**{k: v for k, v in ck.items() if k != "format_version"})
+        except (CheckpointError, TypeError) as e:
+            logger.warning("%s: unusable NUTS cache entry (%s); running NUTS again", path, e)
+    res = run_nuts(model, data, **kwargs)
+    save_checkpoint(path, dict(vars(res)))
+    return res

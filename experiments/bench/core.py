@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="checkpoints/bench-core")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--nuts-cache", default="checkpoints/nuts-cache", help="reuse NUTS references ('' : never)")
     p.add_argument("--load", nargs="*", default=[], metavar="MODEL=CHECKPOINT", help="reuse trained checkpoints")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -87,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             nuts = {"num_warmup": 500, "num_samples": 1000, "num_chains": 2}
             report = against_nuts(
-                amortizer, heldout_datasets(amortizer, args.datasets), args.draws, nuts, progress=progress
+                amortizer,
+                heldout_datasets(amortizer, args.datasets),
+                args.draws,
+                nuts,
+                progress=progress,
+                nuts_cache=args.nuts_cache or None,
             )
             entry.update(report.to_dict())
             rows = [

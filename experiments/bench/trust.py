@@ -36,8 +36,9 @@ import amortize as am
 from amortize import models
 from amortize.checkpoint import atomic_write
 from amortize.models.radon import radon_contextual_effects, radon_minnesota_data, radon_sampler
-from amortize.validate import compare, reference, run_nuts, sbc, summarize, to_markdown
+from amortize.validate import compare, reference, sbc, summarize, to_markdown
 from amortize.validate.heldout import heldout_datasets
+from amortize.validate.nuts import cached_nuts
 
 MODELS = {
     "gaussian_2level": (models.gaussian_2level, models.SAMPLERS["gaussian_2level"]),
@@ -94,7 +95,7 @@ def correction_section(a: am.Amortizer, args: argparse.Namespace, progress: bool
         post = a.posterior(data)
         u = post.sample(args.draws, seed=i)
         c = post.sample(args.draws, seed=i, correct=True, oversample=args.oversample)
-        ref = run_nuts(a.model, data, seed=i, **nuts_cfg)
+        ref = cached_nuts(a.model, data, args.nuts_cache or None, seed=i, **nuts_cfg)
         entry = {"dataset": i, "groups": data.size("group"), "pareto_k": c.pareto_k, "ess": c.ess}
         entry.update(corrected=c.corrected, nuts_ok=ref.ok, nuts=ref.summary())
         if ref.ok:
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="checkpoints/bench-trust")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--nuts-cache", default="checkpoints/nuts-cache", help="reuse NUTS references ('' : never)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     progress = not args.quiet and not os.environ.get("CI")
