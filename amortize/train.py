@@ -81,23 +81,21 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> None:
-    """Fit the encoder's feature scalers and the heads' parameter scalers on prior simulations."""
+    """Fit the encoder's feature scalers, the global head's parameter scaler and the group heads'
+    skip paths on prior simulations."""
     guide, structure = amortizer.guide, amortizer.structure
     sims = [amortizer.simulate_batch(gen, cfg.batch_size) for _ in range(cfg.pilot_structures)]
     guide.encoder.fit([s.data for s in sims])
+    raw = [guide.encoder.statistics(sim.data)[3] for sim in sims]  # (raw_dataset [B, r], {level: [B, G, 4]})
     if guide.global_head is not None:
         u = torch.cat(
-            [
-                torch.cat([s.unconstrain(sim.latents[s.name]) for s in structure.global_sites], -1).reshape(
-                    -1, structure.global_dim
-                )
-                for sim in sims
-            ]
+            [torch.cat([s.unconstrain(sim.latents[s.name]) for s in structure.global_sites], -1) for sim in sims]
         )
-        guide.global_head.scaler.fit(u)
+        guide.global_head.fit(torch.cat([r[0] for r in raw]), u.reshape(-1, structure.global_dim))
     for name, head in guide.group_heads.items():
         site = structure[name]
-        head.scaler.fit(torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
+        stats = torch.cat([r[1][site.level].reshape(-1, 4) for r in raw])
+        head.fit(stats, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
 
 
 def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:

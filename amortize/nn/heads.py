@@ -55,6 +55,24 @@ class GlobalHead(nn.Module):
             hyper = DenseNN(hidden, [hidden], [dim * k, dim * k, dim * (k - 1)])
             self.spline = ConditionalSpline(hyper, dim, count_bins=k, bound=5.0, order="quadratic")
 
+    @torch.no_grad()
+    def fit(self, raw: torch.Tensor, u: torch.Tensor) -> None:
+        """Set the raw skip path by least squares of the globals ``u [M, D]`` on the raw dataset
+        statistics ``[M, r]`` (with a small ridge), and the scaler to the residuals' robust spread:
+        the flow then starts at, and corrects, a linear-regression posterior."""
+        raw, u = raw.reshape(-1, raw.shape[-1]).double()[:200_000], u.reshape(-1, self.dim).double()[:200_000]
+        ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1)
+        raw, u = raw[ok], u[ok]
+        mean, sd = raw.mean(0), raw.std(0).clamp_min(1e-6)
+        x = torch.cat([(raw - mean) / sd, torch.ones_like(raw[:, :1])], -1)
+        ridge = 1e-3 * x.shape[0] * torch.eye(x.shape[1], dtype=x.dtype)
+        ridge[-1, -1] = 0.0
+        sol = torch.linalg.solve(x.T @ x + ridge, x.T @ u)  # [r + 1, D]
+        w = sol[:-1] / sd.unsqueeze(-1)
+        self.raw.weight.copy_(w.T)
+        self.raw.bias.copy_(sol[-1] - mean @ w)
+        self.scaler.fit(u - self.raw(raw.to(self.raw.weight.dtype)).double())
+
     def forward(
         self, emb: torch.Tensor, batch_dims: int = 0, raw: torch.Tensor | None = None
     ) -> TransformedDistribution:
@@ -91,23 +109,68 @@ def _fill_tril(L: torch.Tensor, values: torch.Tensor, idx: torch.Tensor) -> torc
 
 class GroupHead(nn.Module):
     """Gaussian data term of one group site: ``(loc, scale)`` per group from the group's embedding
-    and the dataset embedding, computed once per group (never per posterior draw)."""
+    and the dataset embedding, computed once per group (never per posterior draw).
+
+    The data term is standardized per group by two linear skip paths on raw statistics:
+    a location from the group mean (and the dataset mean) and a unit, the log of a scale from the
+    pooled within-group log sd and log n (``sigma / sqrt(n)`` for a Gaussian likelihood). The
+    networks only correct in that unit, so a group whose noise is 100x smaller than typical is
+    served as well as a typical one. :meth:`fit` sets both paths from prior simulations by
+    calibrating the group mean against the latent (``ybar = c + d u``): the likelihood's own
+    scale, not the posterior's shrinkage, which the model's prior supplies in the guide.
+    """
 
     def __init__(self, hidden: int, dim: int) -> None:
         super().__init__()
         self.net = mlp(2 * hidden, hidden, 2 * dim)
-        self.scaler = ParamScaler(dim)
+        with torch.no_grad():
+            self.net[-1].weight.mul_(0.1)  # start at the fitted skip paths
+            self.net[-1].bias.zero_()
         self.raw = _zero_linear(2, dim)  # group mean, dataset mean -> location
-        self.raw_scale = _zero_linear(2, dim)  # pooled within-group log sd, log n -> log scale
+        self.raw_scale = _zero_linear(2, dim)  # pooled within-group log sd, log n -> log unit
         self.dim = dim
+
+    @torch.no_grad()
+    def fit(self, raw: torch.Tensor, u: torch.Tensor) -> None:
+        """Least-squares skip paths from simulated groups: raw statistics ``[M, 4]`` and the
+        latent's unconstrained values ``[M, dim]``. A coordinate the group mean does not inform
+        (|correlation| < 0.1, e.g. a slope) gets location = its typical value, unit = its spread."""
+        raw, u = raw.reshape(-1, raw.shape[-1]).double()[:200_000], u.reshape(-1, self.dim).double()[:200_000]
+        ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1)
+        raw, u = raw[ok], u[ok]
+        ybar, scale_x = raw[:, 0], torch.cat([raw[:, 2:4], torch.ones_like(raw[:, :1])], -1)
+        w_loc, b_loc = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
+        w_scale, b_scale = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
+        for j in range(self.dim):
+            x = u[:, j]
+            corr = torch.corrcoef(torch.stack([x, ybar]))[0, 1] if x.std() > 0 and ybar.std() > 0 else x.new_zeros(())
+            if not torch.isfinite(corr) or corr.abs() < 0.1:
+                q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype))
+                b_loc[j], b_scale[j] = q[1], torch.log(((q[2] - q[0]) / 1.349).clamp_min(1e-4))
+                continue
+            d = torch.cov(torch.stack([x, ybar]))[0, 1] / x.var()
+            c = ybar.mean() - d * x.mean()
+            w_loc[j, 0], b_loc[j] = 1.0 / d, -c / d
+            resid = ((ybar - c - d * x) / d).abs().clamp_min(1e-12)
+            # E log|z| = -0.635 for z ~ N(0, 1): regress the log unit on (log sd, log n, 1)
+            sol = torch.linalg.lstsq(scale_x, (resid.log() + 0.635).unsqueeze(-1)).solution.squeeze(-1)
+            w_scale[j], b_scale[j] = sol[:2], sol[2]
+        self.raw.weight.copy_(w_loc)
+        self.raw.bias.copy_(b_loc)
+        self.raw_scale.weight.copy_(w_scale)
+        self.raw_scale.bias.copy_(b_scale)
 
     def forward(
         self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, raw: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, raw group statistics ``[B, G, 2]`` ->
+        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, raw group statistics ``[B, G, 4]`` ->
         ``loc, scale`` each ``[B, G, d]``."""
         ctx = dataset_emb.unsqueeze(-2).expand_as(group_emb)
         out = self.net(torch.cat([group_emb, ctx], -1))
-        loc = self.scaler.loc + self.scaler.scale * out[..., : self.dim] + self.raw(raw[..., :2])
-        scale = self.scaler.scale * (softplus(out[..., self.dim :] + 0.5) + 1e-4) * self.raw_scale(raw[..., 2:]).exp()
+        unit = self.raw_scale(raw[..., 2:]).clamp(-30.0, 30.0).exp()
+        loc = self.raw(raw[..., :2]) + unit * out[..., : self.dim]
+        scale = unit * (softplus(out[..., self.dim :] + _SOFTPLUS_ONE) + 1e-4)
         return loc, scale
+
+
+_SOFTPLUS_ONE = 0.5413248546129181  # softplus(x) = 1
