@@ -67,3 +67,17 @@ def test_sample_shapes_and_draws_differ(small_sampler):
     assert values["mu"].shape == (7, 2, 1) and values["theta"].shape == (7, 2, G)
     assert torch.all(values["tau"] > 0) and torch.all(values["s"] > 0)
     assert values["theta"].std(0).min() > 0
+
+
+def test_cholesky_affine_inverts_and_has_the_jacobian_log_determinant():
+    from amortize.nn.heads import CholeskyAffine
+
+    torch.manual_seed(0)
+    L = torch.randn(3, 4, 4).tril()
+    L.diagonal(dim1=-2, dim2=-1).copy_(torch.rand(3, 4) + 0.5)
+    t = CholeskyAffine(torch.randn(3, 4), L)
+    x = torch.randn(5, 3, 4)
+    y = t(x)
+    assert torch.allclose(t.inv(y.clone()), x, atol=1e-5)
+    jac = torch.autograd.functional.jacobian(lambda v: t(v), x[0, 1])[1]  # d y[1] / d x[1]: [4, 4]
+    assert torch.allclose(t.log_abs_det_jacobian(x, y)[0, 1], torch.linalg.slogdet(jac)[1], atol=1e-5)

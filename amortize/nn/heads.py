@@ -8,10 +8,11 @@ own conditional prior of the group latent given its sampled parents.
 from __future__ import annotations
 
 import torch
-from pyro.distributions import MultivariateNormal, TransformedDistribution
+from pyro.distributions import Normal, TransformedDistribution
 from pyro.distributions.transforms import AffineTransform, ConditionalSpline
 from pyro.nn import DenseNN
 from torch import nn
+from torch.distributions import Transform, constraints
 from torch.nn.functional import softplus
 
 from .encoder import mlp
@@ -38,9 +39,10 @@ class ParamScaler(nn.Module):
 
 
 class GlobalHead(nn.Module):
-    """q(u_globals | dataset embedding) on the joint unconstrained scale: a full-covariance Gaussian,
-    followed (``flow_bins > 0``) by a conditional elementwise rational-quadratic spline, so that
-    skewed marginals (log tau with mass near 0) are represented; then the fitted affine map."""
+    """q(u_globals | dataset embedding) on the joint unconstrained scale: a standard normal shaped
+    (``flow_bins > 0``) by a conditional elementwise rational-quadratic spline, so that skewed
+    marginals (log tau with mass near 0) are represented, then a conditional full-covariance affine
+    map (location and Cholesky factor), then the fitted affine map."""
 
     def __init__(self, hidden: int, dim: int, flow_bins: int = 8, raw_dim: int = 1) -> None:
         super().__init__()
@@ -86,10 +88,39 @@ class GlobalHead(nn.Module):
         L = torch.diag_embed(diag)
         if D > 1:
             L = _fill_tril(L, out[..., 2 * D :], self.tril)
+        # shape first, on a standard normal (whose mass lies inside the spline's bound), then scale:
+        # a spline after the scaling would map [-b, b] onto itself, and contracting the centre
+        # would stretch the tails
         transforms = [] if self.spline is None else [self.spline.condition(emb)]
+        transforms.append(CholeskyAffine(loc, L))
         shift = self.scaler.loc if raw is None else self.scaler.loc + self.raw(raw.reshape(*emb.shape[:-1], -1))
         transforms.append(AffineTransform(shift, self.scaler.scale, event_dim=1))
-        return TransformedDistribution(MultivariateNormal(loc, scale_tril=L), transforms)
+        base = Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
+        return TransformedDistribution(base, transforms)
+
+
+class CholeskyAffine(Transform):
+    """``y = loc + L x`` with a batch of lower-triangular ``L [..., D, D]`` (positive diagonal)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:
+        super().__init__(cache_size=1)
+        self.loc, self.scale_tril = loc, scale_tril
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loc + (self.scale_tril @ x.unsqueeze(-1)).squeeze(-1)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        diff = (y - self.loc).unsqueeze(-1)
+        L = self.scale_tril.expand(*diff.shape[:-2], *self.scale_tril.shape[-2:])
+        return torch.linalg.solve_triangular(L, diff, upper=False).squeeze(-1)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ladj = self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return ladj.expand(x.shape[:-1])
 
 
 def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
