@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .amortizer import Amortizer  # noqa: E402
+from .batch import PosteriorBatch  # noqa: E402
 from .data import OBS, HierarchicalData  # noqa: E402
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError, ModelStructureError, TrainingError
 from .posterior import Posterior  # noqa: E402
@@ -15,6 +16,7 @@ __all__ = [
     "AmortizeError",
     "Amortizer",
     "Posterior",
+    "PosteriorBatch",
     "TrainConfig",
     "TrainingError",
     "CheckpointError",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -21,6 +21,7 @@ import pyro
 import torch
 
 from . import __version__ as _version
+from .batch import PosteriorBatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import HierarchicalData
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError
@@ -28,7 +29,7 @@ from .guide import AmortizedGuide
 from .posterior import Posterior
 from .simulate import Simulation, StructureSampler, simulate
 from .structure import trace_structure
-from .train import TrainConfig, train
+from .train import StepFn, TrainConfig, train
 
 __all__ = ["Amortizer"]
 
@@ -99,6 +100,9 @@ class Amortizer:
         checkpoint_path: str | None = None,
         progress: bool = True,
         stop_at: int | None = None,
+        step_fn: StepFn | None = None,
+        is_main: bool = True,
+        callback: Callable[[int, float], None] | None = None,
         **overrides: Any,
     ) -> list[dict[str, float]]:
         """Train (or continue training) the amortized posterior.
@@ -115,6 +119,12 @@ class Amortizer:
             progress: show a tqdm progress bar.
             stop_at: stop after this step; the learning-rate schedule still spans ``steps``, and a
                 later ``fit`` goes on from there.
+            step_fn: computes one step's loss and gradients (default
+                :func:`amortize.train.local_step`); :func:`amortize.distributed.fit_distributed`
+                passes one that shards the batch over processes.
+            is_main: False in every process but one of a multi-process run: it writes no
+                checkpoint, TensorBoard scalars or progress bar.
+            callback: called as ``callback(step, loss)`` after every applied step.
 
         Returns:
             The logged training history of this call.
@@ -153,15 +163,35 @@ class Amortizer:
         self.guide.train()
         try:
             return train(
-                self, cfg, log_dir=log_dir, checkpoint_path=checkpoint_path, progress=progress, stop_at=stop_at
+                self,
+                cfg,
+                log_dir=log_dir,
+                checkpoint_path=checkpoint_path,
+                progress=progress,
+                stop_at=stop_at,
+                step_fn=step_fn,
+                is_main=is_main,
+                callback=callback,
             )
         finally:
             self.guide.eval()
             self._rng = _get_rng(self.device)
 
-    def posterior(self, data: HierarchicalData) -> Posterior:
-        """The amortized posterior for a new dataset (``y [N]``) or a batch sharing one structure
-        (``y [B, N]``): one forward pass of the encoder; draws come from :meth:`Posterior.sample`."""
+    def posterior(self, data: HierarchicalData | Sequence[HierarchicalData]) -> Posterior | PosteriorBatch:
+        """The amortized posterior: one forward pass of the encoder; draws come from ``sample``.
+
+        * a dataset (``y [N]``) or a batch sharing one structure (``y [B, N]``): a :class:`Posterior`,
+          whose ``sample(n)`` gives ``{site: [n, *site_shape]}`` (``[n, B, ...]`` for a batch);
+        * a list (or tuple) of datasets, of one structure or several: a
+          :class:`~amortize.batch.PosteriorBatch`, vectorized per distinct structure, whose
+          ``sample(n)`` gives a list of per-dataset dicts ``{site: [n, *site_shape]}`` in input order.
+
+        Raises:
+            DataError: an empty list, or a dataset whose levels, covariates or values do not fit the
+                model (a list names the dataset's position).
+        """
+        if isinstance(data, (list, tuple)):
+            return PosteriorBatch(self, data)
         return Posterior(self, data)
 
     # ------------------------------------------------------------------ persistence

@@ -6,10 +6,13 @@ Training and the trained posterior are separate objects: :class:`~amortize.Amort
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import pyro
 import torch
 
 from .data import OBS, HierarchicalData, magnitude_limit
@@ -23,12 +26,34 @@ if TYPE_CHECKING:
 __all__ = ["Posterior", "CorrectedDraws", "psis_k", "K_THRESHOLD"]
 
 log = logging.getLogger(__name__)
+CHUNK_ELEMENTS = 2e7  # draws x datasets x (rows + groups) per pass of the guide: bounds memory
 
 
 def psis_k(log_weights: torch.Tensor) -> float:
     """Pareto k of importance weights (PSIS, see :mod:`amortize.validate.psis`). Below 0.5 fine,
     0.5-0.7 usable, above 0.7 not to be trusted; NaN with fewer than 25 finite weights."""
     return psis(log_weights).k
+
+
+@contextlib.contextmanager
+def _encoded_once(guide: Any, data: HierarchicalData, enabled: bool = True) -> Iterator[None]:
+    """Run the encoder and the heads' per-group data terms once for all chunks of draws of ``data``
+    (the guide would otherwise redo this per-dataset and per-group work for every chunk)."""
+    if not enabled or not callable(getattr(type(guide), "_prepare", None)):
+        yield
+        return
+    pristine = dict(guide._prepare(data, None))  # the state a guide call starts from
+
+    def prepare(d: HierarchicalData, truth: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        if d is data and truth is None:
+            return dict(pristine)  # a fresh copy: each call draws its own globals from the same q
+        return type(guide)._prepare(guide, d, truth)
+
+    guide._prepare = prepare
+    try:
+        yield
+    finally:
+        del guide._prepare
 
 
 class CorrectedDraws(dict):
@@ -183,21 +208,27 @@ class Posterior:
         am, st = self.amortizer, self.amortizer.structure
         B = self.data.batch_size or 1
         width = B * (self.data.n_obs + sum(self.data.sizes.values()))
-        chunk = max(1, min(num_samples, int(2e7 // max(1, width))))
+        chunk = max(1, min(num_samples, int(CHUNK_ELEMENTS // max(1, width))))
         out: dict[str, list[torch.Tensor]] = {s.name: [] for s in st.latents}
         lws: list[torch.Tensor] = []
         am.guide.eval()
-        for start in range(0, num_samples, chunk):
-            n = min(chunk, num_samples - start)
-            if with_weights:
-                log_p, log_q, values = am.guide.log_weights(self.data, n)
-                lws.append(log_p - log_q)
-            else:
-                values = am.guide(self.data, n)
-            for s in st.latents:
-                v = st.to_user(s, values[s.name])  # [n, B, *site_shape]
-                out[s.name].append(v if self.data.batch_size else v.squeeze(1))
-        draws = {k: torch.cat(v) for k, v in out.items()}
+        # drawing scores nothing, so Pyro's argument checks (on tensors as large as the data, once
+        # per draw: a third of the time) are skipped; log p(y, z) for weights keeps them
+        with (
+            _encoded_once(am.guide, self.data, enabled=chunk < num_samples),
+            contextlib.nullcontext() if with_weights else pyro.validation_enabled(False),
+        ):
+            for start in range(0, num_samples, chunk):
+                n = min(chunk, num_samples - start)
+                if with_weights:
+                    log_p, log_q, values = am.guide.log_weights(self.data, n)
+                    lws.append(log_p - log_q)
+                else:
+                    values = am.guide(self.data, n)
+                for s in st.latents:
+                    v = st.to_user(s, values[s.name])  # [n, B, *site_shape]
+                    out[s.name].append(v if self.data.batch_size else v.squeeze(1))
+        draws = {k: torch.cat(v) for k, v in out.items()} if num_samples > chunk else {k: v[0] for k, v in out.items()}
         return draws, (torch.cat(lws) if with_weights else None)
 
     @torch.no_grad()

@@ -36,11 +36,13 @@ from .errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
+    from .simulate import Simulation
 
-__all__ = ["TrainConfig", "train", "pilot_fit"]
+__all__ = ["TrainConfig", "train", "pilot_fit", "batch_loss", "local_step", "StepFn"]
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("npe", "elbo", "iwae")
+StepFn = Callable[["Amortizer", "TrainConfig", torch.Generator], float]  # see local_step
 
 
 @dataclass
@@ -98,8 +100,8 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> N
         head.fit(stats, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
 
 
-def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    sim = amortizer.simulate_batch(gen, cfg.batch_size)
+def batch_loss(amortizer: Amortizer, cfg: TrainConfig, sim: Simulation) -> torch.Tensor:
+    """The objective ``cfg.objective`` on one batch of simulated datasets, per latent coordinate."""
     guide, structure = amortizer.guide, amortizer.structure
     n_coords = structure.global_dim + sum(s.dim * sim.data.size(s.level) for s in structure.latents if s.level)
     if cfg.objective == "npe":
@@ -110,6 +112,27 @@ def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch
     if cfg.objective == "elbo":
         return -lw.mean() / n_coords
     return -(torch.logsumexp(lw, 0) - math.log(cfg.num_particles)).mean() / n_coords
+
+
+def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    return batch_loss(amortizer, cfg, amortizer.simulate_batch(gen, cfg.batch_size))
+
+
+def local_step(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> float:
+    """The default step computation: simulate ``cfg.batch_size`` datasets on one structure from
+    ``gen``, compute the loss, clear the gradients and back-propagate a finite loss.
+
+    A replacement (``step_fn`` of :func:`train`, e.g. :class:`amortize.distributed.ShardedStep`)
+    takes the same arguments and leaves the same result: the gradients of this step's loss in
+    ``amortizer.guide``'s parameters, and the loss as a float (not finite: the step is skipped).
+    """
+    loss = _loss(amortizer, cfg, gen)
+    value = float(loss.detach())
+    assert amortizer.optimizer is not None
+    amortizer.optimizer.zero_grad(set_to_none=True)
+    if math.isfinite(value):
+        loss.backward()
+    return value
 
 
 @contextlib.contextmanager
@@ -142,6 +165,8 @@ def train(
     progress: bool = True,
     callback: Callable[[int, float], None] | None = None,
     stop_at: int | None = None,
+    step_fn: StepFn | None = None,
+    is_main: bool = True,
 ) -> list[dict[str, float]]:
     """Run optimization steps from ``amortizer.step`` up to ``cfg.steps`` (resumes where it stopped).
 
@@ -151,6 +176,10 @@ def train(
     A step whose loss or gradient is not finite is skipped and logged; ``cfg.max_bad_steps`` in a
     row stop the run. Ctrl-C finishes the current step, saves a checkpoint and re-raises
     ``KeyboardInterrupt``.
+
+    ``step_fn`` replaces how one step's loss and gradients are computed (default
+    :func:`local_step`; :mod:`amortize.distributed` shards the batch over processes). Only the main
+    process (``is_main``) writes checkpoints, TensorBoard scalars and the progress bar.
 
     Returns:
         The logged history of this call (one dict per ``log_every`` steps; also appended to
@@ -163,6 +192,10 @@ def train(
     """
     guide = amortizer.guide
     gen = amortizer.generator
+    step_fn = step_fn or local_step
+    checkpoint_path = checkpoint_path if is_main else None
+    progress = progress and is_main
+    log_dir = log_dir if is_main else None
     end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
     if amortizer.step == 0 and not amortizer.pilot_done:
         pilot_fit(amortizer, cfg, gen)
@@ -185,20 +218,18 @@ def train(
             for step in bar:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * _lr_factor(step, cfg)
-                loss = _loss(amortizer, cfg, gen)
-                value = float(loss.detach())
-                opt.zero_grad(set_to_none=True)
-                if torch.isfinite(loss):
-                    loss.backward()
+                value = step_fn(amortizer, cfg, gen)  # loss; its gradients are in the parameters
+                finite = math.isfinite(value)
+                if finite:
                     gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), cfg.clip_norm)
                 else:
                     gnorm = torch.tensor(float("nan"))
-                if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+                if not (finite and torch.isfinite(gnorm)):
                     bad += 1
                     log.warning(
                         "step %d: non-finite %s (%s); step skipped (%d in a row)",
                         step,
-                        "gradient" if torch.isfinite(loss) else "loss",
+                        "gradient" if finite else "loss",
                         value,
                         bad,
                     )
