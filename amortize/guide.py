@@ -8,7 +8,8 @@ latent site it sees the model's prior given the parents already drawn from the g
   global site);
 * for a group site: ``q(u_g | parents, data) ∝ prior(u_g | parents) x N(u_g; m_g, s_g)``, the
   model's own conditional prior times a learned Gaussian data term of the group (exact when the
-  prior is Gaussian on the unconstrained scale; the data term alone otherwise).
+  prior is Gaussian on the unconstrained scale, with full covariance for a MultivariateNormal prior;
+  the data term alone otherwise).
 
 The same pass scores given values (``truth``): that is the NPE objective, and with the model's
 log density it gives the importance weights behind the ELBO, the IW bound and PSIS.
@@ -32,7 +33,7 @@ from .errors import ModelStructureError
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
 from .structure import LatentSite, ModelStructure, batched
 
-__all__ = ["AmortizedGuide", "gaussian_prior"]
+__all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product"]
 
 
 def _base(fn: Any) -> Any:
@@ -48,9 +49,16 @@ def _real(c: Any) -> bool:
 
 
 def gaussian_prior(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The prior of a site as ``(loc, scale)`` on its unconstrained scale, ``[*batch, dim]``, when it
-    is exactly Gaussian there (Normal on R, LogNormal on R+); None otherwise."""
+    """The prior of a site as ``(loc, scale)`` on its unconstrained scale when it is exactly Gaussian
+    there; None otherwise. ``loc`` is ``[*batch, dim]``; ``scale`` is ``[*batch, dim]`` (independent
+    coordinates: Normal on R, LogNormal on R+) or a lower Cholesky factor of the covariance
+    ``[*batch, dim, dim]`` (MultivariateNormal on R^d)."""
     base = _base(fn)
+    if isinstance(base, torch.distributions.MultivariateNormal) and _real(site.support):
+        if fn.event_shape != base.event_shape:  # MVN blocks reinterpreted as one event: not handled
+            return None
+        d = site.dim
+        return base.loc.expand(*fn.batch_shape, d), base.scale_tril.expand(*fn.batch_shape, d, d)
     if isinstance(base, torch.distributions.LogNormal) and site.support is constraints.positive:
         loc, scale = base.loc, base.scale
     elif isinstance(base, torch.distributions.Normal) and _real(site.support):
@@ -59,6 +67,37 @@ def gaussian_prior(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tenso
         return None
     shape = fn.batch_shape + fn.event_shape
     return loc.expand(shape).reshape(*fn.batch_shape, site.dim), scale.expand(shape).reshape(*fn.batch_shape, site.dim)
+
+
+def gaussian_product(
+    prior_loc: torch.Tensor, prior_tril: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+) -> dist.MultivariateNormal:
+    """N(m0, L0 L0^T) x N(m, diag(s^2)), normalized: the exact Gaussian with covariance
+    ``C = ((L0 L0^T)^-1 + diag(s^-2))^-1`` and mean ``m0 + C diag(s^-2) (m - m0)``.
+
+    Computed in square-root form, without inverting the prior covariance (which is near singular
+    when a group scale is near 0): with ``A = diag(1/s) L0``, ``QR([A; I]) -> U`` gives
+    ``U^T U = I + A^T A``, so ``C = R R^T`` with ``R = L0 U^-1``; a second QR turns ``R`` into the
+    lower Cholesky factor of ``C``. Neither step can fail for s > 0.
+
+    Args:
+        prior_loc: ``m0 [*batch, d]``.
+        prior_tril: ``L0 [*batch, d, d]``, a lower Cholesky factor of the prior covariance.
+        loc: the data term's location ``m [*batch, d]``.
+        scale: the data term's scale ``s [*batch, d]`` (all four broadcast against each other).
+    """
+    d = loc.shape[-1]
+    batch = torch.broadcast_shapes(prior_loc.shape[:-1], prior_tril.shape[:-2], loc.shape[:-1], scale.shape[:-1])
+    L0 = prior_tril.expand(*batch, d, d)
+    eye = torch.eye(d, dtype=L0.dtype, device=L0.device).expand(*batch, d, d)
+    U = torch.linalg.qr(torch.cat([L0 / scale.unsqueeze(-1), eye], -2)).R  # [*batch, d, d], upper
+    R = torch.linalg.solve_triangular(U, L0, upper=True, left=False)  # L0 U^-1
+    tril = torch.linalg.qr(R.mT).R.mT  # lower, tril tril^T = R R^T
+    sign = torch.where(torch.diagonal(tril, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(tril.dtype)
+    tril = tril * sign.unsqueeze(-2)  # flip columns: positive diagonal
+    pull = ((loc - prior_loc) / scale.pow(2)).unsqueeze(-1)
+    mean = prior_loc + (R @ (R.mT @ pull)).squeeze(-1)
+    return dist.MultivariateNormal(mean, scale_tril=tril)
 
 
 class AmortizedGuide(GuideMessenger, nn.Module):
@@ -134,6 +173,11 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             return self._global_posterior(site, prior, st, truth)
         loc, scale = st["terms"][name]
         g = gaussian_prior(prior, site)
+        if g is not None and g[1].dim() > g[0].dim():  # correlated Gaussian prior on R^d: full product
+            q = gaussian_product(g[0], g[1], loc, scale)
+            if truth is None:
+                return q
+            return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=1)
         if g is not None:  # precision-weighted product of prior and data term
             prec0, prec = g[1].pow(-2), scale.pow(-2)
             total = prec0 + prec

@@ -39,7 +39,8 @@ def exact_nll(sims):
             ybar = torch.zeros_like(n).index_add_(0, d.index("group"), d.y.double()) / n
             prec = 1 + 4 * n
             lp = torch.distributions.Normal(m, sd).log_prob(mu)
-            lp = lp + torch.distributions.Normal((mu + 4 * n * ybar) / prec, prec.rsqrt()).log_prob(theta.double()).sum()
+            cond = torch.distributions.Normal((mu + 4 * n * ybar) / prec, prec.rsqrt())
+            lp = lp + cond.log_prob(theta.double()).sum()
             total, count = total - float(lp), count + 1
     return total / count
 

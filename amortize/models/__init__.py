@@ -2,7 +2,9 @@
 
 Every model is a plain Pyro model for ONE dataset: one ``pyro.plate`` per level, named after the
 level, parents gathered with ``[..., data.index(level)]``. ``SAMPLERS[name]()`` gives the
-:class:`~amortize.simulate.StructureSampler` the experiments train it on.
+:class:`~amortize.simulate.StructureSampler` the experiments train it on. Models with other likelihoods,
+covariates at every level, correlated varying slopes and four levels are in :mod:`amortize.models.glm`;
+``docs/models.md`` lists them all.
 """
 
 from __future__ import annotations
@@ -14,8 +16,20 @@ import pyro.distributions as dist
 
 from ..data import HierarchicalData
 from ..simulate import StructureSampler
+from .glm import GLM_SAMPLERS, gaussian_4level, gaussian_contextual, logistic_3level, poisson_3level, varying_slopes
 
-__all__ = ["gaussian_2level", "gaussian_3level", "logistic_2level", "eight_schools", "SAMPLERS"]
+__all__ = [
+    "gaussian_2level",
+    "gaussian_3level",
+    "logistic_2level",
+    "eight_schools",
+    "poisson_3level",
+    "logistic_3level",
+    "gaussian_contextual",
+    "varying_slopes",
+    "gaussian_4level",
+    "SAMPLERS",
+]
 
 
 def gaussian_2level(data: HierarchicalData) -> None:
@@ -88,4 +102,5 @@ SAMPLERS: dict[str, Callable[[], StructureSampler]] = {
         ["group"], groups={"group": (10, 40)}, obs=(10, 40), covariates={"obs": {"x": {"dist": "normal"}}}
     ),
     "eight_schools": lambda: StructureSampler.fixed(eight_schools_data()),
+    **GLM_SAMPLERS,  # poisson_3level, logistic_3level, gaussian_contextual, varying_slopes, gaussian_4level
 }
