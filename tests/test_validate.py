@@ -313,3 +313,15 @@ def test_run_nuts_eight_schools_agrees_with_posteriordb() -> None:
     for row in rows:
         assert row["z"] < 4.5 / math.sqrt(res.ess_bulk[row["site"]]), row
         assert abs(row["covered90"] - 0.9) < 0.05, row
+
+
+def test_constant_elements_count_as_converged_and_are_left_out_of_comparisons() -> None:
+    from amortize.validate.nuts import chain_diagnostics
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 200, 3)
+    x[..., 0] = 1.0  # e.g. L[0, 0] of a correlation Cholesky factor
+    r_hat, ess = chain_diagnostics(x)
+    assert r_hat[0] == 1.0 and ess[0] == 400 and r_hat[1:].max() < 1.05
+    rows = compare({"L": x.reshape(400, 3)}, {"L": x.reshape(400, 3) + 0.0})
+    assert [r["index"] for r in rows] == [(1,), (2,)]

@@ -79,7 +79,8 @@ def compare(
         ``sd_ratio`` (sd_q / sd_ref), ``covered90`` (fraction of the reference inside the central 90%
         interval of ``draws``; normal approximation of the reference with moments) and ``w1``
         (1-Wasserstein distance after standardizing both by the reference mean and sd; None with moments).
-        Sites present in only one of ``draws`` and ``reference`` are skipped (logged).
+        Sites present in only one of ``draws`` and ``reference`` are skipped (logged), and so are
+        elements the reference holds constant (sd 0: the fixed entries of a correlation factor).
 
     Raises:
         DataError: no site in common, or a site whose shapes disagree (names the site).
@@ -121,6 +122,8 @@ def compare(
             cover = ((r >= lo) & (r <= hi)).mean(0)
         level = (levels or {}).get(site)
         for k, idx in enumerate(np.ndindex(*shape)):
+            if not s_ref[k] > 0:
+                continue
             w1 = None
             if r is not None:
                 w1 = wasserstein1((q[:, k] - m_ref[k]) / s_ref[k], (r[:, k] - m_ref[k]) / s_ref[k])

@@ -301,7 +301,8 @@ def chain_diagnostics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x: draws ``[chains, draws, *shape]`` (at least 4 draws per chain).
 
     Returns:
-        ``(r_hat, ess_bulk)``, each of shape ``shape``.
+        ``(r_hat, ess_bulk)``, each of shape ``shape``. An element constant over all draws (the
+        fixed entries of a correlation Cholesky factor) has nothing to mix: R-hat 1, ESS = draws.
     """
     c, s = x.shape[:2]
     shape = x.shape[2:]
@@ -311,6 +312,9 @@ def chain_diagnostics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zf = _split(_rank_normalize((flat - med).abs()))
     r_hat = torch.maximum(gelman_rubin(z), gelman_rubin(zf))
     ess = effective_sample_size(z)
+    const = (flat == flat[:1, :1]).reshape(c * s, -1).all(0)
+    r_hat = torch.where(const, torch.ones_like(r_hat), r_hat)
+    ess = torch.where(const, torch.full_like(ess, float(c * s)), ess)
     return r_hat.reshape(shape), ess.reshape(shape)
 
 
