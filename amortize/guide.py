@@ -133,21 +133,28 @@ class AmortizedGuide(GuideMessenger, nn.Module):
 
     # ------------------------------------------------------------------ guide protocol
     def __call__(  # type: ignore[override]
-        self, data: HierarchicalData, num_draws: int = 1, truth: dict[str, torch.Tensor] | None = None
+        self,
+        data: HierarchicalData,
+        num_draws: int = 1,
+        truth: dict[str, torch.Tensor] | None = None,
+        encoded: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Draw ``num_draws`` joint posterior samples for each dataset in ``data`` (or score
-        ``truth``, values in the batched layout); returns every sample site's value."""
-        self._state = self._prepare(data, truth)
+        ``truth``, values in the batched layout); returns every sample site's value.
+        ``encoded``: :meth:`encode` of ``data``, computed once for several calls."""
+        self._state = {"truth": truth, "u": None, **(self.encode(data) if encoded is None else encoded)}
         try:
             return super().__call__(data, num_draws)
         finally:
             self._state = None
 
-    def _prepare(self, data: HierarchicalData, truth: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    def encode(self, data: HierarchicalData) -> dict[str, Any]:
+        """The per-dataset and per-group work of a call, independent of the draws: q(globals) and
+        each group site's data term ``(loc, scale)`` in the batched layout."""
         K = self.structure.max_plate_nesting
         enc = self.encoder(data)
         B = enc.dataset.shape[0]
-        state: dict[str, Any] = {"truth": truth, "u": None, "terms": {}}
+        state: dict[str, Any] = {"terms": {}}
         if self.global_head is not None:
             state["q_globals"] = self.global_head(enc.dataset, K, enc.raw_dataset)  # batch [B, 1..], event [D]
         for name, head in self.group_heads.items():
@@ -217,11 +224,15 @@ class AmortizedGuide(GuideMessenger, nn.Module):
 
     # ------------------------------------------------------------------ objectives
     def log_weights(
-        self, data: HierarchicalData, num_draws: int = 1, truth: dict[str, torch.Tensor] | None = None
+        self,
+        data: HierarchicalData,
+        num_draws: int = 1,
+        truth: dict[str, torch.Tensor] | None = None,
+        encoded: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(log p(y, z), log q(z | y), z)`` per draw and dataset, ``[S, B]`` each; with ``truth``,
         z is the given values (log p is then skipped and returned as zeros)."""
-        values = self(data, num_draws, truth)
+        values = self(data, num_draws, truth, encoded)
         model_trace, guide_trace = self.get_traces()
         log_q = _sum_per_particle(guide_trace, self.structure.max_plate_nesting)
         if truth is not None:

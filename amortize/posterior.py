@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyro
@@ -33,27 +32,6 @@ def psis_k(log_weights: torch.Tensor) -> float:
     """Pareto k of importance weights (PSIS, see :mod:`amortize.validate.psis`). Below 0.5 fine,
     0.5-0.7 usable, above 0.7 not to be trusted; NaN with fewer than 25 finite weights."""
     return psis(log_weights).k
-
-
-@contextlib.contextmanager
-def _encoded_once(guide: Any, data: HierarchicalData, enabled: bool = True) -> Iterator[None]:
-    """Run the encoder and the heads' per-group data terms once for all chunks of draws of ``data``
-    (the guide would otherwise redo this per-dataset and per-group work for every chunk)."""
-    if not enabled or not callable(getattr(type(guide), "_prepare", None)):
-        yield
-        return
-    pristine = dict(guide._prepare(data, None))  # the state a guide call starts from
-
-    def prepare(d: HierarchicalData, truth: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-        if d is data and truth is None:
-            return dict(pristine)  # a fresh copy: each call draws its own globals from the same q
-        return type(guide)._prepare(guide, d, truth)
-
-    guide._prepare = prepare
-    try:
-        yield
-    finally:
-        del guide._prepare
 
 
 class CorrectedDraws(dict):
@@ -214,17 +192,15 @@ class Posterior:
         am.guide.eval()
         # drawing scores nothing, so Pyro's argument checks (on tensors as large as the data, once
         # per draw: a third of the time) are skipped; log p(y, z) for weights keeps them
-        with (
-            _encoded_once(am.guide, self.data, enabled=chunk < num_samples),
-            contextlib.nullcontext() if with_weights else pyro.validation_enabled(False),
-        ):
+        encoded = am.guide.encode(self.data) if chunk < num_samples else None  # once for all chunks
+        with contextlib.nullcontext() if with_weights else pyro.validation_enabled(False):
             for start in range(0, num_samples, chunk):
                 n = min(chunk, num_samples - start)
                 if with_weights:
-                    log_p, log_q, values = am.guide.log_weights(self.data, n)
+                    log_p, log_q, values = am.guide.log_weights(self.data, n, encoded=encoded)
                     lws.append(log_p - log_q)
                 else:
-                    values = am.guide(self.data, n)
+                    values = am.guide(self.data, n, encoded=encoded)
                 for s in st.latents:
                     v = st.to_user(s, values[s.name])  # [n, B, *site_shape]
                     out[s.name].append(v if self.data.batch_size else v.squeeze(1))
