@@ -67,7 +67,9 @@ class Encoding:
     """Output of the encoder: embeddings ``dataset [B, H]`` and ``groups[level] [B, G_level, H]``,
     and raw statistics on the response's own scale, never squashed by a scaler: ``raw_dataset
     [B, 2 + 3L]`` (mean, log sd; per level pooled within-group, between-group and excess log sds) and
-    ``raw_groups[level] [B, G, 4]`` (group mean, dataset mean, pooled within log sd, log n)."""
+    ``raw_groups[level] [B, G, 4]`` (group mean, dataset mean, and the group mean's unit: for the
+    innermost level the pooled within-group log sd and log n, above it the pooled within-group log
+    sd of child means and the log number of children)."""
 
     def __init__(
         self,
@@ -135,6 +137,7 @@ class HierarchicalEncoder(nn.Module):
         glob = [m.squeeze(-1), torch.asinh(m.squeeze(-1)), log_s.squeeze(-1), torch.full_like(m.squeeze(-1), N).log()]
         glob += list(f.mean(-2).unbind(-1))
         child_mean: torch.Tensor | None = None
+        child_ybar: torch.Tensor | None = None
         raw_groups: dict[str, torch.Tensor] = {}
         pooled, between, excess = [], [], []
         for i in reversed(range(len(self.levels))):
@@ -158,7 +161,17 @@ class HierarchicalEncoder(nn.Module):
                 cm = segment_mean(torch.stack([child_mean, child_mean**2], -1), cidx, G, nc)
                 cols += [0.5 * torch.log((cm[..., 1] - cm[..., 0] ** 2).clamp_min(0) + 1e-6), nc.log().expand(B, G)]
             stats[lvl] = torch.stack(cols, -1)
+            if i + 1 < len(self.levels):
+                # the spread of a group's child means is what its own mean is uncertain by: pooled
+                # over the dataset, with the number of children, it is the unit of the group's data term
+                ccm = segment_mean(torch.stack([child_ybar, child_ybar**2], -1), cidx, G, nc)
+                cvar = (ccm[..., 1] - ccm[..., 0] ** 2).clamp_min(0.0)
+                unit_sd = 0.5 * torch.log((nc * cvar).sum(-1) / nc.sum() + 1e-6 * s.squeeze(-1) ** 2)
+                unit_n = nc.log().expand(B, G)
+            else:
+                unit_sd, unit_n = None, n.log().expand(B, G)
             child_mean = (ybar - m) / s
+            child_ybar = ybar
             rel = (ybar - m) / s
             # pooled within-group and between-group log sds, on the response's own (log) scale
             lw = 0.5 * torch.log((n * var).sum(-1) / N + 1e-6 * s.squeeze(-1) ** 2)  # [B]
@@ -179,9 +192,8 @@ class HierarchicalEncoder(nn.Module):
                 lb,
                 le,
             ]
-            raw_groups[lvl] = torch.stack(
-                [ybar, m.expand(B, G), lw.unsqueeze(-1).expand(B, G), n.log().expand(B, G)], -1
-            )
+            unit_sd = lw if unit_sd is None else unit_sd
+            raw_groups[lvl] = torch.stack([ybar, m.expand(B, G), unit_sd.unsqueeze(-1).expand(B, G), unit_n], -1)
         raw_dataset = torch.stack([m.squeeze(-1), log_s.squeeze(-1), *pooled, *between, *excess], -1)
         return stats, torch.stack(glob, -1), f, (raw_dataset, raw_groups)
 
