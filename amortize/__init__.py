@@ -9,6 +9,7 @@ from .errors import AmortizeError, CheckpointError, ConfigError, DataError, Mode
 from .posterior import Posterior  # noqa: E402
 from .simulate import StructureSampler, simulate
 from .structure import ModelStructure, trace_structure  # noqa: E402
+from .subsample import LargePosterior, fit_subsampled  # noqa: E402
 from .train import TrainConfig  # noqa: E402
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "Amortizer",
     "Posterior",
     "PosteriorBatch",
+    "LargePosterior",
+    "fit_subsampled",
     "TrainConfig",
     "TrainingError",
     "CheckpointError",

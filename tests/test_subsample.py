@@ -1,0 +1,230 @@
+"""Training on one large dataset by subsampling outermost groups (amortize.subsample)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import amortize as am
+from amortize.models import gaussian_3level
+from amortize.subsample import OuterGroupIndex, draw_groups, epochs, fit_subsampled, restrict_groups, subsampled_elbo
+
+from .conftest import normal_known
+
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "large.py"
+
+
+def _known(groups: int, seed: int) -> am.HierarchicalData:
+    """A dataset from normal_known (mu ~ N(0, 2), theta ~ N(mu, 1), y ~ N(theta, 0.5)), 2-15 rows per group."""
+    gen = torch.Generator().manual_seed(seed)
+    n = torch.randint(2, 16, (groups,), generator=gen)
+    group = torch.repeat_interleave(torch.arange(groups), n)
+    theta = 2.0 * torch.randn((), generator=gen) + torch.randn(groups, generator=gen)
+    return am.HierarchicalData(["group"], {}, group, y=theta[group] + 0.5 * torch.randn(len(group), generator=gen))
+
+
+def _exact(data: am.HierarchicalData) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Exact posterior (mean, sd) of mu and of every theta_g under normal_known."""
+    n = data.counts("group").double()
+    ybar = torch.zeros(len(n), dtype=torch.float64).index_add_(0, data.index("group"), data.y.double()) / n
+    w = 1.0 / (1.0 + 0.25 / n)  # ybar_g | mu ~ N(mu, 1 + 0.25 / n_g)
+    prec = 0.25 + w.sum()
+    m_mu, v_mu = (w * ybar).sum() / prec, 1.0 / prec
+    P = 1.0 + n / 0.25  # theta_g | mu, y: precision P, mean (mu + 4 n ybar) / P
+    a = 1.0 / P
+    return float(m_mu), float(v_mu.sqrt()), a * m_mu + 4 * n * ybar / P, (1.0 / P + a**2 * v_mu).sqrt()
+
+
+def _three_level(seed: int = 0, shuffle: bool = True) -> am.HierarchicalData:
+    """districts > schools > rows with covariates and labels at every level; rows and ids shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for d in range(7):
+        for s in range(int(torch.randint(1, 4, (), generator=gen))):
+            for _ in range(int(torch.randint(1, 5, (), generator=gen))):
+                rows.append((f"d{d}", f"d{d}s{s}", float(torch.randn((), generator=gen)), d * 1.0, d + s / 10))
+    if shuffle:
+        rows = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
+    cols = list(zip(*rows))
+    frame = {"district": cols[0], "school": cols[1], "y": cols[2], "xd": cols[3], "xs": cols[4]}
+    frame["xo"] = [float(i) for i in range(len(rows))]
+    return am.HierarchicalData.from_frame(
+        frame, ["district", "school"], response="y", covariates={"district": ["xd"], "school": ["xs"], "obs": ["xo"]}
+    )
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_restrict_keeps_nesting_values_and_labels(shuffle: bool) -> None:
+    data = _three_level(shuffle=shuffle)
+    chosen = torch.tensor([5, 1, 3, 1])  # any order, repeats dropped
+    sub, kept = restrict_groups(data, chosen)
+    assert kept["district"].tolist() == [1, 3, 5]
+    assert sub.size("district") == 3
+    # every kept school / row keeps its parent; rows are exactly those of the chosen districts
+    assert torch.equal(kept["district"][sub.parent_index("school")], data.parent_index("school")[kept["school"]])
+    assert torch.equal(kept["school"][sub.group], data.group[kept["obs"]])
+    in_chosen = torch.isin(data.index("district"), torch.tensor([1, 3, 5]))
+    assert sorted(kept["obs"].tolist()) == torch.nonzero(in_chosen).squeeze(-1).tolist()
+    assert sorted(kept["school"].tolist()) == torch.unique(data.index("school")[in_chosen]).tolist()
+    assert torch.equal(sub.y, data.y[kept["obs"]])
+    assert torch.equal(sub.x["xd"], data.x["xd"][kept["district"]])
+    assert torch.equal(sub.x["xs"], data.x["xs"][kept["school"]])
+    assert torch.equal(sub.x["xo"], data.x["xo"][kept["obs"]])
+    assert sub.labels["school"] == [data.labels["school"][i] for i in kept["school"].tolist()]
+    assert sub.labels["district"] == ["d1", "d3", "d5"]
+    # the index gives the same subset as the one-off helper, and all groups give the whole dataset back
+    index = OuterGroupIndex(data)
+    again, kept2 = index.restrict(torch.tensor([3, 5, 1]))
+    assert all(torch.equal(kept[k], kept2[k]) for k in kept) and torch.equal(again.y, sub.y)
+    whole, kept_all = index.restrict(torch.arange(data.size("district")))
+    assert whole.sizes == data.sizes and sorted(kept_all["obs"].tolist()) == list(range(data.n_obs))
+
+
+def test_draw_groups_is_uniform_without_replacement() -> None:
+    gen = torch.Generator().manual_seed(0)
+    hits = torch.zeros(40)
+    for _ in range(4000):
+        g = draw_groups(40, 5, gen)
+        assert len(torch.unique(g)) == 5 and int(g.min()) >= 0 and int(g.max()) < 40
+        hits[g] += 1
+    assert float((hits / 4000 - 5 / 40).abs().max()) < 0.02  # every group with probability b / G
+    assert draw_groups(10, 20, gen).tolist() == list(range(10))
+    # training's random reshuffling: each epoch sees every group once, in chunks of about k
+    batches = epochs(103, 10, gen)
+    for _ in range(2):
+        chunks = [next(batches) for _ in range(10)]
+        assert {len(c) for c in chunks} <= {10, 11}
+        assert sorted(torch.cat(chunks).tolist()) == list(range(103))
+
+
+def test_same_seed_same_fit() -> None:
+    data = _known(60, 2)
+    a = am.Amortizer(normal_known, data.with_response(None), hidden=8, flow_bins=0)
+    fits = [fit_subsampled(a, data, steps=4, groups_per_step=16, pilot_datasets=4, pilot_structures=2) for _ in "ab"]
+    assert torch.equal(fits[0].q_globals.loc, fits[1].q_globals.loc)
+    m = [f.group_posterior("group", num_draws=4)["theta"].mean for f in fits]
+    assert torch.equal(m[0], m[1])
+
+
+def test_errors_name_the_level_and_ids() -> None:
+    data = _known(30, 0)
+    index = OuterGroupIndex(data)
+    with pytest.raises(am.DataError, match="level 'group' has groups 0..29; got group id 30"):
+        index.restrict([0, 30])
+    with pytest.raises(am.DataError, match="got group id -1"):
+        index.restrict([-1])
+    with pytest.raises(am.DataError, match="no 'group' groups"):
+        index.restrict([])
+    with pytest.raises(am.DataError, match="must be integers"):
+        index.restrict(torch.tensor([0.5]))
+    a = am.Amortizer(normal_known, data.with_response(None), hidden=8, flow_bins=0)
+    with pytest.raises(am.DataError, match="levels"):
+        fit_subsampled(a, _three_level(), steps=1)
+    with pytest.raises(am.DataError, match="one dataset"):
+        fit_subsampled(a, data.with_response(data.y.expand(2, -1).clone()), steps=1)
+    post = fit_subsampled(a, data, steps=2, groups_per_step=10, pilot_datasets=4, pilot_structures=2)
+    with pytest.raises(am.DataError, match="unknown level 'school'"):
+        post.group_posterior("school")
+    with pytest.raises(am.DataError, match="got group id 99"):
+        post.sample(10, groups=[99])
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[am.Amortizer, am.HierarchicalData, object, dict[str, torch.Tensor]]:
+    torch.set_num_threads(1)
+    data = _known(2000, 1)
+    sampler = am.StructureSampler(["group"], groups={"group": (10, 50)}, obs=(2, 15))
+    a = am.Amortizer(normal_known, sampler, hidden=32, flow_bins=0, seed=0)
+    before = {k: v.clone() for k, v in a.guide.state_dict().items()}
+    post = fit_subsampled(a, data, steps=300, groups_per_step=256, num_particles=4, lr=5e-3, seed=0)
+    return a, data, post, before
+
+
+def test_amortizer_left_as_it_was(trained) -> None:
+    a, _, post, before = trained
+    after = a.guide.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not a.pilot_done and post.guide is not a.guide
+
+
+def test_minibatch_elbo_is_unbiased(trained) -> None:
+    """The mean of the scaled minibatch ELBO over many random subsets is the full-data ELBO (fixed guide)."""
+    _, data, post, _ = trained
+    G, b = data.size("group"), 100
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        full = torch.cat([post.elbo(None, num_particles=64) for _ in range(4)])
+        mini = torch.stack([post.elbo(draw_groups(G, b, gen), num_particles=2).mean() for _ in range(1500)])
+    se = (full.var() / len(full) + mini.var() / len(mini)).sqrt()
+    diff = float(mini.mean() - full.mean())
+    assert abs(diff) < 4 * se, (diff, float(se))
+    # the check has power: a 1% error in the scale of the group terms would be caught
+    assert 4 * se < 0.01 * abs(float(full.mean())), float(se)
+    # without the G / b scaling the estimate is far off
+    sub, _ = post.index.restrict(draw_groups(G, b, gen))
+    with torch.no_grad():
+        unscaled = subsampled_elbo(post.guide, post.q_globals, sub, 1.0, 8).mean()
+    assert abs(float(unscaled - full.mean())) > 100 * se
+
+
+def test_group_posterior_matches_exact_conjugate_posterior(trained) -> None:
+    _, data, post, _ = trained
+    m_mu, s_mu, m_theta, s_theta = _exact(data)
+    theta = post.group_posterior("group", num_draws=50)["theta"]
+    assert theta.mean.shape == (2000,) and theta.sd.shape == (2000,)
+    z = ((theta.mean.double() - m_theta) / s_theta).abs()
+    ratio = theta.sd.double() / s_theta
+    assert float(z.median()) <= 0.1
+    assert 0.9 <= float(ratio.median()) <= 1.1
+    mu = post.sample_globals(4000, seed=0)["mu"]
+    assert abs(float(mu.mean()) - m_mu) < 3 * s_mu
+    assert 0.8 < float(mu.std()) / s_mu < 1.25
+    # joint draws of chosen groups agree with the streamed summary
+    draws = post.sample(400, groups=[7, 3, 1999], seed=1)
+    assert draws["theta"].shape == (400, 3) and draws["mu"].shape == (400,)
+    assert draws.index["group"].tolist() == [3, 7, 1999]
+    sel = draws.index["group"]
+    assert torch.allclose(draws["theta"].mean(0), theta.mean[sel], atol=4 * float(theta.sd[sel].max()) / 20)
+    assert torch.allclose(draws["theta"].std(0), theta.sd[sel], rtol=0.2)
+
+
+def test_three_level_model_streams_every_level() -> None:
+    """Inner-level sites (gathered from drawn parents) and constrained globals run through the same path."""
+    sampler = am.StructureSampler(["district", "school"], groups={"district": (60, 60), "school": (2, 4)}, obs=(2, 5))
+    structure = sampler.sample(torch.Generator().manual_seed(0))
+    a = am.Amortizer(gaussian_3level, sampler, hidden=8, flow_bins=0, seed=0)
+    data = am.simulate(gaussian_3level, a.structure, structure, 1).data
+    data = data.with_response(data.y[0])
+    post = fit_subsampled(a, data, steps=5, groups_per_step=16, pilot_datasets=4, pilot_structures=2)
+    out = post.group_posterior(chunk_size=20, num_draws=8)
+    assert set(out) == {"alpha", "beta"}
+    assert out["alpha"].mean.shape == (60,) and out["beta"].sd.shape == (data.size("school"),)
+    assert all(bool(torch.isfinite(m.mean).all() and (m.sd > 0).all()) for m in out.values())
+    g = post.sample_globals(5)
+    assert set(g) == {"mu", "tau_district", "tau_school", "sigma"} and bool((g["sigma"] > 0).all())
+    draws = post.sample(6, groups=[2, 40])
+    assert draws["alpha"].shape == (6, 2)
+    schools = draws.index["school"]
+    assert draws["beta"].shape == (6, len(schools))
+    assert set(data.parent_index("school")[schools].tolist()) == {2, 40}
+
+
+def test_bench_large_runs_and_writes_results(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("bench_large", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_large"] = mod
+    spec.loader.exec_module(mod)
+    try:
+        rc = mod.main(["--groups", "300", "--steps", "5", "--groups-per-step", "50", "--out", str(tmp_path)])
+    finally:
+        del sys.modules["bench_large"]
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["groups"] == 300 and set(res["phases"]) == {"data", "train", "posterior"}
+    assert "z median" in (tmp_path / "results.md").read_text()
