@@ -333,11 +333,16 @@ def _split(x: torch.Tensor) -> torch.Tensor:
 
 
 def cached_nuts(
-    model: Callable[[HierarchicalData], object], data: HierarchicalData, cache_dir: str | os.PathLike | None, **kwargs
-) -> NUTSResult:
+    model: Callable[[HierarchicalData], object],
+    data: HierarchicalData,
+    cache_dir: str | os.PathLike | None,
+    run: bool = True,
+    **kwargs,
+) -> NUTSResult | None:
     """:func:`run_nuts`, reusing a result stored in ``cache_dir`` for the same model source, data and
     settings (``None``: no cache). Results are stored atomically with a checksum, so an interrupted
-    benchmark never leaves a half-written reference behind."""
+    benchmark never leaves a half-written reference behind. ``run=False``: only a stored result,
+    else None."""
     if cache_dir is None:
         return run_nuts(model, data, **kwargs)
     from ..checkpoint import load_checkpoint, payload_checksum, save_checkpoint
@@ -364,6 +369,8 @@ def cached_nuts(
             return NUTSResult(**{k: v for k, v in ck.items() if k != "format_version"})
         except (CheckpointError, TypeError) as e:
             logger.warning("%s: unusable NUTS cache entry (%s); running NUTS again", path, e)
+    if not run:
+        return None
     res = run_nuts(model, data, **kwargs)
     save_checkpoint(path, dict(vars(res)))
     return res

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--nuts-cache", default="checkpoints/nuts-cache", help="reuse NUTS references ('' : never)")
+    p.add_argument("--cached-only", action="store_true", help="compare only where a NUTS reference is cached")
     p.add_argument("--load", nargs="*", default=[], metavar="MODEL=CHECKPOINT", help="reuse trained checkpoints")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 nuts,
                 progress=progress,
                 nuts_cache=args.nuts_cache or None,
+                cached_only=args.cached_only,
             )
             entry.update(report.to_dict())
             rows = [
@@ -116,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             table = to_markdown(rows, COLUMNS + ["amortized_s", "nuts_s"])
             ok = sum(r["ok"] for r in report.nuts)
+            run = sum(not r.get("not_run") for r in report.nuts)
             head = (
-                f"### {name}: {args.datasets} held-out datasets ({ok} with NUTS passing its checks), "
+                f"### {name}: {run} of {args.datasets} held-out datasets ({ok} with NUTS passing its checks), "
                 f"train {train_s:.0f} s, speed-up {report.speedup:.0f}x\n"
             )
         results["models"][name] = entry

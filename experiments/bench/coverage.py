@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name], text = run_model(name, args, progress)
         md.append(text + "\n")
         print(text, flush=True)
-        atomic_write(f"{args.out}/results.json", lambda fh: fh.write(json.dumps(results, indent=1, default=str).encode()))
+        text_json = json.dumps(results, indent=1, default=str).encode()
+        atomic_write(f"{args.out}/results.json", lambda fh, data=text_json: fh.write(data))
         atomic_write(f"{args.out}/results.md", lambda fh: fh.write("\n".join(md).encode()))
     print(f"\nwritten: {args.out}/results.json, {args.out}/results.md")
     return 0

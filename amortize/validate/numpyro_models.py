@@ -1,0 +1,318 @@
+"""Shipped models written again in NumPyro, and NumPyro NUTS with the same checks as :func:`run_nuts`.
+
+This module is the optional ``bench`` extra (``pip install amortize[bench]``: numpyro and CPU jax).
+It is what a user would otherwise run, for the speed benchmark ``experiments/bench/speed.py``; nothing
+else in the library imports it, so ``import amortize`` never imports jax.
+
+The NumPyro models take the same data arrays as the Pyro models (the group index of every
+observation and the response) and are the same math, site by site: the benchmark's tests check that
+their log densities equal the Pyro models' log joints on the same values and data.
+
+Example:
+    >>> from amortize.validate.numpyro_models import run_numpyro_nuts  # doctest: +SKIP
+    >>> res = run_numpyro_nuts(data, num_warmup=500, num_samples=1000)  # doctest: +SKIP
+    >>> res.summary()  # doctest: +SKIP
+    'NumPyro NUTS (none): 2x1000 draws in 12.5 s (compile 11.8 s); max R-hat 1.010 (theta), ...'
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as ndist
+import torch
+from numpyro import handlers
+from numpyro.infer import MCMC, NUTS
+from numpyro.infer.reparam import LocScaleReparam
+from numpyro.infer.util import log_density as _numpyro_log_density
+
+from ..data import HierarchicalData
+from ..errors import ConfigError, DataError
+from .nuts import chain_diagnostics
+
+__all__ = [
+    "gaussian_2level",
+    "NumPyroModel",
+    "MODELS",
+    "data_arrays",
+    "log_density",
+    "NumPyroNUTSResult",
+    "run_numpyro_nuts",
+]
+
+
+def gaussian_2level(group: jax.Array, n_groups: int, y: jax.Array | None = None) -> None:
+    """:func:`amortize.models.gaussian_2level` in NumPyro: mu ~ N(0, 3), tau ~ HalfNormal(1),
+    sigma ~ HalfNormal(1), theta_g ~ N(mu, tau), y_i ~ N(theta[group_i], sigma).
+
+    Args:
+        group: group index of every observation ``[N]`` (0..n_groups-1), as ``data.index("group")``.
+        n_groups: number of groups (static: it sets the shape of ``theta``).
+        y: the response ``[N]`` (None: simulate it).
+    """
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 3.0))
+    tau = numpyro.sample("tau", ndist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", ndist.HalfNormal(1.0))
+    with numpyro.plate("group", n_groups):
+        theta = numpyro.sample("theta", ndist.Normal(mu, tau))
+    with numpyro.plate("obs", group.shape[0]):
+        numpyro.sample("y", ndist.Normal(theta[group], sigma), obs=y)
+
+
+@dataclass(frozen=True)
+class NumPyroModel:
+    """A NumPyro model ``fn(group, n_groups, y)``, its latent sites and the loc-scale ones non-centering decenters."""
+
+    fn: Callable[..., None]
+    latents: tuple[str, ...]
+    loc_scale: tuple[str, ...]
+
+
+# the Pyro model's name in amortize.models -> its NumPyro version
+MODELS: dict[str, NumPyroModel] = {
+    "gaussian_2level": NumPyroModel(gaussian_2level, ("mu", "tau", "sigma", "theta"), ("mu", "theta")),
+}
+
+
+def data_arrays(data: HierarchicalData) -> tuple[jax.Array, int, jax.Array]:
+    """``(group, n_groups, y)`` of a one-level dataset as jax arrays (int32 index, float32 response).
+
+    Raises:
+        DataError: not one dataset with a response on a single level.
+    """
+    if len(data.levels) != 1:
+        raise DataError(f"data_arrays: the NumPyro models have one plate level, the data has {list(data.levels)}")
+    if data.y is None or data.y.dim() != 1:
+        shape = None if data.y is None else tuple(data.y.shape)
+        raise DataError(f"data_arrays: need one dataset with response '{data.response}' of shape [N], got {shape}")
+    level = data.levels[0]
+    group = jnp.asarray(data.index(level).cpu().numpy().astype(np.int32))
+    y = jnp.asarray(data.y.detach().cpu().numpy().astype(np.float32))
+    return group, data.size(level), y
+
+
+def _model(name: str) -> NumPyroModel:
+    if name not in MODELS:
+        raise ConfigError(f"no NumPyro version of model '{name}' (known: {sorted(MODELS)})")
+    return MODELS[name]
+
+
+def log_density(values: Mapping[str, torch.Tensor], data: HierarchicalData, model: str = "gaussian_2level") -> float:
+    """The NumPyro model's log joint ``log p(y, z)`` at latent ``values`` (constrained, site -> tensor).
+
+    Equals the Pyro model's ``poutine.trace(poutine.condition(model, values)).get_trace(data).log_prob_sum()``
+    (float32 arithmetic on both sides).
+    """
+    group, n_groups, y = data_arrays(data)
+    params = {k: jnp.asarray(v.detach().cpu().numpy()) for k, v in values.items()}
+    lp, _ = _numpyro_log_density(_model(model).fn, (group, n_groups, y), {}, params)
+    return float(lp)
+
+
+@dataclass
+class NumPyroNUTSResult:
+    """Draws, diagnostics and timings of one NumPyro NUTS run (all chains pooled, chain-major).
+
+    Attributes:
+        samples: latent site -> ``[chains * num_samples, *site_shape]`` (torch, float32).
+        r_hat: site -> max over elements of the rank-normalized split R-hat (as :func:`run_nuts`).
+        ess_bulk: site -> min over elements of the bulk effective sample size.
+        divergences: divergent transitions after warmup, all chains.
+        seconds: wall time of everything, both parameterizations when the first failed its checks.
+        compile_seconds: the part of ``seconds`` spent tracing and compiling (JAX's own compile
+            events, overlapping spans merged).
+        parameterization: ``"none"`` (as written) or ``"noncentered"`` (the kept run).
+        ok: R-hat, ESS and divergence checks all passed.
+        num_chains: chains pooled in ``samples``.
+    """
+
+    samples: dict[str, torch.Tensor]
+    r_hat: dict[str, float]
+    ess_bulk: dict[str, float]
+    divergences: int
+    seconds: float
+    compile_seconds: float
+    parameterization: str
+    ok: bool
+    num_chains: int
+
+    @property
+    def run_seconds(self) -> float:
+        """Wall time without tracing and compiling: what a second dataset of the same shape costs."""
+        return max(0.0, self.seconds - self.compile_seconds)
+
+    def summary(self) -> str:
+        """One line: parameterization, draws, times, worst R-hat and ESS, divergences, verdict."""
+        n = next(iter(self.samples.values())).shape[0] // max(self.num_chains, 1)
+        worst_r = max(self.r_hat, key=self.r_hat.__getitem__)
+        worst_e = min(self.ess_bulk, key=self.ess_bulk.__getitem__)
+        return (
+            f"NumPyro NUTS ({self.parameterization}): {self.num_chains}x{n} draws in {self.seconds:.1f} s "
+            f"(compile {self.compile_seconds:.1f} s); max R-hat {self.r_hat[worst_r]:.3f} ({worst_r}), "
+            f"min bulk ESS {self.ess_bulk[worst_e]:.0f} ({worst_e}), {self.divergences} divergences: "
+            f"{'ok' if self.ok else 'NOT ok'}"
+        )
+
+
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+@contextmanager
+def _compile_time() -> Iterator[list[float]]:
+    """Collects JAX's trace/lower/compile spans; on exit the list holds their merged length in seconds
+    (nested spans, such as the trace of an inner jit during the outer one, count once)."""
+    spans: list[tuple[float, float]] = []
+    total: list[float] = []
+
+    def listener(event: str, start: float, end: float, **kwargs: object) -> None:
+        if event in _COMPILE_EVENTS:
+            spans.append((start, end))
+
+    jax.monitoring.register_event_time_span_listener(listener)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_time_span_listener(listener)
+        merged, cur_start, cur_end = 0.0, None, None
+        for s, e in sorted(spans):
+            if cur_end is None or s > cur_end:
+                merged += 0.0 if cur_end is None else cur_end - cur_start
+                cur_start, cur_end = s, e
+            else:
+                cur_end = max(cur_end, e)
+        merged += 0.0 if cur_end is None else cur_end - cur_start
+        total.append(merged)
+
+
+def run_numpyro_nuts(
+    data: HierarchicalData,
+    model: str = "gaussian_2level",
+    *,
+    num_warmup: int = 500,
+    num_samples: int = 1000,
+    num_chains: int = 2,
+    seed: int = 0,
+    reparam: str = "auto",
+    target_accept: float = 0.9,
+    max_tree_depth: int = 10,
+    chain_method: str = "sequential",
+    max_rhat: float = 1.01,
+    min_ess: float = 100.0,
+) -> NumPyroNUTSResult:
+    """NumPyro NUTS on the NumPyro version of a shipped model, with :func:`run_nuts`'s settings and checks.
+
+    With ``reparam="auto"`` the model runs as written first and, if R-hat, ESS or divergences fail,
+    again with its loc-scale latents non-centered (as :func:`~amortize.validate.nuts.run_nuts`);
+    ``seconds`` then counts both runs, since a user would have run both.
+
+    Every call traces and compiles afresh; ``compile_seconds`` says how much of ``seconds`` that was,
+    and ``run_seconds`` is the rest.
+
+    Args:
+        data: one dataset (``data.y`` of shape ``[N]``).
+        model: name of the shipped model (a key of :data:`MODELS`).
+        num_warmup: warmup iterations per chain.
+        num_samples: kept draws per chain.
+        num_chains: chains (``chain_method`` ``"sequential"`` or ``"vectorized"``).
+        seed: PRNG seed.
+        reparam: ``"auto"``, ``"none"`` or ``"noncentered"``.
+        target_accept: NUTS target acceptance probability.
+        max_tree_depth: NUTS maximum tree depth.
+        chain_method: how chains run on one device.
+        max_rhat: ``ok`` needs every R-hat below this.
+        min_ess: ``ok`` needs every bulk ESS at least this.
+
+    Raises:
+        ConfigError: an unknown model, ``reparam`` or ``chain_method``, or fewer than 4 draws per chain.
+        DataError: not one dataset with a response.
+    """
+    spec = _model(model)
+    if reparam not in ("auto", "none", "noncentered"):
+        raise ConfigError(f"run_numpyro_nuts: reparam must be 'auto', 'none' or 'noncentered', got {reparam!r}")
+    if chain_method not in ("sequential", "vectorized"):
+        raise ConfigError(f"run_numpyro_nuts: chain_method must be 'sequential' or 'vectorized', got {chain_method!r}")
+    if num_samples < 4:
+        raise ConfigError(f"run_numpyro_nuts: num_samples must be at least 4 for split R-hat, got {num_samples}")
+    args = data_arrays(data)
+    settings = (num_warmup, num_samples, num_chains, seed, target_accept, max_tree_depth, chain_method)
+    thresholds = (max_rhat, min_ess)
+    seconds, compile_s = 0.0, 0.0
+    tried: list[NumPyroNUTSResult] = []
+    for noncentered in {"none": [False], "noncentered": [True], "auto": [False, True]}[reparam]:
+        mcmc = _mcmc(spec, noncentered, args[1], settings)
+        with _compile_time() as spent:
+            t0 = time.perf_counter()
+            mcmc.run(jax.random.PRNGKey(seed), args[0], y=args[2])
+            by_chain = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))  # site -> [C, S, *shape]
+            seconds += time.perf_counter() - t0
+        compile_s += spent[0]
+        divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
+        res = _result(spec, by_chain, divergences, noncentered, num_chains, thresholds)
+        tried.append(res)
+        if res.ok:
+            break
+    best = tried[-1] if tried[-1].ok else min(tried, key=lambda r: (r.divergences, max(r.r_hat.values())))
+    best.seconds = seconds
+    best.compile_seconds = min(compile_s, seconds)
+    return best
+
+
+def _mcmc(spec: NumPyroModel, noncentered: bool, n_groups: int, settings: tuple) -> MCMC:
+    """An MCMC object for ``spec.fn`` with ``n_groups`` fixed (the plate size is static), called as
+    ``mcmc.run(key, group, y=y)``; loc-scale latents non-centered when asked."""
+    num_warmup, num_samples, num_chains, _, target_accept, max_tree_depth, chain_method = settings
+    run_fn = functools.partial(spec.fn, n_groups=n_groups)
+    if noncentered:
+        run_fn = handlers.reparam(run_fn, config={name: LocScaleReparam(centered=0.0) for name in spec.loc_scale})
+    kernel = NUTS(run_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth)
+    return MCMC(
+        kernel,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method=chain_method,
+        progress_bar=False,
+    )
+
+
+def _result(
+    spec: NumPyroModel,
+    by_chain: Mapping[str, jax.Array],
+    divergences: int,
+    noncentered: bool,
+    num_chains: int,
+    thresholds: tuple[float, float],
+) -> NumPyroNUTSResult:
+    """The model's own sites as torch draws, with R-hat, ESS and the verdict (timings filled in by the caller)."""
+    draws = {k: torch.from_numpy(np.array(by_chain[k], dtype=np.float32)) for k in spec.latents}
+    r_hat: dict[str, float] = {}
+    ess: dict[str, float] = {}
+    for name, x in draws.items():
+        rh, es = chain_diagnostics(x)
+        r_hat[name] = float(rh.nan_to_num(nan=float("inf")).max())
+        ess[name] = float(es.nan_to_num(nan=0.0).min())
+    max_rhat, min_ess = thresholds
+    ok = all(v < max_rhat for v in r_hat.values()) and all(v >= min_ess for v in ess.values()) and divergences == 0
+    return NumPyroNUTSResult(
+        samples={k: v.reshape(-1, *v.shape[2:]) for k, v in draws.items()},
+        r_hat=r_hat,
+        ess_bulk=ess,
+        divergences=divergences,
+        seconds=0.0,
+        compile_seconds=0.0,
+        parameterization="noncentered" if noncentered else "none",
+        ok=ok,
+        num_chains=num_chains,
+    )
