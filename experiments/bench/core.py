@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "models": {},
     }
-    md = [f"Measured {results['date']} on {results['machine']}; {args.steps} NPE steps x {args.batch_size} datasets.\n"]
+    md = [f"Measured {results['date']} on {results['machine']}.\n"]
     for name in args.models:
         load = dict(item.split("=", 1) for item in args.load)
         amortizer, train_s = train(name, args.steps, args.batch_size, args.out, args.seed, progress, load)
-        entry: dict = {"train_seconds": train_s}
+        entry: dict = {"train_seconds": train_s, "steps": amortizer.step}
         if name == "eight_schools":
             entry.update(eight_schools_vs_reference(amortizer, 4000))
             keys = ("z", "sd_ratio", "covered90", "w1", "z_corrected", "sd_ratio_corrected")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             run = sum(not r.get("not_run") for r in report.nuts)
             head = (
                 f"### {name}: {run} of {args.datasets} held-out datasets ({ok} with NUTS passing its checks), "
-                f"train {train_s:.0f} s, speed-up {report.speedup:.0f}x\n"
+                f"{amortizer.step} NPE steps (train {train_s:.0f} s), speed-up {report.speedup:.0f}x\n"
             )
         results["models"][name] = entry
         md.append(head + "\n" + table + "\n")
