@@ -36,7 +36,7 @@ from numpyro.infer.util import log_density as _numpyro_log_density
 
 from ..data import HierarchicalData
 from ..errors import ConfigError, DataError
-from .nuts import chain_diagnostics
+from .nuts import NUTSResult, chain_diagnostics
 
 __all__ = [
     "gaussian_2level",
@@ -118,31 +118,13 @@ def log_density(values: Mapping[str, torch.Tensor], data: HierarchicalData, mode
 
 
 @dataclass
-class NumPyroNUTSResult:
-    """Draws, diagnostics and timings of one NumPyro NUTS run (all chains pooled, chain-major).
+class NumPyroNUTSResult(NUTSResult):
+    """A :class:`~amortize.validate.nuts.NUTSResult` of NumPyro's NUTS (samples as torch float32;
+    ``seconds`` covers both parameterizations when the first failed its checks), plus
+    ``compile_seconds``: the part of ``seconds`` spent tracing and compiling (JAX's own compile
+    events, overlapping spans merged)."""
 
-    Attributes:
-        samples: latent site -> ``[chains * num_samples, *site_shape]`` (torch, float32).
-        r_hat: site -> max over elements of the rank-normalized split R-hat (as :func:`run_nuts`).
-        ess_bulk: site -> min over elements of the bulk effective sample size.
-        divergences: divergent transitions after warmup, all chains.
-        seconds: wall time of everything, both parameterizations when the first failed its checks.
-        compile_seconds: the part of ``seconds`` spent tracing and compiling (JAX's own compile
-            events, overlapping spans merged).
-        parameterization: ``"none"`` (as written) or ``"noncentered"`` (the kept run).
-        ok: R-hat, ESS and divergence checks all passed.
-        num_chains: chains pooled in ``samples``.
-    """
-
-    samples: dict[str, torch.Tensor]
-    r_hat: dict[str, float]
-    ess_bulk: dict[str, float]
-    divergences: int
-    seconds: float
-    compile_seconds: float
-    parameterization: str
-    ok: bool
-    num_chains: int
+    compile_seconds: float = 0.0
 
     @property
     def run_seconds(self) -> float:
