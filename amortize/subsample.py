@@ -59,7 +59,7 @@ from .errors import DataError, TrainingError
 from .posterior import Posterior
 from .simulate import Simulation, simulate
 from .structure import DATASETS, DRAWS, ModelStructure
-from .train import TrainConfig, _lr_factor, pilot_fit
+from .train import TrainConfig, lr_factor, pilot_fit
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
@@ -428,7 +428,7 @@ def fit_subsampled(
         bar = tqdm(range(cfg.steps), disable=not progress, desc="train (subsampled elbo)", leave=False)
         for step in bar:
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, cfg)
+                group["lr"] = cfg.lr * lr_factor(step, cfg)
             groups = next(batches)
             sub, _ = index.restrict(groups)
             sub = sub.to(device, dtype)

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .amortizer import Amortizer
     from .simulate import Simulation
 
-__all__ = ["TrainConfig", "train", "pilot_fit", "batch_loss", "local_step", "StepFn"]
+__all__ = ["TrainConfig", "train", "pilot_fit", "lr_factor", "batch_loss", "local_step", "StepFn"]
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("npe", "elbo", "iwae")
@@ -74,7 +74,8 @@ class TrainConfig:
         return asdict(self)
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning-rate multiplier at ``step``: linear warm-up, then cosine down to ``lr_final_ratio``."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -217,7 +218,7 @@ def train(
         with _deferred_interrupt() as interrupt:
             for step in bar:
                 for g in opt.param_groups:
-                    g["lr"] = cfg.lr * _lr_factor(step, cfg)
+                    g["lr"] = cfg.lr * lr_factor(step, cfg)
                 value = step_fn(amortizer, cfg, gen)  # loss; its gradients are in the parameters
                 finite = math.isfinite(value)
                 if finite:
