@@ -33,6 +33,15 @@ def small_sampler():
     return am.StructureSampler(["group"], groups={"group": (3, 8)}, obs=(2, 6))
 
 
+@pytest.fixture(scope="module")
+def amortizer():
+    """A briefly trained amortizer of ``normal_known`` (test modules may define their own)."""
+    sampler = am.StructureSampler(["group"], groups={"group": (3, 8)}, obs=(2, 6))
+    a = am.Amortizer(normal_known, sampler, hidden=16)
+    a.fit(steps=20, batch_size=16, progress=False)
+    return a
+
+
 @pytest.fixture
 def small_data(small_sampler):
     d = small_sampler.sample(torch.Generator().manual_seed(1))

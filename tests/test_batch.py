@@ -11,16 +11,6 @@ from amortize.batch import PosteriorBatch, same_structure
 from amortize.errors import DataError
 from amortize.posterior import CorrectedDraws
 
-from .conftest import normal_known
-
-
-@pytest.fixture(scope="module")
-def amortizer():
-    sampler = am.StructureSampler(["group"], groups={"group": (3, 8)}, obs=(2, 6))
-    a = am.Amortizer(normal_known, sampler, hidden=16)
-    a.fit(steps=20, batch_size=16, progress=False)
-    return a
-
 
 def frame(ids: list, y: list[float]) -> am.HierarchicalData:
     return am.HierarchicalData.from_frame({"group": ids, "y": y}, levels=["group"], response="y")

@@ -3,16 +3,6 @@ import torch
 
 import amortize as am
 
-from .conftest import normal_known
-
-
-@pytest.fixture(scope="module")
-def amortizer():
-    sampler = am.StructureSampler(["group"], groups={"group": (3, 8)}, obs=(2, 6))
-    a = am.Amortizer(normal_known, sampler, hidden=16)
-    a.fit(steps=20, batch_size=16, progress=False)
-    return a
-
 
 def frame_data():
     return am.HierarchicalData.from_frame(
