@@ -323,6 +323,25 @@ class HierarchicalData:
         new._index_cache = {}
         return new
 
+    def skeleton(self) -> HierarchicalData:
+        """The same groups with one observation each (the first row of every innermost group).
+
+        Drawing from the guide runs the model for its conditional priors only; on the skeleton its
+        likelihood line costs one row per group instead of N (see :mod:`amortize.posterior`).
+        """
+        G = self.size(self.levels[-1])
+        first = torch.full((G,), self.n_obs, dtype=torch.long, device=self.group.device)
+        first = first.scatter_reduce(0, self.group, torch.arange(self.n_obs, device=self.group.device), "amin")
+        new = self.with_response(None)
+        new.group = torch.arange(G, device=self.group.device)
+        new.y = None if self.y is None else self.y[..., first]
+        new.covariates = {
+            lvl: ({k: v[first] for k, v in cols.items()} if lvl == OBS else dict(cols))
+            for lvl, cols in self.covariates.items()
+        }
+        new._index_cache = {}
+        return new
+
     def structure_signature(self) -> dict[str, Any]:
         """What a model needs of a dataset: levels and covariate names per level."""
         return {

@@ -138,13 +138,16 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         num_draws: int = 1,
         truth: dict[str, torch.Tensor] | None = None,
         encoded: dict[str, Any] | None = None,
+        model_data: HierarchicalData | None = None,
     ) -> dict[str, torch.Tensor]:
         """Draw ``num_draws`` joint posterior samples for each dataset in ``data`` (or score
         ``truth``, values in the batched layout); returns every sample site's value.
-        ``encoded``: :meth:`encode` of ``data``, computed once for several calls."""
+        ``encoded``: :meth:`encode` of ``data``, computed once for several calls.
+        ``model_data``: what the model runs on for its priors (``data.skeleton()`` where
+        :func:`~amortize.structure.priors_free_of_rows`); ``data`` by default."""
         self._state = {"truth": truth, "u": None, **(self.encode(data) if encoded is None else encoded)}
         try:
-            return super().__call__(data, num_draws)
+            return super().__call__(data if model_data is None else model_data, num_draws)
         finally:
             self._state = None
 

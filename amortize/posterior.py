@@ -16,6 +16,7 @@ import torch
 
 from .data import OBS, HierarchicalData, magnitude_limit
 from .errors import DataError
+from .structure import priors_free_of_rows
 from .validate.psis import K_THRESHOLD, psis
 from .validate.ranges import value_flags
 
@@ -60,6 +61,7 @@ class Posterior:
         dtype = next(amortizer.guide.parameters()).dtype
         self._check(data, dtype)
         self.data = data.to(amortizer.device, dtype=dtype)  # float data of another precision is cast
+        self._skeleton: HierarchicalData | None = None
 
     def _check(self, data: HierarchicalData, dtype: torch.dtype) -> None:
         """Refuse, before any network runs, a dataset whose structure is not the model's or whose
@@ -108,6 +110,14 @@ class Posterior:
                 raise DataError(f"{what}: NaN or infinite values")
             if float(t.abs().max()) > limit:
                 raise DataError(f"{what}: values too large for the network's {dtype} (limit {limit:.2g}); rescale them")
+
+    def _drawing_data(self) -> HierarchicalData:
+        """What the model runs on while drawing: the skeleton (one row per group) when the model's
+        priors do not read its rows, so a draw costs O(groups), not O(rows); the data otherwise."""
+        if self._skeleton is None:
+            free = priors_free_of_rows(self.amortizer.model, self.data)
+            self._skeleton = self.data.skeleton() if free else self.data
+        return self._skeleton
 
     @property
     def batch_size(self) -> int | None:
@@ -185,14 +195,15 @@ class Posterior:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         am, st = self.amortizer, self.amortizer.structure
         B = self.data.batch_size or 1
-        width = B * (self.data.n_obs + sum(self.data.sizes.values()))
+        model_data = self.data if with_weights else self._drawing_data()
+        width = B * (model_data.n_obs + sum(self.data.sizes.values()))
         chunk = max(1, min(num_samples, int(CHUNK_ELEMENTS // max(1, width))))
         out: dict[str, list[torch.Tensor]] = {s.name: [] for s in st.latents}
         lws: list[torch.Tensor] = []
         am.guide.eval()
         # drawing scores nothing, so Pyro's argument checks (on tensors as large as the data, once
         # per draw: a third of the time) are skipped; log p(y, z) for weights keeps them
-        encoded = am.guide.encode(self.data) if chunk < num_samples else None  # once for all chunks
+        encoded = am.guide.encode(self.data)  # once for all chunks
         with contextlib.nullcontext() if with_weights else pyro.validation_enabled(False):
             for start in range(0, num_samples, chunk):
                 n = min(chunk, num_samples - start)
@@ -200,7 +211,7 @@ class Posterior:
                     log_p, log_q, values = am.guide.log_weights(self.data, n, encoded=encoded)
                     lws.append(log_p - log_q)
                 else:
-                    values = am.guide(self.data, n, encoded=encoded)
+                    values = am.guide(self.data, n, encoded=encoded, model_data=model_data)
                 for s in st.latents:
                     v = st.to_user(s, values[s.name])  # [n, B, *site_shape]
                     out[s.name].append(v if self.data.batch_size else v.squeeze(1))

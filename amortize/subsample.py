@@ -58,7 +58,7 @@ from .data import OBS, HierarchicalData
 from .errors import DataError, TrainingError
 from .posterior import Posterior
 from .simulate import Simulation, simulate
-from .structure import DATASETS, DRAWS, ModelStructure
+from .structure import DATASETS, DRAWS, ModelStructure, priors_free_of_rows
 from .train import TrainConfig, lr_factor, pilot_fit
 
 if TYPE_CHECKING:
@@ -537,6 +537,7 @@ class LargePosterior:
         self.device = device
         self.dtype = next(guide.parameters()).dtype
         self.history = history
+        self._rows_free: bool | None = None
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{lvl}={n}" for lvl, n in self.data.sizes.items())
@@ -567,6 +568,13 @@ class LargePosterior:
 
     # ------------------------------------------------------------------ draws
     @torch.no_grad()
+    def _skeleton(self, sub: HierarchicalData) -> HierarchicalData | None:
+        """One row per group for the model's priors while drawing, when its priors ignore rows
+        (checked once, see :meth:`Posterior._drawing_data`); None: the model runs on ``sub``."""
+        if self._rows_free is None:
+            self._rows_free = priors_free_of_rows(self.guide.model, sub)
+        return sub.skeleton() if self._rows_free else None
+
     def sample(self, num_samples: int, groups: Any, seed: int | None = None) -> GroupDraws:
         """Joint draws of the globals and of chosen outermost ``groups`` with their descendants.
 
@@ -591,7 +599,12 @@ class LargePosterior:
                 pad = rest[torch.randperm(len(rest))[: self.groups_per_step - k]]
             sub, kept = self._subset(torch.cat([chosen, pad]))
             with pyro.validation_enabled(False):
-                values = self.guide(sub, int(num_samples), encoded=encode(self.guide, self.q_globals, sub))
+                values = self.guide(
+                    sub,
+                    int(num_samples),
+                    encoded=encode(self.guide, self.q_globals, sub),
+                    model_data=self._skeleton(sub),
+                )
         keep = _selected(sub, kept, chosen)
         out = GroupDraws()
         for s in self.structure.latents:
@@ -653,7 +666,12 @@ class LargePosterior:
             for c in bar:
                 sub, kept = self._subset(order[bounds[c] : bounds[c + 1]])
                 with pyro.validation_enabled(False):
-                    values = self.guide(sub, int(num_draws), encoded=encode(self.guide, self.q_globals, sub))
+                    values = self.guide(
+                        sub,
+                        int(num_draws),
+                        encoded=encode(self.guide, self.q_globals, sub),
+                        model_data=self._skeleton(sub),
+                    )
                     _, guide_trace = self.guide.get_traces()
                 for s in sites:
                     m, v = _moments(st, s, guide_trace.nodes[s.name]["fn"], values[s.name])

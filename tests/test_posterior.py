@@ -1,7 +1,11 @@
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
 import amortize as am
+
+from .conftest import normal_known
 
 
 def frame_data():
@@ -60,3 +64,52 @@ def test_out_of_range_structure_is_flagged(amortizer):
     data = big.with_response(torch.randn(big.n_obs))
     diag = amortizer.posterior(data).diagnostics(num_samples=200)
     assert any("group" in f for f in diag["flags"]) and not diag["ok"]
+
+
+def test_skeleton_keeps_groups_and_first_rows():
+    d = am.HierarchicalData(
+        ["school", "class"],
+        parents={"class": [0, 0, 1]},
+        group=[2, 0, 0, 1, 2, 1],
+        y=torch.arange(12.0).reshape(2, 6),
+        covariates={"obs": {"x": [10.0, 11, 12, 13, 14, 15]}, "class": {"size": [1.0, 2, 3]}},
+    )
+    sk = d.skeleton()
+    assert sk.sizes == d.sizes and sk.n_obs == 3
+    assert sk.group.tolist() == [0, 1, 2]
+    assert sk.x["x"].tolist() == [11.0, 13, 10]  # first row of classes 0, 1, 2
+    assert sk.y.tolist() == [[1.0, 3, 0], [7.0, 9, 6]]
+    assert torch.equal(sk.x["size"], d.x["size"]) and torch.equal(sk.parents["class"], d.parents["class"])
+
+
+def _reads_rows(data):
+    """Group prior centred on each group's mean of a row covariate: the priors need every row."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    n = data.counts("group")
+    xbar = torch.zeros(data.size("group")).index_add_(0, data.index("group"), data.x["x"]) / n
+    with pyro.plate("group", data.size("group")):
+        theta = pyro.sample("theta", dist.Normal(mu + xbar, 1.0))
+    with pyro.plate("obs", data.n_obs):
+        pyro.sample("y", dist.Normal(theta[..., data.index("group")], 0.5), obs=data.y)
+
+
+def test_drawing_runs_the_model_on_the_skeleton_only_when_priors_ignore_rows(amortizer, small_data):
+    assert am.structure.priors_free_of_rows(normal_known, small_data)
+    p = amortizer.posterior(small_data)
+    assert p._drawing_data().n_obs == small_data.size("group") < small_data.n_obs
+    fast = p.sample(300, seed=3)
+    p._skeleton = p.data  # the full data: the same draws, bit for bit
+    full = p.sample(300, seed=3)
+    assert all(torch.equal(fast[k], full[k]) for k in fast)
+
+    x = small_data.with_response(small_data.y)
+    x.covariates = {"obs": {"x": torch.linspace(-3, 3, x.n_obs)}}
+    x.covariate_level = {"x": "obs"}
+    assert not am.structure.priors_free_of_rows(_reads_rows, x)
+    sampler = am.StructureSampler(
+        ["group"], groups={"group": (3, 8)}, obs=(2, 6), covariates={"obs": {"x": {"dist": "normal"}}}
+    )
+    a = am.Amortizer(_reads_rows, sampler, hidden=8)
+    q = a.posterior(x)
+    assert q._drawing_data() is q.data
+    assert q.sample(5)["theta"].shape == (5, x.size("group"))
