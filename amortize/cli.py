@@ -244,8 +244,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = ([args.config] if args.config else []) + overrides
         cfg, _, amortizer = load_run(args.resume, overrides, with_sampler=True)
         run = Path(args.resume)
-        if amortizer.step >= cfg.train.steps:
-            print(f"{run}: already at step {amortizer.step} (train.steps={cfg.train.steps}); pass train.steps=N")
+        if amortizer.step >= cfg.train.total_steps:
+            print(
+                f"{run}: already at step {amortizer.step} (train.steps={cfg.train.steps},"
+                f" train.refine_steps={cfg.train.refine_steps}); pass train.steps=N or train.refine_steps=N"
+            )
             return 0
     else:
         if not args.config or "=" in args.config:

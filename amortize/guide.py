@@ -189,10 +189,12 @@ class AmortizedGuide(GuideMessenger, nn.Module):
                 return q
             return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=1)
         if g is not None:  # precision-weighted product of prior and data term
-            prec0, prec = g[1].pow(-2), scale.pow(-2)
-            total = prec0 + prec
-            loc = (g[0] * prec0 + loc * prec) / total
-            scale = total.rsqrt()
+            # in weights of the two scales (hypot: no overflow), so a prior scale that underflows to 0
+            # (a drawn tau near 0) gives the prior's loc, and one that is huge gives the data term
+            r = torch.hypot(g[1], scale)
+            w0, w = (scale / r).pow(2), (g[1] / r).pow(2)
+            loc = g[0] * w0 + loc * w
+            scale = (g[1] * (scale / r)).clamp_min(torch.finfo(scale.dtype).tiny)
         ushape = site.unconstrained_shape
         loc = loc.reshape(*loc.shape[:-1], *ushape)
         scale = scale.reshape(*scale.shape[:-1], *ushape)

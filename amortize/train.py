@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -57,6 +57,11 @@ class TrainConfig:
     clip_norm: float = 5.0
     objective: str = "npe"
     num_particles: int = 8  # for elbo / iwae
+    # hybrid training: after ``steps`` of ``objective``, ``refine_steps`` of ``refine_objective`` at
+    # ``refine_lr`` (cosine down to a tenth); e.g. NPE then the ELBO, which trims the flow's tails
+    refine_steps: int = 0
+    refine_objective: str = "elbo"
+    refine_lr: float = 5e-4
     pilot_structures: int = 16  # structures x batch_size datasets fit the input/output scalers
     log_every: int = 25
     checkpoint_every: int = 500
@@ -64,18 +69,37 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective: '{self.objective}' is not one of {OBJECTIVES}")
+        for key in ("objective", "refine_objective"):
+            if getattr(self, key) not in OBJECTIVES:
+                raise ConfigError(f"{key}: '{getattr(self, key)}' is not one of {OBJECTIVES}")
         for key in ("steps", "batch_size", "num_particles"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if int(self.refine_steps) < 0:
+            raise ConfigError(f"refine_steps: must be >= 0, got {self.refine_steps}")
+
+    @property
+    def total_steps(self) -> int:
+        """``steps`` plus ``refine_steps``: where training ends."""
+        return int(self.steps) + int(self.refine_steps)
+
+    def at(self, step: int) -> TrainConfig:
+        """The settings step ``step`` runs with: this config, or in the refinement phase the same
+        with ``objective = refine_objective``."""
+        if step < self.steps or self.refine_objective == self.objective:
+            return self
+        return replace(self, objective=self.refine_objective)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """The learning-rate multiplier at ``step``: linear warm-up, then cosine down to ``lr_final_ratio``."""
+    """The learning-rate multiplier at ``step``: linear warm-up, then cosine down to ``lr_final_ratio``;
+    in the refinement phase cosine from ``refine_lr`` down to a tenth of it."""
+    if step >= cfg.steps:
+        t = (step - cfg.steps) / max(1, cfg.refine_steps)
+        return cfg.refine_lr / cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -169,10 +193,11 @@ def train(
     step_fn: StepFn | None = None,
     is_main: bool = True,
 ) -> list[dict[str, float]]:
-    """Run optimization steps from ``amortizer.step`` up to ``cfg.steps`` (resumes where it stopped).
+    """Run optimization steps from ``amortizer.step`` up to ``cfg.total_steps`` (resumes where it
+    stopped): ``cfg.steps`` of ``cfg.objective``, then ``cfg.refine_steps`` of ``cfg.refine_objective``.
 
     ``stop_at`` ends the run earlier, after that step, without changing the learning-rate schedule
-    (which always spans ``cfg.steps``): a later call continues exactly where this one stopped.
+    (which always spans ``cfg.total_steps``): a later call continues exactly where this one stopped.
 
     A step whose loss or gradient is not finite is skipped and logged; ``cfg.max_bad_steps`` in a
     row stop the run. Ctrl-C finishes the current step, saves a checkpoint and re-raises
@@ -197,7 +222,7 @@ def train(
     checkpoint_path = checkpoint_path if is_main else None
     progress = progress and is_main
     log_dir = log_dir if is_main else None
-    end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
+    end = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
     if amortizer.step == 0 and not amortizer.pilot_done:
         pilot_fit(amortizer, cfg, gen)
         amortizer.pilot_done = True
@@ -219,7 +244,7 @@ def train(
             for step in bar:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step, cfg)
-                value = step_fn(amortizer, cfg, gen)  # loss; its gradients are in the parameters
+                value = step_fn(amortizer, cfg.at(step), gen)  # loss; its gradients are in the parameters
                 finite = math.isfinite(value)
                 if finite:
                     gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), cfg.clip_norm)
@@ -252,7 +277,7 @@ def train(
                     running = value if running is None else 0.95 * running + 0.05 * value
                     if callback:
                         callback(step, value)
-                    if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.steps, cfg.total_steps):
                         rate = seen / (time.perf_counter() - t0)
                         rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"]}
                         rec.update(grad_norm=float(gnorm), datasets_per_s=rate)

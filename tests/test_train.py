@@ -74,6 +74,24 @@ def test_reverse_kl_objectives_run_and_are_finite(small_sampler, objective):
     assert hist[-1]["loss"] < hist[0]["loss"]
 
 
+def test_refinement_phase_switches_objective_and_rate(small_sampler, monkeypatch):
+    from amortize import train as train_mod
+
+    seen = []
+    real = train_mod.batch_loss
+    monkeypatch.setattr(train_mod, "batch_loss", lambda a, cfg, sim: (seen.append(cfg.objective), real(a, cfg, sim))[1])
+    a = am.Amortizer(normal_known, small_sampler, hidden=16)
+    hist = a.fit(steps=6, refine_steps=4, refine_lr=1e-4, batch_size=8, num_particles=2, log_every=2, progress=False)
+    assert seen == ["npe"] * 6 + ["elbo"] * 4 and a.step == 10
+    cfg = a.config
+    assert train_mod.lr_factor(6, cfg) * cfg.lr == pytest.approx(1e-4)  # refinement starts at refine_lr
+    assert hist[-1]["lr"] < 1e-4 and hist[-1]["step"] == 10
+    with pytest.raises(ConfigError, match="refine_objective"):
+        a.fit(refine_objective="kl")
+    with pytest.raises(ConfigError, match="refine_steps"):
+        a.fit(refine_steps=-1)
+
+
 def test_fit_rejects_unknown_options(small_sampler):
     a = am.Amortizer(normal_known, small_sampler, hidden=16)
     with pytest.raises(ConfigError, match="unknown option"):
