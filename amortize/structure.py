@@ -18,7 +18,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import Transform
 
 from .data import HierarchicalData
@@ -64,10 +64,20 @@ class LatentSite:
         u = u.reshape(*u.shape[:-1], *self.unconstrained_shape)
         value = self.transform(u)
         ladj = self.transform.log_abs_det_jacobian(u, value)
+        if _bounded_at_zero(self.support):  # exp(u) underflows to 0 far in q's left tail
+            value = value.clamp_min(torch.finfo(value.dtype).tiny)
         extra = len(self.event_shape) - self.transform.codomain.event_dim
         if extra > 0:
             ladj = ladj.sum(tuple(range(-extra, 0)))
         return value, ladj
+
+
+def _bounded_at_zero(c: Any) -> bool:
+    """A positive or non-negative support (possibly per coordinate of an event)."""
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    bounded = isinstance(c, (constraints._GreaterThan, constraints._GreaterThanEq))
+    return bounded and isinstance(c.lower_bound, (int, float)) and float(c.lower_bound) == 0.0
 
 
 @dataclass

@@ -109,3 +109,17 @@ def test_simulate_shapes(small_sampler):
     sim = am.simulate(normal_known, st, data, 5)
     assert sim.data.y.shape == (5, data.n_obs)
     assert sim.latents["mu"].shape == (1, 5, 1) and sim.latents["theta"].shape == (1, 5, data.size("group"))
+
+
+def test_positive_sites_never_constrain_to_zero():
+    def m(data):
+        pyro.sample("tau", dist.HalfCauchy(5.0))
+        pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("group", data.size("group")):
+            pyro.sample("y", dist.Normal(0.0, 1.0), obs=data.y)
+
+    d = am.HierarchicalData(["group"], {}, group=[0, 1], y=torch.zeros(2))
+    st = am.structure.trace_structure(m, d)
+    for name in ("tau", "s"):
+        value, ladj = st[name].constrain(torch.tensor([[-200.0]]))
+        assert float(value) > 0 and float(ladj) == -200.0
