@@ -48,6 +48,9 @@ class Amortizer:
         seed: seeds the initial weights, the structure sampler and, when training starts, Pyro's
             RNG: the same seed gives the same run (the caller's RNG is left as it was).
         device: where the networks live (``"cpu"``, ``"cuda"``); never hard-coded elsewhere.
+        global_coupling: the group data terms depend linearly on the drawn globals (per-group
+            coefficients): for models whose globals act inside a group's likelihood, e.g. slopes of
+            row covariates (see :class:`~amortize.guide.AmortizedGuide`).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class Amortizer:
         flow_bins: int = 8,
         seed: int = 0,
         device: str | torch.device | None = None,
+        global_coupling: bool = False,
     ) -> None:
         if isinstance(sampler, HierarchicalData):
             sampler = StructureSampler.fixed(sampler)
@@ -65,6 +69,7 @@ class Amortizer:
         self.sampler = sampler
         self.hidden = int(hidden)
         self.flow_bins = int(flow_bins)
+        self.global_coupling = bool(global_coupling)
         self.seed = int(seed)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -73,7 +78,9 @@ class Amortizer:
             torch.default_generator.manual_seed(self.seed)
             self.structure = trace_structure(model, self.example)
             self.covariates = {lvl: sorted(cols) for lvl, cols in self.example.covariates.items()}
-            self.guide = AmortizedGuide(model, self.structure, self.covariates, self.hidden, self.flow_bins)
+            self.guide = AmortizedGuide(
+                model, self.structure, self.covariates, self.hidden, self.flow_bins, self.global_coupling
+            )
         self.guide.to(self.device)
         self.config = TrainConfig()
         self.step = 0
@@ -204,6 +211,7 @@ class Amortizer:
             "fingerprint": self.structure.fingerprint(),
             "hidden": self.hidden,
             "flow_bins": self.flow_bins,
+            "global_coupling": self.global_coupling,
             "seed": self.seed,
             "step": self.step,
             "pilot_done": self.pilot_done,
@@ -278,6 +286,7 @@ class Amortizer:
                 sampler or example,
                 hidden=ck["hidden"],
                 flow_bins=ck.get("flow_bins", 0),
+                global_coupling=ck.get("global_coupling", False),
                 seed=ck["seed"],
                 device=device,
             )

@@ -256,7 +256,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         model = resolve_model(cfg.model, config_dir(cfg), config_source(cfg))
         amortizer = Amortizer(
-            model, build_sampler(cfg), hidden=cfg.network.hidden, seed=cfg.seed, device=_device(cfg.device)
+            model,
+            build_sampler(cfg),
+            hidden=cfg.network.hidden,
+            seed=cfg.seed,
+            device=_device(cfg.device),
+            global_coupling=cfg.network.global_coupling,
         )
         run = _new_run_dir(args, cfg)
     save_config(cfg, run / "config.yaml")

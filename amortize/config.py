@@ -61,9 +61,10 @@ COVARIATE_PARAMS = {"normal": {"loc", "scale"}, "uniform": {"low", "high"}, "ber
 
 @dataclass
 class NetworkConfig:
-    """Network size."""
+    """Network size, and whether group data terms couple to the globals (see :class:`~amortize.Amortizer`)."""
 
     hidden: int = 64
+    global_coupling: bool = False
 
 
 @dataclass

@@ -109,6 +109,9 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         covariates: ``{level or "obs": [names]}`` carried by the data.
         hidden: width of every network.
         flow_bins: spline bins of the flow on the globals (0: Gaussian globals).
+        global_coupling: each group's data term gets a location linear in the drawn globals
+            (standardized), with per-group coefficients: for likelihoods where globals act inside a
+            group's data (slopes of row covariates), so that q keeps their posterior correlation.
     """
 
     def __init__(
@@ -118,6 +121,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         covariates: dict[str, list[str]],
         hidden: int = 64,
         flow_bins: int = 8,
+        global_coupling: bool = False,
     ) -> None:
         nn.Module.__init__(self)
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
@@ -126,8 +130,9 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         self.global_head = None
         if structure.global_dim:
             self.global_head = GlobalHead(hidden, structure.global_dim, flow_bins, self.encoder.raw_dataset_dim)
+        D = structure.global_dim if global_coupling else 0
         self.group_heads = nn.ModuleDict(
-            {s.name: GroupHead(hidden, s.dim) for s in structure.latents if s.level is not None}
+            {s.name: GroupHead(hidden, s.dim, D) for s in structure.latents if s.level is not None}
         )
         self._state: dict[str, Any] | None = None
 
@@ -160,13 +165,15 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         state: dict[str, Any] = {"terms": {}}
         if self.global_head is not None:
             state["q_globals"] = self.global_head(enc.dataset, K, enc.raw_dataset)  # batch [B, 1..], event [D]
+            state["standardizer"] = self.global_head.standardizer(enc.dataset, K, enc.raw_dataset)
         for name, head in self.group_heads.items():
             site = self.structure[name]
-            loc, scale = head(enc.groups[site.level], enc.dataset, enc.raw_groups[site.level])  # [B, G, d]
+            loc, scale, coupling = head(enc.groups[site.level], enc.dataset, enc.raw_groups[site.level])  # [B, G, d]
             G = loc.shape[-2]
             state["terms"][name] = (
                 loc.reshape(B, *[1] * (K - 1), G, -1),
                 scale.reshape(B, *[1] * (K - 1), G, -1),
+                None if coupling is None else coupling.reshape(B, *[1] * (K - 1), G, *coupling.shape[-2:]),
             )
         return state
 
@@ -181,7 +188,11 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         truth = st["truth"]
         if site.level is None:
             return self._global_posterior(site, prior, st, truth)
-        loc, scale = st["terms"][name]
+        loc, scale, coupling = st["terms"][name]
+        if coupling is not None and st["u"] is not None:  # globals come first in the model: drawn
+            shift, spread = st["standardizer"]
+            w = (st["u"] - shift) / spread  # [S, B, 1.., D]
+            loc = loc + (coupling * w.unsqueeze(-2)).sum(-1)  # [S, B, 1.., G, d]
         g = gaussian_prior(prior, site)
         if g is not None and g[1].dim() > g[0].dim():  # correlated Gaussian prior on R^d: full product
             q = gaussian_product(g[0], g[1], loc, scale)

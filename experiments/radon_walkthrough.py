@@ -76,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         # Passing the dataset as the sampler trains on its exact structure and covariates (its response
         # is not used): every step simulates new county effects and new radon readings from the prior.
-        amortizer = am.Amortizer(model, data, hidden=cfg.network.hidden, seed=cfg.seed, device=cfg.device)
+        amortizer = am.Amortizer(
+            model,
+            data,
+            hidden=cfg.network.hidden,
+            seed=cfg.seed,
+            device=cfg.device,
+            global_coupling=cfg.network.global_coupling,
+        )
         print(f"{amortizer}: {args.steps} steps x {args.batch_size} simulated datasets")
         t0 = time.perf_counter()
         amortizer.fit(

@@ -215,7 +215,7 @@ def test_guide_uses_the_full_mvn_product_for_varying_slopes():
         guide(sim.data, 3)
         _, guide_trace = guide.get_traces()
         q, prior = guide_trace.nodes["b"]["fn"], guide_trace.nodes["b"]["infer"]["prior"]
-        m, s = guide.encode(sim.data)["terms"]["b"]  # data term [B, G, 2], once per group
+        m, s, _ = guide.encode(sim.data)["terms"]["b"]  # data term [B, G, 2], once per group
     assert isinstance(q, dist.MultivariateNormal) and q.batch_shape == (3, 2, data.size("group"))
     cov0, m0 = prior.covariance_matrix.double(), prior.loc.double()
     prec0 = torch.linalg.inv(cov0)

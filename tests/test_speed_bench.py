@@ -55,6 +55,35 @@ def test_numpyro_log_density_equals_pyro_log_joint(seed):
     assert abs(nm.log_density(values, other) - lp_pyro) > 10 * tol
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_numpyro_3level_log_density_equals_pyro_log_joint(seed):
+    from amortize.models import gaussian_3level
+
+    gen = torch.Generator().manual_seed(seed)
+    data = am.StructureSampler(["district", "school"], groups={"district": (3, 3), "school": (1, 4)}, obs=(1, 6))
+    data = data.sample(gen)
+    data = data.with_response(2.0 * torch.randn(data.n_obs, generator=gen))
+    values = {
+        "mu": torch.randn((), generator=gen),
+        "tau_district": torch.rand((), generator=gen) + 0.2,
+        "tau_school": torch.rand((), generator=gen) + 0.2,
+        "sigma": torch.rand((), generator=gen) + 0.3,
+        "alpha": torch.randn(3, generator=gen),
+        "beta": torch.randn(data.size("school"), generator=gen),
+    }
+    lp_pyro = float(poutine.trace(poutine.condition(gaussian_3level, data=values)).get_trace(data).log_prob_sum())
+    lp_numpyro = nm.log_density(values, data, "gaussian_3level")
+    tol = 1e-5 * abs(lp_pyro) + 1e-4
+    assert abs(lp_numpyro - lp_pyro) <= tol, (lp_numpyro, lp_pyro)
+    for site in values:  # a small move of any one latent changes the density by far more than tol
+        nudged = {**values, site: values[site] + 0.1}
+        assert abs(nm.log_density(nudged, data, "gaussian_3level") - lp_pyro) > 10 * tol, site
+    shuffled = data.with_response(data.y.flip(0))
+    assert abs(nm.log_density(values, shuffled, "gaussian_3level") - lp_pyro) > 10 * tol
+    with pytest.raises(am.DataError, match="levels"):
+        nm.log_density(values, data, "gaussian_2level")
+
+
 def test_numpyro_nuts_recovers_a_known_dataset():
     """A short NumPyro NUTS run on a dataset with many rows per group centres theta near the group means."""
     gen = torch.Generator().manual_seed(3)

@@ -75,6 +75,13 @@ class GlobalHead(nn.Module):
         self.raw.bias.copy_(sol[-1] - mean @ w)
         self.scaler.fit(u - self.raw(raw.to(self.raw.weight.dtype)).double())
 
+    def standardizer(self, emb: torch.Tensor, batch_dims: int = 0, raw: torch.Tensor | None = None) -> tuple:
+        """``(shift, scale)`` of the last affine map, shaped as the globals ``[B, *(1,) * batch_dims, D]``:
+        ``(u - shift) / scale`` are the globals on the networks' scale (per-dataset centre)."""
+        emb = emb.reshape(emb.shape[0], *[1] * batch_dims, emb.shape[-1])
+        shift = self.scaler.loc if raw is None else self.scaler.loc + self.raw(raw.reshape(*emb.shape[:-1], -1))
+        return shift.expand(*emb.shape[:-1], self.dim), self.scaler.scale
+
     def forward(
         self, emb: torch.Tensor, batch_dims: int = 0, raw: torch.Tensor | None = None
     ) -> TransformedDistribution:
@@ -151,7 +158,7 @@ class GroupHead(nn.Module):
     scale, not the posterior's shrinkage, which the model's prior supplies in the guide.
     """
 
-    def __init__(self, hidden: int, dim: int) -> None:
+    def __init__(self, hidden: int, dim: int, global_dim: int = 0) -> None:
         super().__init__()
         self.net = mlp(2 * hidden, hidden, 2 * dim)
         with torch.no_grad():
@@ -160,6 +167,13 @@ class GroupHead(nn.Module):
         self.raw = _zero_linear(2, dim)  # group mean, dataset mean -> location
         self.raw_scale = _zero_linear(2, dim)  # pooled within-group log sd, log n -> log unit
         self.dim = dim
+        self.global_dim = global_dim
+        self.coupling = None  # per group: d(loc) / d(standardized globals), in units; starts at 0
+        if global_dim:
+            self.coupling = mlp(2 * hidden, hidden, dim * global_dim)
+            with torch.no_grad():
+                self.coupling[-1].weight.zero_()
+                self.coupling[-1].bias.zero_()
 
     @torch.no_grad()
     def fit(self, raw: torch.Tensor, u: torch.Tensor) -> None:
@@ -193,15 +207,19 @@ class GroupHead(nn.Module):
 
     def forward(
         self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, raw: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, raw group statistics ``[B, G, 4]`` ->
-        ``loc, scale`` each ``[B, G, d]``."""
-        ctx = dataset_emb.unsqueeze(-2).expand_as(group_emb)
-        out = self.net(torch.cat([group_emb, ctx], -1))
+        ``loc, scale`` each ``[B, G, d]`` and the coupling ``[B, G, d, D]`` to the standardized
+        globals (None without coupling): the data term's location is ``loc + coupling @ w``."""
+        features = torch.cat([group_emb, dataset_emb.unsqueeze(-2).expand_as(group_emb)], -1)
+        out = self.net(features)
         unit = self.raw_scale(raw[..., 2:]).clamp(-30.0, 30.0).exp()
         loc = self.raw(raw[..., :2]) + unit * out[..., : self.dim]
         scale = unit * (softplus(out[..., self.dim :] + _SOFTPLUS_ONE) + 1e-4)
-        return loc, scale
+        coupling = None
+        if self.coupling is not None:
+            coupling = unit.unsqueeze(-1) * self.coupling(features).reshape(*loc.shape, self.global_dim)
+        return loc, scale, coupling
 
 
 _SOFTPLUS_ONE = 0.5413248546129181  # softplus(x) = 1

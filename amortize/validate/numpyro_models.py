@@ -40,6 +40,8 @@ from .nuts import NUTSResult, chain_diagnostics
 
 __all__ = [
     "gaussian_2level",
+    "gaussian_3level",
+    "model_arrays",
     "NumPyroModel",
     "MODELS",
     "data_arrays",
@@ -67,23 +69,93 @@ def gaussian_2level(group: jax.Array, n_groups: int, y: jax.Array | None = None)
         numpyro.sample("y", ndist.Normal(theta[group], sigma), obs=y)
 
 
+def gaussian_3level(
+    school: jax.Array, district_of_school: jax.Array, n_districts: int, n_schools: int, y: jax.Array | None = None
+) -> None:
+    """:func:`amortize.models.gaussian_3level` in NumPyro: mu ~ N(0, 3), tau_district, tau_school,
+    sigma ~ HalfNormal(1), alpha_d ~ N(mu, tau_district), beta_s ~ N(alpha[district_s], tau_school),
+    y_i ~ N(beta[school_i], sigma).
+
+    Args:
+        school: school index of every observation ``[N]``, as ``data.index("school")``.
+        district_of_school: district of every school ``[n_schools]``, as ``data.parent_index("school")``.
+        n_districts, n_schools: numbers of groups (static: they set the latents' shapes).
+        y: the response ``[N]`` (None: simulate it).
+    """
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 3.0))
+    tau_d = numpyro.sample("tau_district", ndist.HalfNormal(1.0))
+    tau_s = numpyro.sample("tau_school", ndist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", ndist.HalfNormal(1.0))
+    with numpyro.plate("district", n_districts):
+        alpha = numpyro.sample("alpha", ndist.Normal(mu, tau_d))
+    with numpyro.plate("school", n_schools):
+        beta = numpyro.sample("beta", ndist.Normal(alpha[district_of_school], tau_s))
+    with numpyro.plate("obs", school.shape[0]):
+        numpyro.sample("y", ndist.Normal(beta[school], sigma), obs=y)
+
+
+def _index(t: torch.Tensor) -> jax.Array:
+    return jnp.asarray(t.cpu().numpy().astype(np.int32))
+
+
+def _arrays_2level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    return (_index(data.index("group")),), {"n_groups": data.size("group")}
+
+
+def _arrays_3level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    args = (_index(data.index("school")), _index(data.parent_index("school")))
+    return args, {"n_districts": data.size("district"), "n_schools": data.size("school")}
+
+
 @dataclass(frozen=True)
 class NumPyroModel:
-    """A NumPyro model ``fn(group, n_groups, y)``, its latent sites and the loc-scale ones non-centering decenters."""
+    """A NumPyro model ``fn(*index_arrays, **sizes, y=y)``, its data levels, latent sites, the
+    loc-scale ones non-centering decenters, and how index arrays and sizes come from the data."""
 
     fn: Callable[..., None]
+    levels: tuple[str, ...]
     latents: tuple[str, ...]
     loc_scale: tuple[str, ...]
+    arrays: Callable[[HierarchicalData], tuple[tuple[jax.Array, ...], dict[str, int]]]
 
 
 # the Pyro model's name in amortize.models -> its NumPyro version
 MODELS: dict[str, NumPyroModel] = {
-    "gaussian_2level": NumPyroModel(gaussian_2level, ("mu", "tau", "sigma", "theta"), ("mu", "theta")),
+    "gaussian_2level": NumPyroModel(
+        gaussian_2level, ("group",), ("mu", "tau", "sigma", "theta"), ("mu", "theta"), _arrays_2level
+    ),
+    "gaussian_3level": NumPyroModel(
+        gaussian_3level,
+        ("district", "school"),
+        ("mu", "tau_district", "tau_school", "sigma", "alpha", "beta"),
+        ("alpha", "beta"),
+        _arrays_3level,
+    ),
 }
 
 
+def model_arrays(
+    data: HierarchicalData, model: str = "gaussian_2level"
+) -> tuple[tuple[jax.Array, ...], dict[str, int], jax.Array]:
+    """``(index arrays, static sizes, y)`` of one dataset for the NumPyro version of ``model``
+    (int32 indices, float32 response).
+
+    Raises:
+        ConfigError: no NumPyro version of ``model``.
+        DataError: the data's levels are not the model's, or not one dataset with a response.
+    """
+    spec = _model(model)
+    if tuple(data.levels) != spec.levels:
+        raise DataError(f"the NumPyro {model} has levels {list(spec.levels)}, the data has {list(data.levels)}")
+    if data.y is None or data.y.dim() != 1:
+        shape = None if data.y is None else tuple(data.y.shape)
+        raise DataError(f"need one dataset with response '{data.response}' of shape [N], got {shape}")
+    args, sizes = spec.arrays(data)
+    return args, sizes, jnp.asarray(data.y.detach().cpu().numpy().astype(np.float32))
+
+
 def data_arrays(data: HierarchicalData) -> tuple[jax.Array, int, jax.Array]:
-    """``(group, n_groups, y)`` of a one-level dataset as jax arrays (int32 index, float32 response).
+    """``(group, n_groups, y)`` of a one-level dataset (the 2-level model's arrays).
 
     Raises:
         DataError: not one dataset with a response on a single level.
@@ -94,9 +166,8 @@ def data_arrays(data: HierarchicalData) -> tuple[jax.Array, int, jax.Array]:
         shape = None if data.y is None else tuple(data.y.shape)
         raise DataError(f"data_arrays: need one dataset with response '{data.response}' of shape [N], got {shape}")
     level = data.levels[0]
-    group = jnp.asarray(data.index(level).cpu().numpy().astype(np.int32))
     y = jnp.asarray(data.y.detach().cpu().numpy().astype(np.float32))
-    return group, data.size(level), y
+    return _index(data.index(level)), data.size(level), y
 
 
 def _model(name: str) -> NumPyroModel:
@@ -111,9 +182,9 @@ def log_density(values: Mapping[str, torch.Tensor], data: HierarchicalData, mode
     Equals the Pyro model's ``poutine.trace(poutine.condition(model, values)).get_trace(data).log_prob_sum()``
     (float32 arithmetic on both sides).
     """
-    group, n_groups, y = data_arrays(data)
+    args, sizes, y = model_arrays(data, model)
     params = {k: jnp.asarray(v.detach().cpu().numpy()) for k, v in values.items()}
-    lp, _ = _numpyro_log_density(_model(model).fn, (group, n_groups, y), {}, params)
+    lp, _ = _numpyro_log_density(_model(model).fn, args, {**sizes, "y": y}, params)
     return float(lp)
 
 
@@ -227,16 +298,16 @@ def run_numpyro_nuts(
         raise ConfigError(f"run_numpyro_nuts: chain_method must be 'sequential' or 'vectorized', got {chain_method!r}")
     if num_samples < 4:
         raise ConfigError(f"run_numpyro_nuts: num_samples must be at least 4 for split R-hat, got {num_samples}")
-    args = data_arrays(data)
+    args, sizes, y = model_arrays(data, model)
     settings = (num_warmup, num_samples, num_chains, seed, target_accept, max_tree_depth, chain_method)
     thresholds = (max_rhat, min_ess)
     seconds, compile_s = 0.0, 0.0
     tried: list[NumPyroNUTSResult] = []
     for noncentered in {"none": [False], "noncentered": [True], "auto": [False, True]}[reparam]:
-        mcmc = _mcmc(spec, noncentered, args[1], settings)
+        mcmc = _mcmc(spec, noncentered, sizes, settings)
         with _compile_time() as spent:
             t0 = time.perf_counter()
-            mcmc.run(jax.random.PRNGKey(seed), args[0], y=args[2])
+            mcmc.run(jax.random.PRNGKey(seed), *args, y=y)
             by_chain = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))  # site -> [C, S, *shape]
             seconds += time.perf_counter() - t0
         compile_s += spent[0]
@@ -251,11 +322,11 @@ def run_numpyro_nuts(
     return best
 
 
-def _mcmc(spec: NumPyroModel, noncentered: bool, n_groups: int, settings: tuple) -> MCMC:
-    """An MCMC object for ``spec.fn`` with ``n_groups`` fixed (the plate size is static), called as
-    ``mcmc.run(key, group, y=y)``; loc-scale latents non-centered when asked."""
+def _mcmc(spec: NumPyroModel, noncentered: bool, sizes: dict[str, int], settings: tuple) -> MCMC:
+    """An MCMC object for ``spec.fn`` with the group counts fixed (plate sizes are static), called as
+    ``mcmc.run(key, *index_arrays, y=y)``; loc-scale latents non-centered when asked."""
     num_warmup, num_samples, num_chains, _, target_accept, max_tree_depth, chain_method = settings
-    run_fn = functools.partial(spec.fn, n_groups=n_groups)
+    run_fn = functools.partial(spec.fn, **sizes)
     if noncentered:
         run_fn = handlers.reparam(run_fn, config={name: LocScaleReparam(centered=0.0) for name in spec.loc_scale})
     kernel = NUTS(run_fn, target_accept_prob=target_accept, max_tree_depth=max_tree_depth)
