@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,6 +95,7 @@ def against_nuts(
     nuts_cache: str | None = None,
     keep_nuts: int = 0,
     cached_only: bool = False,
+    reference: Callable[[HierarchicalData, int], NUTSResult] | None = None,
 ) -> Report:
     """Compare the amortized posterior with NUTS on each dataset (same model, same data).
 
@@ -102,13 +104,18 @@ def against_nuts(
     folder where NUTS results are kept and reused for the same model, data and settings;
     ``keep_nuts``: how many NUTS results (draws included) the report keeps, for figures;
     ``cached_only``: compare only on datasets whose reference is in ``nuts_cache`` (the others are
-    listed in ``report.nuts`` as not run).
+    listed in ``report.nuts`` as not run). ``reference(data, seed) -> NUTSResult`` replaces Pyro
+    NUTS, e.g. NUTS on a NumPyro twin of the model
+    (:func:`~amortize.validate.numpyro_models.run_numpyro_nuts`).
     """
     report = Report()
     levels = {s.name: s.level for s in amortizer.structure.latents}
     amortizer.posterior(datasets[0]).sample(10)  # warm-up: first-call overheads are not inference time
     for i, data in enumerate(tqdm(datasets, disable=not progress, desc="validate", leave=False)):
-        res = cached_nuts(amortizer.model, data, nuts_cache, run=not cached_only, seed=seed + i, **(nuts or {}))
+        if reference is not None:
+            res = reference(data, seed + i)
+        else:
+            res = cached_nuts(amortizer.model, data, nuts_cache, run=not cached_only, seed=seed + i, **(nuts or {}))
         if res is None:
             report.nuts.append({"dataset": i, "ok": False, "not_run": True})
             continue

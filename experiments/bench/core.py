@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nuts-cache", default="checkpoints/nuts-cache", help="reuse NUTS references ('' : never)")
     p.add_argument("--cached-only", action="store_true", help="compare only where a NUTS reference is cached")
     p.add_argument("--load", nargs="*", default=[], metavar="MODEL=CHECKPOINT", help="reuse trained checkpoints")
+    p.add_argument(
+        "--numpyro",
+        nargs="*",
+        default=[],
+        metavar="MODEL",
+        help="reference by NumPyro NUTS (2 x (1000 warm-up + 1000 draws)) on the model's NumPyro twin, the bench extra",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     progress = not args.quiet and not os.environ.get("CI")
@@ -103,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             nuts = {"num_warmup": 500, "num_samples": 1000, "num_chains": 2, **NUTS_EXTRA.get(name, {})}
+            ref_fn = None
+            if name in args.numpyro:  # NUTS on the NumPyro twin of the same model (the bench extra)
+                from amortize.validate.numpyro_models import run_numpyro_nuts
+
+                def ref_fn(data: am.HierarchicalData, seed: int, name: str = name) -> object:
+                    return run_numpyro_nuts(data, name, seed=seed, num_warmup=1000, num_samples=1000)
+
             report = against_nuts(
                 amortizer,
                 heldout_datasets(amortizer, args.datasets),
@@ -111,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=progress,
                 nuts_cache=args.nuts_cache or None,
                 cached_only=args.cached_only,
+                reference=ref_fn,
             )
             entry.update(report.to_dict())
             rows = [
@@ -124,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             table = to_markdown(rows, COLUMNS + ["amortized_s", "nuts_s"])
             ok = sum(r["ok"] for r in report.nuts)
             run = sum(not r.get("not_run") for r in report.nuts)
+            which = "NumPyro NUTS on the model's NumPyro twin" if ref_fn else "Pyro NUTS"
             head = (
-                f"### {name}: {run} of {args.datasets} held-out datasets ({ok} with NUTS passing its checks), "
+                f"### {name}: {run} of {args.datasets} held-out datasets ({ok} with {which} passing its checks), "
                 f"{amortizer.step} NPE steps (train {train_s:.0f} s), speed-up {report.speedup:.0f}x\n"
             )
         results["models"][name] = entry
