@@ -64,7 +64,9 @@ class SBCResult:
         ranks: quantity -> ``[N]`` integer ranks in ``0..num_draws``.
         rows: one dict per quantity: ``quantity``, ``site``, ``level``, ``functional``
             (``"element"``, ``"random group"`` or ``"group mean"``), ``max_abs_diff`` (largest
-            |ECDF - uniform|), ``p_value`` and ``passed``.
+            |ECDF - uniform|), ``p_value``, ``passed``, ``coverage90`` (share of datasets whose true
+            value lies in the central 90% of the draws) and ``mean_rank`` (ranks / L, 0.5 when
+            calibrated).
         num_draws: L, posterior draws per dataset.
         band: the simultaneous band (level ``1 - alpha_per_quantity``).
         alpha: family-wise (or per-quantity, without ``familywise``) error level.
@@ -96,7 +98,7 @@ class SBCResult:
     def table(self) -> str:
         """One line per quantity: level, functional, largest ECDF deviation, p-value, verdict."""
         rows = [{**r, "passed": "pass" if r["passed"] else "FAIL"} for r in self.rows]
-        return format_table(rows, ["quantity", "level", "max_abs_diff", "p_value", "passed"])
+        return format_table(rows, ["quantity", "level", "max_abs_diff", "p_value", "coverage90", "mean_rank", "passed"])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: settings, verdicts, ranks and the band."""
@@ -269,6 +271,7 @@ def sbc(
     for q, r in ranks.items():
         test = ecdf_test(r, band)
         site, level, functional = meta[q]
+        lo, hi = round(0.05 * (num_samples + 1)), round(0.95 * (num_samples + 1))
         rows.append(
             {
                 "quantity": q,
@@ -278,6 +281,10 @@ def sbc(
                 "max_abs_diff": float(np.abs(test.diff).max()),
                 "p_value": float(test.p_value),
                 "passed": bool(test.inside),
+                # the truth inside the central 90% of the draws (0.9 when calibrated), and the mean
+                # normalized rank (0.5; above: the draws sit below the truth)
+                "coverage90": float(((r >= lo) & (r < hi)).mean()),
+                "mean_rank": float(r.mean() / num_samples),
             }
         )
     settings = {

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         metavar="MODEL",
-        help="reference by NumPyro NUTS (2 x (1000 warm-up + 1000 draws)) on the model's NumPyro twin, the bench extra",
+        help="reference by NumPyro NUTS (2 x (1000 warm-up + 1000 draws), target acceptance 0.99) on the model's"
+        " NumPyro twin (the bench extra)",
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -115,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 from amortize.validate.numpyro_models import run_numpyro_nuts
 
                 def ref_fn(data: am.HierarchicalData, seed: int, name: str = name) -> object:
-                    return run_numpyro_nuts(data, name, seed=seed, num_warmup=1000, num_samples=1000)
+                    return run_numpyro_nuts(
+                        data, name, seed=seed, num_warmup=1000, num_samples=1000, target_accept=0.99
+                    )
 
             report = against_nuts(
                 amortizer,
