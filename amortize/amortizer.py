@@ -212,6 +212,7 @@ class Amortizer:
             "hidden": self.hidden,
             "flow_bins": self.flow_bins,
             "global_coupling": self.global_coupling,
+            "pooled_df": self.guide.encoder.pooled_df,
             "seed": self.seed,
             "step": self.step,
             "pilot_done": self.pilot_done,
@@ -302,6 +303,7 @@ class Amortizer:
             new.guide.load_state_dict(ck["state_dict"])
         except (RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: the weights do not fit this model's networks ({e})") from None
+        new.guide.encoder.pooled_df = bool(ck.get("pooled_df", False))  # the statistics it was trained on
         new.guide.eval()
         new.step, new.pilot_done = int(ck["step"]), bool(ck["pilot_done"])
         new.config = TrainConfig(**ck["config"])

@@ -288,7 +288,13 @@ def test_bench_against_a_reference_posterior(tmp_path):
         reference.eight_schools()
     except reference.ReferenceNotFoundError as e:
         pytest.skip(str(e))
-    tiny = ["train.steps=2", "train.refine_steps=2", "train.batch_size=4", "train.pilot_structures=1", "network.hidden=4"]
+    tiny = [
+        "train.steps=2",
+        "train.refine_steps=2",
+        "train.batch_size=4",
+        "train.pilot_structures=1",
+        "network.hidden=4",
+    ]
     run = tmp_path / "es"
     code, _, err = run_cli("train", EXPERIMENTS / "eight_schools.yaml", *tiny, "--quiet", "--run-dir", run)
     assert code == 0, err

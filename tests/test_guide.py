@@ -81,3 +81,19 @@ def test_cholesky_affine_inverts_and_has_the_jacobian_log_determinant():
     assert torch.allclose(t.inv(y.clone()), x, atol=1e-5)
     jac = torch.autograd.functional.jacobian(lambda v: t(v), x[0, 1])[1]  # d y[1] / d x[1]: [4, 4]
     assert torch.allclose(t.log_abs_det_jacobian(x, y)[0, 1], torch.linalg.slogdet(jac)[1], atol=1e-5)
+
+
+def test_pooled_within_group_variance_is_unbiased_for_small_groups():
+    """Groups of 2-3 rows, sigma = 1: the pooled statistic divides by N - G, so exp(2 lw) averages 1;
+    dividing by N (the statistic before) reads about 0.6."""
+    from amortize.nn import HierarchicalEncoder
+
+    gen = torch.Generator().manual_seed(0)
+    data = am.StructureSampler(["group"], groups={"group": (40, 40)}, obs=(2, 3)).sample(gen)
+    y = torch.randn(400, 40, generator=gen)[:, data.index("group")] + torch.randn(400, data.n_obs, generator=gen)
+    enc = HierarchicalEncoder(("group",), {}, hidden=4)
+    lw = enc.statistics(data.with_response(y))[3][0][:, 2]  # raw dataset stats: mean, log sd, pooled within
+    assert abs(float(torch.exp(2 * lw).mean()) - 1.0) < 0.03
+    enc.pooled_df = False
+    lw_n = enc.statistics(data.with_response(y))[3][0][:, 2]
+    assert float(torch.exp(2 * lw_n).mean()) < 0.7
