@@ -49,8 +49,9 @@ class Amortizer:
             RNG: the same seed gives the same run (the caller's RNG is left as it was).
         device: where the networks live (``"cpu"``, ``"cuda"``); never hard-coded elsewhere.
         global_coupling: the group data terms depend linearly on the drawn globals (per-group
-            coefficients): for models whose globals act inside a group's likelihood, e.g. slopes of
-            row covariates (see :class:`~amortize.guide.AmortizedGuide`).
+            coefficients, learned from zero): q keeps the posterior correlation of group effects with
+            globals that act inside a group's likelihood, e.g. slopes of row covariates (see
+            :class:`~amortize.guide.AmortizedGuide`). Checkpoints saved without it load without it.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class Amortizer:
         flow_bins: int = 8,
         seed: int = 0,
         device: str | torch.device | None = None,
-        global_coupling: bool = False,
+        global_coupling: bool = True,
     ) -> None:
         if isinstance(sampler, HierarchicalData):
             sampler = StructureSampler.fixed(sampler)

@@ -64,7 +64,7 @@ class NetworkConfig:
     """Network size, and whether group data terms couple to the globals (see :class:`~amortize.Amortizer`)."""
 
     hidden: int = 64
-    global_coupling: bool = False
+    global_coupling: bool = True
 
 
 @dataclass

@@ -121,7 +121,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         covariates: dict[str, list[str]],
         hidden: int = 64,
         flow_bins: int = 8,
-        global_coupling: bool = False,
+        global_coupling: bool = True,
     ) -> None:
         nn.Module.__init__(self)
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))

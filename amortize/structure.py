@@ -64,8 +64,9 @@ class LatentSite:
         u = u.reshape(*u.shape[:-1], *self.unconstrained_shape)
         value = self.transform(u)
         ladj = self.transform.log_abs_det_jacobian(u, value)
-        if _bounded_at_zero(self.support):  # exp(u) underflows to 0 far in q's left tail
-            value = value.clamp_min(torch.finfo(value.dtype).tiny)
+        if _bounded_at_zero(self.support):  # exp(u) under- or overflows far in q's tails
+            info = torch.finfo(value.dtype)
+            value = value.clamp(info.tiny, info.max)
         extra = len(self.event_shape) - self.transform.codomain.event_dim
         if extra > 0:
             ladj = ladj.sum(tuple(range(-extra, 0)))

@@ -214,7 +214,8 @@ def test_usage_errors_exit_2():
 
 def test_experiment_configs_train_one_step(tmp_path):
     """Every shipped config builds its model and sampler and trains (one tiny step)."""
-    tiny = ["train.steps=1", "train.batch_size=2", "train.pilot_structures=1", "network.hidden=4"]
+    tiny = ["train.steps=1", "train.refine_steps=1", "train.batch_size=2", "train.pilot_structures=1"]
+    tiny.append("network.hidden=4")
     torch.manual_seed(0)
     for path in sorted(EXPERIMENTS.glob("*.yaml")):
         code, out, err = run_cli("train", path, *tiny, "--quiet", "--run-dir", tmp_path / path.stem)

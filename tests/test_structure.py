@@ -123,3 +123,5 @@ def test_positive_sites_never_constrain_to_zero():
     for name in ("tau", "s"):
         value, ladj = st[name].constrain(torch.tensor([[-200.0]]))
         assert float(value) > 0 and float(ladj) == -200.0
+        value, _ = st[name].constrain(torch.tensor([[200.0]]))
+        assert torch.isfinite(value).all()
