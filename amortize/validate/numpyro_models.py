@@ -5,8 +5,12 @@ It is what a user would otherwise run, for the speed benchmark ``experiments/ben
 else in the library imports it, so ``import amortize`` never imports jax.
 
 The NumPyro models take the same data arrays as the Pyro models (the group index of every
-observation and the response) and are the same math, site by site: the benchmark's tests check that
-their log densities equal the Pyro models' log joints on the same values and data.
+observation, each group's parent, the covariates and the response) and are the same math, site by
+site, with the same site names, shapes and distributions: the tests check that their log densities
+equal the Pyro models' log joints on the same values and data. :data:`MODELS` maps the name of each
+shipped Pyro model that has a NumPyro version to it: ``gaussian_2level``, ``gaussian_3level``,
+``poisson_3level``, ``logistic_3level``, ``gaussian_contextual`` (the radon contextual-effects model
+with HalfNormal scales), ``varying_slopes`` and ``gaussian_4level``.
 
 Example:
     >>> from amortize.validate.numpyro_models import run_numpyro_nuts  # doctest: +SKIP
@@ -41,6 +45,11 @@ from .nuts import NUTSResult, chain_diagnostics
 __all__ = [
     "gaussian_2level",
     "gaussian_3level",
+    "poisson_3level",
+    "logistic_3level",
+    "gaussian_contextual",
+    "varying_slopes",
+    "gaussian_4level",
     "model_arrays",
     "NumPyroModel",
     "MODELS",
@@ -94,6 +103,173 @@ def gaussian_3level(
         numpyro.sample("y", ndist.Normal(beta[school], sigma), obs=y)
 
 
+def poisson_3level(
+    county: jax.Array,
+    region_of_county: jax.Array,
+    nation_of_region: jax.Array,
+    exposure: jax.Array,
+    n_nations: int,
+    n_regions: int,
+    n_counties: int,
+    y: jax.Array | None = None,
+) -> None:
+    """:func:`amortize.models.poisson_3level` in NumPyro: mu ~ N(1, 1), tau_nation, tau_region,
+    tau_county ~ HalfNormal(0.5), a_nation ~ N(mu, tau_nation), a_region ~ N(a_nation[nation_r], tau_region),
+    a_county ~ N(a_region[region_c], tau_county), y_i ~ Poisson(exp(a_county[county_i] + log exposure_i)).
+
+    Args:
+        county: county index of every observation ``[N]``, as ``data.index("county")``.
+        region_of_county: region of every county, as ``data.parent_index("county")``.
+        nation_of_region: nation of every region, as ``data.parent_index("region")``.
+        exposure: the observation covariate ``exposure`` ``[N]`` (positive).
+        n_nations, n_regions, n_counties: numbers of groups (static: they set the latents' shapes).
+        y: the counts ``[N]`` (None: simulate them).
+    """
+    mu = numpyro.sample("mu", ndist.Normal(1.0, 1.0))
+    tau_n = numpyro.sample("tau_nation", ndist.HalfNormal(0.5))
+    tau_r = numpyro.sample("tau_region", ndist.HalfNormal(0.5))
+    tau_c = numpyro.sample("tau_county", ndist.HalfNormal(0.5))
+    with numpyro.plate("nation", n_nations):
+        a_n = numpyro.sample("a_nation", ndist.Normal(mu, tau_n))
+    with numpyro.plate("region", n_regions):
+        a_r = numpyro.sample("a_region", ndist.Normal(a_n[nation_of_region], tau_r))
+    with numpyro.plate("county", n_counties):
+        a_c = numpyro.sample("a_county", ndist.Normal(a_r[region_of_county], tau_c))
+    log_rate = a_c[county] + jnp.log(exposure)
+    with numpyro.plate("obs", county.shape[0]):
+        numpyro.sample("y", ndist.Poisson(jnp.exp(log_rate)), obs=y)
+
+
+def logistic_3level(
+    mother: jax.Array,
+    community_of_mother: jax.Array,
+    x_community: jax.Array,
+    x_mother: jax.Array,
+    x_child: jax.Array,
+    n_communities: int,
+    n_mothers: int,
+    y: jax.Array | None = None,
+) -> None:
+    """:func:`amortize.models.logistic_3level` in NumPyro: mu ~ N(0, 1.5), beta ~ N(0, 1) [3],
+    tau_community, tau_mother ~ HalfNormal(1), a_community ~ N(mu + beta_0 x_community, tau_community),
+    a_mother ~ N(a_community[community_m] + beta_1 x_mother, tau_mother),
+    y_i ~ Bernoulli(logit = a_mother[mother_i] + beta_2 x_child_i).
+
+    Args:
+        mother: mother index of every observation ``[N]``, as ``data.index("mother")``.
+        community_of_mother: community of every mother, as ``data.parent_index("mother")``.
+        x_community, x_mother, x_child: the covariates of the communities, mothers and rows.
+        n_communities, n_mothers: numbers of groups (static: they set the latents' shapes).
+        y: the 0/1 response ``[N]`` (None: simulate it).
+    """
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 1.5))
+    beta = numpyro.sample("beta", ndist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    tau_c = numpyro.sample("tau_community", ndist.HalfNormal(1.0))
+    tau_m = numpyro.sample("tau_mother", ndist.HalfNormal(1.0))
+    with numpyro.plate("community", n_communities):
+        a_c = numpyro.sample("a_community", ndist.Normal(mu + beta[0] * x_community, tau_c))
+    with numpyro.plate("mother", n_mothers):
+        a_m = numpyro.sample("a_mother", ndist.Normal(a_c[community_of_mother] + beta[1] * x_mother, tau_m))
+    with numpyro.plate("obs", mother.shape[0]):
+        numpyro.sample("y", ndist.Bernoulli(logits=a_m[mother] + beta[2] * x_child), obs=y)
+
+
+def gaussian_contextual(
+    county: jax.Array,
+    log_uranium: jax.Array,
+    floor_mean: jax.Array,
+    floor: jax.Array,
+    n_counties: int,
+    y: jax.Array | None = None,
+) -> None:
+    """:func:`amortize.models.gaussian_contextual` (the radon contextual-effects model with HalfNormal(1)
+    scales) in NumPyro: county_effect_mean ~ N(0, 1), county_effect_scale ~ HalfNormal(1),
+    weight ~ N(0, 1) [3], log_radon_scale ~ HalfNormal(1),
+    county_effect ~ N(county_effect_mean, county_effect_scale), log_radon_i ~ N(weight_0 log_uranium[c_i]
+    + weight_1 floor_i + weight_2 floor_mean[c_i] + county_effect[c_i], log_radon_scale).
+
+    Args:
+        county: county index of every observation ``[N]``, as ``data.index("county")``.
+        log_uranium, floor_mean: the county covariates ``[n_counties]``.
+        floor: the observation covariate ``[N]``.
+        n_counties: number of counties (static: it sets the shape of ``county_effect``).
+        y: the response ``[N]`` (None: simulate it).
+    """
+    county_mean = numpyro.sample("county_effect_mean", ndist.Normal(0.0, 1.0))
+    county_scale = numpyro.sample("county_effect_scale", ndist.HalfNormal(1.0))
+    weight = numpyro.sample("weight", ndist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    noise = numpyro.sample("log_radon_scale", ndist.HalfNormal(1.0))
+    with numpyro.plate("county", n_counties):
+        effect = numpyro.sample("county_effect", ndist.Normal(county_mean, county_scale))
+    loc = weight[0] * log_uranium[county] + weight[1] * floor + weight[2] * floor_mean[county] + effect[county]
+    with numpyro.plate("obs", county.shape[0]):
+        numpyro.sample("log_radon", ndist.Normal(loc, noise), obs=y)
+
+
+def varying_slopes(group: jax.Array, x: jax.Array, n_groups: int, y: jax.Array | None = None) -> None:
+    """:func:`amortize.models.varying_slopes` in NumPyro: mu ~ N(0, 2) [2], tau ~ HalfNormal(1) [2],
+    corr_chol ~ LKJCholesky(2, 2), sigma ~ HalfNormal(1), b_g ~ MVN(mu, scale_tril = diag(tau) corr_chol)
+    (event shape [2]: intercept, slope), y_i ~ N(b[group_i, 0] + b[group_i, 1] x_i, sigma).
+
+    Args:
+        group: group index of every observation ``[N]``, as ``data.index("group")``.
+        x: the observation covariate ``[N]``.
+        n_groups: number of groups (static: it sets the shape of ``b``).
+        y: the response ``[N]`` (None: simulate it).
+    """
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 2.0).expand([2]).to_event(1))
+    tau = numpyro.sample("tau", ndist.HalfNormal(1.0).expand([2]).to_event(1))
+    corr = numpyro.sample("corr_chol", ndist.LKJCholesky(2, 2.0))
+    sigma = numpyro.sample("sigma", ndist.HalfNormal(1.0))
+    scale_tril = tau[..., None] * corr  # diag(tau) @ L
+    with numpyro.plate("group", n_groups):
+        b = numpyro.sample("b", ndist.MultivariateNormal(mu, scale_tril=scale_tril))  # [G, 2]
+    with numpyro.plate("obs", group.shape[0]):
+        numpyro.sample("y", ndist.Normal(b[group, 0] + b[group, 1] * x, sigma), obs=y)
+
+
+_FOUR_LEVELS = ("state", "district", "school", "classroom")
+
+
+def gaussian_4level(
+    classroom: jax.Array,
+    school_of_classroom: jax.Array,
+    district_of_school: jax.Array,
+    state_of_district: jax.Array,
+    n_states: int,
+    n_districts: int,
+    n_schools: int,
+    n_classrooms: int,
+    y: jax.Array | None = None,
+) -> None:
+    """:func:`amortize.models.gaussian_4level` in NumPyro: mu ~ N(0, 3), tau_state, tau_district,
+    tau_school, tau_classroom, sigma ~ HalfNormal(1), a_state ~ N(mu, tau_state), a_level ~
+    N(a_parent[parent], tau_level) for district, school and classroom, y_i ~ N(a_classroom[classroom_i], sigma).
+
+    Args:
+        classroom: classroom index of every observation ``[N]``, as ``data.index("classroom")``.
+        school_of_classroom, district_of_school, state_of_district: each group's parent, as
+            ``data.parent_index(level)``.
+        n_states, n_districts, n_schools, n_classrooms: numbers of groups (static: they set the latents' shapes).
+        y: the response ``[N]`` (None: simulate it).
+    """
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 3.0))
+    taus = {lvl: numpyro.sample(f"tau_{lvl}", ndist.HalfNormal(1.0)) for lvl in _FOUR_LEVELS}
+    sigma = numpyro.sample("sigma", ndist.HalfNormal(1.0))
+    with numpyro.plate("state", n_states):
+        a = numpyro.sample("a_state", ndist.Normal(mu, taus["state"]))
+    below = (
+        ("district", n_districts, state_of_district),
+        ("school", n_schools, district_of_school),
+        ("classroom", n_classrooms, school_of_classroom),
+    )
+    for lvl, size, parent in below:
+        with numpyro.plate(lvl, size):
+            a = numpyro.sample(f"a_{lvl}", ndist.Normal(a[parent], taus[lvl]))
+    with numpyro.plate("obs", classroom.shape[0]):
+        numpyro.sample("y", ndist.Normal(a[classroom], sigma), obs=y)
+
+
 def _index(t: torch.Tensor) -> jax.Array:
     return jnp.asarray(t.cpu().numpy().astype(np.int32))
 
@@ -107,10 +283,59 @@ def _arrays_3level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[
     return args, {"n_districts": data.size("district"), "n_schools": data.size("school")}
 
 
+def _float(t: torch.Tensor) -> jax.Array:
+    return jnp.asarray(t.detach().cpu().numpy().astype(np.float32))
+
+
+def _arrays_poisson_3level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    args = (
+        _index(data.index("county")),
+        _index(data.parent_index("county")),
+        _index(data.parent_index("region")),
+        _float(data.x["exposure"]),
+    )
+    sizes = {"n_nations": data.size("nation"), "n_regions": data.size("region"), "n_counties": data.size("county")}
+    return args, sizes
+
+
+def _arrays_logistic_3level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    x = data.x
+    args = (
+        _index(data.index("mother")),
+        _index(data.parent_index("mother")),
+        _float(x["x_community"]),
+        _float(x["x_mother"]),
+        _float(x["x_child"]),
+    )
+    return args, {"n_communities": data.size("community"), "n_mothers": data.size("mother")}
+
+
+def _arrays_contextual(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    x = data.x
+    args = (_index(data.index("county")), _float(x["log_uranium"]), _float(x["floor_mean"]), _float(x["floor"]))
+    return args, {"n_counties": data.size("county")}
+
+
+def _arrays_varying_slopes(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    return (_index(data.index("group")), _float(data.x["x"])), {"n_groups": data.size("group")}
+
+
+def _arrays_4level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    args = (
+        _index(data.index("classroom")),
+        _index(data.parent_index("classroom")),
+        _index(data.parent_index("school")),
+        _index(data.parent_index("district")),
+    )
+    sizes = {f"n_{lvl}s": data.size(lvl) for lvl in _FOUR_LEVELS}
+    return args, sizes
+
+
 @dataclass(frozen=True)
 class NumPyroModel:
-    """A NumPyro model ``fn(*index_arrays, **sizes, y=y)``, its data levels, latent sites, the
-    loc-scale ones non-centering decenters, and how index arrays and sizes come from the data."""
+    """A NumPyro model ``fn(*arrays, **sizes, y=y)``, its data levels, latent sites, the
+    loc-scale ones non-centering decenters, and how its arrays (group indices and covariates) and
+    sizes come from the data."""
 
     fn: Callable[..., None]
     levels: tuple[str, ...]
@@ -131,14 +356,50 @@ MODELS: dict[str, NumPyroModel] = {
         ("alpha", "beta"),
         _arrays_3level,
     ),
+    "poisson_3level": NumPyroModel(
+        poisson_3level,
+        ("nation", "region", "county"),
+        ("mu", "tau_nation", "tau_region", "tau_county", "a_nation", "a_region", "a_county"),
+        ("a_nation", "a_region", "a_county"),
+        _arrays_poisson_3level,
+    ),
+    "logistic_3level": NumPyroModel(
+        logistic_3level,
+        ("community", "mother"),
+        ("mu", "beta", "tau_community", "tau_mother", "a_community", "a_mother"),
+        ("a_community", "a_mother"),
+        _arrays_logistic_3level,
+    ),
+    "gaussian_contextual": NumPyroModel(
+        gaussian_contextual,
+        ("county",),
+        ("county_effect_mean", "county_effect_scale", "weight", "log_radon_scale", "county_effect"),
+        ("county_effect",),
+        _arrays_contextual,
+    ),
+    "varying_slopes": NumPyroModel(
+        varying_slopes,
+        ("group",),
+        ("mu", "tau", "corr_chol", "sigma", "b"),
+        (),  # b is MultivariateNormal: no loc-scale non-centering
+        _arrays_varying_slopes,
+    ),
+    "gaussian_4level": NumPyroModel(
+        gaussian_4level,
+        _FOUR_LEVELS,
+        ("mu", "tau_state", "tau_district", "tau_school", "tau_classroom", "sigma")
+        + ("a_state", "a_district", "a_school", "a_classroom"),
+        ("a_state", "a_district", "a_school", "a_classroom"),
+        _arrays_4level,
+    ),
 }
 
 
 def model_arrays(
     data: HierarchicalData, model: str = "gaussian_2level"
 ) -> tuple[tuple[jax.Array, ...], dict[str, int], jax.Array]:
-    """``(index arrays, static sizes, y)`` of one dataset for the NumPyro version of ``model``
-    (int32 indices, float32 response).
+    """``(index and covariate arrays, static sizes, y)`` of one dataset for the NumPyro version of
+    ``model`` (int32 indices, float32 covariates and response).
 
     Raises:
         ConfigError: no NumPyro version of ``model``.
