@@ -56,7 +56,7 @@ def run_model(name: str, args: argparse.Namespace, progress: bool) -> tuple[dict
     if args.sbc_datasets:
         res = sbc(a, num_datasets=args.sbc_datasets, num_samples=args.sbc_draws, seed=args.seed + 1, progress=progress)
         worst = min(res.rows, key=lambda r: r["p_value"])
-        failing = [r["quantity"] for r in res.rows if not r["passed"]]
+        failing = [f"{r['quantity']} (90% coverage {r['coverage90']:.3f})" for r in res.rows if not r["passed"]]
         entry["sbc"] = {"passed": res.passed, "failing": failing, "rows": res.rows}
         md.append(
             f"SBC {res.num_datasets} x {res.num_draws}: {'PASS' if res.passed else 'FAIL'} "
@@ -65,6 +65,20 @@ def run_model(name: str, args: argparse.Namespace, progress: bool) -> tuple[dict
         )
     if args.datasets:
         nuts = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 2}
+        ref_fn = None
+        if name in args.numpyro:  # NUTS on the tested NumPyro twin of the same model (the bench extra)
+            from amortize.validate.numpyro_models import run_numpyro_nuts
+
+            def ref_fn(data: am.HierarchicalData, seed: int) -> Any:
+                return run_numpyro_nuts(
+                    data,
+                    name,
+                    seed=seed,
+                    num_warmup=2 * args.nuts_warmup,
+                    num_samples=args.nuts_samples,
+                    target_accept=0.99,
+                )
+
         report = against_nuts(
             a,
             heldout_datasets(a, args.datasets),
@@ -73,13 +87,15 @@ def run_model(name: str, args: argparse.Namespace, progress: bool) -> tuple[dict
             progress=progress,
             nuts_cache=args.nuts_cache or None,
             cached_only=args.cached_only,
+            reference=ref_fn,
         )
         entry.update(report.to_dict())
         rows = [{**s, "meets_target": _meets(s)} for s in report.summary]
         ok = sum(r["ok"] for r in report.nuts)
         run = sum(not r.get("not_run") for r in report.nuts)
         md.append(
-            f"{args.datasets} held-out datasets ({run} with a NUTS reference, {ok} passing its checks), speed-up "
+            f"{args.datasets} held-out datasets ({run} with a {'NumPyro-twin ' if ref_fn else ''}NUTS reference,"
+            f" {ok} passing its checks), speed-up "
             f"{report.speedup:.0f}x (amortized {entry['amortized_seconds_per_dataset']:.3f} s, NUTS "
             f"{entry['nuts_seconds_per_dataset']:.1f} s per dataset)\n"
         )
@@ -101,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nuts-samples", type=int, default=1000)
     p.add_argument("--nuts-cache", default="checkpoints/nuts-cache", help="reuse NUTS references ('' : never)")
     p.add_argument("--cached-only", action="store_true", help="compare only where a NUTS reference is cached")
+    p.add_argument(
+        "--numpyro",
+        nargs="*",
+        default=[],
+        metavar="MODEL",
+        help="reference by NumPyro NUTS on the model's NumPyro twin (twice the warm-up, target acceptance 0.99)",
+    )
     p.add_argument("--out", default="checkpoints/bench-coverage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
