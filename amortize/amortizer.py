@@ -214,6 +214,7 @@ class Amortizer:
             "flow_bins": self.flow_bins,
             "global_coupling": self.global_coupling,
             "pooled_df": self.guide.encoder.pooled_df,
+            "residual_pooling": self.guide.encoder.residual_pooling,
             "seed": self.seed,
             "step": self.step,
             "pilot_done": self.pilot_done,
@@ -305,6 +306,7 @@ class Amortizer:
         except (RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: the weights do not fit this model's networks ({e})") from None
         new.guide.encoder.pooled_df = bool(ck.get("pooled_df", False))  # the statistics it was trained on
+        new.guide.encoder.residual_pooling = bool(ck.get("residual_pooling", False))
         new.guide.eval()
         new.step, new.pilot_done = int(ck["step"]), bool(ck["pilot_done"])
         new.config = TrainConfig(**ck["config"])

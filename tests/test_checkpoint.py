@@ -66,8 +66,9 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_encoder_statistics_and_coupling_travel_with_the_checkpoint(small_sampler, tmp_path):
     a = am.Amortizer(normal_known, small_sampler, hidden=8, global_coupling=True)
     assert a.guide.encoder.pooled_df  # new amortizers use the unbiased pooled variance
-    a.guide.encoder.pooled_df = False  # as a checkpoint trained on the older statistic
+    a.guide.encoder.pooled_df = False  # as a checkpoint trained on the older statistics
+    a.guide.encoder.residual_pooling = False
     a.save(tmp_path / "a.pt")
     b = am.Amortizer.load(tmp_path / "a.pt", normal_known)
-    assert b.guide.encoder.pooled_df is False and b.global_coupling
+    assert b.guide.encoder.pooled_df is False and b.guide.encoder.residual_pooling is False and b.global_coupling
     assert b.guide.group_heads["theta"].coupling is not None

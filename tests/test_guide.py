@@ -97,3 +97,23 @@ def test_pooled_within_group_variance_is_unbiased_for_small_groups():
     enc.pooled_df = False
     lw_n = enc.statistics(data.with_response(y))[3][0][:, 2]
     assert float(torch.exp(2 * lw_n).mean()) < 0.7
+
+
+def test_pooled_noise_of_a_covariate_model_is_that_of_the_residuals():
+    """Varying slopes, sigma = 0.1: the within-group sd around group means mixes in slope x x; the
+    residual statistic reads sigma (its old reading is several times too large)."""
+    from amortize.nn import HierarchicalEncoder
+
+    gen = torch.Generator().manual_seed(1)
+    data = am.StructureSampler(["group"], groups={"group": (30, 30)}, obs=(3, 10)).sample(gen)
+    x = torch.randn(data.n_obs, generator=gen)
+    data.covariates = {"obs": {"x": x}}
+    data.covariate_level = {"x": "obs"}
+    g = data.index("group")
+    a, b = torch.randn(200, 30, generator=gen), 2 * torch.randn(200, 30, generator=gen)
+    y = a[:, g] + b[:, g] * x + 0.1 * torch.randn(200, data.n_obs, generator=gen)
+    enc = HierarchicalEncoder(("group",), {"obs": ["x"]}, hidden=4)
+    lw = enc.statistics(data.with_response(y))[3][0][:, 2]
+    assert abs(float(torch.exp(2 * lw).mean()) / 0.01 - 1.0) < 0.05
+    enc.residual_pooling = False
+    assert float(torch.exp(lw.new_tensor(0.0) + enc.statistics(data.with_response(y))[3][0][:, 2]).median()) > 0.5

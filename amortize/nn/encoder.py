@@ -39,6 +39,32 @@ def segment_mean(x: torch.Tensor, idx: torch.Tensor, size: int, counts: torch.Te
     return segment_sum(x, idx, size) / counts.to(x.dtype).unsqueeze(-1)
 
 
+def _residual_ss(
+    y: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, G: int, n: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Pooled residual sum of squares ``[B]`` of per-group least squares of ``y [B, N]`` on an intercept
+    and the covariates ``X [N, k]``, and its degrees of freedom (rows minus fitted coefficients, over
+    the groups; at least 1).
+
+    Each group's covariates are centred on the group's means; a tiny ridge keeps a group whose
+    covariate does not vary (or that has fewer rows than coefficients) solvable, and such a group
+    then contributes its plain within-group sum of squares."""
+    k = X.shape[-1]
+    xc = X - segment_mean(X, idx, G, n)[idx]  # [N, k]
+    yc = y - segment_mean(y.unsqueeze(-1), idx, G, n)[..., 0][..., idx]  # [B, N]
+    sxx = segment_sum((xc.unsqueeze(-1) * xc.unsqueeze(-2)).reshape(-1, k * k), idx, G).reshape(G, k, k)
+    sxy = segment_sum((yc.unsqueeze(-1) * xc).reshape(-1, xc.shape[0], k), idx, G)  # [B, G, k]
+    syy = segment_sum(yc.pow(2).unsqueeze(-1), idx, G)[..., 0]  # [B, G]
+    ridge = 1e-6 * sxx.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)  # [G]
+    eye = torch.eye(k, dtype=X.dtype, device=X.device)
+    beta = torch.linalg.solve(sxx + ridge[:, None, None] * eye, sxy.unsqueeze(-1)).squeeze(-1)  # [B, G, k]
+    ss = (syy - (beta * sxy).sum(-1)).clamp_min(0.0).sum(-1)  # [B]
+    diag = sxx.diagonal(dim1=-2, dim2=-1)  # [G, k]: a covariate that varies within a group costs a df
+    rank = (diag > 1e-8 * diag.amax(-1, keepdim=True).clamp_min(1e-12)).sum(-1)
+    dof = (n - 1 - rank).clamp_min(0).sum()
+    return ss, float(max(int(dof), 1))
+
+
 class RobustScaler(nn.Module):
     """Fixed feature standardization fitted once on simulated data: robust z-score, then a soft clamp
     (``c * tanh(z / c)``) so that extreme but legitimate datasets stay in range."""
@@ -97,9 +123,15 @@ class HierarchicalEncoder(nn.Module):
             N: unbiased whatever the group sizes, so a dataset of only small groups gets sigma right
             (with N, log sigma read about 2% low when every group has 5-15 rows). Checkpoints saved
             before this statistic load with False.
+        residual_pooling: with observation-level covariates, the innermost level's pooled
+            within-group variance (the noise scale behind the heads' units) is that of the residuals
+            of a least-squares fit of y on the covariates within each group, so slopes do not pass for
+            noise (a varying-slopes dataset with sigma 0.05 read sigma 5x too high). Older
+            checkpoints load with False.
     """
 
     pooled_df: bool = True
+    residual_pooling: bool = True
 
     def __init__(self, levels: tuple[str, ...], covariates: dict[str, list[str]], hidden: int = 64) -> None:
         super().__init__()
@@ -184,7 +216,10 @@ class HierarchicalEncoder(nn.Module):
             rel = (ybar - m) / s
             # pooled within-group and between-group log sds, on the response's own (log) scale
             dof = max(N - G, 1) if self.pooled_df else N
-            lw = 0.5 * torch.log((n * var).sum(-1) / dof + 1e-6 * s.squeeze(-1) ** 2)  # [B]
+            ss_within = (n * var).sum(-1)  # [B]
+            if i == len(self.levels) - 1 and self.residual_pooling and self.cov_names.get(OBS):
+                ss_within, dof = _residual_ss(y, X, idx, G, n)
+            lw = 0.5 * torch.log(ss_within / dof + 1e-6 * s.squeeze(-1) ** 2)  # [B]
             lb = 0.5 * torch.log(ybar.var(-1, unbiased=False) + 1e-6 * s.squeeze(-1) ** 2)  # [B]
             # method-of-moments log sd of group effects: between-group variance of the means in
             # excess of the within-group noise they carry (floored: it may be negative)
