@@ -99,3 +99,11 @@ def test_numpyro_twin_nuts_smoke_run_has_the_pyro_shapes():
     for site, value in values.items():
         assert tuple(res.samples[site].shape) == (100, *value.shape), site
         assert torch.isfinite(res.samples[site]).all(), site
+
+
+def test_twin_reference_refuses_a_model_without_a_twin():
+    from amortize.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eight_schools"):
+        nm.twin_reference("eight_schools")
+    assert callable(nm.twin_reference("gaussian_4level"))

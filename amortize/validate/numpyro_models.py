@@ -57,6 +57,7 @@ __all__ = [
     "log_density",
     "NumPyroNUTSResult",
     "run_numpyro_nuts",
+    "twin_reference",
 ]
 
 
@@ -630,3 +631,19 @@ def _result(
         ok=ok,
         num_chains=num_chains,
     )
+
+
+def twin_reference(
+    model: str, num_warmup: int = 1000, num_samples: int = 1000, target_accept: float = 0.99
+) -> Callable[[HierarchicalData, int], NumPyroNUTSResult]:
+    """A reference for :func:`amortize.validate.heldout.against_nuts` (``reference=``): NUTS on the
+    NumPyro twin of ``model``, ``(data, seed) -> result``, with long warm-up and a high target
+    acceptance (the centered funnels of the shipped models)."""
+    _model(model)  # an unknown model fails here, not on the first dataset
+
+    def run(data: HierarchicalData, seed: int) -> NumPyroNUTSResult:
+        return run_numpyro_nuts(
+            data, model, seed=seed, num_warmup=num_warmup, num_samples=num_samples, target_accept=target_accept
+        )
+
+    return run

@@ -113,12 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             nuts = {"num_warmup": 500, "num_samples": 1000, "num_chains": 2, **NUTS_EXTRA.get(name, {})}
             ref_fn = None
             if name in args.numpyro:  # NUTS on the NumPyro twin of the same model (the bench extra)
-                from amortize.validate.numpyro_models import run_numpyro_nuts
+                from amortize.validate.numpyro_models import twin_reference
 
-                def ref_fn(data: am.HierarchicalData, seed: int, name: str = name) -> object:
-                    return run_numpyro_nuts(
-                        data, name, seed=seed, num_warmup=1000, num_samples=1000, target_accept=0.99
-                    )
+                ref_fn = twin_reference(name)
 
             report = against_nuts(
                 amortizer,

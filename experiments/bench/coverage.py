@@ -67,17 +67,9 @@ def run_model(name: str, args: argparse.Namespace, progress: bool) -> tuple[dict
         nuts = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 2}
         ref_fn = None
         if name in args.numpyro:  # NUTS on the tested NumPyro twin of the same model (the bench extra)
-            from amortize.validate.numpyro_models import run_numpyro_nuts
+            from amortize.validate.numpyro_models import twin_reference
 
-            def ref_fn(data: am.HierarchicalData, seed: int) -> Any:
-                return run_numpyro_nuts(
-                    data,
-                    name,
-                    seed=seed,
-                    num_warmup=2 * args.nuts_warmup,
-                    num_samples=args.nuts_samples,
-                    target_accept=0.99,
-                )
+            ref_fn = twin_reference(name, num_warmup=2 * args.nuts_warmup, num_samples=args.nuts_samples)
 
         report = against_nuts(
             a,
