@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ from numpyro.infer.util import log_density as _numpyro_log_density
 
 from ..data import HierarchicalData
 from ..errors import ConfigError, DataError
-from .nuts import NUTSResult, chain_diagnostics
+from .nuts import NUTSResult, chain_diagnostics, checks_passed
 
 __all__ = [
     "gaussian_2level",
@@ -546,7 +547,8 @@ def run_numpyro_nuts(
         target_accept: NUTS target acceptance probability.
         max_tree_depth: NUTS maximum tree depth.
         chain_method: how chains run on one device.
-        max_rhat: ``ok`` needs every R-hat below this.
+        max_rhat: ``ok`` needs a one-element site's R-hat below this, a site of many elements its
+            largest below :func:`~amortize.validate.nuts.rhat_threshold` (the same rule as Pyro NUTS).
         min_ess: ``ok`` needs every bulk ESS at least this.
 
     Raises:
@@ -619,7 +621,16 @@ def _result(
         r_hat[name] = float(rh.nan_to_num(nan=float("inf")).max())
         ess[name] = float(es.nan_to_num(nan=0.0).min())
     max_rhat, min_ess = thresholds
-    ok = all(v < max_rhat for v in r_hat.values()) and all(v >= min_ess for v in ess.values()) and divergences == 0
+    ok = checks_passed(
+        r_hat,
+        ess,
+        divergences,
+        num_elements={k: math.prod(v.shape[2:]) for k, v in draws.items()},
+        num_chains=num_chains,
+        num_draws=next(iter(draws.values())).shape[1],
+        max_rhat=max_rhat,
+        min_ess=min_ess,
+    )
     return NumPyroNUTSResult(
         samples={k: v.reshape(-1, *v.shape[2:]) for k, v in draws.items()},
         r_hat=r_hat,

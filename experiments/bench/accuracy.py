@@ -19,12 +19,9 @@ markdown atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -34,8 +31,8 @@ from pyro import poutine
 
 import amortize as am
 from amortize import models
-from amortize.checkpoint import atomic_write
 from amortize.validate import compare, summarize, to_markdown
+from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.nuts import cached_nuts
 
 CASES: dict[str, dict[str, Any]] = {
@@ -138,20 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     a = am.Amortizer.load(args.checkpoint, models.gaussian_2level, sampler=models.SAMPLERS["gaussian_2level"]())
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} (CPU)",
+        **machine_info(extra=" (CPU)"),
         "checkpoint": args.checkpoint,
         "steps": a.step,
         "cases": {},
     }
-    md = [f"Measured {results['date']} on {results['machine']}; checkpoint of {a.step} steps.\n"]
+    md = [results_header(results, f"checkpoint of {a.step} steps") + "\n"]
     for name in args.cases:
         entry, text = run_case(name, CASES[name], a, args)
         results["cases"][name] = entry
         md.append(text + "\n")
         print(text, flush=True)
-        atomic_write(f"{args.out}/results.json", lambda fh: fh.write(json.dumps(results, indent=1).encode()))
-        atomic_write(f"{args.out}/results.md", lambda fh: fh.write("\n".join(md).encode()))
+        write_results(args.out, results, "\n".join(md))
     print(f"\nwritten: {args.out}/results.json, {args.out}/results.md")
     return 0
 

@@ -8,19 +8,15 @@ real data against posteriordb's reference draws. Prints the tables; writes JSON 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
 import time
 
-import torch
-
 import amortize as am
 from amortize import models
-from amortize.checkpoint import atomic_write
 from amortize.validate import compare, reference, to_markdown
+from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.heldout import against_nuts, heldout_datasets
 
 # NUTS settings beyond 2 chains x (500 warm-up + 1000 draws): the 3-level model's centered funnels
@@ -89,13 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet and not os.environ.get("CI")
     os.makedirs(args.out, exist_ok=True)
     results: dict = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} (CPU)",
+        **machine_info(extra=" (CPU)"),
         "steps": args.steps,
         "batch_size": args.batch_size,
         "models": {},
     }
-    md = [f"Measured {results['date']} on {results['machine']}.\n"]
+    md = [results_header(results) + "\n"]
     for name in args.models:
         load = dict(item.split("=", 1) for item in args.load)
         amortizer, train_s = train(name, args.steps, args.batch_size, args.out, args.seed, progress, load)
@@ -147,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = entry
         md.append(head + "\n" + table + "\n")
         print(head + table, flush=True)
-        atomic_write(f"{args.out}/results.json", lambda fh: fh.write(json.dumps(results, indent=1).encode()))
-        atomic_write(f"{args.out}/results.md", lambda fh: fh.write("\n".join(md).encode()))
+        write_results(args.out, results, "\n".join(md))
     print(f"\nwritten: {args.out}/results.json, {args.out}/results.md")
     return 0
 

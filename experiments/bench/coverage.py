@@ -14,20 +14,16 @@ Prints the tables; writes JSON and markdown atomically.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
 import time
 from typing import Any
 
-import torch
-
 import amortize as am
 from amortize import models
-from amortize.checkpoint import atomic_write
 from amortize.validate import sbc, to_markdown
+from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.heldout import against_nuts, heldout_datasets
 
 DEFAULT = ["poisson_3level", "logistic_3level", "gaussian_contextual", "varying_slopes", "gaussian_4level"]
@@ -124,19 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet and not os.environ.get("CI")
     os.makedirs(args.out, exist_ok=True)
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}",
+        **machine_info(),
         "args": vars(args),
         "models": {},
     }
-    md = [f"Measured {results['date']} on {results['machine']}.\n"]
+    md = [results_header(results) + "\n"]
     for name in args.models:
         results["models"][name], text = run_model(name, args, progress)
         md.append(text + "\n")
         print(text, flush=True)
-        text_json = json.dumps(results, indent=1, default=str).encode()
-        atomic_write(f"{args.out}/results.json", lambda fh, data=text_json: fh.write(data))
-        atomic_write(f"{args.out}/results.md", lambda fh: fh.write("\n".join(md).encode()))
+        write_results(args.out, results, "\n".join(md), default=str)
     print(f"\nwritten: {args.out}/results.json, {args.out}/results.md")
     return 0
 

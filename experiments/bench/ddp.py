@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import amortize as am
 from amortize import models
 from amortize.checkpoint import atomic_write
 from amortize.distributed import fit_distributed, fit_sharded, init_process_group
+from amortize.validate.bench import machine_info, results_header, write_results
 
 
 def make_amortizer(args: argparse.Namespace) -> am.Amortizer:
@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model}, {args.objective}, global batch {args.batch_size}, {args.steps} steps:"
         f" {args.nproc} processes (DDP, gloo) vs 1 process on the same {args.nproc} shards"
     )
-    machine = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+    info = machine_info()
     md = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine}.",
+        results_header(info),
         "",
         head,
         "",
@@ -120,15 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(md) + "\n"
     print(text)
     result = {
-        "machine": machine,
+        "machine": info["machine"],
         "settings": vars(args),
         "rows": rows,
         "max_rel_diff": worst,
         "ddp_seconds": ddp["seconds"],
     }
     result.update(torchrun_wall_seconds=wall, single_seconds=single_s)
-    atomic_write(Path(args.out) / "results.json", lambda fh: fh.write(json.dumps(result, indent=1).encode()))
-    atomic_write(Path(args.out) / "results.md", lambda fh: fh.write(text.encode()))
+    write_results(args.out, result, text)
     print(f"written: {args.out}/results.json, {args.out}/results.md")
     return 0
 

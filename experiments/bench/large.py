@@ -23,13 +23,9 @@ Prints a markdown table; writes ``results.json`` and ``results.md`` atomically t
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -37,8 +33,8 @@ import pyro.distributions as dist
 import torch
 
 import amortize as am
-from amortize.checkpoint import atomic_write
 from amortize.subsample import fit_subsampled
+from amortize.validate.bench import machine_info, results_header, write_results
 
 PRIOR_SD, GROUP_SD, NOISE_SD = 2.0, 1.0, 0.5
 
@@ -166,13 +162,9 @@ def run(args: argparse.Namespace) -> int:
     """The benchmark for parsed ``args`` (see :func:`main`)."""
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} thread(s),"
-        f" device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    )
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "settings": vars(args)}
+    results: dict[str, Any] = {**machine_info(device, threads=True, with_time=True), "settings": vars(args)}
     phases: dict[str, dict[str, Any]] = {}
-    print(f"{machine}\n", flush=True)
+    print(f"{results['machine']}\n", flush=True)
 
     can_reset = reset_peak()
     t0 = time.perf_counter()
@@ -222,10 +214,8 @@ def run(args: argparse.Namespace) -> int:
 
     md = report(results)
     print("\n" + md, flush=True)
-    out = Path(args.out)
-    atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(results, indent=2).encode()))
-    atomic_write(out / "results.md", lambda fh: fh.write((md + "\n").encode()))
-    print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
+    json_path, md_path = write_results(args.out, results, md + "\n", indent=2)
+    print(f"\nwrote {json_path} and {md_path}")
     return 0
 
 
@@ -238,7 +228,7 @@ def report(r: dict[str, Any]) -> str:
         return "-" if x is None else f"{x:.0f}"
 
     lines = [
-        f"Measured {r['date']} on {r['machine']}.",
+        results_header(r),
         "",
         f"One dataset: {r['groups']} groups, {r['obs']} rows ({s['obs_min']}-{s['obs_max']} per group), model"
         " mu ~ N(0, 2), theta ~ N(mu, 1), y ~ N(theta, 0.5). Training: "

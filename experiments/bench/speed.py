@@ -35,11 +35,9 @@ Run single-threaded for a like-for-like comparison (torch and XLA one thread eac
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,9 +50,9 @@ from pyro.infer.autoguide import AutoNormal
 
 import amortize as am
 from amortize import models
-from amortize.checkpoint import atomic_write
 from amortize.structure import trace_structure
 from amortize.validate import compare, summarize, to_markdown
+from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.nuts import run_nuts
 
 MODEL = models.gaussian_2level
@@ -401,7 +399,7 @@ def markdown(results: dict[str, Any]) -> str:
             )
         notes.append(line)
     head = (
-        f"Measured {results['date']} on {results['machine']}. {results['datasets']} datasets per size, "
+        f"{results_header(results)} {results['datasets']} datasets per size, "
         f"the same datasets for every method; seconds per dataset are means (amortized: median of "
         f"{results['repeats']} calls per dataset). Accuracy against NumPyro NUTS draws of the same dataset; "
         "speed-up = method seconds / amortized seconds; break-even = training seconds / (method - amortized) "
@@ -465,13 +463,12 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     os.makedirs(args.out, exist_ok=True)
+    extra = (
+        f" ({torch.get_num_threads()} thread(s)), jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} ({torch.get_num_threads()} "
-            f"thread(s)), jax {jax.__version__} on {jax.devices()[0].platform}, "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
-        ),
+        **machine_info(extra=extra, with_time=True),
         "datasets": args.datasets,
         "repeats": args.repeats,
         "settings": vars(args),
@@ -486,9 +483,7 @@ def run(args: argparse.Namespace) -> int:
         results["sizes"].append(run_size(groups, index, args, shared))
         results["total_seconds"] = time.perf_counter() - t_start
         md = markdown(results)
-        blob, text = json.dumps(results, indent=1).encode(), md.encode()
-        atomic_write(f"{args.out}/results.json", lambda fh, blob=blob: fh.write(blob))
-        atomic_write(f"{args.out}/results.md", lambda fh, text=text: fh.write(text))
+        write_results(args.out, results, md)
     print("\n" + md, flush=True)
     print(f"\nwritten: {args.out}/results.json, {args.out}/results.md ({results['total_seconds']:.0f} s)")
     return 0

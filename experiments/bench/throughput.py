@@ -23,23 +23,19 @@ was used). Prints markdown; writes ``results.json`` and ``results.md`` atomicall
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
-import platform
 import resource
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import amortize as am
-from amortize.checkpoint import atomic_write
 from amortize.models import SAMPLERS, gaussian_2level
+from amortize.validate.bench import machine_info, results_header, write_results
 
 log = logging.getLogger("throughput")
 
@@ -138,13 +134,8 @@ def run(args: argparse.Namespace) -> int:
         trained = f"briefly trained ({args.steps} NPE steps x 32 datasets; timing does not depend on the weights)"
     setup_s = time.perf_counter() - t0
     dtype = next(amortizer.guide.parameters()).dtype
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, {torch.get_num_threads()} thread(s),"
-        f" device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
-    )
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine,
+        **machine_info(device, threads=True, with_time=True),
         "model": "gaussian_2level",
         "amortizer": trained,
         "hidden": amortizer.hidden,
@@ -152,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         "setup_seconds": setup_s,
         "settings": vars(args),
     }
-    print(f"{machine}; gaussian_2level, {trained}\n", flush=True)
+    print(f"{results['machine']}; gaussian_2level, {trained}\n", flush=True)
 
     # ------------------------------------------------------------------ 1. throughput vs batch size
     base = structure(args.groups_per_dataset, (5, 30), args.seed)
@@ -229,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
 
     # ------------------------------------------------------------------ report
     md = [
-        f"Measured {results['date']} on {machine}.",
+        results_header(results),
         f"Model gaussian_2level, amortizer {trained}, hidden {amortizer.hidden}, {dtype}.",
         "",
         f"### Batched inference: B datasets of one structure ({base.size('group')} groups, {base.n_obs} rows),"
@@ -272,10 +263,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     text = "\n".join(md) + "\n"
     print("\n" + text)
-    out = Path(args.out)
-    atomic_write(out / "results.json", lambda fh: fh.write(json.dumps(results, indent=1).encode()))
-    atomic_write(out / "results.md", lambda fh: fh.write(text.encode()))
-    print(f"written: {out}/results.json, {out}/results.md")
+    write_results(args.out, results, text)
+    print(f"written: {args.out}/results.json, {args.out}/results.md")
     return 0
 
 

@@ -20,11 +20,8 @@ directory; NAME is gaussian_2level, gaussian_3level or radon). Prints the tables
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
-import platform
 import sys
 import time
 from typing import Any
@@ -34,9 +31,9 @@ import torch
 
 import amortize as am
 from amortize import models
-from amortize.checkpoint import atomic_write
 from amortize.models.radon import radon_contextual_effects, radon_minnesota_data, radon_sampler
 from amortize.validate import compare, reference, sbc, summarize, to_markdown
+from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.heldout import heldout_datasets
 from amortize.validate.nuts import cached_nuts
 
@@ -45,21 +42,6 @@ MODELS = {
     "gaussian_3level": (models.gaussian_3level, models.SAMPLERS["gaussian_3level"]),
     "radon": (radon_contextual_effects, radon_sampler),
 }
-
-
-def _safe(x: Any) -> Any:
-    """JSON-safe copy: tensors and arrays to lists, non-finite floats to None."""
-    if isinstance(x, dict):
-        return {str(k): _safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_safe(v) for v in x]
-    if isinstance(x, (torch.Tensor, np.ndarray)):
-        return _safe(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def amortizer_for(name: str, args: argparse.Namespace, progress: bool) -> tuple[am.Amortizer, dict[str, Any]]:
@@ -205,9 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     progress = not args.quiet and not os.environ.get("CI")
     os.makedirs(args.out, exist_ok=True)
-    machine = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
-    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine, "args": vars(args)}
-    md = [f"Measured {results['date']} on {machine}; settings: {' '.join(sys.argv[1:]) or 'defaults'}.\n"]
+    results: dict[str, Any] = {**machine_info(), "args": vars(args)}
+    md = [results_header(results, f"settings: {' '.join(sys.argv[1:]) or 'defaults'}") + "\n"]
     cache: dict[str, am.Amortizer] = {}
 
     def get(name: str) -> am.Amortizer:
@@ -219,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         results[key], text = section
         md.append(text)
         print(text, flush=True)
-        atomic_write(f"{args.out}/results.json", lambda fh: fh.write(json.dumps(_safe(results), indent=1).encode()))
-        atomic_write(f"{args.out}/results.md", lambda fh: fh.write("\n".join(md).encode()))
+        write_results(args.out, results, "\n".join(md), safe=True)
 
     if "sbc" in args.sections:
         for name in ("gaussian_2level", "gaussian_3level"):
