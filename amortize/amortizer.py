@@ -213,8 +213,7 @@ class Amortizer:
             "hidden": self.hidden,
             "flow_bins": self.flow_bins,
             "global_coupling": self.global_coupling,
-            "pooled_df": self.guide.encoder.pooled_df,
-            "residual_pooling": self.guide.encoder.residual_pooling,
+            "statistics_revision": self.guide.encoder.revision,
             "seed": self.seed,
             "step": self.step,
             "pilot_done": self.pilot_done,
@@ -301,12 +300,15 @@ class Amortizer:
                 f"{k}: checkpoint {saved.get(k)}, this model {mine[k]}" for k in mine if saved.get(k) != mine[k]
             )
             raise CheckpointError(f"{path}: checkpoint is for another model ({diff or 'signature differs'})")
+        state = dict(ck["state_dict"])
+        for key, value in new.guide.state_dict().items():
+            if key not in state and key.rsplit(".", 2)[-2] in _ADDED_IN_0_2_2:
+                state[key] = torch.zeros_like(value)  # saved before these skip paths: zero is the old map
         try:
-            new.guide.load_state_dict(ck["state_dict"])
+            new.guide.load_state_dict(state)
         except (RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: the weights do not fit this model's networks ({e})") from None
-        new.guide.encoder.pooled_df = bool(ck.get("pooled_df", False))  # the statistics it was trained on
-        new.guide.encoder.residual_pooling = bool(ck.get("residual_pooling", False))
+        new.guide.encoder.revision = _statistics_revision(ck)  # the statistics it was trained on
         new.guide.eval()
         new.step, new.pilot_done = int(ck["step"]), bool(ck["pilot_done"])
         new.config = TrainConfig(**ck["config"])
@@ -331,6 +333,20 @@ class Amortizer:
     @ranges.setter
     def ranges(self, value: dict[str, Any]) -> None:
         self._ranges = value
+
+
+# skip paths added in 0.2.2 (count terms of the global head, covariate slopes of the heads): a
+# checkpoint without them loads them at zero, which is the map it was trained with
+_ADDED_IN_0_2_2 = ("raw_per_count", "count_unit", "raw_slope", "raw_slope_scale")
+
+
+def _statistics_revision(ck: dict[str, Any]) -> int:
+    """The encoder statistics a checkpoint was trained on (0.2.1 recorded two flags instead)."""
+    if "statistics_revision" in ck:
+        return int(ck["statistics_revision"])
+    if not ck.get("pooled_df", False):
+        return 0
+    return 2 if ck.get("residual_pooling", False) else 1
 
 
 _CHECKPOINT_KEYS = (

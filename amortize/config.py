@@ -76,6 +76,7 @@ class StructureConfig:
     obs: list[int] = field(default_factory=lambda: [5, 30])
     covariates: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     data: str | None = None
+    vary_sizes: bool = False  # each dataset draws its own sub-range of group sizes (StructureSampler)
 
 
 @dataclass
@@ -421,6 +422,7 @@ def build_sampler(cfg: Config) -> StructureSampler:
             groups={k: (v[0], v[1]) for k, v in s.groups.items()},
             obs=(s.obs[0], s.obs[1]),
             covariates=s.covariates,
+            vary_sizes=s.vary_sizes,
         )
     except ConfigError as e:
         raise ConfigError(f"{src}: structure.{e}") from None

@@ -129,10 +129,17 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden)
         self.global_head = None
         if structure.global_dim:
-            self.global_head = GlobalHead(hidden, structure.global_dim, flow_bins, self.encoder.raw_dataset_dim)
+            enc = self.encoder
+            self.global_head = GlobalHead(
+                hidden, structure.global_dim, flow_bins, enc.raw_dataset_dim, enc.count_dim, enc.slope_dim
+            )
         D = structure.global_dim if global_coupling else 0
         self.group_heads = nn.ModuleDict(
-            {s.name: GroupHead(hidden, s.dim, D) for s in structure.latents if s.level is not None}
+            {
+                s.name: GroupHead(hidden, s.dim, D, self.encoder.group_slope_dim[s.level])
+                for s in structure.latents
+                if s.level is not None
+            }
         )
         self._state: dict[str, Any] | None = None
 
@@ -164,8 +171,10 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"terms": {}}
         if self.global_head is not None:
-            state["q_globals"] = self.global_head(enc.dataset, K, enc.raw_dataset)  # batch [B, 1..], event [D]
-            state["standardizer"] = self.global_head.standardizer(enc.dataset, K, enc.raw_dataset)
+            # batch [B, 1..], event [D]
+            raw = (enc.raw_dataset, enc.counts, enc.raw_slopes)
+            state["q_globals"] = self.global_head(enc.dataset, K, *raw)
+            state["standardizer"] = self.global_head.standardizer(enc.dataset, K, *raw)
         for name, head in self.group_heads.items():
             site = self.structure[name]
             loc, scale, coupling = head(enc.groups[site.level], enc.dataset, enc.raw_groups[site.level])  # [B, G, d]
@@ -192,7 +201,10 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         if coupling is not None and st["u"] is not None:  # globals come first in the model: drawn
             shift, spread = st["standardizer"]
             w = (st["u"] - shift) / spread  # [S, B, 1.., D]
-            loc = loc + (coupling * w.unsqueeze(-2)).sum(-1)  # [S, B, 1.., G, d]
+            # one batched matmul per dataset ([S, D] @ [D, G d]), never the [S, B, G, d, D] product
+            S, B, D = w.shape[0], coupling.shape[0], w.shape[-1]
+            shifted = torch.einsum("bnk,sbk->sbn", coupling.reshape(B, -1, D), w.reshape(S, -1, D).expand(S, B, D))
+            loc = loc + shifted.reshape(S, *loc.shape)  # [S, B, 1.., G, d]
         g = gaussian_prior(prior, site)
         if g is not None and g[1].dim() > g[0].dim():  # correlated Gaussian prior on R^d: full product
             q = gaussian_product(g[0], g[1], loc, scale)

@@ -52,6 +52,12 @@ class StructureSampler:
             "scale": 1}``, ``{"dist": "uniform", "low", "high"}``, ``{"dist": "bernoulli", "p"}``
             or a callable ``(n, generator) -> tensor[n]``.
         template: a dataset to reuse as is (``fixed``): every draw returns its structure.
+        vary_sizes: each structure first draws its own sub-range of every inner range (children per
+            parent and observations per group: two uniform draws inside ``(lo, hi)``, sorted) and its
+            groups' sizes from that. Every group stays inside the trained range, but datasets of only
+            small or only large groups are as common as mixed ones, so the number of groups and the
+            number of rows vary apart (without it, rows ~ groups x the mean size, and what depends on
+            the group size alone cannot be learned).
     """
 
     def __init__(
@@ -61,9 +67,11 @@ class StructureSampler:
         obs: tuple[int, int] = (1, 1),
         covariates: Mapping[str, Mapping[str, CovariateSpec]] | None = None,
         template: HierarchicalData | None = None,
+        vary_sizes: bool = False,
     ) -> None:
         self.levels = tuple(levels)
         self.template = template
+        self.vary_sizes = bool(vary_sizes)
         self.groups = {lvl: tuple(int(v) for v in groups[lvl]) for lvl in self.levels} if groups else {}
         self.obs = tuple(int(v) for v in obs)
         self.covariates = {lvl: dict(c) for lvl, c in (covariates or {}).items()}
@@ -91,14 +99,19 @@ class StructureSampler:
         def counts(lo: int, hi: int, n: int) -> torch.Tensor:
             return torch.randint(lo, hi + 1, (n,), generator=gen)
 
+        def sizes_of(lo: int, hi: int, n: int) -> torch.Tensor:
+            if self.vary_sizes:
+                lo, hi = sorted(int(v) for v in counts(lo, hi, 2))
+            return counts(lo, hi, n)
+
         parents: dict[str, torch.Tensor] = {}
         n_groups = int(counts(*self.groups[self.levels[0]], 1))
         sizes = {self.levels[0]: n_groups}
         for lvl in self.levels[1:]:
-            c = counts(*self.groups[lvl], n_groups)
+            c = sizes_of(*self.groups[lvl], n_groups)
             parents[lvl] = torch.repeat_interleave(torch.arange(n_groups), c)
             n_groups = sizes[lvl] = int(c.sum())
-        group = torch.repeat_interleave(torch.arange(n_groups), counts(*self.obs, n_groups))
+        group = torch.repeat_interleave(torch.arange(n_groups), sizes_of(*self.obs, n_groups))
         cov = {
             lvl: {
                 name: _draw_covariate(spec, len(group) if lvl == OBS else sizes[lvl], gen, name)

@@ -62,7 +62,7 @@ class TrainConfig:
     refine_steps: int = 0
     refine_objective: str = "elbo"
     refine_lr: float = 5e-4
-    pilot_structures: int = 16  # structures x batch_size datasets fit the input/output scalers
+    pilot_structures: int = 16  # x batch_size datasets (on 8x as many structures) fit the scalers
     log_every: int = 25
     checkpoint_every: int = 500
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
@@ -111,17 +111,26 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> N
     """Fit the encoder's feature scalers, the global head's parameter scaler and the group heads'
     skip paths on prior simulations."""
     guide, structure = amortizer.guide, amortizer.structure
-    sims = [amortizer.simulate_batch(gen, cfg.batch_size) for _ in range(cfg.pilot_structures)]
+    # as many datasets as pilot_structures x batch_size, on 8x as many structures in batches of an
+    # eighth: the global head's count terms are fitted across structures
+    per = max(1, cfg.batch_size // 8)
+    sims = [amortizer.simulate_batch(gen, per) for _ in range(cfg.pilot_structures * cfg.batch_size // per)]
     guide.encoder.fit([s.data for s in sims])
-    raw = [guide.encoder.statistics(sim.data)[3] for sim in sims]  # (raw_dataset [B, r], {level: [B, G, 4]})
+    # (raw_dataset [B, r], {level: [B, G, 4 (+ 2k)]}, log counts [B, c], covariate slopes [B, k])
+    raw = [guide.encoder.statistics(sim.data)[3] for sim in sims]
     if guide.global_head is not None:
         u = torch.cat(
             [torch.cat([s.unconstrain(sim.latents[s.name]) for s in structure.global_sites], -1) for sim in sims]
         )
-        guide.global_head.fit(torch.cat([r[0] for r in raw]), u.reshape(-1, structure.global_dim))
+        guide.global_head.fit(
+            torch.cat([r[0] for r in raw]),
+            u.reshape(-1, structure.global_dim),
+            torch.cat([r[2] for r in raw]),
+            torch.cat([r[3] for r in raw]),
+        )
     for name, head in guide.group_heads.items():
         site = structure[name]
-        stats = torch.cat([r[1][site.level].reshape(-1, 4) for r in raw])
+        stats = torch.cat([r[1][site.level].reshape(-1, r[1][site.level].shape[-1]) for r in raw])
         head.fit(stats, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
 
 

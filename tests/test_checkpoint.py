@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import amortize as am
-from amortize.checkpoint import atomic_write
+from amortize.checkpoint import atomic_write, save_checkpoint
 from amortize.errors import CheckpointError
 from amortize.models import gaussian_2level
 
@@ -65,10 +65,35 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 def test_encoder_statistics_and_coupling_travel_with_the_checkpoint(small_sampler, tmp_path):
     a = am.Amortizer(normal_known, small_sampler, hidden=8, global_coupling=True)
-    assert a.guide.encoder.pooled_df  # new amortizers use the unbiased pooled variance
-    a.guide.encoder.pooled_df = False  # as a checkpoint trained on the older statistics
-    a.guide.encoder.residual_pooling = False
+    assert a.guide.encoder.revision == 3  # new amortizers compute the latest statistics
+    a.guide.encoder.revision = 0  # as a checkpoint trained on the first statistics
     a.save(tmp_path / "a.pt")
     b = am.Amortizer.load(tmp_path / "a.pt", normal_known)
-    assert b.guide.encoder.pooled_df is False and b.guide.encoder.residual_pooling is False and b.global_coupling
+    assert b.guide.encoder.revision == 0 and not b.guide.encoder.pooled_df and b.global_coupling
     assert b.guide.group_heads["theta"].coupling is not None
+    state = a.state()
+    del state["statistics_revision"]
+    for flags, revision in [((False, False), 0), ((True, False), 1), ((True, True), 2)]:
+        state["pooled_df"], state["residual_pooling"] = flags  # as 0.2.1 recorded them
+        save_checkpoint(tmp_path / "old.pt", state)
+        assert am.Amortizer.load(tmp_path / "old.pt", normal_known).guide.encoder.revision == revision
+
+
+def test_checkpoint_without_count_terms_loads_as_the_fixed_map(trained, small_data, tmp_path):
+    """A checkpoint saved before the global head's count terms loads with them at zero, which is the
+    earlier fixed standardizing map: same draws as the same weights with the terms zeroed."""
+    state = trained.state()
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if "count" not in k and "slope" not in k}
+    save_checkpoint(tmp_path / "old.pt", state)
+    old = am.Amortizer.load(tmp_path / "old.pt", normal_known)
+    head = old.guide.global_head
+    assert float(head.count_unit.weight.abs().sum() + head.raw_per_count.weight.abs().sum()) == 0.0
+    trained.save(tmp_path / "new.pt")
+    new = am.Amortizer.load(tmp_path / "new.pt", normal_known)
+    with torch.no_grad():
+        for name in ("count_unit", "raw_per_count"):
+            getattr(new.guide.global_head, name).weight.zero_()
+            getattr(new.guide.global_head, name).bias.zero_()
+    a = old.posterior(small_data).sample(50, seed=2)
+    b = new.posterior(small_data).sample(50, seed=2)
+    assert all(torch.equal(a[k], b[k]) for k in a)

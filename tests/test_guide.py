@@ -94,7 +94,7 @@ def test_pooled_within_group_variance_is_unbiased_for_small_groups():
     enc = HierarchicalEncoder(("group",), {}, hidden=4)
     lw = enc.statistics(data.with_response(y))[3][0][:, 2]  # raw dataset stats: mean, log sd, pooled within
     assert abs(float(torch.exp(2 * lw).mean()) - 1.0) < 0.03
-    enc.pooled_df = False
+    enc.revision = 0  # the statistic before
     lw_n = enc.statistics(data.with_response(y))[3][0][:, 2]
     assert float(torch.exp(2 * lw_n).mean()) < 0.7
 
@@ -115,5 +115,49 @@ def test_pooled_noise_of_a_covariate_model_is_that_of_the_residuals():
     enc = HierarchicalEncoder(("group",), {"obs": ["x"]}, hidden=4)
     lw = enc.statistics(data.with_response(y))[3][0][:, 2]
     assert abs(float(torch.exp(2 * lw).mean()) / 0.01 - 1.0) < 0.05
-    enc.residual_pooling = False
+    # the innermost groups' statistics end with each group's own slope and its log precision, log S_xx
+    raw_groups = enc.statistics(data.with_response(y))[3][1]["group"]  # [200, 30, 4 + 2]
+    xc = x - torch.zeros(30).index_add_(0, g, x)[g] / data.counts("group")[g]
+    sxx = torch.zeros(30).index_add_(0, g, xc * xc)
+    assert torch.allclose(raw_groups[0, :, 5], sxx.log(), atol=1e-3)
+    se = 0.1 / sxx.sqrt()
+    assert float(((raw_groups[..., 4] - b) / se).std()) < 1.2  # the slopes read b to within their error
+    enc.revision = 1  # before the residual statistic
     assert float(torch.exp(lw.new_tensor(0.0) + enc.statistics(data.with_response(y))[3][0][:, 2]).median()) > 0.5
+
+
+def test_global_head_units_narrow_with_the_counts():
+    """The standardizing map's unit is fitted to how the globals' residual spread falls with the counts:
+    data whose error shrinks like rows^-1/2 (and not with groups) get a slope near -1/2 on log rows."""
+    from amortize.nn import GlobalHead
+
+    gen = torch.Generator().manual_seed(0)
+    M = 20_000
+    log_g = torch.empty(M).uniform_(2.3, 3.9, generator=gen)
+    log_n = log_g + torch.empty(M).uniform_(1.6, 3.4, generator=gen)
+    u = torch.randn(M, 1, generator=gen)
+    stat = u + torch.randn(M, 1, generator=gen) * torch.exp(-0.5 * log_n).unsqueeze(-1) * 3.0
+    head = GlobalHead(8, 1, flow_bins=0, raw_dim=1, count_dim=2)
+    counts = torch.stack([log_g, log_n], -1)
+    head.fit(stat, u, counts)
+    w = head.count_unit.weight[0]
+    assert abs(float(w[1]) + 0.5) < 0.1 and abs(float(w[0])) < 0.1
+    # the standardizer is the map the distribution applies: a zero network output maps to the shift
+    shift, scale = head.standardizer(torch.zeros(5, 8), 0, stat[:5], counts[:5])
+    assert torch.allclose(scale[:, 0], torch.exp(head.count_unit(counts[:5]))[:, 0] * head.scaler.scale)
+    assert shift.shape == (5, 1)
+
+
+def test_vary_sizes_keeps_every_group_in_range_and_varies_the_mean_size():
+    def mean_sizes(vary):
+        s = am.StructureSampler(["a", "b"], groups={"a": (10, 20), "b": (2, 12)}, obs=(5, 30), vary_sizes=vary)
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(200):
+            d = s.sample(gen)
+            n, kids = d.counts("b"), torch.bincount(d.parent_index("b"))
+            assert int(n.min()) >= 5 and int(n.max()) <= 30 and int(kids.min()) >= 2 and int(kids.max()) <= 12
+            out.append(float(n.float().mean().log()))
+        return torch.tensor(out).std()
+
+    assert mean_sizes(True) > 3 * mean_sizes(False)

@@ -7,7 +7,8 @@ and covariates are shared. Per-group work is done once per group, with segment s
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -39,30 +40,51 @@ def segment_mean(x: torch.Tensor, idx: torch.Tensor, size: int, counts: torch.Te
     return segment_sum(x, idx, size) / counts.to(x.dtype).unsqueeze(-1)
 
 
-def _residual_ss(
-    y: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, G: int, n: torch.Tensor
-) -> tuple[torch.Tensor, float]:
-    """Pooled residual sum of squares ``[B]`` of per-group least squares of ``y [B, N]`` on an intercept
-    and the covariates ``X [N, k]``, and its degrees of freedom (rows minus fitted coefficients, over
-    the groups; at least 1).
+class WithinGroupFit(NamedTuple):
+    """Per-group least squares of the response on the row covariates (see :func:`within_group_fit`)."""
+
+    slopes: torch.Tensor  # [B, G, k] each group's slopes
+    precision: torch.Tensor  # [G, k] 1 / (S_xx^-1)_jj: a slope's sd is the noise sd / sqrt(precision)
+    pooled: torch.Tensor  # [B, k] slopes of the within-group fit pooled over the groups
+    ss: torch.Tensor  # [B] pooled residual sum of squares
+    dof: float  # its degrees of freedom: rows minus fitted coefficients over the groups (>= 1)
+
+
+def within_group_fit(y: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, G: int, n: torch.Tensor) -> WithinGroupFit:
+    """Least squares of ``y [B, N]`` on an intercept and the covariates ``X [N, k]`` within each group.
 
     Each group's covariates are centred on the group's means; a tiny ridge keeps a group whose
-    covariate does not vary (or that has fewer rows than coefficients) solvable, and such a group
-    then contributes its plain within-group sum of squares."""
+    covariate does not vary (or that has fewer rows than coefficients) solvable: its slope reads 0
+    with a precision near 0, and it contributes its plain within-group sum of squares."""
     k = X.shape[-1]
     xc = X - segment_mean(X, idx, G, n)[idx]  # [N, k]
     yc = y - segment_mean(y.unsqueeze(-1), idx, G, n)[..., 0][..., idx]  # [B, N]
     sxx = segment_sum((xc.unsqueeze(-1) * xc.unsqueeze(-2)).reshape(-1, k * k), idx, G).reshape(G, k, k)
     sxy = segment_sum((yc.unsqueeze(-1) * xc).reshape(-1, xc.shape[0], k), idx, G)  # [B, G, k]
     syy = segment_sum(yc.pow(2).unsqueeze(-1), idx, G)[..., 0]  # [B, G]
-    ridge = 1e-6 * sxx.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)  # [G]
     eye = torch.eye(k, dtype=X.dtype, device=X.device)
-    beta = torch.linalg.solve(sxx + ridge[:, None, None] * eye, sxy.unsqueeze(-1)).squeeze(-1)  # [B, G, k]
+    ridge = 1e-6 * sxx.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-12)  # [G]
+    reg = sxx + ridge[:, None, None] * eye
+    beta = torch.linalg.solve(reg, sxy.unsqueeze(-1)).squeeze(-1)  # [B, G, k]
+    precision = 1.0 / torch.linalg.inv(reg).diagonal(dim1=-2, dim2=-1)  # [G, k]
     ss = (syy - (beta * sxy).sum(-1)).clamp_min(0.0).sum(-1)  # [B]
     diag = sxx.diagonal(dim1=-2, dim2=-1)  # [G, k]: a covariate that varies within a group costs a df
     rank = (diag > 1e-8 * diag.amax(-1, keepdim=True).clamp_min(1e-12)).sum(-1)
     dof = (n - 1 - rank).clamp_min(0).sum()
-    return ss, float(max(int(dof), 1))
+    total = sxx.sum(0)
+    total = total + 1e-6 * total.diagonal().sum().clamp_min(1e-12) * eye
+    pooled = torch.linalg.solve(total, sxy.sum(-2).unsqueeze(-1)).squeeze(-1)  # [B, k]
+    return WithinGroupFit(beta, precision, pooled, ss, float(max(int(dof), 1)))
+
+
+def _between_slopes(ybar: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Least-squares slopes ``[B, k]`` of group means ``ybar [B, G]`` on group covariates ``C [G, k]``
+    (with an intercept and a tiny ridge)."""
+    cc = C - C.mean(0)
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    sxx = cc.T @ cc
+    sxx = sxx + 1e-6 * sxx.diagonal().sum().clamp_min(1e-12) * eye
+    return (ybar - ybar.mean(-1, keepdim=True)) @ cc @ torch.linalg.inv(sxx)  # sxx is symmetric
 
 
 class RobustScaler(nn.Module):
@@ -95,7 +117,11 @@ class Encoding:
     [B, 2 + 3L]`` (mean, log sd; per level pooled within-group, between-group and excess log sds) and
     ``raw_groups[level] [B, G, 4]`` (group mean, dataset mean, and the group mean's unit: for the
     innermost level the pooled within-group log sd and log n, above it the pooled within-group log
-    sd of child means and the log number of children)."""
+    sd of child means and the log number of children; with k row covariates the innermost level's
+    end with the group's k least-squares slopes and their k log precisions), ``counts [B, L + 1]``:
+    the log number of groups per level (outermost first) and the log number of rows, and
+    ``raw_slopes [B, slope_dim]``: the pooled within-group slopes on the row covariates, then for
+    each level with covariates the slopes of its group means on them."""
 
     def __init__(
         self,
@@ -103,11 +129,15 @@ class Encoding:
         groups: dict[str, torch.Tensor],
         raw_dataset: torch.Tensor,
         raw_groups: dict[str, torch.Tensor],
+        counts: torch.Tensor | None = None,
+        raw_slopes: torch.Tensor | None = None,
     ) -> None:
         self.dataset = dataset
         self.groups = groups
         self.raw_dataset = raw_dataset
         self.raw_groups = raw_groups
+        self.counts = counts
+        self.raw_slopes = raw_slopes
 
 
 class HierarchicalEncoder(nn.Module):
@@ -119,19 +149,31 @@ class HierarchicalEncoder(nn.Module):
         hidden: embedding width H.
 
     Attributes:
-        pooled_df: pooled within-group variances divide by their degrees of freedom (N - G), not by
-            N: unbiased whatever the group sizes, so a dataset of only small groups gets sigma right
-            (with N, log sigma read about 2% low when every group has 5-15 rows). Checkpoints saved
-            before this statistic load with False.
-        residual_pooling: with observation-level covariates, the innermost level's pooled
-            within-group variance (the noise scale behind the heads' units) is that of the residuals
-            of a least-squares fit of y on the covariates within each group, so slopes do not pass for
-            noise (a varying-slopes dataset with sigma 0.05 read sigma 5x too high). Older
-            checkpoints load with False.
+        revision: which statistics the encoder computes (checkpoints record it; older ones load
+            with what they were trained on):
+
+            * 0: the first statistics;
+            * 1: pooled within-group variances divide by their degrees of freedom (N - G), not by N:
+              unbiased whatever the group sizes (with N, log sigma read about 2% low when every
+              group has 5-15 rows);
+            * 2: with row covariates, the innermost pooled noise is that of the residuals of a
+              least-squares fit of y on the covariates within each group, so slopes do not pass for
+              noise (a varying-slopes dataset with sigma 0.05 read sigma 5x too high);
+            * 3: covariate statistics for the heads' skip paths: each innermost group's least-squares
+              slopes on the row covariates with their precisions, and the dataset's pooled
+              within-group slopes and between-group slopes of group means on each level's covariates
+              (zeros below revision 3).
     """
 
-    pooled_df: bool = True
-    residual_pooling: bool = True
+    revision: int = 3
+
+    @property
+    def pooled_df(self) -> bool:
+        return self.revision >= 1
+
+    @property
+    def residual_pooling(self) -> bool:
+        return self.revision >= 2
 
     def __init__(self, levels: tuple[str, ...], covariates: dict[str, list[str]], hidden: int = 64) -> None:
         super().__init__()
@@ -148,6 +190,9 @@ class HierarchicalEncoder(nn.Module):
             self.nets[lvl] = mlp(self.level_stats[lvl] + hidden + child, hidden, hidden)
         self.n_global_stats = 4 + self.obs_dim + 7 * len(self.levels)
         self.raw_dataset_dim = 2 + 3 * len(self.levels)
+        self.count_dim = len(self.levels) + 1
+        self.slope_dim = kx + sum(len(self.cov_names.get(lvl, [])) for lvl in self.levels)  # raw covariate slopes
+        self.group_slope_dim = {lvl: kx if i == len(self.levels) - 1 else 0 for i, lvl in enumerate(self.levels)}
         self.global_scaler = RobustScaler(self.n_global_stats)
         self.global_net = mlp(self.n_global_stats + 2 * hidden, hidden, hidden)
 
@@ -159,16 +204,24 @@ class HierarchicalEncoder(nn.Module):
     def statistics(self, data: HierarchicalData) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Any]:
         """Unscaled per-level summaries ``{level: [B, G, F_level]}``, dataset summaries ``[B, F]``,
         per-observation features ``[B, N, F_obs]`` and the raw location/scale statistics
-        ``(raw_dataset [B, 2 + 2L], raw_groups {level: [B, G, 4]})`` for the heads' skip paths."""
+        ``(raw_dataset [B, 2 + 3L], raw_groups {level: [B, G, 4 (+ 2k)]}, counts [B, L + 1], raw_slopes
+        [B, slope_dim])`` for the heads' skip paths (``counts``: log groups per level, outermost first,
+        and log rows; with k row covariates the innermost groups' statistics end with their k slopes
+        and k log precisions; ``raw_slopes``: pooled within-group slopes, then per level with
+        covariates the between-group slopes)."""
         y = data.y if data.y.dim() == 2 else data.y.unsqueeze(0)  # [B, N]
         B, N = y.shape
         m = y.mean(-1, keepdim=True)  # [B, 1]
         s = y.std(-1, unbiased=False, keepdim=True).clamp_min(1e-6)  # [B, 1]
         ys = (y - m) / s
         feats = [ys, torch.asinh(y)]
+        fit: WithinGroupFit | None = None
         if self.cov_names.get(OBS):
-            X = torch.stack([data.covariates[OBS][k] for k in self.cov_names[OBS]], -1)  # [N, kx]
-            X = (X - X.mean(0)) / X.std(0, unbiased=False).clamp_min(1e-6)
+            X_raw = torch.stack([data.covariates[OBS][k] for k in self.cov_names[OBS]], -1).to(y.dtype)  # [N, kx]
+            inner = self.levels[-1]
+            if self.residual_pooling:
+                fit = within_group_fit(y, X_raw, data.index(inner), data.size(inner), data.counts(inner).to(y.dtype))
+            X = (X_raw - X_raw.mean(0)) / X_raw.std(0, unbiased=False).clamp_min(1e-6)
             feats += [X.expand(B, N, -1).unbind(-1)[j] for j in range(X.shape[-1])]
             feats += [ys * X[:, j] for j in range(X.shape[-1])]
         f = torch.stack(feats, -1)  # [B, N, F_obs]
@@ -180,6 +233,8 @@ class HierarchicalEncoder(nn.Module):
         child_ybar: torch.Tensor | None = None
         raw_groups: dict[str, torch.Tensor] = {}
         pooled, between, excess = [], [], []
+        kx = len(self.cov_names.get(OBS, []))
+        between_slopes: dict[str, torch.Tensor] = {}
         for i in reversed(range(len(self.levels))):
             lvl = self.levels[i]
             G = data.size(lvl)
@@ -217,8 +272,8 @@ class HierarchicalEncoder(nn.Module):
             # pooled within-group and between-group log sds, on the response's own (log) scale
             dof = max(N - G, 1) if self.pooled_df else N
             ss_within = (n * var).sum(-1)  # [B]
-            if i == len(self.levels) - 1 and self.residual_pooling and self.cov_names.get(OBS):
-                ss_within, dof = _residual_ss(y, X, idx, G, n)
+            if i == len(self.levels) - 1 and fit is not None:
+                ss_within, dof = fit.ss, fit.dof
             lw = 0.5 * torch.log(ss_within / dof + 1e-6 * s.squeeze(-1) ** 2)  # [B]
             lb = 0.5 * torch.log(ybar.var(-1, unbiased=False) + 1e-6 * s.squeeze(-1) ** 2)  # [B]
             # method-of-moments log sd of group effects: between-group variance of the means in
@@ -240,8 +295,22 @@ class HierarchicalEncoder(nn.Module):
             ]
             unit_sd = lw if unit_sd is None else unit_sd
             raw_groups[lvl] = torch.stack([ybar, m.expand(B, G), unit_sd.unsqueeze(-1).expand(B, G), unit_n], -1)
+            k = self.group_slope_dim[lvl]
+            if k:  # the group's own slopes and the log of their precisions (zeros below revision 3)
+                extra = y.new_zeros(B, G, 2 * k)
+                if self.revision >= 3 and fit is not None:
+                    prec = torch.log(fit.precision + 1e-12).expand(B, G, k)
+                    extra = torch.cat([fit.slopes, prec], -1)
+                raw_groups[lvl] = torch.cat([raw_groups[lvl], extra], -1)
+            if self.cov_names.get(lvl):
+                C = torch.stack([data.covariates[lvl][c] for c in self.cov_names[lvl]], -1).to(y.dtype)
+                between_slopes[lvl] = _between_slopes(ybar, C) if self.revision >= 3 else y.new_zeros(B, C.shape[-1])
         raw_dataset = torch.stack([m.squeeze(-1), log_s.squeeze(-1), *pooled, *between, *excess], -1)
-        return stats, torch.stack(glob, -1), f, (raw_dataset, raw_groups)
+        slopes = [fit.pooled if (fit is not None and self.revision >= 3) else y.new_zeros(B, kx)] if kx else []
+        slopes += [between_slopes[lvl] for lvl in self.levels if lvl in between_slopes]
+        raw_slopes = torch.cat(slopes, -1) if slopes else y.new_zeros(B, 0)
+        counts = y.new_tensor([math.log(data.size(lvl)) for lvl in self.levels] + [math.log(N)]).expand(B, -1)
+        return stats, torch.stack(glob, -1), f, (raw_dataset, raw_groups, counts, raw_slopes)
 
     @torch.no_grad()
     def fit(self, datasets: list[HierarchicalData]) -> None:
@@ -258,7 +327,7 @@ class HierarchicalEncoder(nn.Module):
         self.global_scaler.fit(torch.cat(glob))
 
     def forward(self, data: HierarchicalData) -> Encoding:
-        stats, glob, f, (raw_dataset, raw_groups) = self.statistics(data)
+        stats, glob, f, (raw_dataset, raw_groups, counts, raw_slopes) = self.statistics(data)
         h_obs = self.phi(f)  # [B, N, H]
         groups: dict[str, torch.Tensor] = {}
         child: torch.Tensor | None = None
@@ -273,4 +342,4 @@ class HierarchicalEncoder(nn.Module):
             child = groups[lvl] = self.nets[lvl](torch.cat(parts, -1))  # [B, G, H]
         top = groups[self.levels[0]].mean(-2)  # [B, H]
         dataset = self.global_net(torch.cat([self.global_scaler(glob), h_obs.mean(-2), top], -1))
-        return Encoding(dataset, groups, raw_dataset, raw_groups)
+        return Encoding(dataset, groups, raw_dataset, raw_groups, counts, raw_slopes)

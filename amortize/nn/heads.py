@@ -7,6 +7,8 @@ own conditional prior of the group latent given its sampled parents.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.distributions import Normal, TransformedDistribution
 from pyro.distributions.transforms import AffineTransform, ConditionalSpline
@@ -42,51 +44,135 @@ class GlobalHead(nn.Module):
     """q(u_globals | dataset embedding) on the joint unconstrained scale: a standard normal shaped
     (``flow_bins > 0``) by a conditional elementwise rational-quadratic spline, so that skewed
     marginals (log tau with mass near 0) are represented, then a conditional full-covariance affine
-    map (location and Cholesky factor), then the fitted affine map."""
+    map (location and Cholesky factor), then a per-dataset standardizing map ``u = shift + unit * x``.
 
-    def __init__(self, hidden: int, dim: int, flow_bins: int = 8, raw_dim: int = 1) -> None:
+    The standardizing map is fitted on prior simulations (:meth:`fit`) and reads the dataset's raw
+    statistics and its counts (log groups per level, log rows), never the networks:
+
+    * ``shift``: least squares of the globals on the raw statistics and on the raw statistics over
+      each count (shrinkage towards the prior fades like 1 / count, so the fitted location keeps
+      doing the right thing past the trained counts);
+    * ``unit``: a log-linear function of the log counts, fitted to the residuals' size (posterior
+      spreads shrink like a power of the counts), so the networks correct in units that narrow with
+      the data as the true posterior does, beyond the trained range too.
+
+    A head loaded from a checkpoint saved before the count terms existed gets them at zero, which
+    is the earlier fixed affine map exactly."""
+
+    def __init__(
+        self, hidden: int, dim: int, flow_bins: int = 8, raw_dim: int = 1, count_dim: int = 0, slope_dim: int = 0
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.net = mlp(hidden, hidden, dim + dim * (dim + 1) // 2)
         self.scaler = ParamScaler(dim)
         self.register_buffer("tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
         self.raw = _zero_linear(raw_dim, dim)
+        self.raw_slope = _zero_linear(slope_dim, dim) if slope_dim else None  # covariate slopes -> loc
+        self.count_dim = count_dim
+        # raw statistics and slopes over each count -> loc
+        self.raw_per_count = _zero_linear((raw_dim + slope_dim) * count_dim, dim) if count_dim else None
+        self.count_unit = _zero_linear(count_dim, dim) if count_dim else None  # log counts -> log unit
         self.spline = None
         if flow_bins:
             k = flow_bins
             hyper = DenseNN(hidden, [hidden], [dim * k, dim * k, dim * (k - 1)])
             self.spline = ConditionalSpline(hyper, dim, count_bins=k, bound=5.0, order="quadratic")
 
+    @staticmethod
+    def _per_count(raw: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """``[..., r]`` statistics over each of ``[..., c]`` log counts: ``[..., r * c]``."""
+        return (raw.unsqueeze(-1) * torch.exp(-counts).unsqueeze(-2)).flatten(-2)
+
+    def _shift_unit(
+        self, raw: torch.Tensor | None, counts: torch.Tensor | None, shape: torch.Size, slopes: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(shift, scale)`` of the standardizing map, broadcast to ``shape[:-1] + (D,)``."""
+        shift = torch.zeros(self.dim, dtype=self.scaler.loc.dtype, device=self.scaler.loc.device)
+        unit = torch.ones_like(shift)
+        if raw is not None:
+            raw = raw.reshape(*shape[:-1], -1)
+            shift = self.raw(raw)
+            if self.raw_slope is not None and slopes is not None:
+                slopes = slopes.reshape(*shape[:-1], -1)
+                shift = shift + self.raw_slope(slopes)
+                raw = torch.cat([raw, slopes], -1)
+            if self.raw_per_count is not None and counts is not None:
+                counts = counts.reshape(*shape[:-1], -1)
+                shift = shift + self.raw_per_count(self._per_count(raw, counts))
+                unit = self.count_unit(counts).clamp(-30.0, 30.0).exp()
+        shift = shift + unit * self.scaler.loc
+        return shift.expand(*shape[:-1], self.dim), (unit * self.scaler.scale).expand(*shape[:-1], self.dim)
+
     @torch.no_grad()
-    def fit(self, raw: torch.Tensor, u: torch.Tensor) -> None:
-        """Set the raw skip path by least squares of the globals ``u [M, D]`` on the raw dataset
-        statistics ``[M, r]`` (with a small ridge), and the scaler to the residuals' robust spread:
-        the flow then starts at, and corrects, a linear-regression posterior."""
+    def fit(
+        self, raw: torch.Tensor, u: torch.Tensor, counts: torch.Tensor | None = None, slopes: torch.Tensor | None = None
+    ) -> None:
+        """Fit the standardizing map on prior simulations: raw dataset statistics ``[M, r]``, the
+        globals ``u [M, D]``, the log counts ``[M, c]`` and the covariate slopes ``[M, k]``. The location
+        is least squares (with a small ridge) of ``u`` on the raw statistics and slopes and on both over
+        each count; the log unit, least squares of ``log |residual| + 0.635`` (``E log|z| = -0.635``
+        for a standard normal) on the log counts; the scaler then takes the standardized residuals' robust spread.
+        The flow starts at, and corrects, this count-aware linear-regression posterior."""
         raw, u = raw.reshape(-1, raw.shape[-1]).double()[:200_000], u.reshape(-1, self.dim).double()[:200_000]
-        ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1)
-        raw, u = raw[ok], u[ok]
-        mean, sd = raw.mean(0), raw.std(0).clamp_min(1e-6)
-        x = torch.cat([(raw - mean) / sd, torch.ones_like(raw[:, :1])], -1)
+        r = raw.shape[-1]
+        if self.raw_slope is not None and slopes is not None:
+            raw = torch.cat([raw, slopes.reshape(-1, slopes.shape[-1]).double()[:200_000]], -1)
+        use_counts = self.raw_per_count is not None and counts is not None
+        c = counts.reshape(-1, counts.shape[-1]).double()[:200_000] if use_counts else raw[:, :0]
+        ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1) & torch.isfinite(c).all(-1)
+        raw, u, c = raw[ok], u[ok], c[ok]
+        feats = torch.cat([raw, self._per_count(raw, c)], -1) if use_counts else raw
+        mean, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+        x = torch.cat([(feats - mean) / sd, torch.ones_like(feats[:, :1])], -1)
         ridge = 1e-3 * x.shape[0] * torch.eye(x.shape[1], dtype=x.dtype)
         ridge[-1, -1] = 0.0
-        sol = torch.linalg.solve(x.T @ x + ridge, x.T @ u)  # [r + 1, D]
-        w = sol[:-1] / sd.unsqueeze(-1)
-        self.raw.weight.copy_(w.T)
+        sol = torch.linalg.solve(x.T @ x + ridge, x.T @ u)  # [F + 1, D]
+        w = sol[:-1] / sd.unsqueeze(-1)  # [F, D]
+        full = raw.shape[-1]  # raw statistics, then slopes, then both over each count
+        self.raw.weight.copy_(w[:r].T)
         self.raw.bias.copy_(sol[-1] - mean @ w)
-        self.scaler.fit(u - self.raw(raw.to(self.raw.weight.dtype)).double())
+        if full > r:
+            self.raw_slope.weight.copy_(w[r:full].T)
+            self.raw_slope.bias.zero_()
+        resid = u - x @ sol
+        unit = torch.ones_like(resid)
+        if use_counts:
+            self.raw_per_count.weight.copy_(w[full:].T)
+            self.raw_per_count.bias.zero_()
+            cx = torch.cat([c - c.mean(0), torch.ones_like(c[:, :1])], -1)
+            target = resid.abs().clamp_min(1e-12).log() + 0.635
+            ridge = 1e-3 * cx.shape[0] * torch.eye(cx.shape[1], dtype=cx.dtype)  # constant counts: slope 0
+            ridge[-1, -1] = 0.0
+            ls = torch.linalg.solve(cx.T @ cx + ridge, cx.T @ target)  # [c + 1, D]
+            self.count_unit.weight.copy_(ls[:-1].T)
+            self.count_unit.bias.copy_(ls[-1] - c.mean(0) @ ls[:-1])
+            unit = self.count_unit(c.to(self.count_unit.weight.dtype)).double().exp()
+        self.scaler.fit(resid / unit)
 
-    def standardizer(self, emb: torch.Tensor, batch_dims: int = 0, raw: torch.Tensor | None = None) -> tuple:
-        """``(shift, scale)`` of the last affine map, shaped as the globals ``[B, *(1,) * batch_dims, D]``:
-        ``(u - shift) / scale`` are the globals on the networks' scale (per-dataset centre)."""
+    def standardizer(
+        self,
+        emb: torch.Tensor,
+        batch_dims: int = 0,
+        raw: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        slopes: torch.Tensor | None = None,
+    ) -> tuple:
+        """``(shift, scale)`` of the standardizing map, shaped as the globals ``[B, *(1,) * batch_dims, D]``:
+        ``(u - shift) / scale`` are the globals on the networks' scale (per-dataset centre and unit)."""
         emb = emb.reshape(emb.shape[0], *[1] * batch_dims, emb.shape[-1])
-        shift = self.scaler.loc if raw is None else self.scaler.loc + self.raw(raw.reshape(*emb.shape[:-1], -1))
-        return shift.expand(*emb.shape[:-1], self.dim), self.scaler.scale
+        return self._shift_unit(raw, counts, emb.shape, slopes)
 
     def forward(
-        self, emb: torch.Tensor, batch_dims: int = 0, raw: torch.Tensor | None = None
+        self,
+        emb: torch.Tensor,
+        batch_dims: int = 0,
+        raw: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        slopes: torch.Tensor | None = None,
     ) -> TransformedDistribution:
-        """``emb [B, H]`` (and raw location statistics ``[B, r]``) -> distribution with batch
-        ``[B, *(1,) * batch_dims]`` and event ``[D]``."""
+        """``emb [B, H]`` (raw statistics ``[B, r]``, log counts ``[B, c]``, covariate slopes ``[B, k]``)
+        -> distribution with batch ``[B, *(1,) * batch_dims]`` and event ``[D]``."""
         emb = emb.reshape(emb.shape[0], *[1] * batch_dims, emb.shape[-1])
         out = self.net(emb)
         D = self.dim
@@ -100,8 +186,8 @@ class GlobalHead(nn.Module):
         # would stretch the tails
         transforms = [] if self.spline is None else [self.spline.condition(emb)]
         transforms.append(CholeskyAffine(loc, L))
-        shift = self.scaler.loc if raw is None else self.scaler.loc + self.raw(raw.reshape(*emb.shape[:-1], -1))
-        transforms.append(AffineTransform(shift, self.scaler.scale, event_dim=1))
+        shift, scale = self._shift_unit(raw, counts, emb.shape, slopes)
+        transforms.append(AffineTransform(shift, scale, event_dim=1))
         base = Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
         return TransformedDistribution(base, transforms)
 
@@ -149,16 +235,18 @@ class GroupHead(nn.Module):
     """Gaussian data term of one group site: ``(loc, scale)`` per group from the group's embedding
     and the dataset embedding, computed once per group (never per posterior draw).
 
-    The data term is standardized per group by two linear skip paths on raw statistics:
-    a location from the group mean (and the dataset mean) and a unit, the log of a scale from the
-    pooled within-group log sd and log n (``sigma / sqrt(n)`` for a Gaussian likelihood). The
-    networks only correct in that unit, so a group whose noise is 100x smaller than typical is
-    served as well as a typical one. :meth:`fit` sets both paths from prior simulations by
-    calibrating the group mean against the latent (``ybar = c + d u``): the likelihood's own
-    scale, not the posterior's shrinkage, which the model's prior supplies in the guide.
+    The data term is standardized per group by linear skip paths on raw statistics: a location
+    from the group mean (and the dataset mean) or, for a coordinate a row covariate's slope informs,
+    from the group's own least-squares slope; and a unit, the log of a scale from the pooled
+    within-group log sd and log n (``sigma / sqrt(n)`` for a Gaussian likelihood), or log sd and the
+    slope's log precision (``sigma / sqrt(S_xx)``). The networks only correct in that unit, so a
+    group whose noise is 100x smaller than typical is served as well as a typical one, and a group
+    whose covariate does not vary gets a data term too wide to matter. :meth:`fit` sets the paths
+    from prior simulations by calibrating the statistic against the latent (``stat = c + d u``):
+    the likelihood's own scale, not the posterior's shrinkage, which the model's prior supplies.
     """
 
-    def __init__(self, hidden: int, dim: int, global_dim: int = 0) -> None:
+    def __init__(self, hidden: int, dim: int, global_dim: int = 0, slope_dim: int = 0) -> None:
         super().__init__()
         self.net = mlp(2 * hidden, hidden, 2 * dim)
         with torch.no_grad():
@@ -166,6 +254,11 @@ class GroupHead(nn.Module):
             self.net[-1].bias.zero_()
         self.raw = _zero_linear(2, dim)  # group mean, dataset mean -> location
         self.raw_scale = _zero_linear(2, dim)  # pooled within-group log sd, log n -> log unit
+        self.slope_dim = slope_dim
+        self.raw_slope = self.raw_slope_scale = None
+        if slope_dim:
+            self.raw_slope = _zero_linear(slope_dim, dim)  # the group's slopes -> location
+            self.raw_slope_scale = _zero_linear(slope_dim, dim)  # their log precisions -> log unit
         self.dim = dim
         self.global_dim = global_dim
         self.coupling = None  # per group: d(loc) / d(standardized globals), in units; starts at 0
@@ -177,49 +270,83 @@ class GroupHead(nn.Module):
 
     @torch.no_grad()
     def fit(self, raw: torch.Tensor, u: torch.Tensor) -> None:
-        """Least-squares skip paths from simulated groups: raw statistics ``[M, 4]`` and the
-        latent's unconstrained values ``[M, dim]``. A coordinate the group mean does not inform
-        (|correlation| < 0.1, e.g. a slope) gets location = its typical value, unit = its spread."""
+        """Least-squares skip paths from simulated groups: raw statistics ``[M, 4 + 2k]`` and the
+        latent's unconstrained values ``[M, dim]``. Each coordinate takes the statistic it is most
+        correlated with (the group mean or one of the k slopes); one none informs (|correlation|
+        < 0.1) gets location = its typical value, unit = its spread."""
         raw, u = raw.reshape(-1, raw.shape[-1]).double()[:200_000], u.reshape(-1, self.dim).double()[:200_000]
         ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1)
         raw, u = raw[ok], u[ok]
-        ybar, scale_x = raw[:, 0], torch.cat([raw[:, 2:4], torch.ones_like(raw[:, :1])], -1)
+        k = self.slope_dim
+        stats = torch.cat([raw[:, :1], raw[:, 4 : 4 + k]], -1)  # candidates: group mean, slopes
+        counts = torch.cat([raw[:, 3:4], raw[:, 4 + k : 4 + 2 * k]], -1)  # their log n / log precision
         w_loc, b_loc = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
         w_scale, b_scale = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
+        w_slope, w_slope_scale = torch.zeros(self.dim, k, dtype=u.dtype), torch.zeros(self.dim, k, dtype=u.dtype)
+        # a slope of a group whose covariate (nearly) does not vary is no measurement: left out of the fits
+        valid = counts > counts.median(0).values - math.log(1e6)  # [M, 1 + k]
         for j in range(self.dim):
             x = u[:, j]
-            corr = torch.corrcoef(torch.stack([x, ybar]))[0, 1] if x.std() > 0 and ybar.std() > 0 else x.new_zeros(())
-            if not torch.isfinite(corr) or corr.abs() < 0.1:
+            corrs = [_corr(x[valid[:, i]], stats[valid[:, i], i]) for i in range(stats.shape[1])]
+            best = max(range(len(corrs)), key=lambda i: abs(corrs[i]))
+            if abs(corrs[best]) < 0.1:
                 q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype))
                 b_loc[j], b_scale[j] = q[1], torch.log(((q[2] - q[0]) / 1.349).clamp_min(1e-4))
                 continue
-            d = torch.cov(torch.stack([x, ybar]))[0, 1] / x.var()
-            c = ybar.mean() - d * x.mean()
-            w_loc[j, 0], b_loc[j] = 1.0 / d, -c / d
-            resid = ((ybar - c - d * x) / d).abs().clamp_min(1e-12)
-            # E log|z| = -0.635 for z ~ N(0, 1): regress the log unit on (log sd, log n, 1)
-            sol = torch.linalg.lstsq(scale_x, (resid.log() + 0.635).unsqueeze(-1)).solution.squeeze(-1)
-            w_scale[j], b_scale[j] = sol[:2], sol[2]
+            rows = valid[:, best]
+            xv, stat = x[rows], stats[rows, best]
+            d = torch.cov(torch.stack([xv, stat]))[0, 1] / xv.var()
+            c = stat.mean() - d * xv.mean()
+            if best == 0:
+                w_loc[j, 0] = 1.0 / d
+            else:
+                w_slope[j, best - 1] = 1.0 / d
+            b_loc[j] = -c / d
+            resid = ((stat - c - d * xv) / d).abs().clamp_min(1e-12)
+            # E log|z| = -0.635 for z ~ N(0, 1): regress the log unit on (log sd, log n or precision, 1)
+            design = torch.stack([raw[rows, 2], counts[rows, best], torch.ones_like(xv)], -1)
+            sol = torch.linalg.lstsq(design, (resid.log() + 0.635).unsqueeze(-1)).solution.squeeze(-1)
+            w_scale[j, 0], b_scale[j] = sol[0], sol[2]
+            if best == 0:
+                w_scale[j, 1] = sol[1]
+            else:
+                w_slope_scale[j, best - 1] = sol[1]
         self.raw.weight.copy_(w_loc)
         self.raw.bias.copy_(b_loc)
         self.raw_scale.weight.copy_(w_scale)
         self.raw_scale.bias.copy_(b_scale)
+        if k:
+            self.raw_slope.weight.copy_(w_slope)
+            self.raw_slope_scale.weight.copy_(w_slope_scale)
 
     def forward(
         self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, raw: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, raw group statistics ``[B, G, 4]`` ->
+        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, raw group statistics ``[B, G, 4 + 2k]`` ->
         ``loc, scale`` each ``[B, G, d]`` and the coupling ``[B, G, d, D]`` to the standardized
         globals (None without coupling): the data term's location is ``loc + coupling @ w``."""
         features = torch.cat([group_emb, dataset_emb.unsqueeze(-2).expand_as(group_emb)], -1)
         out = self.net(features)
-        unit = self.raw_scale(raw[..., 2:]).clamp(-30.0, 30.0).exp()
-        loc = self.raw(raw[..., :2]) + unit * out[..., : self.dim]
+        log_unit = self.raw_scale(raw[..., 2:4])
+        loc = self.raw(raw[..., :2])
+        if self.raw_slope is not None:
+            k = self.slope_dim
+            log_unit = log_unit + self.raw_slope_scale(raw[..., 4 + k : 4 + 2 * k])
+            loc = loc + self.raw_slope(raw[..., 4 : 4 + k])
+        unit = log_unit.clamp(-30.0, 30.0).exp()
+        loc = loc + unit * out[..., : self.dim]
         scale = unit * (softplus(out[..., self.dim :] + _SOFTPLUS_ONE) + 1e-4)
         coupling = None
         if self.coupling is not None:
             coupling = unit.unsqueeze(-1) * self.coupling(features).reshape(*loc.shape, self.global_dim)
         return loc, scale, coupling
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    c = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    return c if c == c else 0.0  # NaN -> 0
 
 
 _SOFTPLUS_ONE = 0.5413248546129181  # softplus(x) = 1
