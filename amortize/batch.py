@@ -22,6 +22,7 @@ import torch
 from .data import HierarchicalData
 from .errors import DataError
 from .posterior import K_THRESHOLD, CorrectedDraws, Posterior
+from .structure import seeded
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
@@ -157,11 +158,8 @@ class PosteriorBatch(Sequence[Posterior]):
             correct: PSIS importance-sampling correction per dataset (see :meth:`Posterior.sample`).
             oversample: proposals per returned draw with ``correct``.
         """
-        devices = [self.amortizer.device] if self.amortizer.device.type == "cuda" else []
         per_batch: list[dict[str, torch.Tensor]] = []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed, self.amortizer.device):
             for _, post in self.batches:
                 if correct:
                     per_batch.append(post._corrected(num_samples, None, max(1, int(oversample))))
@@ -199,11 +197,8 @@ class PosteriorBatch(Sequence[Posterior]):
     def diagnostics(self, num_samples: int = 1000, seed: int | None = 0) -> list[dict[str, Any]]:
         """Per-dataset trust, in input order: the dict :meth:`Posterior.diagnostics` gives for one
         dataset (``pareto_k``, ``ess``, ``num_samples``, ``flags``, ``ok``), computed one structure at a time."""
-        devices = [self.amortizer.device] if self.amortizer.device.type == "cuda" else []
         results: list[dict[str, Any] | None] = [None] * len(self)
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed, self.amortizer.device):
             for members, post in self.batches:
                 d = post.diagnostics(num_samples, seed=None)
                 ks, ess = d["pareto_k"], d["ess"]

@@ -16,7 +16,7 @@ import torch
 
 from .data import OBS, HierarchicalData, magnitude_limit
 from .errors import DataError
-from .structure import priors_free_of_rows
+from .structure import drawing_data, seeded
 from .validate.psis import K_THRESHOLD, psis
 from .validate.ranges import value_flags
 
@@ -115,8 +115,7 @@ class Posterior:
         """What the model runs on while drawing: the skeleton (one row per group) when the model's
         priors do not read its rows, so a draw costs O(groups), not O(rows); the data otherwise."""
         if self._skeleton is None:
-            free = priors_free_of_rows(self.amortizer.model, self.data)
-            self._skeleton = self.data.skeleton() if free else self.data
+            self._skeleton = drawing_data(self.amortizer.model, self.data)
         return self._skeleton
 
     @property
@@ -146,9 +145,7 @@ class Posterior:
 
     def _corrected(self, num_samples: int, seed: int | None, oversample: int) -> CorrectedDraws:
         S = oversample * num_samples
-        with torch.random.fork_rng(devices=[], enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed, self.amortizer.device):
             draws, lw = self._draws_unseeded(S, with_weights=True)
             lw = lw if lw.dim() == 2 else lw.unsqueeze(1)  # [S, B]
             cols, ks, ess, done = [], [], [], []
@@ -184,10 +181,7 @@ class Posterior:
     def _draws(
         self, num_samples: int, seed: int | None, with_weights: bool = False
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        if seed is None:
-            return self._draws_unseeded(num_samples, with_weights)
-        with torch.random.fork_rng(devices=[]):  # a seed for these draws only, not for the caller's RNG
-            torch.manual_seed(seed)
+        with seeded(seed, self.amortizer.device):  # a seed for these draws only, not for the caller's RNG
             return self._draws_unseeded(num_samples, with_weights)
 
     def _draws_unseeded(

@@ -8,9 +8,11 @@ amortize runs it for many datasets and posterior draws at once by wrapping it in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,17 @@ from torch.distributions.transforms import Transform
 from .data import HierarchicalData
 from .errors import ModelStructureError
 
-__all__ = ["LatentSite", "ModelStructure", "trace_structure", "batched", "priors_free_of_rows", "DRAWS", "DATASETS"]
+__all__ = [
+    "LatentSite",
+    "ModelStructure",
+    "trace_structure",
+    "batched",
+    "priors_free_of_rows",
+    "drawing_data",
+    "seeded",
+    "DRAWS",
+    "DATASETS",
+]
 
 DRAWS = "_amortize_draws"  # outer plate over posterior draws / particles
 DATASETS = "_amortize_datasets"  # plate over datasets that share one structure
@@ -162,8 +174,7 @@ def priors_free_of_rows(model: Callable, data: HierarchicalData) -> bool:
     probe = data if data.y is None or data.y.dim() == 1 else data.with_response(data.y[0])
 
     def latents(d: HierarchicalData) -> dict[str, torch.Tensor]:
-        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
-            torch.manual_seed(0)
+        with seeded(0, d.y.device if d.y is not None else None), pyro.validation_enabled(False):
             tr = poutine.trace(model).get_trace(d)
         return {
             name: site["value"]
@@ -268,3 +279,39 @@ def _check_batch_safe(model: Callable, structure: ModelStructure, data: Hierarch
         lead = len(shape) - structure.max_plate_nesting - 2
         if lead < 0 or tuple(shape[lead : lead + 2]) != (S, B):
             raise ModelStructureError(f"site '{name}': batch shape {tuple(shape)} lost the dataset dims; {hint}")
+
+
+_ROWS_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {structure key: bool}
+
+
+def drawing_data(model: Callable, data: HierarchicalData) -> HierarchicalData:
+    """What the model runs on while drawing from the guide: ``data.skeleton()`` (one row per group,
+    so a draw costs O(groups), not O(rows)) when :func:`priors_free_of_rows`, else ``data``.
+
+    The check runs once per model and structure signature (levels and covariate names): whether a
+    prior reads rows is a property of the model's code, not of a dataset's values or sizes."""
+    key = json.dumps(data.structure_signature(), sort_keys=True)
+    try:
+        cache = _ROWS_FREE.setdefault(model, {})
+    except TypeError:  # a model that cannot be weakly referenced: checked every time
+        cache = {}
+    if key not in cache:
+        cache[key] = priors_free_of_rows(model, data)
+    return data.skeleton() if cache[key] else data
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device | str | None = None) -> Iterator[None]:
+    """Seed torch's generator of ``device`` (and the CPU's) for the body only, restoring the
+    caller's RNG state after it; ``seed=None``: the body runs on the caller's RNG as it is.
+    Cheaper than ``torch.manual_seed`` (which seeds every backend), so it suits per-call seeds."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(int(seed))
+        if devices:
+            torch.cuda.manual_seed(int(seed))
+        yield

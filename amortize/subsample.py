@@ -58,7 +58,7 @@ from .data import OBS, HierarchicalData
 from .errors import DataError, TrainingError
 from .posterior import Posterior
 from .simulate import Simulation, simulate
-from .structure import DATASETS, DRAWS, ModelStructure, priors_free_of_rows
+from .structure import DATASETS, DRAWS, ModelStructure, drawing_data
 from .train import TrainConfig, lr_factor, pilot_fit
 
 if TYPE_CHECKING:
@@ -537,7 +537,6 @@ class LargePosterior:
         self.device = device
         self.dtype = next(guide.parameters()).dtype
         self.history = history
-        self._rows_free: bool | None = None
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{lvl}={n}" for lvl, n in self.data.sizes.items())
@@ -568,12 +567,9 @@ class LargePosterior:
 
     # ------------------------------------------------------------------ draws
     @torch.no_grad()
-    def _skeleton(self, sub: HierarchicalData) -> HierarchicalData | None:
-        """One row per group for the model's priors while drawing, when its priors ignore rows
-        (checked once, see :meth:`Posterior._drawing_data`); None: the model runs on ``sub``."""
-        if self._rows_free is None:
-            self._rows_free = priors_free_of_rows(self.guide.model, sub)
-        return sub.skeleton() if self._rows_free else None
+    def _skeleton(self, sub: HierarchicalData) -> HierarchicalData:
+        """What the model runs on while drawing (:func:`~amortize.structure.drawing_data`)."""
+        return drawing_data(self.guide.model, sub)
 
     def sample(self, num_samples: int, groups: Any, seed: int | None = None) -> GroupDraws:
         """Joint draws of the globals and of chosen outermost ``groups`` with their descendants.
