@@ -91,6 +91,8 @@ def test_file_groups_replace_the_default_ranges(tmp_path):
     )
     assert cfg.structure.groups == {"district": [2, 3], "school": [1, 2]}
     assert build_sampler(cfg).ranges()["school"] == [1, 2]
+    assert not build_sampler(cfg).vary_sizes
+    assert build_sampler(load_config(config_source(cfg), ["structure.vary_sizes=true"])).vary_sizes
 
 
 def test_snapshot_round_trips_from_another_folder(tmp_path, monkeypatch):
