@@ -112,6 +112,7 @@ def test_speed_bench_tiny_run_writes_its_results(tmp_path, capsys):
     args += ["--repeats", "1", "--nuts-warmup", "20", "--nuts-draws", "20", "--nuts-reparam", "none"]
     args += ["--large-groups", "10", "--large-steps", "2", "--large-batch-size", "2", "--large-pilot", "1"]
     args += ["--large-nuts-warmup", "10", "--large-nuts-draws", "10", "--svi-steps", "5", "--out", str(tmp_path)]
+    args += ["--batch", "3"]
     assert bench.main(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     small, large = results["sizes"]
@@ -126,7 +127,14 @@ def test_speed_bench_tiny_run_writes_its_results(tmp_path, capsys):
         assert {"amortized", "pyro_svi"} <= set(entry["accuracy"])
         assert entry["accuracy"]["amortized"]["group_z_median"] >= 0
     assert small["seconds_per_dataset"]["pyro_nuts"] > 0 and "pyro_nuts" in small["accuracy"]
+    # batched timing (3 datasets of one structure per call) where NUTS is not reduced
+    b = small["seconds_per_dataset"]["amortized_batched"]
+    assert b > 0 and small["batch"] == 3 and large["seconds_per_dataset"]["amortized_batched"] is None
+    assert small["speedup_batched_vs"]["numpyro_nuts"] == pytest.approx(
+        small["seconds_per_dataset"]["numpyro_nuts"] / b
+    )
     assert large["seconds_per_dataset"]["numpyro_nuts_run_full_est"] > large["seconds_per_dataset"]["numpyro_nuts_run"]
     text = (tmp_path / "results.md").read_text()
+    assert "3 datasets of one structure per call" in text
     assert "NumPyro NUTS, run only" in text and "break_even_vs_numpyro" in text and "REDUCED" in text
     assert text in capsys.readouterr().out
