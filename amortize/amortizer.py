@@ -302,8 +302,14 @@ class Amortizer:
             raise CheckpointError(f"{path}: checkpoint is for another model ({diff or 'signature differs'})")
         state = dict(ck["state_dict"])
         for key, value in new.guide.state_dict().items():
-            if key not in state and key.rsplit(".", 2)[-2] in _ADDED_IN_0_2_2:
+            if key.rsplit(".", 2)[-2] not in _ADDED_IN_0_2_2:
+                continue
+            old = state.get(key)
+            if old is None:
                 state[key] = torch.zeros_like(value)  # saved before these skip paths: zero is the old map
+            elif old.dim() == 2 and old.shape[0] == value.shape[0] and old.shape[1] < value.shape[1]:
+                # saved before statistics appended to their inputs (revision 4): zero weights on them
+                state[key] = torch.cat([old, old.new_zeros(old.shape[0], value.shape[1] - old.shape[1])], 1)
         try:
             new.guide.load_state_dict(state)
         except (RuntimeError, KeyError, TypeError) as e:

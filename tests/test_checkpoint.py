@@ -65,7 +65,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 def test_encoder_statistics_and_coupling_travel_with_the_checkpoint(small_sampler, tmp_path):
     a = am.Amortizer(normal_known, small_sampler, hidden=8, global_coupling=True)
-    assert a.guide.encoder.revision == 3  # new amortizers compute the latest statistics
+    assert a.guide.encoder.revision == 4  # new amortizers compute the latest statistics
     a.guide.encoder.revision = 0  # as a checkpoint trained on the first statistics
     a.save(tmp_path / "a.pt")
     b = am.Amortizer.load(tmp_path / "a.pt", normal_known)
@@ -97,3 +97,29 @@ def test_checkpoint_without_count_terms_loads_as_the_fixed_map(trained, small_da
     a = old.posterior(small_data).sample(50, seed=2)
     b = new.posterior(small_data).sample(50, seed=2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_of_revision_3_loads_with_zero_weights_on_the_appended_statistics(tmp_path):
+    """Revision 4 appends the slopes' spreads to the dataset statistics: a revision-3 checkpoint has
+    narrower skip-path weights, loaded with zero columns for them, and draws as it did."""
+    from amortize.models import SAMPLERS, varying_slopes
+
+    a = am.Amortizer(varying_slopes, SAMPLERS["varying_slopes"](), hidden=8)
+    a.fit(steps=2, batch_size=8, progress=False)
+    a.guide.encoder.revision = 3
+    head = a.guide.global_head
+    c = a.guide.encoder.count_dim
+    with torch.no_grad():  # the weights a revision-3 checkpoint would hold: none on the spreads
+        head.raw_slope.weight[:, -2:] = 0
+        head.raw_per_count.weight[:, -2 * c :] = 0
+    state = a.state()
+    sd = state["state_dict"]
+    sd["global_head.raw_slope.weight"] = sd["global_head.raw_slope.weight"][:, :-2]
+    sd["global_head.raw_per_count.weight"] = sd["global_head.raw_per_count.weight"][:, : -2 * c]
+    save_checkpoint(tmp_path / "rev3.pt", state)
+    b = am.Amortizer.load(tmp_path / "rev3.pt", varying_slopes)
+    assert b.guide.encoder.revision == 3
+    data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
+    data = data.with_response(data.y[0])
+    x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
+    assert all(torch.equal(x[k], y[k]) for k in x)

@@ -161,3 +161,24 @@ def test_vary_sizes_keeps_every_group_in_range_and_varies_the_mean_size():
         return torch.tensor(out).std()
 
     assert mean_sizes(True) > 3 * mean_sizes(False)
+
+
+def test_slope_spread_statistics_read_the_slopes_scale_and_correlation():
+    """Varying slopes with tau_slope 0.5 and correlation 0.6 with the intercepts, 200 groups: the
+    dataset statistics read the slopes' sd (method of moments) and a correlation near 0.6."""
+    from amortize.nn import HierarchicalEncoder
+
+    gen = torch.Generator().manual_seed(1)
+    data = am.StructureSampler(["group"], groups={"group": (200, 200)}, obs=(5, 15)).sample(gen)
+    x = torch.randn(data.n_obs, generator=gen)
+    data.covariates = {"obs": {"x": x}}
+    data.covariate_level = {"x": "obs"}
+    g = data.index("group")
+    z1, z2 = torch.randn(50, 200, generator=gen), torch.randn(50, 200, generator=gen)
+    y = z1[:, g] + 0.5 * (0.6 * z1 + 0.8 * z2)[:, g] * x + 0.3 * torch.randn(50, data.n_obs, generator=gen)
+    enc = HierarchicalEncoder(("group",), {"obs": ["x"]}, hidden=4)
+    slopes = enc.statistics(data.with_response(y))[3][3]  # pooled slope, log sd of slopes, corr
+    assert abs(float(slopes[:, 1].exp().mean()) - 0.5) < 0.05
+    assert 0.45 < float(slopes[:, 2].mean()) < 0.7
+    enc.revision = 3
+    assert float(enc.statistics(data.with_response(y))[3][3][:, 1:].abs().sum()) == 0.0

@@ -77,6 +77,34 @@ def within_group_fit(y: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, G: int
     return WithinGroupFit(beta, precision, pooled, ss, float(max(int(dof), 1)))
 
 
+def _slope_spread(
+    fit: WithinGroupFit, ybar: torch.Tensor, noise_var: torch.Tensor, floor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the groups' own slopes vary: per covariate the method-of-moments log sd of the slopes
+    between groups (their variance in excess of the sampling variance ``noise / precision`` they
+    carry, floored at ``1e-4 floor``) and the correlation of the slopes with the group means, each
+    ``[B, k]``, over the groups whose covariate varies.
+
+    Args:
+        fit: the within-group fit of the innermost groups.
+        ybar: ``[B, G]`` group means.
+        noise_var: ``[B]`` pooled residual variance.
+        floor: ``[B, k]`` a variance scale of the slopes (response variance over covariate variance).
+    """
+    beta, prec = fit.slopes, fit.precision  # [B, G, k], [G, k]
+    w = (prec > 1e-6 * prec.median(0).values.clamp_min(1e-12)).to(beta.dtype)  # [G, k] a slope was measured
+    n = w.sum(0).clamp_min(1)  # [k]
+    mean = (w * beta).sum(-2) / n  # [B, k]
+    dev = (beta - mean.unsqueeze(-2)) * w
+    var = dev.pow(2).sum(-2) / (n - 1).clamp_min(1)  # [B, k]
+    sampling = (w / prec.clamp_min(1e-12)).sum(0) / n * noise_var.unsqueeze(-1)  # [B, k]
+    log_sd = 0.5 * torch.log((var - sampling).clamp_min(0) + 1e-4 * floor)
+    yd = (ybar - ybar.mean(-1, keepdim=True)).unsqueeze(-1) * w  # [B, G, k]
+    cov = (yd * dev).sum(-2)
+    corr = cov / (yd.pow(2).sum(-2) * dev.pow(2).sum(-2)).sqrt().clamp_min(1e-12)
+    return log_sd, corr
+
+
 def _between_slopes(ybar: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Least-squares slopes ``[B, k]`` of group means ``ybar [B, G]`` on group covariates ``C [G, k]``
     (with an intercept and a tiny ridge)."""
@@ -120,8 +148,9 @@ class Encoding:
     sd of child means and the log number of children; with k row covariates the innermost level's
     end with the group's k least-squares slopes and their k log precisions), ``counts [B, L + 1]``:
     the log number of groups per level (outermost first) and the log number of rows, and
-    ``raw_slopes [B, slope_dim]``: the pooled within-group slopes on the row covariates, then for
-    each level with covariates the slopes of its group means on them."""
+    ``raw_slopes [B, slope_dim]``: the pooled within-group slopes on the row covariates, for each
+    level with covariates the slopes of its group means on them, then per row covariate the
+    excess log sd of the groups' slopes and their correlation with the group means."""
 
     def __init__(
         self,
@@ -162,10 +191,13 @@ class HierarchicalEncoder(nn.Module):
             * 3: covariate statistics for the heads' skip paths: each innermost group's least-squares
               slopes on the row covariates with their precisions, and the dataset's pooled
               within-group slopes and between-group slopes of group means on each level's covariates
-              (zeros below revision 3).
+              (zeros below revision 3);
+            * 4: how the groups' slopes vary: per row covariate the excess log sd of the groups' slopes
+              and their correlation with the group means (the raw statistics of varying slopes'
+              scales and correlation), appended to the dataset's slopes (zeros below revision 4).
     """
 
-    revision: int = 3
+    revision: int = 4
 
     @property
     def pooled_df(self) -> bool:
@@ -191,7 +223,7 @@ class HierarchicalEncoder(nn.Module):
         self.n_global_stats = 4 + self.obs_dim + 7 * len(self.levels)
         self.raw_dataset_dim = 2 + 3 * len(self.levels)
         self.count_dim = len(self.levels) + 1
-        self.slope_dim = kx + sum(len(self.cov_names.get(lvl, [])) for lvl in self.levels)  # raw covariate slopes
+        self.slope_dim = 3 * kx + sum(len(self.cov_names.get(lvl, [])) for lvl in self.levels)  # raw covariate slopes
         self.group_slope_dim = {lvl: kx if i == len(self.levels) - 1 else 0 for i, lvl in enumerate(self.levels)}
         self.global_scaler = RobustScaler(self.n_global_stats)
         self.global_net = mlp(self.n_global_stats + 2 * hidden, hidden, hidden)
@@ -207,8 +239,7 @@ class HierarchicalEncoder(nn.Module):
         ``(raw_dataset [B, 2 + 3L], raw_groups {level: [B, G, 4 (+ 2k)]}, counts [B, L + 1], raw_slopes
         [B, slope_dim])`` for the heads' skip paths (``counts``: log groups per level, outermost first,
         and log rows; with k row covariates the innermost groups' statistics end with their k slopes
-        and k log precisions; ``raw_slopes``: pooled within-group slopes, then per level with
-        covariates the between-group slopes)."""
+        and k log precisions; ``raw_slopes``: see :class:`Encoding`)."""
         y = data.y if data.y.dim() == 2 else data.y.unsqueeze(0)  # [B, N]
         B, N = y.shape
         m = y.mean(-1, keepdim=True)  # [B, 1]
@@ -301,13 +332,18 @@ class HierarchicalEncoder(nn.Module):
                 if self.revision >= 3 and fit is not None:
                     prec = torch.log(fit.precision + 1e-12).expand(B, G, k)
                     extra = torch.cat([fit.slopes, prec], -1)
+                    spread = _slope_spread(fit, ybar, ss_within / dof, s**2 / X_raw.var(0).clamp_min(1e-12))
                 raw_groups[lvl] = torch.cat([raw_groups[lvl], extra], -1)
             if self.cov_names.get(lvl):
                 C = torch.stack([data.covariates[lvl][c] for c in self.cov_names[lvl]], -1).to(y.dtype)
                 between_slopes[lvl] = _between_slopes(ybar, C) if self.revision >= 3 else y.new_zeros(B, C.shape[-1])
         raw_dataset = torch.stack([m.squeeze(-1), log_s.squeeze(-1), *pooled, *between, *excess], -1)
-        slopes = [fit.pooled if (fit is not None and self.revision >= 3) else y.new_zeros(B, kx)] if kx else []
+        slopes = []
+        if kx:  # pooled within-group slopes (zeros below revision 3)
+            slopes = [fit.pooled if fit is not None and self.revision >= 3 else y.new_zeros(B, kx)]
         slopes += [between_slopes[lvl] for lvl in self.levels if lvl in between_slopes]
+        if kx:  # the groups' slopes' excess log sds and correlations with the means (zeros below revision 4)
+            slopes += list(spread) if fit is not None and self.revision >= 4 else [y.new_zeros(B, 2 * kx)]
         raw_slopes = torch.cat(slopes, -1) if slopes else y.new_zeros(B, 0)
         counts = y.new_tensor([math.log(data.size(lvl)) for lvl in self.levels] + [math.log(N)]).expand(B, -1)
         return stats, torch.stack(glob, -1), f, (raw_dataset, raw_groups, counts, raw_slopes)
