@@ -115,13 +115,18 @@ def test_pooled_noise_of_a_covariate_model_is_that_of_the_residuals():
     enc = HierarchicalEncoder(("group",), {"obs": ["x"]}, hidden=4)
     lw = enc.statistics(data.with_response(y))[3][0][:, 2]
     assert abs(float(torch.exp(2 * lw).mean()) / 0.01 - 1.0) < 0.05
-    # the innermost groups' statistics end with each group's own slope and its log precision, log S_xx
-    raw_groups = enc.statistics(data.with_response(y))[3][1]["group"]  # [200, 30, 4 + 2]
-    xc = x - torch.zeros(30).index_add_(0, g, x)[g] / data.counts("group")[g]
+    # the innermost groups' statistics end with each group's own slope and intercept, then their log
+    # precisions: log S_xx and -log(1/n + xbar^2 / S_xx)
+    raw_groups = enc.statistics(data.with_response(y))[3][1]["group"]  # [200, 30, 4 + 4]
+    n = data.counts("group").float()
+    xbar = torch.zeros(30).index_add_(0, g, x) / n
+    xc = x - xbar[g]
     sxx = torch.zeros(30).index_add_(0, g, xc * xc)
-    assert torch.allclose(raw_groups[0, :, 5], sxx.log(), atol=1e-3)
-    se = 0.1 / sxx.sqrt()
-    assert float(((raw_groups[..., 4] - b) / se).std()) < 1.2  # the slopes read b to within their error
+    assert torch.allclose(raw_groups[0, :, 6], sxx.log(), atol=1e-3)
+    assert torch.allclose(raw_groups[0, :, 7], -torch.log(1 / n + xbar**2 / sxx), atol=1e-3)
+    assert float(((raw_groups[..., 4] - b) / (0.1 / sxx.sqrt())).std()) < 1.2  # slopes read b within their error
+    se_a = 0.1 * torch.sqrt(1 / n + xbar**2 / sxx)
+    assert float(((raw_groups[..., 5] - a) / se_a).std()) < 1.2  # intercepts read a within theirs
     enc.revision = 1  # before the residual statistic
     assert float(torch.exp(lw.new_tensor(0.0) + enc.statistics(data.with_response(y))[3][0][:, 2]).median()) > 0.5
 

@@ -236,10 +236,11 @@ class GroupHead(nn.Module):
     and the dataset embedding, computed once per group (never per posterior draw).
 
     The data term is standardized per group by linear skip paths on raw statistics: a location
-    from the group mean (and the dataset mean) or, for a coordinate a row covariate's slope informs,
-    from the group's own least-squares slope; and a unit, the log of a scale from the pooled
-    within-group log sd and log n (``sigma / sqrt(n)`` for a Gaussian likelihood), or log sd and the
-    slope's log precision (``sigma / sqrt(S_xx)``). The networks only correct in that unit, so a
+    from the group mean (and the dataset mean) or, with row covariates, from the group's own
+    least-squares slope or intercept, whichever informs the coordinate best; and a unit, the log of
+    a scale from the pooled within-group log sd and log n (``sigma / sqrt(n)`` for a Gaussian
+    likelihood), or log sd and the statistic's log precision (``sigma / sqrt(S_xx)`` for a slope).
+    The networks only correct in that unit, so a
     group whose noise is 100x smaller than typical is served as well as a typical one, and a group
     whose covariate does not vary gets a data term too wide to matter. :meth:`fit` sets the paths
     from prior simulations by calibrating the statistic against the latent (``stat = c + d u``):
@@ -270,15 +271,16 @@ class GroupHead(nn.Module):
 
     @torch.no_grad()
     def fit(self, raw: torch.Tensor, u: torch.Tensor) -> None:
-        """Least-squares skip paths from simulated groups: raw statistics ``[M, 4 + 2k]`` and the
-        latent's unconstrained values ``[M, dim]``. Each coordinate takes the statistic it is most
-        correlated with (the group mean or one of the k slopes); one none informs (|correlation|
-        < 0.1) gets location = its typical value, unit = its spread."""
+        """Least-squares skip paths from simulated groups: raw statistics ``[M, 4 + 2k]`` (k =
+        ``slope_dim``: the group's slopes and intercept, then their log precisions) and the latent's
+        unconstrained values ``[M, dim]``. Each coordinate takes the statistic it is most correlated
+        with (the group mean or one of the k); one none informs (|correlation| < 0.1) gets location =
+        its typical value, unit = its spread."""
         raw, u = raw.reshape(-1, raw.shape[-1]).double()[:200_000], u.reshape(-1, self.dim).double()[:200_000]
         ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1)
         raw, u = raw[ok], u[ok]
         k = self.slope_dim
-        stats = torch.cat([raw[:, :1], raw[:, 4 : 4 + k]], -1)  # candidates: group mean, slopes
+        stats = torch.cat([raw[:, :1], raw[:, 4 : 4 + k]], -1)  # candidates: group mean, slopes, intercept
         counts = torch.cat([raw[:, 3:4], raw[:, 4 + k : 4 + 2 * k]], -1)  # their log n / log precision
         w_loc, b_loc = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
         w_scale, b_scale = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
