@@ -1,5 +1,6 @@
 """Accuracy beyond the typical dataset, 2-level ragged Gaussian, against NUTS in the same run:
 
+* ``in range``: prior-predictive datasets on training-range structures (uncorrected and IS-corrected);
 * ``funnel``: group sd tau fixed at 0.05, 0.15, 0.3 (mu, sigma from the prior);
 * ``noise``: observation sd sigma fixed at 0.01;
 * ``extrapolate``: 4x the trained number of groups and 5x the trained group size, no retraining
@@ -36,6 +37,7 @@ from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.nuts import cached_nuts
 
 CASES: dict[str, dict[str, Any]] = {
+    "in range": {"condition": {}},
     "funnel tau=0.05": {"condition": {"tau": 0.05}},
     "funnel tau=0.15": {"condition": {"tau": 0.15}},
     "funnel tau=0.3": {"condition": {"tau": 0.3}},
