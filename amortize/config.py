@@ -99,8 +99,8 @@ class NUTSConfig:
     num_chains: int = 2
     reparam: str = "auto"
     target_accept: float = 0.9
-    max_rhat: float = 1.01  # the reference counts only if every R-hat is below this,
-    min_ess: float = 100.0  # every bulk ESS at least this, and no transition diverged
+    max_rhat: float = 1.01  # the reference counts only if a scalar's R-hat is below this (a site of many
+    min_ess: float = 100.0  # elements: validate.nuts.rhat_threshold), every bulk ESS >= this, no divergence
 
 
 @dataclass

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained {args.steps} steps in {train_s:.0f} s", flush=True)
 
     datasets = heldout_datasets(amortizer, args.datasets)
-    nuts = {"num_warmup": 500, "num_samples": 1000, "num_chains": 2}  # 2 x 1000: R-hat < 1.01 holds for ~50 sites
+    nuts = {"num_warmup": 500, "num_samples": 1000, "num_chains": 2}  # checks: validate.nuts.checks_passed
     report = against_nuts(amortizer, datasets, num_samples=args.draws, nuts=nuts, progress=progress)
     print(f"\n{args.model}: amortized ({args.draws} draws) vs NUTS on {args.datasets} held-out datasets")
     print(report.table())

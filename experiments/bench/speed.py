@@ -430,7 +430,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f" NUTS draws REDUCED at this size to keep the run short (the estimate at full draws, 2x"
                 f"({results['settings']['nuts_warmup']}+{results['settings']['nuts_draws']}), scales the measured"
                 " run time by iterations); Pyro NUTS not run (too slow at this size). Accuracy is over every"
-                " dataset, also those whose reference misses the R-hat < 1.01 / ESS >= 100 checks (max and min over"
+                " dataset, also those whose reference misses its R-hat / ESS >= 100 checks (max and min over"
                 " all elements: with this few draws, expected for thousands of elements)."
             )
         notes.append(line)
