@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import pyro
 import pyro.poutine as poutine
 import torch
 
@@ -144,16 +145,20 @@ class Simulation:
 def simulate(model: Callable, structure: ModelStructure, data: HierarchicalData, num_datasets: int) -> Simulation:
     """Draw ``num_datasets`` datasets from the prior predictive on ``data``'s structure.
 
-    Datasets whose response or latents are not finite are dropped, so fewer may come back.
+    Datasets whose response is not finite, or whose latents are not inside their support (a
+    positive scale that underflowed to 0: no finite unconstrained value), are dropped, so fewer may
+    come back. Argument checks are off while simulating: such a draw would otherwise raise inside
+    the model (a Normal with scale 0) and end training.
     """
     fn = batched(model, structure.max_plate_nesting)
-    with torch.no_grad():
+    with torch.no_grad(), pyro.validation_enabled(False):
         tr = poutine.trace(fn).get_trace(data.with_response(None), 1, num_datasets)
     y = tr.nodes[structure.response]["value"].reshape(num_datasets, data.n_obs)
     latents = {s.name: tr.nodes[s.name]["value"].detach() for s in structure.latents}
     ok = torch.isfinite(y).all(-1) & (y.abs() < 1e12).all(-1)
-    for v in latents.values():
-        ok &= torch.isfinite(v.reshape(1, num_datasets, -1)).all(-1)[0]
+    for site in structure.latents:
+        u = site.unconstrain(latents[site.name])
+        ok &= torch.isfinite(u.reshape(1, num_datasets, -1)).all(-1)[0]
     if not bool(ok.all()):
         keep = torch.nonzero(ok).squeeze(-1)
         y = y[keep]

@@ -125,3 +125,26 @@ def test_positive_sites_never_constrain_to_zero():
         assert float(value) > 0 and float(ladj) == -200.0
         value, _ = st[name].constrain(torch.tensor([[200.0]]))
         assert torch.isfinite(value).all()
+
+
+def test_simulation_drops_draws_on_the_edge_of_a_support():
+    """A HalfNormal(1e-44) scale underflows to exactly 0 in float32 on some draws (a HalfNormal(1) draw
+    did once in training): the model's Normal would refuse it and end training; simulate drops those
+    datasets and keeps the rest."""
+
+    def edgy(data):
+        s = pyro.sample("s", dist.HalfNormal(1e-44))
+        with pyro.plate("group", data.size("group")):
+            theta = pyro.sample("theta", dist.Normal(0.0, 1.0))
+        with pyro.plate("obs", data.n_obs):
+            pyro.sample("y", dist.Normal(theta[..., data.index("group")], s), obs=data.y)
+
+    sampler = am.StructureSampler(["group"], groups={"group": (3, 3)}, obs=(2, 2))
+    data = sampler.sample(torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with pyro.validation_enabled(False):
+        structure = am.structure.trace_structure(edgy, data.with_response(torch.zeros(data.n_obs)))
+    sim = am.simulate(edgy, structure, data, 400)
+    kept = sim.data.batch_size
+    assert 0 < kept < 400  # some draws were exactly 0 and were dropped, not raised on
+    assert bool((sim.latents["s"] > 0).all())
