@@ -171,10 +171,9 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"terms": {}}
         if self.global_head is not None:
-            # batch [B, 1..], event [D]
-            raw = (enc.raw_dataset, enc.counts, enc.raw_slopes)
-            state["q_globals"] = self.global_head(enc.dataset, K, *raw)
-            state["standardizer"] = self.global_head.standardizer(enc.dataset, K, *raw)
+            std = self.global_head.standardizer(enc.dataset, K, enc.raw_dataset, enc.counts, enc.raw_slopes)
+            state["standardizer"] = std
+            state["q_globals"] = self.global_head(enc.dataset, K, standardizer=std)  # batch [B, 1..], event [D]
         for name, head in self.group_heads.items():
             site = self.structure[name]
             loc, scale, coupling = head(enc.groups[site.level], enc.dataset, enc.raw_groups[site.level])  # [B, G, d]

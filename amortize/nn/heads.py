@@ -170,9 +170,11 @@ class GlobalHead(nn.Module):
         raw: torch.Tensor | None = None,
         counts: torch.Tensor | None = None,
         slopes: torch.Tensor | None = None,
+        standardizer: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> TransformedDistribution:
         """``emb [B, H]`` (raw statistics ``[B, r]``, log counts ``[B, c]``, covariate slopes ``[B, k]``)
-        -> distribution with batch ``[B, *(1,) * batch_dims]`` and event ``[D]``."""
+        -> distribution with batch ``[B, *(1,) * batch_dims]`` and event ``[D]``. ``standardizer``:
+        :meth:`standardizer` of the same inputs, when the caller already has it."""
         emb = emb.reshape(emb.shape[0], *[1] * batch_dims, emb.shape[-1])
         out = self.net(emb)
         D = self.dim
@@ -186,7 +188,7 @@ class GlobalHead(nn.Module):
         # would stretch the tails
         transforms = [] if self.spline is None else [self.spline.condition(emb)]
         transforms.append(CholeskyAffine(loc, L))
-        shift, scale = self._shift_unit(raw, counts, emb.shape, slopes)
+        shift, scale = standardizer if standardizer is not None else self._shift_unit(raw, counts, emb.shape, slopes)
         transforms.append(AffineTransform(shift, scale, event_dim=1))
         base = Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
         return TransformedDistribution(base, transforms)
