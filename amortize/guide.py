@@ -42,6 +42,12 @@ def _base(fn: Any) -> Any:
     return fn
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its broadcast copies: every expanded (stride 0) dim cut to size 1, a view that
+    broadcasts back to ``t``, so elementwise work on it runs once per distinct value."""
+    return t[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for n, st in zip(t.shape, t.stride()))]
+
+
 def _real(c: Any) -> bool:
     while isinstance(c, constraints.independent):
         c = c.base_constraint
@@ -100,6 +106,10 @@ def gaussian_product(
     return dist.MultivariateNormal(mean, scale_tril=tril)
 
 
+class _LatentsDrawn(Exception):
+    """Ends a latents-only run of the model at its last latent site."""
+
+
 class AmortizedGuide(GuideMessenger, nn.Module):
     """q(all latents | dataset) for ``batched(model)``: call ``guide(data, num_draws)``.
 
@@ -151,17 +161,37 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         truth: dict[str, torch.Tensor] | None = None,
         encoded: dict[str, Any] | None = None,
         model_data: HierarchicalData | None = None,
+        latents_only: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Draw ``num_draws`` joint posterior samples for each dataset in ``data`` (or score
         ``truth``, values in the batched layout); returns every sample site's value.
         ``encoded``: :meth:`encode` of ``data``, computed once for several calls.
         ``model_data``: what the model runs on for its priors (``data.skeleton()`` where
-        :func:`~amortize.structure.priors_free_of_rows`); ``data`` by default."""
+        :func:`~amortize.structure.priors_free_of_rows`); ``data`` by default.
+        ``latents_only``: draws for their values alone: the model stops after its last latent site
+        (the likelihood is not built) and ``log q`` is not computed; returns the latent sites."""
         self._state = {"truth": truth, "u": None, **(self.encode(data) if encoded is None else encoded)}
+        args = (data if model_data is None else model_data, num_draws)
         try:
-            return super().__call__(data if model_data is None else model_data, num_draws)
+            if not latents_only:
+                return super().__call__(*args)
+            self._state["stop_after"] = self.structure.latents[-1].name
+            self.args_kwargs = args, {}
+            try:
+                with self:
+                    self.model(*args)
+            except _LatentsDrawn:
+                pass
+            finally:
+                del self.args_kwargs
+            return {s.name: self.trace.nodes[s.name]["value"] for s in self.structure.latents}
         finally:
             self._state = None
+
+    def _pyro_post_sample(self, msg: Any) -> None:
+        super()._pyro_post_sample(msg)
+        if self._state is not None and msg["name"] == self._state.get("stop_after"):
+            raise _LatentsDrawn  # every latent is drawn: the rest of the model is the likelihood
 
     def encode(self, data: HierarchicalData) -> dict[str, Any]:
         """The per-dataset and per-group work of a call, independent of the draws: q(globals) and
@@ -211,12 +241,14 @@ class AmortizedGuide(GuideMessenger, nn.Module):
                 return q
             return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=1)
         if g is not None:  # precision-weighted product of prior and data term
-            # in weights of the two scales (hypot: no overflow), so a prior scale that underflows to 0
-            # (a drawn tau near 0) gives the prior's loc, and one that is huge gives the data term
-            r = torch.hypot(g[1], scale)
-            w0, w = (scale / r).pow(2), (g[1] / r).pow(2)
-            loc = g[0] * w0 + loc * w
-            scale = (g[1] * (scale / r)).clamp_min(torch.finfo(scale.dtype).tiny)
+            # the data term's weight w = tau^2 / (tau^2 + s^2) = sigmoid(2 log tau - 2 log s), logs
+            # taken on the small unbroadcast tensors: a prior scale that underflows to 0 (a drawn tau
+            # near 0) gives the prior's loc, an infinite one the data term; sd^2 = w s^2
+            # (a prior written with float literals is float32 on float64 data: cast, as a product would)
+            g0, g1 = (_compact(t).to(loc.dtype) for t in g)
+            w = torch.sigmoid(2.0 * g1.log() - 2.0 * scale.log())
+            loc = torch.lerp(g0, loc, w)
+            scale = (scale * w.sqrt()).clamp_min(torch.finfo(scale.dtype).tiny)
         ushape = site.unconstrained_shape
         loc = loc.reshape(*loc.shape[:-1], *ushape)
         scale = scale.reshape(*scale.shape[:-1], *ushape)
@@ -237,7 +269,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             else:
                 u = torch.cat([s.unconstrain(truth[s.name]) for s in self.structure.global_sites], -1)
             st["u"] = u
-            st["log_q"] = q.log_prob(u)
+            st["log_q"] = 0.0 if "stop_after" in st else q.log_prob(u)  # drawing alone: no density
         offset = 0
         for s in self.structure.global_sites:
             if s.name == site.name:

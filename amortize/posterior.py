@@ -194,7 +194,8 @@ class Posterior:
         chunk = max(1, min(num_samples, int(CHUNK_ELEMENTS // max(1, width))))
         out: dict[str, list[torch.Tensor]] = {s.name: [] for s in st.latents}
         lws: list[torch.Tensor] = []
-        am.guide.eval()
+        if am.guide.training:  # eval() walks every submodule: only when needed
+            am.guide.eval()
         # drawing scores nothing, so Pyro's argument checks (on tensors as large as the data, once
         # per draw: a third of the time) are skipped; log p(y, z) for weights keeps them
         encoded = am.guide.encode(self.data)  # once for all chunks
@@ -205,7 +206,7 @@ class Posterior:
                     log_p, log_q, values = am.guide.log_weights(self.data, n, encoded=encoded)
                     lws.append(log_p - log_q)
                 else:
-                    values = am.guide(self.data, n, encoded=encoded, model_data=model_data)
+                    values = am.guide(self.data, n, encoded=encoded, model_data=model_data, latents_only=True)
                 for s in st.latents:
                     v = st.to_user(s, values[s.name])  # [n, B, *site_shape]
                     out[s.name].append(v if self.data.batch_size else v.squeeze(1))

@@ -600,6 +600,7 @@ class LargePosterior:
                     int(num_samples),
                     encoded=encode(self.guide, self.q_globals, sub),
                     model_data=self._skeleton(sub),
+                    latents_only=True,
                 )
         keep = _selected(sub, kept, chosen)
         out = GroupDraws()
@@ -667,6 +668,7 @@ class LargePosterior:
                         int(num_draws),
                         encoded=encode(self.guide, self.q_globals, sub),
                         model_data=self._skeleton(sub),
+                        latents_only=True,
                     )
                     _, guide_trace = self.guide.get_traces()
                 for s in sites:

@@ -65,7 +65,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 def test_encoder_statistics_and_coupling_travel_with_the_checkpoint(small_sampler, tmp_path):
     a = am.Amortizer(normal_known, small_sampler, hidden=8, global_coupling=True)
-    assert a.guide.encoder.revision == 5  # new amortizers compute the latest statistics
+    assert a.guide.encoder.revision == 6  # new amortizers compute the latest statistics
     a.guide.encoder.revision = 0  # as a checkpoint trained on the first statistics
     a.save(tmp_path / "a.pt")
     b = am.Amortizer.load(tmp_path / "a.pt", normal_known)
@@ -119,6 +119,34 @@ def test_checkpoint_of_revision_3_loads_with_zero_weights_on_the_appended_statis
     save_checkpoint(tmp_path / "rev3.pt", state)
     b = am.Amortizer.load(tmp_path / "rev3.pt", varying_slopes)
     assert b.guide.encoder.revision == 3
+    data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
+    data = data.with_response(data.y[0])
+    x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_checkpoint_of_revision_5_loads_with_zero_weights_on_the_pooled_slope_intercept(tmp_path):
+    """Revision 6 appends each group's intercept at the pooled slopes (and its log n) to the group
+    statistics: a revision-5 checkpoint's group heads have one column fewer on each, loaded at zero,
+    and it draws as it did."""
+    from amortize.models import SAMPLERS, varying_slopes
+
+    a = am.Amortizer(varying_slopes, SAMPLERS["varying_slopes"](), hidden=8)
+    a.fit(steps=2, batch_size=8, progress=False)
+    a.guide.encoder.revision = 5
+    head = a.guide.group_heads["b"]
+    with torch.no_grad():  # the weights a revision-5 checkpoint would hold: none on the new statistic
+        head.raw_slope.weight[:, -1] = 0
+        head.raw_slope_scale.weight[:, -1] = 0
+    state = a.state()
+    sd = state["state_dict"]
+    for name in ("raw_slope", "raw_slope_scale"):
+        key = f"group_heads.b.{name}.weight"
+        assert sd[key].shape[1] == 3  # slope, own intercept, pooled-slope intercept
+        sd[key] = sd[key][:, :-1]
+    save_checkpoint(tmp_path / "rev5.pt", state)
+    b = am.Amortizer.load(tmp_path / "rev5.pt", varying_slopes)
+    assert b.guide.encoder.revision == 5
     data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
     data = data.with_response(data.y[0])
     x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)

@@ -115,18 +115,24 @@ def test_pooled_noise_of_a_covariate_model_is_that_of_the_residuals():
     enc = HierarchicalEncoder(("group",), {"obs": ["x"]}, hidden=4)
     lw = enc.statistics(data.with_response(y))[3][0][:, 2]
     assert abs(float(torch.exp(2 * lw).mean()) / 0.01 - 1.0) < 0.05
-    # the innermost groups' statistics end with each group's own slope and intercept, then their log
-    # precisions: log S_xx and -log(1/n + xbar^2 / S_xx)
-    raw_groups = enc.statistics(data.with_response(y))[3][1]["group"]  # [200, 30, 4 + 4]
+    # the innermost groups' statistics end with each group's own slope, intercept and intercept at the
+    # pooled slope, then their log precisions: log S_xx, -log(1/n + xbar^2 / S_xx) and log n
+    raw_groups = enc.statistics(data.with_response(y))[3][1]["group"]  # [200, 30, 4 + 6]
     n = data.counts("group").float()
     xbar = torch.zeros(30).index_add_(0, g, x) / n
     xc = x - xbar[g]
     sxx = torch.zeros(30).index_add_(0, g, xc * xc)
-    assert torch.allclose(raw_groups[0, :, 6], sxx.log(), atol=1e-3)
-    assert torch.allclose(raw_groups[0, :, 7], -torch.log(1 / n + xbar**2 / sxx), atol=1e-3)
+    assert raw_groups.shape == (200, 30, 10)
+    assert torch.allclose(raw_groups[0, :, 7], sxx.log(), atol=1e-3)
+    assert torch.allclose(raw_groups[0, :, 8], -torch.log(1 / n + xbar**2 / sxx), atol=1e-3)
+    assert torch.allclose(raw_groups[0, :, 9], n.log())
     assert float(((raw_groups[..., 4] - b) / (0.1 / sxx.sqrt())).std()) < 1.2  # slopes read b within their error
     se_a = 0.1 * torch.sqrt(1 / n + xbar**2 / sxx)
     assert float(((raw_groups[..., 5] - a) / se_a).std()) < 1.2  # intercepts read a within theirs
+    # at the pooled slope: ybar - beta_pooled xbar, off by (b - beta_pooled) xbar when slopes vary
+    ybar = torch.zeros(200, 30).index_add_(1, g, y) / n
+    pooled = (xc * (y - ybar[:, g])).sum(-1) / (xc * xc).sum()
+    assert torch.allclose(raw_groups[..., 6], ybar - pooled[:, None] * xbar, atol=1e-4)
     enc.revision = 1  # before the residual statistic
     assert float(torch.exp(lw.new_tensor(0.0) + enc.statistics(data.with_response(y))[3][0][:, 2]).median()) > 0.5
 
@@ -187,3 +193,55 @@ def test_slope_spread_statistics_read_the_slopes_scale_and_correlation():
     assert 0.45 < float(slopes[:, 2].mean()) < 0.7
     enc.revision = 3
     assert float(enc.statistics(data.with_response(y))[3][3][:, 1:].abs().sum()) == 0.0
+
+
+def test_latents_only_draws_the_same_values_without_running_the_likelihood(small_sampler):
+    """Drawing alone stops the model at its last latent site: the same values for the same seed, and
+    nothing after that site (the likelihood) is computed."""
+    calls = []
+
+    def counting_model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        tau = pyro.sample("tau", dist.HalfNormal(1.0))
+        with pyro.plate("group", data.size("group")):
+            theta = pyro.sample("theta", dist.Normal(mu, tau))
+        calls.append(1)
+        with pyro.plate("obs", data.n_obs):
+            pyro.sample("y", dist.Normal(theta[..., data.index("group")], 1.0), obs=data.y)
+
+    data = small_sampler.sample(torch.Generator().manual_seed(0))
+    st = am.trace_structure(counting_model, data)
+    sim = am.simulate(counting_model, st, data, 2)
+    guide = AmortizedGuide(counting_model, st, {}, hidden=16)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        full = guide(sim.data, 6)
+        calls.clear()
+        torch.manual_seed(5)
+        only = guide(sim.data, 6, latents_only=True)
+    assert calls == [] and set(only) == {"mu", "tau", "theta"}
+    for name in only:
+        assert torch.allclose(full[name], only[name], rtol=1e-5, atol=1e-6)
+
+
+def test_group_term_is_the_exact_product_of_prior_and_data_term(small_sampler):
+    """q(theta | mu, tau, y) = N(mu, tau) x N(m, s), normalized: mean (mu s^2 + m tau^2) / (tau^2 + s^2)
+    and sd tau s / sqrt(tau^2 + s^2), per draw of the globals."""
+    data = small_sampler.sample(torch.Generator().manual_seed(0))
+    st = am.trace_structure(scale_model, data)
+    sim = am.simulate(scale_model, st, data, 2)
+    guide = AmortizedGuide(scale_model, st, {}, hidden=16, global_coupling=False).double()
+    d = sim.data.to(dtype=torch.float64)
+    with torch.no_grad():
+        m, s, _ = guide.encode(d)["terms"]["theta"]  # [B, G, 1]
+        guide(d, 5)
+        _, guide_trace = guide.get_traces()
+    q = guide_trace.nodes["theta"]["fn"]
+    while hasattr(q, "base_dist"):
+        q = q.base_dist
+    mu, tau = guide_trace.nodes["mu"]["value"], guide_trace.nodes["tau"]["value"]  # [5, 2, 1]
+    m, s = m.squeeze(-1), s.squeeze(-1)
+    mean = (mu * s**2 + m * tau**2) / (tau**2 + s**2)
+    sd = tau * s / (tau**2 + s**2).sqrt()
+    assert torch.allclose(q.loc.reshape(mean.shape), mean, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(q.scale.reshape(sd.shape), sd, rtol=1e-10, atol=1e-12)

@@ -50,6 +50,7 @@ class WithinGroupFit(NamedTuple):
     dof: float  # its degrees of freedom: rows minus fitted coefficients over the groups (>= 1)
     intercept: torch.Tensor  # [B, G] each group's fitted value at covariates 0: mean - slopes . covariate means
     intercept_precision: torch.Tensor  # [G] 1 / (1/n + xbar' S_xx^-1 xbar): its sd is noise sd / sqrt(this)
+    xbar: torch.Tensor  # [G, k] each group's covariate means
 
 
 def within_group_fit(y: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, G: int, n: torch.Tensor) -> WithinGroupFit:
@@ -80,7 +81,9 @@ def within_group_fit(y: torch.Tensor, X: torch.Tensor, idx: torch.Tensor, G: int
     ybar = segment_mean(y.unsqueeze(-1), idx, G, n)[..., 0]  # [B, G]
     intercept = ybar - (beta * xbar).sum(-1)
     leverage = (xbar.unsqueeze(-2) @ torch.linalg.solve(reg, xbar.unsqueeze(-1))).reshape(G)
-    return WithinGroupFit(beta, precision, pooled, ss, float(max(int(dof), 1)), intercept, 1.0 / (1.0 / n + leverage))
+    return WithinGroupFit(
+        beta, precision, pooled, ss, float(max(int(dof), 1)), intercept, 1.0 / (1.0 / n + leverage), xbar
+    )
 
 
 def _slope_spread(
@@ -152,7 +155,8 @@ class Encoding:
     ``raw_groups[level] [B, G, 4]`` (group mean, dataset mean, and the group mean's unit: for the
     innermost level the pooled within-group log sd and log n, above it the pooled within-group log
     sd of child means and the log number of children; with k row covariates the innermost level's
-    end with the group's k least-squares slopes and intercept and their k + 1 log precisions),
+    end with the group's k least-squares slopes, its intercept, its intercept at the pooled slopes
+    and their k + 2 log precisions),
     ``counts [B, L + 1]``:
     the log number of groups per level (outermost first) and the log number of rows, and
     ``raw_slopes [B, slope_dim]``: the pooled within-group slopes on the row covariates, for each
@@ -204,10 +208,15 @@ class HierarchicalEncoder(nn.Module):
               scales and correlation), appended to the dataset's slopes (zeros below revision 4);
             * 5: each innermost group's least-squares intercept (its fitted value at covariates 0)
               with its log precision, after its slopes: the statistic of a varying intercept when
-              slopes vary too (the group mean then carries slope x covariate mean).
+              slopes vary too (the group mean then carries slope x covariate mean);
+            * 6: each innermost group's intercept at the dataset's pooled within-group slopes
+              (``ybar - pooled . xbar``, log precision log n), after its own intercept: the
+              statistic of a varying intercept when slopes are shared, measured in every group
+              (a group's own intercept is not where its covariate does not vary, e.g. every row
+              of a county on the same floor).
     """
 
-    revision: int = 5
+    revision: int = 6
 
     @property
     def pooled_df(self) -> bool:
@@ -234,9 +243,10 @@ class HierarchicalEncoder(nn.Module):
         self.raw_dataset_dim = 2 + 3 * len(self.levels)
         self.count_dim = len(self.levels) + 1
         self.slope_dim = 3 * kx + sum(len(self.cov_names.get(lvl, [])) for lvl in self.levels)  # raw covariate slopes
-        # per innermost group: k slopes and the intercept (each with a log precision)
+        # per innermost group: k slopes, its own intercept and the pooled-slope intercept (each with a
+        # log precision)
         self.group_slope_dim = {
-            lvl: kx + 1 if kx and i == len(self.levels) - 1 else 0 for i, lvl in enumerate(self.levels)
+            lvl: kx + 2 if kx and i == len(self.levels) - 1 else 0 for i, lvl in enumerate(self.levels)
         }
         self.global_scaler = RobustScaler(self.n_global_stats)
         self.global_net = mlp(self.n_global_stats + 2 * hidden, hidden, hidden)
@@ -249,10 +259,11 @@ class HierarchicalEncoder(nn.Module):
     def statistics(self, data: HierarchicalData) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Any]:
         """Unscaled per-level summaries ``{level: [B, G, F_level]}``, dataset summaries ``[B, F]``,
         per-observation features ``[B, N, F_obs]`` and the raw location/scale statistics
-        ``(raw_dataset [B, 2 + 3L], raw_groups {level: [B, G, 4 (+ 2k + 2)]}, counts [B, L + 1], raw_slopes
+        ``(raw_dataset [B, 2 + 3L], raw_groups {level: [B, G, 4 (+ 2k + 4)]}, counts [B, L + 1], raw_slopes
         [B, slope_dim])`` for the heads' skip paths (``counts``: log groups per level, outermost first,
         and log rows; with k row covariates the innermost groups' statistics end with their k slopes,
-        their intercept and the k + 1 log precisions; ``raw_slopes``: see :class:`Encoding`)."""
+        their intercept, their intercept at the pooled slopes and the k + 2 log precisions;
+        ``raw_slopes``: see :class:`Encoding`)."""
         y = data.y if data.y.dim() == 2 else data.y.unsqueeze(0)  # [B, N]
         B, N = y.shape
         m = y.mean(-1, keepdim=True)  # [B, 1]
@@ -339,17 +350,20 @@ class HierarchicalEncoder(nn.Module):
             ]
             unit_sd = lw if unit_sd is None else unit_sd
             raw_groups[lvl] = torch.stack([ybar, m.expand(B, G), unit_sd.unsqueeze(-1).expand(B, G), unit_n], -1)
-            if self.group_slope_dim[lvl]:  # the group's slopes and intercept, then their log precisions
-                zero = y.new_zeros(B, G, 1)  # (zeros below revisions 3 and 5)
+            if self.group_slope_dim[lvl]:  # the group's slopes and intercepts, then their log precisions
+                zero = y.new_zeros(B, G, 1)  # (zeros below revisions 3, 5 and 6)
                 slopes_g, logp = y.new_zeros(B, G, kx), y.new_zeros(B, G, kx)
-                a_g, logp_a = zero, zero
+                a_g, logp_a, a_pool, logp_pool = zero, zero, zero, zero
                 if self.revision >= 3 and fit is not None:
                     slopes_g, logp = fit.slopes, torch.log(fit.precision + 1e-12).expand(B, G, kx)
                     spread = _slope_spread(fit, ybar, ss_within / dof, s**2 / X_raw.var(0).clamp_min(1e-12))
                 if self.revision >= 5 and fit is not None:
                     a_g = fit.intercept.unsqueeze(-1)
                     logp_a = torch.log(fit.intercept_precision + 1e-12).expand(B, G).unsqueeze(-1)
-                raw_groups[lvl] = torch.cat([raw_groups[lvl], slopes_g, a_g, logp, logp_a], -1)
+                if self.revision >= 6 and fit is not None:
+                    a_pool = (ybar - (fit.xbar * fit.pooled.unsqueeze(-2)).sum(-1)).unsqueeze(-1)
+                    logp_pool = n.log().expand(B, G).unsqueeze(-1)
+                raw_groups[lvl] = torch.cat([raw_groups[lvl], slopes_g, a_g, a_pool, logp, logp_a, logp_pool], -1)
             if self.cov_names.get(lvl):
                 C = torch.stack([data.covariates[lvl][c] for c in self.cov_names[lvl]], -1).to(y.dtype)
                 between_slopes[lvl] = _between_slopes(ybar, C) if self.revision >= 3 else y.new_zeros(B, C.shape[-1])

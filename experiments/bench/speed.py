@@ -10,8 +10,9 @@ dataset, wall clock:
 * amortized: ``amortizer.posterior(data).sample(1000)`` after one warm-up call (median of
   ``--repeats`` calls). Sizes inside the training range of ``models.SAMPLERS['gaussian_2level']``
   (10-50 groups) use ``--checkpoint``, or an amortizer trained here for ``--steps`` steps when none is
-  given; any other size gets an amortizer trained here on its fixed structure
-  (``StructureSampler.fixed``) for ``--large-steps`` steps of ``--large-batch-size`` datasets.
+  given; any other size gets ``--large-checkpoint`` (e.g. the same count-aware amortizer, outside its
+  range: flagged) or an amortizer trained here on its fixed structure (``StructureSampler.fixed``) for
+  ``--large-steps`` steps of ``--large-batch-size`` datasets.
   Training time is reported separately, never in the per-dataset time;
 * NumPyro NUTS (the ``bench`` extra: :mod:`amortize.validate.numpyro_models`, same math): 2 chains
   run one after the other, 500 warm-up + 1000 draws each (reduced above ``--large-groups`` groups, see
@@ -103,16 +104,7 @@ def shared_amortizer(args: argparse.Namespace) -> tuple[am.Amortizer, dict[str, 
     """The amortizer for sizes inside the shipped training range: ``--checkpoint``, or trained here."""
     sampler = models.SAMPLERS["gaussian_2level"]()
     if args.checkpoint:
-        amortizer = am.Amortizer.load(args.checkpoint, MODEL, sampler)
-        cfg = amortizer.config
-        last = amortizer.history[-1] if amortizer.history else {}
-        rate = last.get("datasets_per_s")
-        est = amortizer.step * cfg.batch_size / rate if rate else float("nan")
-        how = (
-            f"checkpoint {args.checkpoint} (step {amortizer.step}, batch {cfg.batch_size}, {cfg.objective}); "
-            f"training time estimated from its logged rate"
-        )
-        return amortizer, {"how": how, "train_seconds": est, "measured": False, "steps": amortizer.step}
+        return loaded_amortizer(args.checkpoint)
     amortizer = am.Amortizer(MODEL, sampler, seed=args.seed)
     t0 = time.perf_counter()
     amortizer.fit(steps=args.steps, batch_size=args.batch_size, progress=False)
@@ -122,6 +114,20 @@ def shared_amortizer(args: argparse.Namespace) -> tuple[am.Amortizer, dict[str, 
         "SAMPLERS['gaussian_2level'] (10-50 groups, 5-30 rows); a fully trained checkpoint is more accurate"
     )
     return amortizer, {"how": how, "train_seconds": seconds, "measured": True, "steps": args.steps}
+
+
+def loaded_amortizer(path: str) -> tuple[am.Amortizer, dict[str, Any]]:
+    """A trained checkpoint; its training time estimated from its logged rate."""
+    amortizer = am.Amortizer.load(path, MODEL, models.SAMPLERS["gaussian_2level"]())
+    cfg = amortizer.config
+    last = amortizer.history[-1] if amortizer.history else {}
+    rate = last.get("datasets_per_s")
+    est = amortizer.step * cfg.batch_size / rate if rate else float("nan")
+    how = (
+        f"checkpoint {path} (step {amortizer.step}, batch {cfg.batch_size}, {cfg.objective}); "
+        f"training time estimated from its logged rate"
+    )
+    return amortizer, {"how": how, "train_seconds": est, "measured": False, "steps": amortizer.step}
 
 
 def fixed_amortizer(data: am.HierarchicalData, args: argparse.Namespace) -> tuple[am.Amortizer, dict[str, Any]]:
@@ -222,7 +228,9 @@ def run_size(
     fixed = not in_range(groups, tuple(args.obs))
     seed = args.seed + 1000 * (index + 1)
     datasets = datasets_for(groups, args, fixed, seed)
-    if fixed:
+    if fixed and args.large_checkpoint:
+        amortizer, training = loaded_amortizer(args.large_checkpoint)
+    elif fixed:
         amortizer, training = fixed_amortizer(datasets[0], args)
     else:
         if shared is None:
@@ -248,6 +256,7 @@ def run_size(
     for i, data in enumerate(datasets):
         rec: dict[str, Any] = {"dataset": i, "groups": data.size("group"), "rows": data.n_obs}
         q, rec["amortized_s"] = time_amortized(amortizer, data, args.draws, args.repeats, seed=i)
+        rec["range_flags"] = amortizer.posterior(data).range_flags()
         if args.batch > 1 and not large:
             rec["amortized_batched_s"] = time_batched(amortizer, data, args.draws, args.batch, args.repeats, seed=i)
 
@@ -433,6 +442,9 @@ def markdown(results: dict[str, Any]) -> str:
                 " dataset, also those whose reference misses its R-hat / ESS >= 100 checks (max and min over"
                 " all elements: with this few draws, expected for thousands of elements)."
             )
+        flags = sorted({f for r in e["per_dataset"] for f in r.get("range_flags", [])})
+        if flags:
+            line += f" Outside the amortizer's training range: {'; '.join(flags)}."
         notes.append(line)
     head = (
         f"{results_header(results)} {results['datasets']} datasets per size, "
@@ -468,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nuts-reparam", default="auto", choices=["auto", "none", "noncentered"])
     p.add_argument("--batch", type=int, default=64, help="datasets per call of the batched amortized timing (1: none)")
     p.add_argument("--large-groups", type=int, default=1000, help="sizes above this: reduced NUTS, no Pyro NUTS")
+    p.add_argument(
+        "--large-checkpoint",
+        help="a gaussian_2level amortizer for the sizes outside the training range (default: train one"
+        " here on the fixed structure); its range flags are reported",
+    )
     p.add_argument("--large-steps", type=int, default=200, help="training steps of a fixed-structure amortizer")
     p.add_argument("--large-batch-size", type=int, default=4)
     p.add_argument("--large-pilot", type=int, default=4, help="pilot structures of a fixed-structure amortizer")
