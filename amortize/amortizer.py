@@ -202,6 +202,18 @@ class Amortizer:
             return PosteriorBatch(self, data)
         return Posterior(self, data)
 
+    def compile(self, **options: Any) -> Amortizer:
+        """Compile the drawing kernel (a group's prior x data term and its draw, elementwise over draws,
+        datasets and groups) with ``torch.compile(dynamic=True, **options)`` into one loop; returns
+        ``self``. The first draw compiles (seconds to a minute, needs a C++ compiler on CPU); after
+        that, drawing many datasets per call runs about 1.5-2x faster on CPU (see the speed
+        benchmark). Draws are the eager draws up to floating-point rounding. Not saved in checkpoints.
+        """
+        from .guide import product_draw
+
+        self.guide.draw_kernel = torch.compile(product_draw, **{"dynamic": True, **options})
+        return self
+
     # ------------------------------------------------------------------ persistence
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint holds (see :mod:`amortize.checkpoint`)."""

@@ -33,7 +33,7 @@ from .errors import ModelStructureError
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
 from .structure import LatentSite, ModelStructure, batched
 
-__all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product"]
+__all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "product_draw"]
 
 
 def _base(fn: Any) -> Any:
@@ -106,6 +106,22 @@ def gaussian_product(
     return dist.MultivariateNormal(mean, scale_tril=tril)
 
 
+def product_draw(
+    prior_loc: torch.Tensor,
+    log_prior_var: torch.Tensor,
+    loc: torch.Tensor,
+    log_var: torch.Tensor,
+    scale: torch.Tensor,
+    eps: torch.Tensor,
+) -> torch.Tensor:
+    """One draw of N(prior_loc, prior_sd) x N(loc, scale), normalized, from standard normals ``eps``
+    (elementwise, broadcasting): ``lerp(prior_loc, loc, w) + scale sqrt(w) eps`` with the data term's
+    weight ``w = sigmoid(log_prior_var - log_var)``. The drawing kernel of :class:`AmortizedGuide`
+    (:meth:`amortize.Amortizer.compile` compiles it into one loop)."""
+    w = torch.sigmoid(log_prior_var - log_var)
+    return torch.lerp(prior_loc, loc, w) + scale * w.sqrt() * eps
+
+
 class _LatentsDrawn(Exception):
     """Ends a latents-only run of the model at its last latent site."""
 
@@ -152,6 +168,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             }
         )
         self._state: dict[str, Any] | None = None
+        self.draw_kernel: Callable[..., torch.Tensor] = product_draw  # see Amortizer.compile
 
     # ------------------------------------------------------------------ guide protocol
     def __call__(  # type: ignore[override]
@@ -240,16 +257,23 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             if truth is None:
                 return q
             return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=1)
+        ushape = site.unconstrained_shape
         if g is not None:  # precision-weighted product of prior and data term
             # the data term's weight w = tau^2 / (tau^2 + s^2) = sigmoid(2 log tau - 2 log s), logs
             # taken on the small unbroadcast tensors: a prior scale that underflows to 0 (a drawn tau
             # near 0) gives the prior's loc, an infinite one the data term; sd^2 = w s^2
             # (a prior written with float literals is float32 on float64 data: cast, as a product would)
             g0, g1 = (_compact(t).to(loc.dtype) for t in g)
-            w = torch.sigmoid(2.0 * g1.log() - 2.0 * scale.log())
+            log_w = 2.0 * g1.log(), 2.0 * scale.log()
+            if truth is None and "stop_after" in st:  # drawing alone: the draw itself, in one kernel
+                shape = torch.broadcast_shapes(g0.shape, log_w[0].shape, loc.shape, scale.shape)
+                eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
+                u = self.draw_kernel(g0, log_w[0], loc, log_w[1], scale, eps)
+                u = u.reshape(*u.shape[:-1], *ushape)
+                return u if _real(site.support) else site.transform(u)
+            w = torch.sigmoid(log_w[0] - log_w[1])
             loc = torch.lerp(g0, loc, w)
             scale = (scale * w.sqrt()).clamp_min(torch.finfo(scale.dtype).tiny)
-        ushape = site.unconstrained_shape
         loc = loc.reshape(*loc.shape[:-1], *ushape)
         scale = scale.reshape(*scale.shape[:-1], *ushape)
         q = dist.Normal(loc, scale).to_event(len(ushape))
