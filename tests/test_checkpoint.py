@@ -65,7 +65,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 def test_encoder_statistics_and_coupling_travel_with_the_checkpoint(small_sampler, tmp_path):
     a = am.Amortizer(normal_known, small_sampler, hidden=8, global_coupling=True)
-    assert a.guide.encoder.revision == 6  # new amortizers compute the latest statistics
+    assert a.guide.encoder.revision == 7  # new amortizers compute the latest statistics
     a.guide.encoder.revision = 0  # as a checkpoint trained on the first statistics
     a.save(tmp_path / "a.pt")
     b = am.Amortizer.load(tmp_path / "a.pt", normal_known)
@@ -147,6 +147,33 @@ def test_checkpoint_of_revision_5_loads_with_zero_weights_on_the_pooled_slope_in
     save_checkpoint(tmp_path / "rev5.pt", state)
     b = am.Amortizer.load(tmp_path / "rev5.pt", varying_slopes)
     assert b.guide.encoder.revision == 5
+    data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
+    data = data.with_response(data.y[0])
+    x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_checkpoint_of_revision_6_loads_with_zero_weights_on_the_shrunk_between_slopes(tmp_path):
+    """Revision 7 appends each between-group slope shrunk by its precision (two per slope) to the
+    dataset's slopes: a revision-6 checkpoint of a model with group covariates has narrower global
+    skip paths, loaded with zero columns, and draws as it did."""
+    from amortize.models import SAMPLERS, gaussian_contextual
+
+    a = am.Amortizer(gaussian_contextual, SAMPLERS["gaussian_contextual"](), hidden=8)
+    a.fit(steps=2, batch_size=8, progress=False)
+    a.guide.encoder.revision = 6
+    head = a.guide.global_head
+    c, extra = a.guide.encoder.count_dim, 4  # two county covariates x (c = 1, c = 4)
+    with torch.no_grad():  # the weights a revision-6 checkpoint would hold: none on the new slopes
+        head.raw_slope.weight[:, -extra:] = 0
+        head.raw_per_count.weight[:, -extra * c :] = 0
+    state = a.state()
+    sd = state["state_dict"]
+    sd["global_head.raw_slope.weight"] = sd["global_head.raw_slope.weight"][:, :-extra]
+    sd["global_head.raw_per_count.weight"] = sd["global_head.raw_per_count.weight"][:, : -extra * c]
+    save_checkpoint(tmp_path / "rev6.pt", state)
+    b = am.Amortizer.load(tmp_path / "rev6.pt", gaussian_contextual)
+    assert b.guide.encoder.revision == 6
     data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
     data = data.with_response(data.y[0])
     x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)

@@ -245,3 +245,22 @@ def test_group_term_is_the_exact_product_of_prior_and_data_term(small_sampler):
     sd = tau * s / (tau**2 + s**2).sqrt()
     assert torch.allclose(q.loc.reshape(mean.shape), mean, rtol=1e-10, atol=1e-12)
     assert torch.allclose(q.scale.reshape(sd.shape), sd, rtol=1e-10, atol=1e-12)
+
+
+def test_between_slopes_carry_their_t_statistics():
+    """Group means on a group covariate: the least-squares slope, and t^2 = slope^2 / its sampling
+    variance; over many datasets the t statistic of a zero slope is ~ t(G - 2): sd about 1."""
+    from amortize.nn.encoder import _between_slopes
+
+    gen = torch.Generator().manual_seed(0)
+    G = 40
+    C = torch.randn(G, 1, generator=gen)
+    ybar = 0.5 * torch.randn(4000, G, generator=gen)  # no slope: t ~ t(38)
+    beta, t2 = _between_slopes(ybar, C)
+    t = beta.squeeze(-1) / (beta.squeeze(-1).pow(2) / t2.squeeze(-1)).sqrt()
+    assert abs(float(t.std()) - (38 / 36) ** 0.5) < 0.05
+    ybar = 3.0 * C.T + 0.5 * torch.randn(4000, G, generator=gen)  # a precise slope of 3
+    beta, t2 = _between_slopes(ybar, C)
+    assert abs(float(beta.mean()) - 3.0) < 0.01 and float(t2.min()) > 100
+    shrunk = beta * t2 / (t2 + 4.0)
+    assert torch.allclose(shrunk, beta, rtol=0.05)  # a precise slope passes nearly whole
