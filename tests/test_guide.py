@@ -264,3 +264,23 @@ def test_between_slopes_carry_their_t_statistics():
     assert abs(float(beta.mean()) - 3.0) < 0.01 and float(t2.min()) > 100
     shrunk = beta * t2 / (t2 + 4.0)
     assert torch.allclose(shrunk, beta, rtol=0.05)  # a precise slope passes nearly whole
+
+
+def test_between_slopes_are_net_of_the_row_covariates():
+    """y = 2 x_row + 3 c_group + group noise: the slope of the group means on c mixes in 2 x the
+    group means of x_row (they vary by group); net of the pooled within-group slope it reads 3."""
+    from amortize.nn import HierarchicalEncoder
+
+    gen = torch.Generator().manual_seed(2)
+    data = am.StructureSampler(["group"], groups={"group": (25, 25)}, obs=(3, 8)).sample(gen)
+    g = data.index("group")
+    c = torch.randn(25, generator=gen)
+    x = torch.randn(data.n_obs, generator=gen) + 1.5 * c[g]  # row covariate whose group means track c
+    data.covariates = {"obs": {"x": x}, "group": {"c": c}}
+    data.covariate_level = {"x": "obs", "c": "group"}
+    y = 2.0 * x + 3.0 * c[g] + 0.3 * torch.randn(25, generator=gen)[g] + 0.05 * torch.randn(data.n_obs, generator=gen)
+    enc = HierarchicalEncoder(("group",), {"obs": ["x"], "group": ["c"]}, hidden=4)
+    slopes = enc.statistics(data.with_response(y))[3][3][0]  # pooled within slope, between slope, ...
+    assert abs(float(slopes[0]) - 2.0) < 0.05 and abs(float(slopes[1]) - 3.0) < 0.3
+    enc.revision = 7  # between slopes of the plain group means: about 3 + 2 x 1.5
+    assert abs(float(enc.statistics(data.with_response(y))[3][3][0][1]) - 6.0) < 0.5

@@ -225,10 +225,14 @@ class HierarchicalEncoder(nn.Module):
               c = 1 and 4 (t: the slope over its standard error), appended to the dataset's slopes:
               the global head's linear location can then follow a precise slope all the way (a
               plain slope's coefficient, fitted over prior datasets of every noise level, is
-              diluted towards 0: a county-level weight of 2.4 read as 1.4).
+              diluted towards 0: a county-level weight of 2.4 read as 1.4);
+            * 8: with row covariates, the between-group slopes regress the group means of the
+              response net of the pooled within-group slopes (``ybar - pooled . xbar``): a row
+              covariate whose group means vary (the share of houses on a floor) no longer adds
+              its effect to the between-group noise.
     """
 
-    revision: int = 7
+    revision: int = 8
 
     @property
     def pooled_df(self) -> bool:
@@ -380,7 +384,11 @@ class HierarchicalEncoder(nn.Module):
                 raw_groups[lvl] = torch.cat([raw_groups[lvl], slopes_g, a_g, a_pool, logp, logp_a, logp_pool], -1)
             if self.cov_names.get(lvl):
                 C = torch.stack([data.covariates[lvl][c] for c in self.cov_names[lvl]], -1).to(y.dtype)
-                between_slopes[lvl], between_t2[lvl] = _between_slopes(ybar, C)
+                response = ybar
+                if self.revision >= 8 and fit is not None:  # net of the row covariates' pooled slopes
+                    xbar = segment_mean(X_raw, idx, G, n)  # [G, kx]
+                    response = ybar - (xbar * fit.pooled.unsqueeze(-2)).sum(-1)
+                between_slopes[lvl], between_t2[lvl] = _between_slopes(response, C)
                 if self.revision < 3:
                     between_slopes[lvl] = y.new_zeros(B, C.shape[-1])
         raw_dataset = torch.stack([m.squeeze(-1), log_s.squeeze(-1), *pooled, *between, *excess], -1)
