@@ -330,7 +330,7 @@ class Amortizer:
         new.guide.eval()
         new.step, new.pilot_done = int(ck["step"]), bool(ck["pilot_done"])
         new.config = TrainConfig(**ck["config"])
-        new._optimizer_state = ck["optimizer"]
+        new._optimizer_state = _aligned_optimizer_state(ck["optimizer"], ck["state_dict"], new.guide)
         new.history = list(ck["history"])
         new.generator.set_state(ck["rng"]["generator"])
         new._rng = {k: v for k, v in ck["rng"].items() if k != "generator"}
@@ -356,6 +356,37 @@ class Amortizer:
 # skip paths added in 0.2.2 (count terms of the global head, covariate slopes of the heads): a
 # checkpoint without them loads them at zero, which is the map it was trained with
 _ADDED_IN_0_2_2 = ("raw_per_count", "count_unit", "raw_slope", "raw_slope_scale")
+
+
+def _aligned_optimizer_state(
+    opt: dict[str, Any] | None, saved: dict[str, torch.Tensor], guide: torch.nn.Module
+) -> dict[str, Any] | None:
+    """A saved Adam state renumbered for ``guide``'s parameters, which may be a later layout: a
+    parameter the checkpoint lacked starts without state, and a widened one (statistics appended to
+    its inputs) gets its moments zero-padded, as its weights are; so training resumes across library
+    versions."""
+    if opt is None or len(opt.get("param_groups", [])) != 1:
+        return opt
+    buffers = {name for name, _ in guide.named_buffers()}
+    old_names = [k for k in saved if k not in buffers]  # the saved parameters, in optimizer order
+    group = opt["param_groups"][0]
+    if len(old_names) != len(group["params"]):
+        return None  # not a layout this can follow: Adam starts afresh
+    old_state = {old_names[i]: opt["state"].get(p) for i, p in enumerate(group["params"])}
+    state: dict[int, Any] = {}
+    names = [name for name, _ in guide.named_parameters()]
+    for j, (name, param) in enumerate(guide.named_parameters()):
+        st = old_state.get(name)
+        if st is None:
+            continue
+        st = dict(st)
+        for key, value in st.items():
+            if torch.is_tensor(value) and value.shape != param.shape and value.dim() == param.dim():
+                padded = value.new_zeros(param.shape)
+                padded[tuple(slice(0, n) for n in value.shape)] = value
+                st[key] = padded
+        state[j] = st
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(names)))}]}
 
 
 def _statistics_revision(ck: dict[str, Any]) -> int:

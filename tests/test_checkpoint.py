@@ -178,3 +178,29 @@ def test_checkpoint_of_revision_6_loads_with_zero_weights_on_the_shrunk_between_
     data = data.with_response(data.y[0])
     x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_training_resumes_from_a_checkpoint_of_an_earlier_layout(tmp_path):
+    """A checkpoint whose skip-path weights are narrower (statistics appended since) resumes training:
+    its Adam moments are zero-padded like its weights, the saved columns kept."""
+    from amortize.models import SAMPLERS, gaussian_contextual
+
+    a = am.Amortizer(gaussian_contextual, SAMPLERS["gaussian_contextual"](), hidden=8)
+    a.fit(steps=4, stop_at=2, batch_size=8, progress=False)
+    state = a.state()
+    key, extra = "global_head.raw_slope.weight", 4
+    sd = state["state_dict"]
+    sd[key] = sd[key][:, :-extra]
+    index = [k for k in sd if k not in dict(a.guide.named_buffers())].index(key)
+    moments = state["optimizer"]["state"][index]
+    saved = moments["exp_avg"][:, :-extra].clone()
+    for m in ("exp_avg", "exp_avg_sq"):
+        moments[m] = moments[m][:, :-extra]
+    save_checkpoint(tmp_path / "old.pt", state)
+    b = am.Amortizer.load(tmp_path / "old.pt", gaussian_contextual, SAMPLERS["gaussian_contextual"]())
+    new_index = [n for n, _ in b.guide.named_parameters()].index(key)
+    restored = b._optimizer_state["state"][new_index]["exp_avg"]
+    assert restored.shape[1] == saved.shape[1] + extra
+    assert torch.equal(restored[:, :-extra], saved) and float(restored[:, -extra:].abs().sum()) == 0.0
+    b.fit(steps=4, batch_size=8, progress=False)  # resumes: no shape error in Adam
+    assert b.step == 4
