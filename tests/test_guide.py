@@ -256,11 +256,11 @@ def test_between_slopes_carry_their_t_statistics():
     G = 40
     C = torch.randn(G, 1, generator=gen)
     ybar = 0.5 * torch.randn(4000, G, generator=gen)  # no slope: t ~ t(38)
-    beta, t2 = _between_slopes(ybar, C)
+    beta, t2, _ = _between_slopes(ybar, C)
     t = beta.squeeze(-1) / (beta.squeeze(-1).pow(2) / t2.squeeze(-1)).sqrt()
     assert abs(float(t.std()) - (38 / 36) ** 0.5) < 0.05
     ybar = 3.0 * C.T + 0.5 * torch.randn(4000, G, generator=gen)  # a precise slope of 3
-    beta, t2 = _between_slopes(ybar, C)
+    beta, t2, _ = _between_slopes(ybar, C)
     assert abs(float(beta.mean()) - 3.0) < 0.01 and float(t2.min()) > 100
     shrunk = beta * t2 / (t2 + 4.0)
     assert torch.allclose(shrunk, beta, rtol=0.05)  # a precise slope passes nearly whole
@@ -284,3 +284,22 @@ def test_between_slopes_are_net_of_the_row_covariates():
     assert abs(float(slopes[0]) - 2.0) < 0.05 and abs(float(slopes[1]) - 3.0) < 0.3
     enc.revision = 7  # between slopes of the plain group means: about 3 + 2 x 1.5
     assert abs(float(enc.statistics(data.with_response(y))[3][3][0][1]) - 6.0) < 0.5
+
+
+def test_scale_statistics_are_those_of_the_group_effects_net_of_covariates():
+    """Group means = 2 c + effects of sd 0.1 (plus row noise): the between-group log sd and its excess
+    over the noise read the effects' sd (revision 9), not the spread that c explains (revision 8)."""
+    from amortize.nn import HierarchicalEncoder
+
+    gen = torch.Generator().manual_seed(3)
+    data = am.StructureSampler(["group"], groups={"group": (40, 40)}, obs=(20, 30)).sample(gen)
+    g = data.index("group")
+    c = torch.randn(40, generator=gen)
+    data.covariates = {"group": {"c": c}}
+    data.covariate_level = {"c": "group"}
+    y = 2.0 * c[g] + 0.1 * torch.randn(64, 40, generator=gen)[:, g] + 0.05 * torch.randn(64, data.n_obs, generator=gen)
+    enc = HierarchicalEncoder(("group",), {"group": ["c"]}, hidden=4)
+    raw = enc.statistics(data.with_response(y))[3][0]  # [m, log s, pooled, between, excess]
+    assert abs(float(raw[:, 4].exp().median()) - 0.1) < 0.02
+    enc.revision = 8
+    assert float(enc.statistics(data.with_response(y))[3][0][:, 4].exp().median()) > 1.5  # ~ 2 sd(c)
