@@ -65,7 +65,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 def test_encoder_statistics_and_coupling_travel_with_the_checkpoint(small_sampler, tmp_path):
     a = am.Amortizer(normal_known, small_sampler, hidden=8, global_coupling=True)
-    assert a.guide.encoder.revision == 9  # new amortizers compute the latest statistics
+    assert a.guide.encoder.revision == 10  # new amortizers compute the latest statistics
     a.guide.encoder.revision = 0  # as a checkpoint trained on the first statistics
     a.save(tmp_path / "a.pt")
     b = am.Amortizer.load(tmp_path / "a.pt", normal_known)
@@ -163,7 +163,7 @@ def test_checkpoint_of_revision_6_loads_with_zero_weights_on_the_shrunk_between_
     a.fit(steps=2, batch_size=8, progress=False)
     a.guide.encoder.revision = 6
     head = a.guide.global_head
-    c, extra = a.guide.encoder.count_dim, 4  # two county covariates x (c = 1, c = 4)
+    c, extra = a.guide.encoder.count_dim, 6  # two county covariates x (c = 1, c = 4), two intercepts
     with torch.no_grad():  # the weights a revision-6 checkpoint would hold: none on the new slopes
         head.raw_slope.weight[:, -extra:] = 0
         head.raw_per_count.weight[:, -extra * c :] = 0

@@ -303,3 +303,22 @@ def test_scale_statistics_are_those_of_the_group_effects_net_of_covariates():
     assert abs(float(raw[:, 4].exp().median()) - 0.1) < 0.02
     enc.revision = 8
     assert float(enc.statistics(data.with_response(y))[3][0][:, 4].exp().median()) > 1.5  # ~ 2 sd(c)
+
+
+def test_intercepts_at_covariates_zero():
+    """y = 1.5 + 2 x + 3 c_group, covariates with non-zero means: the level's intercept at c = 0 reads
+    1.5, the intercept that the standardized statistics cannot see (revision 10)."""
+    from amortize.nn import HierarchicalEncoder
+
+    gen = torch.Generator().manual_seed(4)
+    data = am.StructureSampler(["group"], groups={"group": (30, 30)}, obs=(4, 8)).sample(gen)
+    g = data.index("group")
+    c = 2.0 + torch.randn(30, generator=gen)
+    x = -1.0 + torch.randn(data.n_obs, generator=gen)
+    data.covariates = {"obs": {"x": x}, "group": {"c": c}}
+    data.covariate_level = {"x": "obs", "c": "group"}
+    y = 1.5 + 2.0 * x + 3.0 * c[g] + 0.1 * torch.randn(8, 30, generator=gen)[:, g]
+    enc = HierarchicalEncoder(("group",), {"obs": ["x"], "group": ["c"]}, hidden=4)
+    slopes = enc.statistics(data.with_response(y))[3][3]
+    assert torch.allclose(slopes[:, -1], torch.full((8,), 1.5), atol=0.15)  # the group level's intercept
+    assert torch.allclose(slopes[:, -2], y.mean(-1) - 2.0 * x.mean(), atol=0.05)  # the rows' (at x = 0)

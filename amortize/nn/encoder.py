@@ -169,7 +169,8 @@ class Encoding:
     ``raw_slopes [B, slope_dim]``: the pooled within-group slopes on the row covariates, for each
     level with covariates the slopes of its group means on them, then per row covariate the
     excess log sd of the groups' slopes and their correlation with the group means, then the
-    group-mean slopes shrunk by their precision, ``b t^2 / (t^2 + c)`` for c = 1, then c = 4."""
+    group-mean slopes shrunk by their precision, ``b t^2 / (t^2 + c)`` for c = 1, then c = 4, then
+    the intercepts at covariates 0 of the rows and of each level's fit on its covariates."""
 
     def __init__(
         self,
@@ -235,10 +236,15 @@ class HierarchicalEncoder(nn.Module):
               level's scale) are those of the same net group means, around their fit on the
               level's covariates: the spread of the group effects, not of what covariates explain
               (a county-level weight of 2 on a covariate of sd 0.33 read as a county scale of 0.7
-              when it was 0.13). The innermost noise is the residuals' when rows have covariates.
+              when it was 0.13). The innermost noise is the residuals' when rows have covariates;
+            * 10: the intercepts at covariates 0, appended to the dataset's slopes: of the rows
+              (``mean y - pooled . mean x``) and of each level's fit of its net group means on its
+              covariates: the raw counterparts of a model's intercepts, which otherwise depend on
+              covariate means the standardized statistics do not carry (a county-level weight of 2
+              on a covariate of mean -0.3 moved the county effects' mean by 0.6).
     """
 
-    revision: int = 9
+    revision: int = 10
 
     @property
     def pooled_df(self) -> bool:
@@ -265,7 +271,8 @@ class HierarchicalEncoder(nn.Module):
         self.raw_dataset_dim = 2 + 3 * len(self.levels)
         self.count_dim = len(self.levels) + 1
         kc = sum(len(self.cov_names.get(lvl, [])) for lvl in self.levels)
-        self.slope_dim = 3 * kx + kc + 2 * kc  # raw covariate slopes (see statistics)
+        with_cov = sum(1 for lvl in self.levels if self.cov_names.get(lvl))
+        self.slope_dim = 3 * kx + kc + 2 * kc + (kx > 0) + with_cov  # raw covariate slopes (see statistics)
         # per innermost group: k slopes, its own intercept and the pooled-slope intercept (each with a
         # log precision)
         self.group_slope_dim = {
@@ -314,6 +321,7 @@ class HierarchicalEncoder(nn.Module):
         kx = len(self.cov_names.get(OBS, []))
         between_slopes: dict[str, torch.Tensor] = {}
         between_t2: dict[str, torch.Tensor] = {}
+        between_intercept: dict[str, torch.Tensor] = {}
         for i in reversed(range(len(self.levels))):
             lvl = self.levels[i]
             G = data.size(lvl)
@@ -364,6 +372,7 @@ class HierarchicalEncoder(nn.Module):
             if self.cov_names.get(lvl):
                 C = torch.stack([data.covariates[lvl][c] for c in self.cov_names[lvl]], -1).to(y.dtype)
                 b_lvl, t2_lvl, s2_lvl = _between_slopes(response, C)
+                between_intercept[lvl] = response.mean(-1) - b_lvl @ C.mean(0)  # [B]
                 between_slopes[lvl] = b_lvl if self.revision >= 3 else y.new_zeros(B, C.shape[-1])
                 between_t2[lvl] = t2_lvl
             per_mean = var / (n - 1).clamp_min(1) if self.pooled_df else var / n.clamp_min(1)  # s^2 / n
@@ -416,6 +425,12 @@ class HierarchicalEncoder(nn.Module):
                 if lvl in between_slopes:
                     b, t2 = between_slopes[lvl], between_t2[lvl]
                     slopes.append(b * t2 / (t2 + c) if self.revision >= 7 else torch.zeros_like(b))
+        intercepts = []  # at covariates 0: of the rows, then of each level's fit (zeros below revision 10)
+        if kx:
+            a_rows = y.mean(-1) - X_raw.mean(0) @ fit.pooled.T if fit is not None else y.new_zeros(B)
+            intercepts.append(a_rows)
+        intercepts += [between_intercept[lvl] for lvl in self.levels if lvl in between_intercept]
+        slopes += [a.unsqueeze(-1) if self.revision >= 10 else torch.zeros_like(a).unsqueeze(-1) for a in intercepts]
         raw_slopes = torch.cat(slopes, -1) if slopes else y.new_zeros(B, 0)
         counts = y.new_tensor([math.log(data.size(lvl)) for lvl in self.levels] + [math.log(N)]).expand(B, -1)
         return stats, torch.stack(glob, -1), f, (raw_dataset, raw_groups, counts, raw_slopes)
