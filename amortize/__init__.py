@@ -1,6 +1,6 @@
 """amortize: neural amortized Bayesian inference for hierarchical Pyro models."""
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 
 from .amortizer import Amortizer  # noqa: E402
 from .batch import PosteriorBatch  # noqa: E402
