@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["Posterior", "CorrectedDraws", "psis_k", "K_THRESHOLD"]
 
 log = logging.getLogger(__name__)
-CHUNK_ELEMENTS = 2e7  # draws x datasets x (rows + groups) per pass of the guide: bounds memory
+CHUNK_ELEMENTS = 4e6  # draws x datasets x (rows + groups) per pass of the guide: bounds memory, and keeps
+# a pass's [draws, datasets, groups] temporaries near the cache (2e7: 10^4 groups 1.7x slower)
 
 
 def psis_k(log_weights: torch.Tensor) -> float:
