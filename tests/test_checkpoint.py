@@ -99,6 +99,27 @@ def test_checkpoint_without_count_terms_loads_as_the_fixed_map(trained, small_da
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _loads_as_saved(a: am.Amortizer, model, revision: int, narrower: dict[str, int], tmp_path) -> None:
+    """Save ``a`` as a checkpoint of an earlier ``revision`` would hold it: the weights ``narrower``
+    names lack their last columns (statistics appended since; zeroed here first, as the earlier
+    layout had no weights on them). Loaded, it has that revision and draws as ``a`` does."""
+    a.guide.encoder.revision = revision
+    params = dict(a.guide.named_parameters())
+    with torch.no_grad():
+        for key, n in narrower.items():
+            params[key][:, -n:] = 0
+    state = a.state()
+    for key, n in narrower.items():
+        state["state_dict"][key] = state["state_dict"][key][:, :-n]
+    save_checkpoint(tmp_path / "old.pt", state)
+    b = am.Amortizer.load(tmp_path / "old.pt", model)
+    assert b.guide.encoder.revision == revision
+    data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
+    data = data.with_response(data.y[0])
+    x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_checkpoint_of_revision_3_loads_with_zero_weights_on_the_appended_statistics(tmp_path):
     """Revision 4 appends the slopes' spreads to the dataset statistics: a revision-3 checkpoint has
     narrower skip-path weights, loaded with zero columns for them, and draws as it did."""
@@ -106,23 +127,9 @@ def test_checkpoint_of_revision_3_loads_with_zero_weights_on_the_appended_statis
 
     a = am.Amortizer(varying_slopes, SAMPLERS["varying_slopes"](), hidden=8)
     a.fit(steps=2, batch_size=8, progress=False)
-    a.guide.encoder.revision = 3
-    head = a.guide.global_head
     c = a.guide.encoder.count_dim
-    with torch.no_grad():  # the weights a revision-3 checkpoint would hold: none on the spreads
-        head.raw_slope.weight[:, -2:] = 0
-        head.raw_per_count.weight[:, -2 * c :] = 0
-    state = a.state()
-    sd = state["state_dict"]
-    sd["global_head.raw_slope.weight"] = sd["global_head.raw_slope.weight"][:, :-2]
-    sd["global_head.raw_per_count.weight"] = sd["global_head.raw_per_count.weight"][:, : -2 * c]
-    save_checkpoint(tmp_path / "rev3.pt", state)
-    b = am.Amortizer.load(tmp_path / "rev3.pt", varying_slopes)
-    assert b.guide.encoder.revision == 3
-    data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
-    data = data.with_response(data.y[0])
-    x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
-    assert all(torch.equal(x[k], y[k]) for k in x)
+    narrower = {"global_head.raw_slope.weight": 2, "global_head.raw_per_count.weight": 2 * c}
+    _loads_as_saved(a, varying_slopes, 3, narrower, tmp_path)
 
 
 def test_checkpoint_of_revision_5_loads_with_zero_weights_on_the_pooled_slope_intercept(tmp_path):
@@ -133,51 +140,22 @@ def test_checkpoint_of_revision_5_loads_with_zero_weights_on_the_pooled_slope_in
 
     a = am.Amortizer(varying_slopes, SAMPLERS["varying_slopes"](), hidden=8)
     a.fit(steps=2, batch_size=8, progress=False)
-    a.guide.encoder.revision = 5
-    head = a.guide.group_heads["b"]
-    with torch.no_grad():  # the weights a revision-5 checkpoint would hold: none on the new statistic
-        head.raw_slope.weight[:, -1] = 0
-        head.raw_slope_scale.weight[:, -1] = 0
-    state = a.state()
-    sd = state["state_dict"]
-    for name in ("raw_slope", "raw_slope_scale"):
-        key = f"group_heads.b.{name}.weight"
-        assert sd[key].shape[1] == 3  # slope, own intercept, pooled-slope intercept
-        sd[key] = sd[key][:, :-1]
-    save_checkpoint(tmp_path / "rev5.pt", state)
-    b = am.Amortizer.load(tmp_path / "rev5.pt", varying_slopes)
-    assert b.guide.encoder.revision == 5
-    data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
-    data = data.with_response(data.y[0])
-    x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
-    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert a.guide.group_heads["b"].raw_slope.weight.shape[1] == 3  # slope, own and pooled-slope intercepts
+    narrower = {"group_heads.b.raw_slope.weight": 1, "group_heads.b.raw_slope_scale.weight": 1}
+    _loads_as_saved(a, varying_slopes, 5, narrower, tmp_path)
 
 
 def test_checkpoint_of_revision_6_loads_with_zero_weights_on_the_shrunk_between_slopes(tmp_path):
-    """Revision 7 appends each between-group slope shrunk by its precision (two per slope) to the
-    dataset's slopes: a revision-6 checkpoint of a model with group covariates has narrower global
-    skip paths, loaded with zero columns, and draws as it did."""
+    """Revisions 7 and 10 append each between-group slope shrunk by its precision (two per slope) and
+    the intercepts at covariates 0 to the dataset's slopes: a revision-6 checkpoint of a model with
+    group covariates has narrower global skip paths, loaded with zero columns, and draws as it did."""
     from amortize.models import SAMPLERS, gaussian_contextual
 
     a = am.Amortizer(gaussian_contextual, SAMPLERS["gaussian_contextual"](), hidden=8)
     a.fit(steps=2, batch_size=8, progress=False)
-    a.guide.encoder.revision = 6
-    head = a.guide.global_head
     c, extra = a.guide.encoder.count_dim, 6  # two county covariates x (c = 1, c = 4), two intercepts
-    with torch.no_grad():  # the weights a revision-6 checkpoint would hold: none on the new slopes
-        head.raw_slope.weight[:, -extra:] = 0
-        head.raw_per_count.weight[:, -extra * c :] = 0
-    state = a.state()
-    sd = state["state_dict"]
-    sd["global_head.raw_slope.weight"] = sd["global_head.raw_slope.weight"][:, :-extra]
-    sd["global_head.raw_per_count.weight"] = sd["global_head.raw_per_count.weight"][:, : -extra * c]
-    save_checkpoint(tmp_path / "rev6.pt", state)
-    b = am.Amortizer.load(tmp_path / "rev6.pt", gaussian_contextual)
-    assert b.guide.encoder.revision == 6
-    data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
-    data = data.with_response(data.y[0])
-    x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
-    assert all(torch.equal(x[k], y[k]) for k in x)
+    narrower = {"global_head.raw_slope.weight": extra, "global_head.raw_per_count.weight": extra * c}
+    _loads_as_saved(a, gaussian_contextual, 6, narrower, tmp_path)
 
 
 def test_training_resumes_from_a_checkpoint_of_an_earlier_layout(tmp_path):
