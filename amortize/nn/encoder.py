@@ -364,9 +364,11 @@ class HierarchicalEncoder(nn.Module):
             lw = 0.5 * torch.log(ss_within / dof + 1e-6 * s.squeeze(-1) ** 2)  # [B]
             # the group means net of the row covariates' pooled slopes (revision 8) and, where the
             # level has covariates, their least-squares fit on them (revision 3)
-            response = ybar
-            if self.revision >= 8 and fit is not None:
-                response = ybar - (segment_mean(X_raw, idx, G, n) * fit.pooled.unsqueeze(-2)).sum(-1)
+            net = None  # the group means less the row covariates' pooled slopes x the group's covariate means
+            if fit is not None:
+                xbar = fit.xbar if i == len(self.levels) - 1 else segment_mean(X_raw, idx, G, n)
+                net = ybar - (xbar * fit.pooled.unsqueeze(-2)).sum(-1)  # [B, G]
+            response = net if self.revision >= 8 and net is not None else ybar
             between_var = ybar.var(-1, unbiased=False)  # [B]
             C = None
             if self.cov_names.get(lvl):
@@ -409,8 +411,8 @@ class HierarchicalEncoder(nn.Module):
                 if self.revision >= 5 and fit is not None:
                     a_g = fit.intercept.unsqueeze(-1)
                     logp_a = torch.log(fit.intercept_precision + 1e-12).expand(B, G).unsqueeze(-1)
-                if self.revision >= 6 and fit is not None:
-                    a_pool = (ybar - (fit.xbar * fit.pooled.unsqueeze(-2)).sum(-1)).unsqueeze(-1)
+                if self.revision >= 6 and net is not None:
+                    a_pool = net.unsqueeze(-1)
                     logp_pool = n.log().expand(B, G).unsqueeze(-1)
                 raw_groups[lvl] = torch.cat([raw_groups[lvl], slopes_g, a_g, a_pool, logp, logp_a, logp_pool], -1)
         raw_dataset = torch.stack([m.squeeze(-1), log_s.squeeze(-1), *pooled, *between, *excess], -1)
