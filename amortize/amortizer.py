@@ -322,7 +322,7 @@ class Amortizer:
                 state[key] = torch.zeros_like(value)  # saved before these skip paths: zero is the old map
             elif old.dim() == 2 and old.shape[0] == value.shape[0] and old.shape[1] < value.shape[1]:
                 # saved before statistics appended to their inputs (revision 4): zero weights on them
-                state[key] = torch.cat([old, old.new_zeros(old.shape[0], value.shape[1] - old.shape[1])], 1)
+                state[key] = _zero_padded(old, value.shape)
         try:
             new.guide.load_state_dict(state)
         except (RuntimeError, KeyError, TypeError) as e:
@@ -374,20 +374,26 @@ def _aligned_optimizer_state(
     if len(old_names) != len(group["params"]):
         return None  # not a layout this can follow: Adam starts afresh
     old_state = {old_names[i]: opt["state"].get(p) for i, p in enumerate(group["params"])}
+    params = list(guide.named_parameters())
     state: dict[int, Any] = {}
-    names = [name for name, _ in guide.named_parameters()]
-    for j, (name, param) in enumerate(guide.named_parameters()):
+    for j, (name, param) in enumerate(params):
         st = old_state.get(name)
-        if st is None:
-            continue
-        st = dict(st)
-        for key, value in st.items():
-            if torch.is_tensor(value) and value.shape != param.shape and value.dim() == param.dim():
-                padded = value.new_zeros(param.shape)
-                padded[tuple(slice(0, n) for n in value.shape)] = value
-                st[key] = padded
-        state[j] = st
-    return {"state": state, "param_groups": [{**group, "params": list(range(len(names)))}]}
+        if st is not None:
+            state[j] = {
+                k: _zero_padded(v, param.shape)
+                if torch.is_tensor(v) and v.shape != param.shape and v.dim() == param.dim()
+                else v
+                for k, v in st.items()
+            }
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]}
+
+
+def _zero_padded(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``value`` in the leading corner of zeros of ``shape``: a weight (or its Adam moments) saved
+    before inputs were appended, with zeros on the new inputs."""
+    out = value.new_zeros(shape)
+    out[tuple(slice(0, n) for n in value.shape)] = value
+    return out
 
 
 def _statistics_revision(ck: dict[str, Any]) -> int:

@@ -668,7 +668,6 @@ class LargePosterior:
                         int(num_draws),
                         encoded=encode(self.guide, self.q_globals, sub),
                         model_data=self._skeleton(sub),
-                        latents_only=True,
                     )
                     _, guide_trace = self.guide.get_traces()
                 for s in sites:
