@@ -1,6 +1,6 @@
 """amortize: neural amortized Bayesian inference for hierarchical Pyro models."""
 
-__version__ = "0.2.3"
+__version__ = "0.3.0"
 
 from .amortizer import Amortizer  # noqa: E402
 from .batch import PosteriorBatch  # noqa: E402

@@ -344,7 +344,7 @@ class Amortizer:
         """The range seen in training (for out-of-range flags): structure, and response scale and
         covariates recorded from simulations on first use (see :mod:`amortize.validate.ranges`)."""
         if getattr(self, "_ranges", None) is None and self._trainable:
-            from .validate.ranges import training_ranges
+            from .ranges import training_ranges
 
             self._ranges = training_ranges(self)
         return getattr(self, "_ranges", None) or self.sampler.ranges()

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import __version__, plots
+from . import __version__
+from .validate import plots
 from .amortizer import Amortizer
 from .config import (
     Config,

@@ -17,8 +17,8 @@ import torch
 from .data import OBS, HierarchicalData, magnitude_limit
 from .errors import DataError
 from .structure import drawing_data, seeded
-from .validate.psis import K_THRESHOLD, psis
-from .validate.ranges import value_flags
+from .importance import K_THRESHOLD, psis
+from .ranges import value_flags
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
@@ -31,7 +31,7 @@ CHUNK_ELEMENTS = 4e6  # draws x datasets x (rows + groups) per pass of the guide
 
 
 def psis_k(log_weights: torch.Tensor) -> float:
-    """Pareto k of importance weights (PSIS, see :mod:`amortize.validate.psis`). Below 0.5 fine,
+    """Pareto k of importance weights (PSIS, see :mod:`amortize.importance`). Below 0.5 fine,
     0.5-0.7 usable, above 0.7 not to be trusted; NaN with fewer than 25 finite weights."""
     return psis(log_weights).k
 

@@ -11,9 +11,10 @@ fi
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "$VENV/bin/python" -m pip install -q "torch==${AMORTIZE_TORCH_VERSION:-2.13.0}"
 fi
-stamp="$VENV/.amortize-installed"
+EXTRAS="${AMORTIZE_EXTRAS:-test}"  # scripts/test.sh adds bench: the NumPyro twins' tests then run
+stamp="$VENV/.amortize-installed-${EXTRAS//,/-}"
 if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]"
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

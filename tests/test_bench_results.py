@@ -16,7 +16,7 @@ import torch
 from amortize.validate.bench import machine_description, machine_info, results_header, write_results
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench"
-SCRIPTS = sorted(BENCH.glob("*.py"))
+SCRIPTS = [p for p in sorted(BENCH.glob("*.py")) if p.stem != "numpyro_models"]  # numpyro_models: a library of twins, not a script
 
 
 def leftovers(folder: Path) -> list[str]:

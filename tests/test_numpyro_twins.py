@@ -17,7 +17,7 @@ import amortize.models as models
 pytest.importorskip("numpyro")
 pytest.importorskip("jax")
 
-from amortize.validate import numpyro_models as nm  # noqa: E402
+import numpyro_models as nm  # noqa: E402
 
 TWINS = ["poisson_3level", "logistic_3level", "gaussian_contextual", "varying_slopes", "gaussian_4level"]
 

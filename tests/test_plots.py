@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from amortize import plots
+from amortize.validate import plots
 from amortize.validate import ReferenceMoments
 
 pytest.importorskip("matplotlib")

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import amortize as am
-from amortize.validate.psis import K_THRESHOLD, MIN_DRAWS, psis
-from amortize.validate.ranges import training_ranges, value_flags
+from amortize.importance import K_THRESHOLD, MIN_DRAWS, psis
+from amortize.ranges import training_ranges, value_flags
 
 from .conftest import normal_known
 

@@ -21,7 +21,7 @@ from amortize.models import gaussian_2level
 pytest.importorskip("numpyro")
 pytest.importorskip("jax")
 
-from amortize.validate import numpyro_models as nm  # noqa: E402
+import numpyro_models as nm  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "speed.py"
 

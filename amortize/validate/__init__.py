@@ -5,7 +5,7 @@ from . import reference
 from .ecdf import ECDFBand, ecdf_band, ecdf_test
 from .metrics import ReferenceMoments, compare, format_table, summarize, to_markdown
 from .nuts import NUTSResult, run_nuts
-from .psis import PSISResult, psis
+from ..importance import PSISResult, psis
 from .sbc import SBCResult, sbc
 
 __all__ = [

@@ -220,7 +220,7 @@ def _figures(
     seed: int,
     name: str,
 ) -> None:
-    from .. import plots
+    from . import plots
 
     if not plots.available():
         log.warning("no TensorBoard figures: matplotlib is not installed (pip install 'amortize[arviz]')")

@@ -106,7 +106,7 @@ def against_nuts(
     ``cached_only``: compare only on datasets whose reference is in ``nuts_cache`` (the others are
     listed in ``report.nuts`` as not run). ``reference(data, seed) -> NUTSResult`` replaces Pyro
     NUTS, e.g. NUTS on a NumPyro twin of the model
-    (:func:`~amortize.validate.numpyro_models.run_numpyro_nuts`).
+    (``run_numpyro_nuts`` in ``experiments/bench/numpyro_models.py``).
     """
     report = Report()
     levels = {s.name: s.level for s in amortizer.structure.latents}

@@ -79,7 +79,7 @@ def run_case(name: str, case: dict[str, Any], a: am.Amortizer, args: argparse.Na
         q = post.sample(args.draws, seed=i)
         c = post.sample(args.draws, seed=i, correct=True, oversample=args.oversample)
         if args.reference == "numpyro":  # same math (tested), compiled: the 30k-row datasets in minutes
-            from amortize.validate.numpyro_models import run_numpyro_nuts
+            from numpyro_models import run_numpyro_nuts
 
             ref = run_numpyro_nuts(data, "gaussian_2level", seed=i, **nuts_cfg)
         else:

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             nuts = {"num_warmup": 500, "num_samples": 1000, "num_chains": 2, **NUTS_EXTRA.get(name, {})}
             ref_fn = None
             if name in args.numpyro:  # NUTS on the NumPyro twin of the same model (the bench extra)
-                from amortize.validate.numpyro_models import twin_reference
+                from numpyro_models import twin_reference
 
                 ref_fn = twin_reference(name)
 

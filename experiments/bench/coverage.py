@@ -63,7 +63,7 @@ def run_model(name: str, args: argparse.Namespace, progress: bool) -> tuple[dict
         nuts = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 2}
         ref_fn = None
         if name in args.numpyro:  # NUTS on the tested NumPyro twin of the same model (the bench extra)
-            from amortize.validate.numpyro_models import twin_reference
+            from numpyro_models import twin_reference
 
             ref_fn = twin_reference(name, num_warmup=2 * args.nuts_warmup, num_samples=args.nuts_samples)
 

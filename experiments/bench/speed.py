@@ -14,7 +14,7 @@ dataset, wall clock:
   range: flagged) or an amortizer trained here on its fixed structure (``StructureSampler.fixed``) for
   ``--large-steps`` steps of ``--large-batch-size`` datasets.
   Training time is reported separately, never in the per-dataset time;
-* NumPyro NUTS (the ``bench`` extra: :mod:`amortize.validate.numpyro_models`, same math): 2 chains
+* NumPyro NUTS (the ``bench`` extra: ``experiments/bench/numpyro_models.py``, same math): 2 chains
   run one after the other, 500 warm-up + 1000 draws each (reduced above ``--large-groups`` groups, see
   ``--large-nuts-*``), non-centered retry when the centered run fails its checks (as ``run_nuts``);
   compile+run and run alone (compile = JAX's own trace/compile spans);
@@ -234,7 +234,7 @@ def run_size(
     groups: int, index: int, args: argparse.Namespace, shared: tuple[am.Amortizer, dict[str, Any]] | None
 ) -> dict[str, Any]:
     """Every method on the datasets of one size; returns the JSON entry of that size."""
-    from amortize.validate.numpyro_models import run_numpyro_nuts
+    from numpyro_models import run_numpyro_nuts
 
     large = groups > args.large_groups
     fixed = not in_range(groups, tuple(args.obs))

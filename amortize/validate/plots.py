@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .validate.metrics import ReferenceMoments
+from .metrics import ReferenceMoments
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

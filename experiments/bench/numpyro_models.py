@@ -13,7 +13,7 @@ shipped Pyro model that has a NumPyro version to it: ``gaussian_2level``, ``gaus
 with HalfNormal scales), ``varying_slopes`` and ``gaussian_4level``.
 
 Example:
-    >>> from amortize.validate.numpyro_models import run_numpyro_nuts  # doctest: +SKIP
+    >>> from numpyro_models import run_numpyro_nuts  # doctest: +SKIP
     >>> res = run_numpyro_nuts(data, num_warmup=500, num_samples=1000)  # doctest: +SKIP
     >>> res.summary()  # doctest: +SKIP
     'NumPyro NUTS (none): 2x1000 draws in 12.5 s (compile 11.8 s); max R-hat 1.010 (theta), ...'
@@ -39,9 +39,9 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.reparam import LocScaleReparam
 from numpyro.infer.util import log_density as _numpyro_log_density
 
-from ..data import HierarchicalData
-from ..errors import ConfigError, DataError
-from .nuts import NUTSResult, chain_diagnostics, checks_passed
+from amortize.data import HierarchicalData
+from amortize.errors import ConfigError, DataError
+from amortize.validate.nuts import NUTSResult, chain_diagnostics, checks_passed
 
 __all__ = [
     "gaussian_2level",

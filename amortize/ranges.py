@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data import HierarchicalData
+from .data import HierarchicalData
 
 if TYPE_CHECKING:
-    from ..amortizer import Amortizer
+    from .amortizer import Amortizer
 
 __all__ = ["training_ranges", "response_stats", "value_flags"]
 
