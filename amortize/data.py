@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,12 @@ def _as_float(values: Any, what: str, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu()
         values = values.double() if values.is_floating_point() else values  # numpy has no bfloat16
+    kind = getattr(getattr(values, "dtype", None), "kind", None) or np.asarray(values).dtype.kind
+    if kind in "mM":  # numpy turns datetimes into nanosecond counts (1.58e18) without a word
+        raise DataError(
+            f"{what}: dates or times (dtype {getattr(values, 'dtype', None) or np.asarray(values).dtype}) are not"
+            " numbers; convert them first (e.g. days since a start date)"
+        )
     try:
         is_complex = np.iscomplexobj(values)
         arr = np.asarray(values, dtype=np.float64) if not is_complex else None
@@ -77,6 +84,15 @@ def _is_number(v: Any) -> bool:
     except (TypeError, ValueError, OverflowError):
         return False
     return True
+
+
+def _id_kind(v: Any) -> str:
+    """What kind of label an id is: ``bool``, ``int``, ``float``, ``str``, or its type's name."""
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, numbers.Integral):
+        return "int"
+    return "float" if isinstance(v, float) else type(v).__name__
 
 
 def _is_missing(v: Any) -> bool:
@@ -405,6 +421,7 @@ class HierarchicalData:
         prev: list[Any] | None = None
         for lvl in levels:
             ids = [v.item() if isinstance(v, np.generic) else v for v in columns[lvl]]
+            kinds: dict[Any, tuple[str, Any, int]] = {}
             for r, v in enumerate(ids):
                 try:
                     hash(v)
@@ -414,6 +431,12 @@ class HierarchicalData:
                     ) from None
                 if _is_missing(v):
                     raise DataError(f"column '{lvl}': missing id in row {r}")
+                first = kinds.setdefault(v, (_id_kind(v), v, r))
+                if first[0] != _id_kind(v):  # 1, 1.0 and True are equal (one dict key) yet different labels
+                    raise DataError(
+                        f"column '{lvl}': ids {first[1]!r} ({first[0]}, row {first[2]}) and {v!r} ({_id_kind(v)},"
+                        f" row {r}) would be merged into one group; give the column one type of id"
+                    )
             key = (
                 [(*p, v) if isinstance(p, tuple) else (p, v) for p, v in zip(prev, ids)]
                 if (nested_ids and prev)
