@@ -75,10 +75,10 @@ def check_plates(name: str, fn: Any, frames: list[Any], data: HierarchicalData) 
 
 
 def check_batch_safe(model: Callable, structure: ModelStructure, data: HierarchicalData) -> None:
-    """Run the model for 2 datasets x 2 draws: every site keeps both batch dims, and the first
+    """Run the model for 2 datasets x 3 draws: every site keeps both batch dims, and the first
     dataset's densities do not move when only the other datasets' latents change (a model that
     mixes datasets: ``float(mu.mean())``, ``.item()``, a reduction over every dim)."""
-    S, B = 2, 2
+    S, B = 3, 2  # unequal, so that a dim taken for the other shows
     y2 = data.y.expand(B, data.n_obs)
     fn = batched(model, structure.max_plate_nesting)
     hint = "gather with theta[..., data.index(level)] and reduce with negative dims so the model is batch-safe"

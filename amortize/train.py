@@ -304,7 +304,7 @@ def train(
                     if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.steps, cfg.total_steps):
                         rate = seen / (time.perf_counter() - t0)
                         rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"]}
-                        rec.update(grad_norm=float(gnorm), datasets_per_s=rate)
+                        rec.update(grad_norm=float(gnorm), datasets_per_s=rate, dropped=amortizer.drops.total)
                         history.append(rec)
                         amortizer.history.append(rec)
                         bar.set_postfix(loss=f"{running:.3f}")
