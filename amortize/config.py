@@ -306,9 +306,16 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically, readable as the umask allows (``atomic_write`` alone leaves 0600)."""
+    """Write a text file atomically, readable as the umask allows (``atomic_write`` alone leaves 0600).
+
+    Raises:
+        OSError: the write failed; its ``filename`` is ``path``, which is left as it was.
+    """
     data = text.encode()
-    atomic_write(path, lambda fh: fh.write(data))
+    try:
+        atomic_write(path, lambda fh: fh.write(data))
+    except OSError as e:  # disk full, no permission: name the file (the previous one is intact)
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -213,11 +213,10 @@ class ModelStructure:
             return
         bad = torch.nonzero(~ok)
         first = [tuple(int(i) for i in b) for b in bad[:5]]
-        where = ", ".join(f"row {b[-1]}" + (f" of dataset {b[0]}" if y.dim() == 2 else "") for b in first)
-        values = ", ".join(f"{float(y[b]):g}" for b in first)
+        where = ", ".join(f"{f'dataset {b[0]} ' if y.dim() == 2 else ''}row {b[-1]} ({float(y[b]):g})" for b in first)
         raise DataError(
             f"response '{data.response}': {len(bad)} value(s) outside the support of site '{self.response}'"
-            f" ({self.response_family}: {_describe_support(support)}); first at {where} (values {values})"
+            f" ({self.response_family}: {_describe_support(support)}); first at {where}"
         )
 
     def to_user(self, site: LatentSite, value: torch.Tensor) -> torch.Tensor:

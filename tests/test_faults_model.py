@@ -132,7 +132,8 @@ def test_response_outside_the_support_is_refused(small_sampler, data, likelihood
     y = torch.ones(data.n_obs)
     y[3] = bad
     with pytest.raises(
-        DataError, match=rf"response 'y': 1 value\(s\) outside the support of site 'y' .*{support}.*row 3"
+        DataError,
+        match=rf"response 'y': 1 value\(s\) outside the support of site 'y' .*{support}.*first at row 3 \({bad:g}\)$",
     ):
         a.posterior(data.with_response(y))
     a.posterior(data.with_response(torch.ones(data.n_obs)))  # inside the support: accepted
@@ -142,5 +143,5 @@ def test_response_support_check_names_the_dataset_of_a_batch(small_sampler, data
     structure = trace_structure(_two_level(poisson), data)
     y = torch.ones(3, data.n_obs)
     y[2, 1] = -2.0
-    with pytest.raises(DataError, match=r"row 1 of dataset 2 \(values -2\)"):
+    with pytest.raises(DataError, match=r"first at dataset 2 row 1 \(-2\)$"):
         structure.check_response(data.with_response(y))
