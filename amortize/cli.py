@@ -595,6 +595,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
         print(f"amortize: error: {'; '.join(s.strip() for s in text.splitlines() if s.strip())}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # sys.exit() inside the user's model (its import is caught in config.resolve_model)
+        if args.debug:
+            traceback.print_exc()
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        print(f"amortize: error: {args.command}: SystemExit({e.code}) was raised{where}", file=sys.stderr)
+        return 2
     finally:  # leave logging as it was (main may be called from Python, e.g. in tests)
         logging.getLogger("amortize").removeHandler(_HANDLER)
         for name, level in saved.items():

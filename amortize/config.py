@@ -70,6 +70,7 @@ CONFIG_LIMITS = {  # every numeric option of Config; train.* is TrainConfig's (T
     "validate.nuts.max_rhat": Limit(1),
     "validate.nuts.min_ess": Limit(0),
 }
+COVARIATE_LIMITS = {"scale": Limit(0), "p": Limit(0, 1)}  # loc, low, high: any finite number
 MAX_ROWS = 10**8  # a training structure larger than this is a typo, not a plan: refused before allocating it
 COVARIATE_PARAMS = {"normal": {"loc", "scale"}, "uniform": {"low", "high"}, "bernoulli": {"p"}}
 
@@ -434,9 +435,13 @@ def build_sampler(cfg: Config) -> StructureSampler:
             extra = sorted(set(spec) - COVARIATE_PARAMS[kind] - {"dist"})
             if extra:
                 raise ConfigError(f"{src}: {key}: unknown parameter(s) {extra} for {kind!r}")
-            for k in COVARIATE_PARAMS[kind] & set(spec):
-                if not isinstance(spec[k], (int, float)) or isinstance(spec[k], bool):
-                    raise ConfigError(f"{src}: {key}.{k}: expected a number, got {spec[k]!r}")
+            check_limits(
+                spec,
+                {k: COVARIATE_LIMITS.get(k, Limit()) for k in COVARIATE_PARAMS[kind] & set(spec)},
+                f"{src}: {key}.",
+            )
+            if kind == "uniform" and spec.get("low", 0.0) > spec.get("high", 1.0):
+                raise ConfigError(f"{src}: {key}: low {spec.get('low', 0.0)} is above high {spec.get('high', 1.0)}")
     try:
         return StructureSampler(
             s.levels,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,31 @@ def test_sample_refuses_a_response_outside_the_support(root):
     assert "response 'y': 5 value(s) outside the support of site 'y' (Poisson: integers >= 0)" in err
     assert err.rstrip().endswith("first at row 1 (1.2), row 2 (0.3), row 3 (0.1), row 4 (0.5), row 6 (2.1)")
     assert Path(root / "p" / "checkpoint.pt").is_file()
+
+
+def test_two_processes_on_one_run_folder(root):
+    """A real second process holds the run folder: this one exits 2 naming that process's pid."""
+    folder = root / "run"
+    folder.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env={**os.environ}
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_cli("train", root / "tiny.yaml", "--quiet", "--run-dir", folder)
+        assert code == 2 and f"another 'amortize train' is writing this run (pid {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = run_cli("train", root / "tiny.yaml", "--quiet", "--run-dir", folder)  # released: it runs
+    assert code == 0, err
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from amortize.rundir import locked
+with locked(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(60)
+"""

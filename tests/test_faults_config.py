@@ -67,3 +67,32 @@ def test_model_file_that_exits_at_import_is_named(tmp_path):
     assert code == 2 and out == ""
     assert "model.py' raised SystemExit(3) while it was imported" in err and err.count("\n") == 1, err
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "spec, key, expect",
+    [
+        ("{dist: normal, scale: -1}", "structure.covariates.obs.x.scale", "must be >= 0 and finite, got -1"),
+        ("{dist: bernoulli, p: 1.5}", "structure.covariates.obs.x.p", "must be >= 0 and <= 1, got 1.5"),
+        ("{dist: normal, loc: .nan}", "structure.covariates.obs.x.loc", "must be a number and finite, got nan"),
+        ("{dist: uniform, low: 2, high: 1}", "structure.covariates.obs.x", "low 2 is above high 1"),
+    ],
+)
+def test_covariate_distribution_outside_its_range_is_named(tmp_path, spec, key, expect):
+    text = TINY.replace("obs: [2, 4]}", "obs: [2, 4], covariates: {obs: {x: " + spec + "}}}")
+    (tmp_path / "tiny.yaml").write_text(text)
+    (tmp_path / "model.py").write_text(MODEL)
+    code, _, err = run_cli("train", tmp_path / "tiny.yaml", "--quiet", "--root", tmp_path)
+    assert code == 2 and f"tiny.yaml: {key}: {expect}" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_model_that_exits_while_traced_is_named(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "model.py").write_text(
+        MODEL.replace("    mu = pyro.sample", "    raise SystemExit(4)\n    mu = pyro.sample")
+    )
+    code, out, err = run_cli("train", tmp_path / "tiny.yaml", "--quiet", "--root", tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("amortize: error: train: SystemExit(4) was raised at ") and "model.py:" in err
+    assert not (tmp_path / "checkpoints").exists()
