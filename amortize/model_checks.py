@@ -106,7 +106,7 @@ def check_batch_safe(model: Callable, structure: ModelStructure, data: Hierarchi
             continue
         v, w = site["value"], other.nodes[name]["value"]
         lead = v.dim() - structure.max_plate_nesting - 2 - len(site["fn"].event_shape)
-        keep = torch.zeros(v.shape[lead : lead + 2], dtype=torch.bool)
+        keep = torch.zeros(v.shape[lead : lead + 2], dtype=torch.bool, device=v.device)
         keep[0, 0] = True
         values[name] = torch.where(keep.reshape(*keep.shape, *[1] * (v.dim() - lead - 2)), v, w)
     try:

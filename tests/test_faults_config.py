@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 import amortize as am
+from amortize.config import load_config
 from amortize.errors import ConfigError
 from amortize.limits import Limit
 
@@ -44,6 +45,8 @@ def test_option_outside_its_range_exits_2_naming_the_key(tiny, override, key, al
     assert err.startswith(f"amortize: error: {tiny}: {key}: must be {allowed}") and err.count("\n") == 1, err
     assert f", got {override.split('=')[1]}" in err.replace(".0\n", "\n")
     assert not (tiny.parent / "checkpoints").exists()  # no run folder, no config without a checkpoint
+    with pytest.raises(ConfigError, match=rf"tiny\.yaml: {key}: must be "):
+        load_config(tiny, [override])
 
 
 def test_train_config_checks_its_ranges_from_python_too():
