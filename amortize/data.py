@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -189,9 +189,9 @@ class HierarchicalData:
         return {lvl: self.size(lvl) for lvl in self.levels}
 
     @property
-    def x(self) -> dict[str, torch.Tensor]:
-        """All covariates by name (each ``[G_level]`` or ``[N]``)."""
-        return {name: self.covariates[lvl][name] for name, lvl in self.covariate_level.items()}
+    def x(self) -> Mapping[str, torch.Tensor]:
+        """All covariates by name (each ``[G_level]`` or ``[N]``), looked up in their level when read."""
+        return _ByName(self)
 
     def index(self, level: str, at: str = OBS) -> torch.Tensor:
         """Index ``[size(at)]`` of the ``level`` group that each unit of ``at`` belongs to.
@@ -318,3 +318,20 @@ class HierarchicalData:
             return cls.from_frame(cols, levels, response=response, **kwargs)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
+
+
+class _ByName(Mapping):
+    """A dataset's covariates by name, read from ``data.covariates[level]`` on each lookup (so a
+    trace records which ones a model reads, see :func:`amortize.structure.trace_structure`)."""
+
+    def __init__(self, data: HierarchicalData) -> None:
+        self._data = data
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._data.covariates[self._data.covariate_level[name]][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data.covariate_level)
+
+    def __len__(self) -> int:
+        return len(self._data.covariate_level)

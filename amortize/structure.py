@@ -91,6 +91,31 @@ def _bounded_at_zero(c: Any) -> bool:
     return bounded and isinstance(c.lower_bound, (int, float)) and float(c.lower_bound) == 0.0
 
 
+class _Reading(dict):
+    """A level's covariates that note which names are read (``[]``, ``get``, or all by iterating)."""
+
+    def __init__(self, cols: dict[str, torch.Tensor], seen: set[str]) -> None:
+        super().__init__(cols)
+        self.seen = seen
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.seen.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self:
+            self.seen.add(name)
+        return super().get(name, default)
+
+    def values(self) -> Any:
+        self.seen.update(self)
+        return super().values()
+
+    def items(self) -> Any:
+        self.seen.update(self)
+        return super().items()
+
+
 def _base_constraint(c: Any) -> Any:
     while isinstance(c, constraints.independent):
         c = c.base_constraint
@@ -141,7 +166,7 @@ class ModelStructure:
             such as ``Independent`` or a mask unwrapped).
         response_support: the response distribution's support (checked by :meth:`check_response`).
         plates: ``(name, dim)`` of every plate the model opens, the observation plate included.
-        covariates: ``{level: [names]}`` of the covariates the model was traced with.
+        covariates: ``{level: [names]}`` of the covariates the model reads.
     """
 
     levels: tuple[str, ...]
@@ -274,6 +299,8 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
             outside its plate, a model that mixes datasets, ...).
     """
     probe = data.with_response(torch.zeros(data.n_obs) if data.y is None else data.y.reshape(-1, data.n_obs)[0])
+    read: dict[str, set[str]] = {}
+    probe.covariates = {lvl: _Reading(cols, read.setdefault(lvl, set())) for lvl, cols in data.covariates.items()}
     try:
         tr = poutine.trace(model).get_trace(probe)
     except Exception as e:  # the model itself failed: say so with the model's own message
@@ -331,7 +358,7 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         response_family=_family(fn),
         response_support=fn.support,
         plates=tuple(sorted(plates.items())),
-        covariates={lvl: sorted(cols) for lvl, cols in sorted(data.covariates.items())},
+        covariates={lvl: sorted(names) for lvl, names in sorted(read.items()) if names},
     )
     check_batch_safe(model, structure, probe)
     return structure

@@ -23,7 +23,7 @@ def data(small_sampler):
     return d.with_response(torch.ones(d.n_obs))
 
 
-def _two_level(likelihood, mixing=False, param=False, deterministic=False, observe=True, plate=True):
+def _two_level(likelihood, mixing=False, param=False, deterministic=False, observe=True, plate=True, covariate=None):
     """``normal_known`` with the faults the tests switch on."""
 
     def model(data):
@@ -37,6 +37,8 @@ def _two_level(likelihood, mixing=False, param=False, deterministic=False, obser
         else:
             theta = pyro.sample("theta", dist.Normal(mu, 1.0).expand([data.size("group")]))
         loc = theta[..., data.index("group")]
+        if covariate:
+            loc = loc + data.x[covariate]
         if mixing:
             loc = loc + float(mu.mean())  # one number for every dataset and draw of a batch
         with pyro.plate("obs", data.n_obs):
@@ -106,10 +108,19 @@ def test_checkpoint_of_another_likelihood_is_refused(small_sampler, tmp_path, tr
     am.Amortizer.load(tmp_path / "ck.pt", _two_level(trained))  # its own model loads
 
 
+def test_checkpoint_of_a_model_reading_other_covariates_is_refused(tmp_path):
+    sampler = am.StructureSampler(["group"], {"group": (3, 8)}, (2, 6), covariates={"obs": {"x": {}}})
+    am.Amortizer(_two_level(gaussian, covariate="x"), sampler, hidden=8).save(tmp_path / "ck.pt")
+    with pytest.raises(CheckpointError, match=r"covariates: checkpoint \{'obs': \['x'\]\}, this model \{\}"):
+        am.Amortizer.load(tmp_path / "ck.pt", _two_level(gaussian))
+
+
 def test_signature_covers_plates_and_covariates(small_sampler, data):
     base = trace_structure(_two_level(gaussian), data).signature()
     with_x = am.HierarchicalData(data.levels, data.parents, data.group, data.y, covariates={"obs": {"x": data.y}})
-    assert trace_structure(_two_level(gaussian), with_x).signature()["covariates"] == {"obs": ["x"]}
+    assert trace_structure(_two_level(gaussian), with_x).signature()["covariates"] == {}  # x is there, not read
+    slope = _two_level(lambda loc: dist.Normal(loc, 1.0), covariate="x")
+    assert trace_structure(slope, with_x).signature()["covariates"] == {"obs": ["x"]}
 
     def renamed_rows(d):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
