@@ -50,7 +50,15 @@ from .config import (
 from .data import HierarchicalData
 from .errors import AmortizeError, ConfigError
 from .posterior import K_THRESHOLD, Posterior
-from .rundir import locked, make_dirs, record_resume, recorded_overrides, refuse_changes, remove_half_made
+from .rundir import (
+    locked,
+    make_dirs,
+    present,
+    record_resume,
+    recorded_overrides,
+    refuse_changes,
+    remove_half_made,
+)
 from .validate import plots
 
 if TYPE_CHECKING:
@@ -286,6 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         global_coupling=cfg.network.global_coupling,
     )
     run, made = _new_run_dir(args, cfg)
+    before = present(run)  # a folder the user gave may hold files of theirs by these names: kept
     try:
         with locked(run):
             try:
@@ -294,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 save_config(cfg, run / "config.yaml")
                 return _fit(args, cfg, amortizer, run)
             except BaseException:
-                remove_half_made(run, made)  # under the lock: nobody else's files
+                remove_half_made(run, made, keep=before)  # under the lock: nobody else's files
                 raise
     except ConfigError:
         remove_half_made(run, made, files=False)  # the lock was another's: only our folders, if left empty

@@ -33,6 +33,7 @@ __all__ = [
     "RESUMABLE",
     "locked",
     "make_dirs",
+    "present",
     "remove_half_made",
     "recorded_overrides",
     "record_resume",
@@ -100,13 +101,18 @@ def make_dirs(run: Path, exist_ok: bool) -> list[Path]:
     return missing
 
 
-def remove_half_made(run: Path, made: Sequence[Path], files: bool = True) -> None:
+def present(run: Path) -> set[str]:
+    """Which of the files ``amortize train`` writes are in ``run`` already (:func:`remove_half_made` keeps them)."""
+    return {name for name in WRITTEN if (run / name).exists()}
+
+
+def remove_half_made(run: Path, made: Sequence[Path], files: bool = True, keep: set[str] = frozenset()) -> None:
     """Remove what ``amortize train`` wrote in ``run`` when no checkpoint came of it (``files``: only
-    while holding its lock), then the folders in ``made`` that are left empty (a folder the user gave
-    keeps their own files)."""
+    while holding its lock; never those named in ``keep``, there before it started), then the
+    folders in ``made`` that are left empty (a folder the user gave keeps their own files)."""
     if (run / "checkpoint.pt").exists():
         return
-    for name in WRITTEN if files else ():
+    for name in [n for n in WRITTEN if n not in keep] if files else ():
         p = run / name
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -121,10 +121,11 @@ def test_disk_full_in_a_given_run_dir_keeps_the_users_files(root, monkeypatch):
     folder = root / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
+    (folder / "tb").mkdir()  # theirs, by the name of ours
     monkeypatch.setattr(config_module, "atomic_write", disk_full)
     code, _, err = run_cli("train", root / "tiny.yaml", "--quiet", "--run-dir", folder)
     assert code == 2 and f"{folder / 'config.yaml'}: No space left on device" in err
-    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "tb"]
 
 
 def test_run_that_fails_before_its_first_checkpoint_leaves_no_folder(root):
