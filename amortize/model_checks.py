@@ -22,7 +22,7 @@ from .plates import batched, seeded
 if TYPE_CHECKING:
     from .structure import ModelStructure
 
-__all__ = ["is_deterministic", "nothing_observed", "check_plates", "check_batch_safe"]
+__all__ = ["is_deterministic", "nothing_observed", "check_plates", "check_batch_safe", "check_global_shapes"]
 
 
 def is_deterministic(site: dict[str, Any]) -> bool:
@@ -133,3 +133,49 @@ def _first_log_prob(site: dict[str, Any], structure: ModelStructure) -> torch.Te
         lp = site["fn"].log_prob(site["value"])
     lead = lp.dim() - structure.max_plate_nesting - 2
     return lp[(slice(None),) * max(lead, 0) + (0, 0)]
+
+
+def check_global_shapes(model: Callable, structure: ModelStructure, data: HierarchicalData) -> None:
+    """A global latent's shape must not follow the number of groups: run the model on the data
+    twice over (every level's groups doubled) and compare (a per-group latent written as
+    ``Normal(mu, 1).expand([G]).to_event(1)`` outside its plate changes; a real vector does not)."""
+    if data.y is None:
+        return
+    try:
+        twice = _doubled(data)
+        with pyro.validation_enabled(False), seeded(0):
+            tr = poutine.trace(model).get_trace(twice)
+    except Exception:  # noqa: BLE001 - a model that needs this exact data: nothing to compare
+        return
+    for site in structure.global_sites:
+        node = tr.nodes.get(site.name)
+        if node is None or node["type"] != "sample":
+            continue
+        shape = tuple(node["fn"].batch_shape + node["fn"].event_shape)
+        if shape != tuple(site.event_shape):
+            per = [lvl for lvl in data.levels if data.size(lvl) in site.event_shape]
+            where = f"pyro.plate('{per[0]}', ...)" if per else "the plate of its level"
+            raise ModelStructureError(
+                f"site '{site.name}' has shape {tuple(site.event_shape)} on the data and {shape} on data with"
+                f" twice the groups, but it is in no plate: a latent with one value per group must be sampled"
+                f" inside {where}"
+            )
+
+
+def _doubled(data: HierarchicalData) -> HierarchicalData:
+    """The dataset twice over: every level's groups, the rows and the response repeated once."""
+    parents = {
+        lvl: torch.cat([data.parents[lvl], data.parents[lvl] + data.size(above)])
+        for above, lvl in zip(data.levels[:-1], data.levels[1:])
+    }
+    inner = data.size(data.levels[-1])
+    cov = {lvl: {k: torch.cat([v, v]) for k, v in dict(cols).items()} for lvl, cols in data.covariates.items()}
+    return HierarchicalData(
+        data.levels,
+        parents,
+        torch.cat([data.group, data.group + inner]),
+        y=torch.cat([data.y, data.y], -1),
+        covariates=cov,
+        response=data.response,
+        dtype=data.y.dtype,
+    )

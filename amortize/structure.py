@@ -24,7 +24,7 @@ from torch.distributions.transforms import Transform
 
 from .data import HierarchicalData
 from .errors import DataError, ModelStructureError
-from .model_checks import check_batch_safe, check_plates, is_deterministic, nothing_observed
+from .model_checks import check_batch_safe, check_global_shapes, check_plates, is_deterministic, nothing_observed
 from .plates import DATASETS, DRAWS, batched, seeded
 
 __all__ = [
@@ -360,6 +360,7 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         plates=tuple(sorted(plates.items())),
         covariates={lvl: sorted(names) for lvl, names in sorted(read.items()) if names},
     )
+    check_global_shapes(model, structure, data.with_response(probe.y))
     check_batch_safe(model, structure, probe)
     return structure
 

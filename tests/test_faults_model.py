@@ -23,7 +23,9 @@ def data(small_sampler):
     return d.with_response(torch.ones(d.n_obs))
 
 
-def _two_level(likelihood, mixing=False, param=False, deterministic=False, observe=True, plate=True, covariate=None):
+def _two_level(
+    likelihood, mixing=False, param=False, deterministic=False, observe=True, plate=True, covariate=None, event=False
+):
     """``normal_known`` with the faults the tests switch on."""
 
     def model(data):
@@ -34,6 +36,8 @@ def _two_level(likelihood, mixing=False, param=False, deterministic=False, obser
         if plate:
             with pyro.plate("group", data.size("group")):
                 theta = pyro.sample("theta", dist.Normal(mu, scale))
+        elif event:
+            theta = pyro.sample("theta", dist.Normal(mu, 1.0).expand([data.size("group")]).to_event(1))
         else:
             theta = pyro.sample("theta", dist.Normal(mu, 1.0).expand([data.size("group")]))
         loc = theta[..., data.index("group")]
@@ -88,6 +92,13 @@ def test_per_group_latent_outside_its_plate_is_named(data):
         ModelStructureError, match=r"site 'theta' has \d+ values .*outside any plate.*pyro\.plate\('group'"
     ):
         trace_structure(_two_level(gaussian, plate=False), data)
+
+
+def test_per_group_vector_latent_outside_its_plate_is_named(data):
+    with pytest.raises(
+        ModelStructureError, match=r"site 'theta' has shape \(5,\) on the data and \(10,\) on data with twice the"
+    ):
+        trace_structure(_two_level(gaussian, plate=False, event=True), data)
 
 
 # ---------------------------------------------------------------------------------------------- another model
