@@ -326,9 +326,11 @@ def _fit(args: argparse.Namespace, cfg: Config, amortizer: Amortizer, run: Path)
         return 130
     loss = amortizer.history[-1]["loss"] if amortizer.history else float("nan")
     print(f"run: {run}")
+    drops = amortizer.drops
+    dropped = f"; {drops.total} of {drops.requested} simulations dropped" if drops.total else ""
     print(
         f"steps {start}->{amortizer.step} in {time.perf_counter() - t0:.1f} s; final loss {loss:.4f}"
-        f"{'' if history else ' (no new log entry)'}"
+        f"{'' if history else ' (no new log entry)'}{dropped}"
     )
     return 0
 
