@@ -17,7 +17,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def present(run: Path) -> set[str]:
     return {name for name in WRITTEN if (run / name).exists()}
 
 
-def remove_half_made(run: Path, made: Sequence[Path], files: bool = True, keep: set[str] = frozenset()) -> None:
+def remove_half_made(run: Path, made: Sequence[Path], files: bool = True, keep: Collection[str] = ()) -> None:
     """Remove what ``amortize train`` wrote in ``run`` when no checkpoint came of it (``files``: only
     while holding its lock; never those named in ``keep``, there before it started), then the
     folders in ``made`` that are left empty (a folder the user gave keeps their own files)."""
