@@ -114,6 +114,13 @@ def check_batch_safe(model: Callable, structure: ModelStructure, data: Hierarchi
             moved = poutine.trace(poutine.condition(fn, data=values)).get_trace(batch_data, S)
     except Exception as e:
         raise ModelStructureError(f"the model fails when run for several datasets at once ({e}); {hint}") from e
+    for name, site in tr.nodes.items():  # plates that subsample drew other indices: nothing to compare
+        if (
+            site_is_subsample(site)
+            and name in moved.nodes
+            and not torch.equal(site["value"], moved.nodes[name]["value"])
+        ):
+            return
     for name, site in sites.items():
         if name not in moved.nodes:
             continue
