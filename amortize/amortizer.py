@@ -226,7 +226,7 @@ class Amortizer:
             "hidden": self.hidden,
             "flow_bins": self.flow_bins,
             "global_coupling": self.global_coupling,
-            "statistics_revision": self.guide.encoder.revision,
+            "statistics": self.guide.encoder.statistics_version,
             "seed": self.seed,
             "step": self.step,
             "pilot_done": self.pilot_done,
