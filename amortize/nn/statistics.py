@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+
 import torch
 
 from ..data import OBS, HierarchicalData
