@@ -16,6 +16,7 @@ and covariates are shared. Per-group work is done once per group, with segment s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -81,7 +82,8 @@ class GroupStatistics:
         first = parts[0]
         return first._map(lambda name, _: torch.cat([getattr(p, name) for p in parts]))
 
-    def _map(self, fn) -> GroupStatistics:  # noqa: ANN001 - (field name, tensor) -> tensor
+    def _map(self, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> GroupStatistics:
+        """``fn(name, tensor)`` applied to every statistic the groups carry."""
         return replace(
             self,
             **{f.name: fn(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None},
