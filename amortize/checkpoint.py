@@ -252,6 +252,10 @@ def check_amortizer_payload(
     for key in ("global_coupling", "pilot_done"):
         if not isinstance(payload[key], bool):
             raise bad(key, f"must be true or false, found {payload[key]!r}")
+    if not isinstance(payload["signature"], dict) or not isinstance(payload["fingerprint"], str):
+        raise bad(
+            "signature", "and 'fingerprint' must be the model's signature (a dict) and its fingerprint (a string)"
+        )
     config = payload["config"]
     if not isinstance(config, dict):
         raise bad("config", f"must be a dict of training options, found {type(config).__name__}")

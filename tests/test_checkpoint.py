@@ -151,6 +151,7 @@ def _short_rng(p):
         (lambda p: p["rng"].update(generator=torch.zeros(3)), r"field 'rng\.generator'"),
         (lambda p: p["optimizer"]["param_groups"][0].update(params=[0]), r"field 'optimizer'"),
         (_set("history", None), r"field 'history' must be a list"),
+        (_set("signature", ["mu"]), r"field 'signature' and 'fingerprint' must be"),
     ],
     ids=[
         "step",
@@ -164,6 +165,7 @@ def _short_rng(p):
         "generator",
         "optimizer",
         "history",
+        "signature",
     ],
 )
 def test_checkpoint_with_an_invalid_field_is_refused_naming_file_and_field(trained, tmp_path, edit, match):
