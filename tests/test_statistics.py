@@ -56,14 +56,24 @@ def test_statistics_are_finite_and_fit_the_heads_of_every_shipped_model(name):
     assert torch.allclose(stats.counts(), torch.tensor(sizes).expand(B, L + 1))
 
 
-def test_group_statistics_flatten_into_rows_and_concatenate():
-    a = am.Amortizer(gaussian_2level, SAMPLERS["gaussian_2level"](), hidden=8)
+@pytest.mark.parametrize("name", ["gaussian_2level", "varying_slopes"])
+def test_group_statistics_flatten_into_rows_and_concatenate(name):
+    from amortize import models
+
+    a = am.Amortizer(getattr(models, name), SAMPLERS[name](), hidden=8)
     gen = torch.Generator().manual_seed(1)
     parts = [_encoder(a).statistics(a.simulate_batch(gen, 2).data).levels["group"].groups for _ in range(2)]
     rows = GroupStatistics.cat([p.rows() for p in parts])
-    M = sum(p.mean.numel() for p in parts)
-    assert rows.mean.shape == rows.unit_log_sd.shape == (M,) and rows.slopes is None
-    assert torch.equal(rows.mean[: parts[0].mean.numel()], parts[0].mean.reshape(-1))
+    M, m0 = sum(p.mean.numel() for p in parts), parts[0].mean.numel()
+    assert rows.mean.shape == rows.unit_log_sd.shape == (M,)
+    assert torch.equal(rows.mean[:m0], parts[0].mean.reshape(-1))
+    if parts[0].has_measurements:
+        k = parts[0].slopes.shape[-1]
+        assert rows.slopes.shape == rows.slopes_log_precision.shape == (M, k)
+        assert rows.measurements().shape == (M, k + 2)
+        assert torch.equal(rows.measurements()[:m0], parts[0].measurements().reshape(m0, k + 2))
+    else:
+        assert rows.slopes is None
 
 
 def test_a_level_with_one_group_has_finite_between_group_statistics():

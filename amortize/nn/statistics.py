@@ -74,7 +74,8 @@ class GroupStatistics:
 
     def rows(self) -> GroupStatistics:
         """The same statistics with datasets and groups flattened into rows: ``[B * G]`` (``[B * G, k]``)."""
-        return self._map(lambda name, t: t.reshape(-1, t.shape[-1]) if name.startswith("slopes") else t.reshape(-1))
+        group_dims = self.mean.dim()  # [B, G]: the slopes' covariate dimension stays
+        return self._map(lambda _, t: t.flatten(0, group_dims - 1))
 
     @staticmethod
     def cat(parts: list[GroupStatistics]) -> GroupStatistics:
