@@ -48,7 +48,7 @@ from .config import (
     write_text,
 )
 from .data import HierarchicalData
-from .errors import AmortizeError, ConfigError
+from .errors import AmortizeError, ConfigError, DataError
 from .posterior import K_THRESHOLD, Posterior
 from .rundir import (
     locked,
@@ -342,6 +342,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: the name must end in .nc (ArviZ NetCDF) or .csv")
     cfg, _, amortizer = load_run(args.run_dir, device=args.device)
     data = _read_data(cfg, args)
+    try:
+        amortizer.structure.check_response(data)  # a Poisson -1 or a Bernoulli 0.5: named with its file
+    except DataError as e:
+        raise DataError(f"{args.data}: {e}") from None
     post = amortizer.posterior(data)
     diag = _diagnose(post, args.num_samples, args.seed)
     _note(args, f"pareto k {diag['pareto_k']:.2f}, importance ESS {diag['ess']:.0f}/{diag['num_samples']}")

@@ -154,7 +154,7 @@ def test_sample_refuses_a_response_outside_the_support(root):
     assert code == 0, err
     code, _, err = run_cli("sample", root / "p", "--data", root / "d.csv", "--num-samples", 20, "--quiet")
     assert code == 2 and err.count("\n") == 1
-    assert "response 'y': 5 value(s) outside the support of site 'y' (Poisson: integers >= 0)" in err
+    assert f"{root / 'd.csv'}: response 'y': 5 value(s) outside the support of site 'y' (Poisson: integers >= 0)" in err
     assert err.rstrip().endswith("first at row 1 (1.2), row 2 (0.3), row 3 (0.1), row 4 (0.5), row 6 (2.1)")
     assert Path(root / "p" / "checkpoint.pt").is_file()
 
