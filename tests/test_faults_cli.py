@@ -163,9 +163,7 @@ def test_two_processes_on_one_run_folder(root):
     """A real second process holds the run folder: this one exits 2 naming that process's pid."""
     folder = root / "run"
     folder.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env={**os.environ}
-    )
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = run_cli("train", root / "tiny.yaml", "--quiet", "--run-dir", folder)
@@ -177,6 +175,8 @@ def test_two_processes_on_one_run_folder(root):
     assert code == 0, err
 
 
+ROOT = Path(__file__).resolve().parents[1]  # this checkout's amortize, also in the child process
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
 HOLD = """
 import sys, time
 from pathlib import Path
