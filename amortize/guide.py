@@ -24,7 +24,6 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.guide import GuideMessenger
-from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import constraints
 
@@ -193,15 +192,11 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             if not latents_only:
                 return super().__call__(*args)
             self._state["stop_after"] = self.structure.latents[-1].name
-            self.args_kwargs = args, {}
             try:
-                with self:
-                    self.model(*args)
+                super().__call__(*args)  # ends at the last latent site: the rest is the likelihood
             except _LatentsDrawn:
                 pass
-            finally:
-                del self.args_kwargs
-            return {s.name: self.trace.nodes[s.name]["value"] for s in self.structure.latents}
+            return {s.name: self.upstream_value(s.name) for s in self.structure.latents}
         finally:
             self._state = None
 
@@ -304,36 +299,3 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         if truth is not None:
             value = truth[site.name]
         return dist.Delta(value, log_density=log_density, event_dim=len(site.event_shape))
-
-    # ------------------------------------------------------------------ objectives
-    def log_weights(
-        self,
-        data: HierarchicalData,
-        num_draws: int = 1,
-        truth: dict[str, torch.Tensor] | None = None,
-        encoded: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """``(log p(y, z), log q(z | y), z)`` per draw and dataset, ``[S, B]`` each; with ``truth``,
-        z is the given values (log p is then skipped and returned as zeros)."""
-        values = self(data, num_draws, truth, encoded)
-        model_trace, guide_trace = self.get_traces()
-        log_q = _sum_per_particle(guide_trace, self.structure.max_plate_nesting)
-        if truth is not None:
-            return torch.zeros_like(log_q), log_q, values
-        return _sum_per_particle(model_trace, self.structure.max_plate_nesting), log_q, values
-
-
-def _sum_per_particle(trace: Any, K: int) -> torch.Tensor:
-    total: torch.Tensor | float = 0.0
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        lp = site["fn"].log_prob(site["value"])
-        if site.get("scale", 1.0) is not None:
-            lp = lp * site.get("scale", 1.0)
-        if lp.dim() > 2:
-            lp = lp.sum(tuple(range(2, lp.dim())))
-        while lp.dim() < 2:
-            lp = lp.unsqueeze(0)
-        total = total + lp
-    return total  # type: ignore[return-value]
