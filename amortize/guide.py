@@ -26,13 +26,14 @@ from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDi
 from pyro.poutine.guide import GuideMessenger
 from torch import nn
 from torch.distributions import constraints
+from torch.distributions.transforms import IndependentTransform, Transform
 
 from .data import HierarchicalData
 from .errors import ModelStructureError
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
 from .structure import LatentSite, ModelStructure, batched
 
-__all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "product_draw"]
+__all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
 
 
 def _base(fn: Any) -> Any:
@@ -72,6 +73,63 @@ def gaussian_prior(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tenso
         return None
     shape = fn.batch_shape + fn.event_shape
     return loc.expand(shape).reshape(*fn.batch_shape, site.dim), scale.expand(shape).reshape(*fn.batch_shape, site.dim)
+
+
+def _elementwise(t: Transform) -> Transform | None:
+    """The per-coordinate bijection under ``IndependentTransform`` wrappers; None for one that mixes
+    coordinates (stick-breaking onto a simplex, a Cholesky factor)."""
+    while isinstance(t, IndependentTransform):
+        t = t.base_transform
+    return t if t.domain.event_dim == 0 else None
+
+
+def prior_surrogate(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Gaussian stand-in ``(loc, scale)``, each ``[*batch, dim]``, for a prior that is not Gaussian on
+    the site's unconstrained scale, so that q keeps the prior's information for any prior (as Pyro's
+    ``AutoHierarchicalNormalMessenger`` keeps an affine of it): the group posterior is then
+    ``lerp(loc, m, w)``, an affine of the prior's location with the data term's weight ``w``.
+
+    The first rule that applies, per coordinate:
+
+    * a location-scale family on R (Student-t, Cauchy, Laplace, Gumbel, ...): its ``loc`` and ``scale``;
+    * an inverse CDF (half-normal, half-Cauchy, exponential, Weibull, ...): the median and the
+      interquartile range / 1.349 of ``u = T^-1(x)`` (quantiles pass exactly through the monotone
+      bijection ``T`` onto the support);
+    * a finite mean and variance (gamma, beta, inverse gamma, ...): ``T^-1(mean)`` and the sd mapped by
+      the bijection's slope there (delta method);
+    * otherwise (no finite moments, or a bijection that mixes coordinates): scale ``inf``, loc 0, and
+      q is the data term alone for that coordinate.
+    """
+    base = _base(fn)
+    shape = fn.batch_shape + fn.event_shape
+    out_shape = (*fn.batch_shape, site.dim)
+    t = _elementwise(site.transform)
+    params = [getattr(base, k, None) for k in getattr(base, "arg_constraints", {})]
+    ref = next((v for v in params if isinstance(v, torch.Tensor)), torch.zeros(()))  # dtype and device
+    loc = scale = None
+    if t is None:
+        pass
+    elif _real(site.support) and isinstance(getattr(base, "loc", None), torch.Tensor) and hasattr(base, "scale"):
+        loc, scale = base.loc, torch.as_tensor(base.scale)
+    else:
+        try:
+            p = torch.tensor([0.25, 0.5, 0.75], dtype=ref.dtype, device=ref.device)
+            q = t.inv(base.icdf(p.reshape(3, *[1] * len(base.batch_shape + base.event_shape))))
+            loc, scale = q[1], (q[2] - q[0]).abs() / 1.349
+        except NotImplementedError:
+            mean, var = base.mean, base.variance
+            ok = torch.isfinite(mean) & torch.isfinite(var) & (var > 0)
+            mean = torch.where(ok, mean, torch.ones_like(mean))
+            u = t.inv(mean)
+            slope = t.log_abs_det_jacobian(u, mean).neg().exp()  # du / dx at the mean
+            loc = torch.where(ok, u, torch.zeros_like(u))
+            scale = torch.where(ok, torch.where(ok, var, torch.ones_like(var)).sqrt() * slope, torch.inf)
+    if loc is None:
+        return ref.new_zeros(out_shape), ref.new_full(out_shape, torch.inf)
+    finite = torch.isfinite(loc) & torch.isfinite(scale) & (scale > 0)
+    loc = torch.where(finite, loc, torch.zeros_like(loc))
+    scale = torch.where(finite, scale, torch.full_like(scale, torch.inf))
+    return loc.expand(shape).reshape(out_shape), scale.expand(shape).reshape(out_shape)
 
 
 def gaussian_product(
@@ -253,22 +311,24 @@ class AmortizedGuide(GuideMessenger, nn.Module):
                 return q
             return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=1)
         ushape = site.unconstrained_shape
-        if g is not None:  # precision-weighted product of prior and data term
-            # the data term's weight w = tau^2 / (tau^2 + s^2) = sigmoid(2 log tau - 2 log s), logs
-            # taken on the small unbroadcast tensors: a prior scale that underflows to 0 (a drawn tau
-            # near 0) gives the prior's loc, an infinite one the data term; sd^2 = w s^2
-            # (a prior written with float literals is float32 on float64 data: cast, as a product would)
-            g0, g1 = (_compact(t).to(loc.dtype) for t in g)
-            log_w = 2.0 * g1.log(), 2.0 * scale.log()
-            if truth is None and "stop_after" in st:  # drawing alone: the draw itself, in one kernel
-                shape = torch.broadcast_shapes(g0.shape, log_w[0].shape, loc.shape, scale.shape)
-                eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
-                u = self.draw_kernel(g0, log_w[0], loc, log_w[1], scale, eps)
-                u = u.reshape(*u.shape[:-1], *ushape)
-                return u if _real(site.support) else site.transform(u)
-            w = torch.sigmoid(log_w[0] - log_w[1])
-            loc = torch.lerp(g0, loc, w)
-            scale = (scale * w.sqrt()).clamp_min(torch.finfo(scale.dtype).tiny)
+        if g is None:  # not Gaussian on the unconstrained scale: the product with a Gaussian stand-in
+            g = prior_surrogate(prior, site)
+        # precision-weighted product of prior (or its stand-in) and data term
+        # the data term's weight w = tau^2 / (tau^2 + s^2) = sigmoid(2 log tau - 2 log s), logs
+        # taken on the small unbroadcast tensors: a prior scale that underflows to 0 (a drawn tau
+        # near 0) gives the prior's loc, an infinite one the data term; sd^2 = w s^2
+        # (a prior written with float literals is float32 on float64 data: cast, as a product would)
+        g0, g1 = (_compact(t).to(loc.dtype) for t in g)
+        log_w = 2.0 * g1.log(), 2.0 * scale.log()
+        if truth is None and "stop_after" in st:  # drawing alone: the draw itself, in one kernel
+            shape = torch.broadcast_shapes(g0.shape, log_w[0].shape, loc.shape, scale.shape)
+            eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
+            u = self.draw_kernel(g0, log_w[0], loc, log_w[1], scale, eps)
+            u = u.reshape(*u.shape[:-1], *ushape)
+            return u if _real(site.support) else site.transform(u)
+        w = torch.sigmoid(log_w[0] - log_w[1])
+        loc = torch.lerp(g0, loc, w)
+        scale = (scale * w.sqrt()).clamp_min(torch.finfo(scale.dtype).tiny)
         loc = loc.reshape(*loc.shape[:-1], *ushape)
         scale = scale.reshape(*scale.shape[:-1], *ushape)
         q = dist.Normal(loc, scale).to_event(len(ushape))
