@@ -9,10 +9,11 @@ latent site it sees the model's prior given the parents already drawn from the g
 * for a group site: ``q(u_g | parents, data) ∝ prior(u_g | parents) x N(u_g; m_g, s_g)``, the
   model's own conditional prior times a learned Gaussian data term of the group (exact when the
   prior is Gaussian on the unconstrained scale, with full covariance for a MultivariateNormal prior;
-  the data term alone otherwise).
+  for any other prior, the product with a Gaussian stand-in of it, :func:`prior_surrogate`).
 
-The same pass scores given values (``truth``): that is the NPE objective, and with the model's
-log density it gives the importance weights behind the ELBO, the IW bound and PSIS.
+The same pass scores given values (``truth``): :mod:`amortize.objectives` turns its traces into the
+NPE objective and, with the model's log density, the importance weights behind the ELBO, the IW
+bound and PSIS.
 """
 
 from __future__ import annotations
