@@ -108,23 +108,20 @@ def prior_surrogate(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tens
     params = [getattr(base, k, None) for k in getattr(base, "arg_constraints", {})]
     ref = next((v for v in params if isinstance(v, torch.Tensor)), torch.zeros(()))  # dtype and device
     loc = scale = None
-    if t is None:
-        pass
-    elif _real(site.support) and isinstance(getattr(base, "loc", None), torch.Tensor) and hasattr(base, "scale"):
-        loc, scale = base.loc, torch.as_tensor(base.scale)
-    else:
+    if t is not None and _real(site.support) and isinstance(getattr(base, "loc", None), torch.Tensor):
+        loc, scale = base.loc, torch.as_tensor(getattr(base, "scale", torch.inf))
+    elif t is not None:
         try:
             p = torch.tensor([0.25, 0.5, 0.75], dtype=ref.dtype, device=ref.device)
             q = t.inv(base.icdf(p.reshape(3, *[1] * len(base.batch_shape + base.event_shape))))
             loc, scale = q[1], (q[2] - q[0]).abs() / 1.349
         except NotImplementedError:
             mean, var = base.mean, base.variance
-            ok = torch.isfinite(mean) & torch.isfinite(var) & (var > 0)
-            mean = torch.where(ok, mean, torch.ones_like(mean))
+            ok = torch.isfinite(mean) & torch.isfinite(var) & (var > 0)  # where not: no stand-in
+            mean, var = torch.where(ok, mean, torch.ones_like(mean)), torch.where(ok, var, torch.ones_like(var))
             u = t.inv(mean)
             slope = t.log_abs_det_jacobian(u, mean).neg().exp()  # du / dx at the mean
-            loc = torch.where(ok, u, torch.zeros_like(u))
-            scale = torch.where(ok, torch.where(ok, var, torch.ones_like(var)).sqrt() * slope, torch.inf)
+            loc, scale = torch.where(ok, u, 0.0), torch.where(ok, var.sqrt() * slope, torch.inf)
     if loc is None:
         return ref.new_zeros(out_shape), ref.new_full(out_shape, torch.inf)
     finite = torch.isfinite(loc) & torch.isfinite(scale) & (scale > 0)

@@ -98,7 +98,8 @@ def robust_model(data):
 def test_student_t_and_lognormal_group_priors_agree_with_nuts():
     """600 NPE steps (~20 s), then two datasets of 6 groups x 4 rows against NUTS (1 chain, 300 draws):
     every group's posterior mean of theta (Student-t prior) and s (LogNormal prior), and the globals',
-    within 0.5 NUTS sds (measured: at most 0.18; NUTS's own Monte Carlo error is about 0.1 sd)."""
+    within 0.5 NUTS sds (measured: at most 0.31, on datasets 10-13; NUTS's own Monte Carlo error is
+    about 0.1 sd)."""
     from pyro.infer import MCMC, NUTS
 
     pyro.set_rng_seed(0)
@@ -109,8 +110,8 @@ def test_student_t_and_lognormal_group_priors_agree_with_nuts():
         d = am.StructureSampler(["group"], groups={"group": (6, 6)}, obs=(4, 4)).sample(
             torch.Generator().manual_seed(seed)
         )
+        pyro.set_rng_seed(seed)  # the dataset and the chain
         data = d.with_response(am.simulate(robust_model, amortizer.structure, d, 1).data.y[0])
-        pyro.set_rng_seed(seed)
         mcmc = MCMC(NUTS(robust_model, target_accept_prob=0.9), 300, warmup_steps=300, disable_progbar=True)
         mcmc.run(data)
         ref = mcmc.get_samples()
