@@ -55,7 +55,7 @@ def sum_per_draw(trace: Trace, num_draws: int, num_datasets: int) -> torch.Tenso
             lp = lp.unsqueeze(0)
         total = lp if total is None else total + lp
     if total is None:
-        raise ValueError("the trace has no sample sites")
+        return torch.zeros(num_draws, num_datasets)
     return total.expand(num_draws, num_datasets)
 
 
