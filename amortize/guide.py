@@ -84,22 +84,33 @@ def _elementwise(t: Transform) -> Transform | None:
     return t if t.domain.event_dim == 0 else None
 
 
-def prior_surrogate(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tensor]:
+_QUANTILES = 32  # quantile levels of the prior's moment matching on the unconstrained scale
+
+
+def prior_surrogate(
+    fn: Any, site: LatentSite, data_loc: torch.Tensor | None = None, data_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A Gaussian stand-in ``(loc, scale)``, each ``[*batch, dim]``, for a prior that is not Gaussian on
     the site's unconstrained scale, so that q keeps the prior's information for any prior (as Pyro's
     ``AutoHierarchicalNormalMessenger`` keeps an affine of it): the group posterior is then
     ``lerp(loc, m, w)``, an affine of the prior's location with the data term's weight ``w``.
 
-    The first rule that applies, per coordinate:
+    The stand-in matches the mean and sd of ``u = T^-1(x)``, the Gaussian closest to the prior in the
+    forward KL that NPE minimizes (a narrower one, e.g. a Student-t's own scale, puts the prior's tails
+    out of q's reach), computed by the first rule that applies, per coordinate:
 
-    * a location-scale family on R (Student-t, Cauchy, Laplace, Gumbel, ...): its ``loc`` and ``scale``;
-    * an inverse CDF (half-normal, half-Cauchy, exponential, Weibull, ...): the median and the
-      interquartile range / 1.349 of ``u = T^-1(x)`` (quantiles pass exactly through the monotone
-      bijection ``T`` onto the support);
-    * a finite mean and variance (gamma, beta, inverse gamma, ...): ``T^-1(mean)`` and the sd mapped by
-      the bijection's slope there (delta method);
-    * otherwise (no finite moments, or a bijection that mixes coordinates): scale ``inf``, loc 0, and
-      q is the data term alone for that coordinate.
+    * a Student-t (a Cauchy is df 1), given the data term ``N(m, s)`` ``[*batch, dim]``: a scale
+      mixture of normals, so the stand-in is ``N(loc, scale^2 (df + z^2) / (df + 1))`` with
+      ``z^2 = (m - loc)^2 / (scale^2 + s^2)``, the mixture's expected precision at the data (one
+      EM step): a typical group is shrunk as by the prior's curvature, an outlying one is left to
+      its data, as the heavy tails do (a fixed Gaussian, however wide, pulled outliers to the centre);
+    * an inverse CDF (Cauchy, Laplace, half-normal, half-Cauchy, exponential, Weibull, ...): mean and sd
+      of ``u`` at 32 mid-quantile levels (quantiles pass exactly through the monotone bijection ``T``),
+      the sd divided by that of a standard normal's same levels (exact for a Gaussian ``u``);
+    * a finite mean and variance (Student-t with df > 2, gamma, beta, inverse gamma, ...): exact on R,
+      otherwise ``T^-1(mean)`` and the sd mapped by the bijection's slope there (delta method);
+    * otherwise (a Student-t with df <= 2, no finite moments, or a bijection that mixes coordinates):
+      scale ``inf``, loc 0, and q is the data term alone for that coordinate.
     """
     base = _base(fn)
     shape = fn.batch_shape + fn.event_shape
@@ -108,13 +119,21 @@ def prior_surrogate(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tens
     params = [getattr(base, k, None) for k in getattr(base, "arg_constraints", {})]
     ref = next((v for v in params if isinstance(v, torch.Tensor)), torch.zeros(()))  # dtype and device
     loc = scale = None
-    if t is not None and _real(site.support) and isinstance(getattr(base, "loc", None), torch.Tensor):
-        loc, scale = base.loc, torch.as_tensor(getattr(base, "scale", torch.inf))
-    elif t is not None:
+    if _real(site.support) and isinstance(base, (torch.distributions.StudentT, torch.distributions.Cauchy)):
+        df = base.df if isinstance(base, torch.distributions.StudentT) else torch.ones_like(base.loc)
+        loc, scale = base.loc.expand(shape).reshape(out_shape), base.scale.expand(shape).reshape(out_shape)
+        if data_loc is None or data_scale is None:  # no data term: the prior's curvature at its centre
+            z2 = torch.zeros_like(loc)
+        else:
+            z2 = (data_loc - loc).pow(2) / (scale.pow(2) + data_scale.pow(2))
+        df = df.expand(shape).reshape(out_shape)
+        return loc, scale * ((df + z2) / (df + 1)).sqrt()
+    if t is not None:
         try:
-            p = torch.tensor([0.25, 0.5, 0.75], dtype=ref.dtype, device=ref.device)
-            q = t.inv(base.icdf(p.reshape(3, *[1] * len(base.batch_shape + base.event_shape))))
-            loc, scale = q[1], (q[2] - q[0]).abs() / 1.349
+            p = (torch.arange(_QUANTILES, dtype=ref.dtype, device=ref.device) + 0.5) / _QUANTILES
+            u = t.inv(base.icdf(p.reshape(-1, *[1] * len(base.batch_shape + base.event_shape))))  # [K, *shape]
+            unit = torch.special.ndtri(p).std(unbiased=False)
+            loc, scale = u.mean(0), u.std(0, unbiased=False) / unit
         except NotImplementedError:
             mean, var = base.mean, base.variance
             ok = torch.isfinite(mean) & torch.isfinite(var) & (var > 0)  # where not: no stand-in
@@ -314,7 +333,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=1)
         ushape = site.unconstrained_shape
         if g is None:  # not Gaussian on the unconstrained scale: the product with a Gaussian stand-in
-            g = prior_surrogate(prior, site)
+            g = prior_surrogate(prior, site, loc, scale)
         # precision-weighted product of prior (or its stand-in) and data term
         # the data term's weight w = tau^2 / (tau^2 + s^2) = sigmoid(2 log tau - 2 log s), logs
         # taken on the small unbroadcast tensors: a prior scale that underflows to 0 (a drawn tau

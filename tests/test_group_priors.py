@@ -23,9 +23,11 @@ def student_model(data):
 
 
 def test_prior_surrogate_rules():
-    """The Gaussian stand-in on the unconstrained scale: a location-scale family's own loc and scale;
-    exact quartiles through the inverse CDF (half-Cauchy: median log c, IQR of log|Cauchy| / 1.349);
-    moments by the delta method (gamma: log(a / b), 1 / sqrt(a)); nothing finite: an infinite scale."""
+    """The Gaussian stand-in on the unconstrained scale. Student-t: the scale mixture's precision at the
+    data term, scale^2 (df + z^2) / (df + 1) (at the centre: the curvature; far out: wide, the data
+    decide); moments of u through the inverse CDF (half-Cauchy: log|Cauchy| has mean log c and sd pi / 2;
+    exact for a Gaussian u); moments by the delta method (gamma: log(a / b), 1 / sqrt(a)); nothing
+    finite: an infinite scale."""
     from torch.distributions import biject_to, constraints
 
     from amortize.guide import prior_surrogate
@@ -36,26 +38,34 @@ def test_prior_surrogate_rules():
         return LatentSite("x", "group", torch.Size(event), support, t, torch.Size(t.inv.forward_shape(event)))
 
     real, pos = site(constraints.real), site(constraints.positive)
-    loc, scale = prior_surrogate(dist.StudentT(3.0, torch.tensor([1.0, -2.0]), 0.5), real)
-    assert loc.shape == (2, 1) and torch.allclose(loc[:, 0], torch.tensor([1.0, -2.0])) and torch.all(scale == 0.5)
+    prior = dist.StudentT(3.0, torch.tensor([1.0, -2.0]), 0.5)
+    loc, scale = prior_surrogate(prior, real)
+    assert loc.shape == (2, 1) and torch.allclose(loc[:, 0], torch.tensor([1.0, -2.0]))
+    assert torch.allclose(scale, torch.full_like(scale, 0.5 * math.sqrt(3 / 4)))
+    m, s = torch.tensor([[1.0], [8.0]]), torch.tensor([[0.3], [0.3]])  # at the centre; 10 / 0.58 away
+    _, scale = prior_surrogate(prior, real, m, s)
+    z2 = 100.0 / (0.25 + 0.09)
+    assert torch.allclose(scale[:, 0], torch.tensor([0.5 * math.sqrt(3 / 4), 0.5 * math.sqrt((3 + z2) / 4)]))
+    _, scale = prior_surrogate(dist.Cauchy(0.0, torch.ones(2)), real)
+    assert torch.allclose(scale, torch.full_like(scale, math.sqrt(0.5)))  # df 1
     c = torch.tensor([0.5, 3.0])
     loc, scale = prior_surrogate(dist.HalfCauchy(c).expand([4, 2]), pos)  # expanded by a plate
-    iqr = math.log(math.tan(3 * math.pi / 8) / math.tan(math.pi / 8)) / 1.349
     assert loc.shape == (4, 2, 1) and torch.allclose(loc[0, :, 0], c.log(), atol=1e-5)
-    assert torch.allclose(scale, torch.full_like(scale, iqr), atol=1e-5)
+    assert torch.allclose(scale, torch.full_like(scale, math.pi / 2), rtol=0.05)  # 32 levels: the far tails cut
+    loc, scale = prior_surrogate(dist.LogNormal(torch.tensor([0.3]), 0.7), pos)  # u Gaussian: exact
+    assert torch.allclose(loc, torch.tensor([[0.3]]), atol=1e-5) and torch.allclose(scale, torch.tensor([[0.7]]))
     loc, scale = prior_surrogate(dist.Gamma(torch.tensor([4.0, 9.0]), 2.0), pos)
-    assert torch.allclose(loc[:, 0], torch.tensor([2.0, 4.5]).log()) and torch.allclose(
-        scale[:, 0], 1 / torch.tensor([2.0, 3.0])
-    )
+    assert torch.allclose(loc[:, 0], torch.tensor([2.0, 4.5]).log())
+    assert torch.allclose(scale[:, 0], 1 / torch.tensor([2.0, 3.0]))
     loc, scale = prior_surrogate(dist.InverseGamma(0.5, torch.ones(3)), pos)  # no finite mean
     assert torch.all(torch.isinf(scale)) and torch.all(loc == 0)
 
 
 def test_non_gaussian_group_priors_reach_q(small_sampler):
     """q(theta | mu, y) = StudentT(4, mu, 0.7) stand-in x N(m, s): its location is lerp(mu, m, w) with
-    w = 0.7^2 / (0.7^2 + s^2), so it moves with the drawn mu at fixed data (with slope 1 - w); the gamma
-    noise sds get lerp(log(a / b), m, w) with the stand-in's scale 1 / sqrt(a). (The data term alone,
-    the prior dropped, gave loc = m whatever mu.)"""
+    w = v / (v + s^2), v the stand-in's variance at the data term, so it moves with the drawn mu at
+    fixed data; the gamma noise sds get lerp(log(a / b), m, w) with the stand-in's scale 1 / sqrt(a).
+    (The data term alone, the prior dropped, gave loc = m whatever mu.)"""
     data = small_sampler.sample(torch.Generator().manual_seed(0))
     st = am.trace_structure(student_model, data)
     sim = am.simulate(student_model, st, data, 2)
@@ -74,7 +84,8 @@ def test_non_gaussian_group_priors_reach_q(small_sampler):
 
     mu = guide_trace.nodes["mu"]["value"].reshape(50, 2, 1)
     m, s = (t.reshape(1, 2, -1) for t in terms["theta"][:2])
-    w = 0.49 / (0.49 + s**2)
+    var = 0.49 * (4.0 + (m - mu).pow(2) / (0.49 + s**2)) / 5.0  # the Student-t's stand-in at the data term
+    w = var / (var + s**2)
     assert torch.allclose(q_loc("theta"), (1 - w) * mu + w * m, rtol=1e-10, atol=1e-10)
     assert float((1 - w).min()) > 0.01 and float(mu.std()) > 0.1  # the prior's location matters here
     m, s = (t.reshape(1, 2, -1) for t in terms["s"][:2])
