@@ -95,22 +95,23 @@ def prior_surrogate(
     ``AutoHierarchicalNormalMessenger`` keeps an affine of it): the group posterior is then
     ``lerp(loc, m, w)``, an affine of the prior's location with the data term's weight ``w``.
 
-    The stand-in matches the mean and sd of ``u = T^-1(x)``, the Gaussian closest to the prior in the
-    forward KL that NPE minimizes (a narrower one, e.g. a Student-t's own scale, puts the prior's tails
-    out of q's reach), computed by the first rule that applies, per coordinate:
+    By the first rule that applies, per coordinate:
 
     * a Student-t (a Cauchy is df 1), given the data term ``N(m, s)`` ``[*batch, dim]``: a scale
       mixture of normals, so the stand-in is ``N(loc, scale^2 (df + z^2) / (df + 1))`` with
       ``z^2 = (m - loc)^2 / (scale^2 + s^2)``, the mixture's expected precision at the data (one
       EM step): a typical group is shrunk as by the prior's curvature, an outlying one is left to
-      its data, as the heavy tails do (a fixed Gaussian, however wide, pulled outliers to the centre);
-    * an inverse CDF (Cauchy, Laplace, half-normal, half-Cauchy, exponential, Weibull, ...): mean and sd
-      of ``u`` at 32 mid-quantile levels (quantiles pass exactly through the monotone bijection ``T``),
-      the sd divided by that of a standard normal's same levels (exact for a Gaussian ``u``);
-    * a finite mean and variance (Student-t with df > 2, gamma, beta, inverse gamma, ...): exact on R,
-      otherwise ``T^-1(mean)`` and the sd mapped by the bijection's slope there (delta method);
-    * otherwise (a Student-t with df <= 2, no finite moments, or a bijection that mixes coordinates):
-      scale ``inf``, loc 0, and q is the data term alone for that coordinate.
+      its data, as the heavy tails do (a fixed Gaussian pulled outliers to the centre);
+    * otherwise the Gaussian matching the mean and sd of ``u = T^-1(x)`` (the one closest to the prior
+      in the forward KL that NPE minimizes):
+
+      - with an inverse CDF (Laplace, half-normal, half-Cauchy, exponential, Weibull, ...): mean and
+        sd of ``u`` at 32 mid-quantile levels (quantiles pass exactly through the monotone bijection
+        ``T``), the sd divided by that of a standard normal's same levels (exact for a Gaussian ``u``);
+      - with a finite mean and variance (gamma, beta, inverse gamma, ...): ``T^-1(mean)`` and the sd
+        mapped by the bijection's slope there (delta method);
+    * none of these (no finite moments, or a bijection that mixes coordinates): scale ``inf``, loc 0,
+      and q is the data term alone for that coordinate.
     """
     base = _base(fn)
     shape = fn.batch_shape + fn.event_shape
