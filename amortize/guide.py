@@ -84,6 +84,20 @@ def _elementwise(t: Transform) -> Transform | None:
     return t if t.domain.event_dim == 0 else None
 
 
+def _moments(base: Any, t: Transform) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``T^-1(mean)`` and the sd mapped by the bijection's slope there (delta method); inf where the
+    moments are not finite, None without them."""
+    try:
+        mean, var = base.mean, base.variance
+    except NotImplementedError:
+        return None, None
+    ok = torch.isfinite(mean) & torch.isfinite(var) & (var > 0)  # where not: no stand-in
+    mean, var = torch.where(ok, mean, torch.ones_like(mean)), torch.where(ok, var, torch.ones_like(var))
+    u = t.inv(mean)
+    slope = t.log_abs_det_jacobian(u, mean).neg().exp()  # du / dx at the mean
+    return torch.where(ok, u, 0.0), torch.where(ok, var.sqrt() * slope, torch.inf)
+
+
 _QUANTILES = 32  # quantile levels of the prior's moment matching on the unconstrained scale
 
 
@@ -136,12 +150,7 @@ def prior_surrogate(
             unit = torch.special.ndtri(p).std(unbiased=False)
             loc, scale = u.mean(0), u.std(0, unbiased=False) / unit
         except NotImplementedError:
-            mean, var = base.mean, base.variance
-            ok = torch.isfinite(mean) & torch.isfinite(var) & (var > 0)  # where not: no stand-in
-            mean, var = torch.where(ok, mean, torch.ones_like(mean)), torch.where(ok, var, torch.ones_like(var))
-            u = t.inv(mean)
-            slope = t.log_abs_det_jacobian(u, mean).neg().exp()  # du / dx at the mean
-            loc, scale = torch.where(ok, u, 0.0), torch.where(ok, var.sqrt() * slope, torch.inf)
+            loc, scale = _moments(base, t)
     if loc is None:
         return ref.new_zeros(out_shape), ref.new_full(out_shape, torch.inf)
     finite = torch.isfinite(loc) & torch.isfinite(scale) & (scale > 0)
