@@ -59,6 +59,8 @@ def test_prior_surrogate_rules():
     assert torch.allclose(scale[:, 0], 1 / torch.tensor([2.0, 3.0]))
     loc, scale = prior_surrogate(dist.InverseGamma(0.5, torch.ones(3)), pos)  # no finite mean
     assert torch.all(torch.isinf(scale)) and torch.all(loc == 0)
+    _, scale = prior_surrogate(dist.FoldedDistribution(dist.Normal(torch.zeros(3), 1.0)), pos)  # no moments
+    assert torch.all(torch.isinf(scale))
 
 
 def test_non_gaussian_group_priors_reach_q(small_sampler):
