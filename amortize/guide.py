@@ -9,10 +9,11 @@ latent site it sees the model's prior given the parents already drawn from the g
 * for a group site: ``q(u_g | parents, data) ∝ prior(u_g | parents) x N(u_g; m_g, s_g)``, the
   model's own conditional prior times a learned Gaussian data term of the group (exact when the
   prior is Gaussian on the unconstrained scale, with full covariance for a MultivariateNormal prior;
-  the data term alone otherwise).
+  for any other prior, the product with a Gaussian stand-in of it, :func:`prior_surrogate`).
 
-The same pass scores given values (``truth``): that is the NPE objective, and with the model's
-log density it gives the importance weights behind the ELBO, the IW bound and PSIS.
+The same pass scores given values (``truth``): :mod:`amortize.objectives` turns its traces into the
+NPE objective and, with the model's log density, the importance weights behind the ELBO, the IW
+bound and PSIS.
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.guide import GuideMessenger
-from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import constraints
+from torch.distributions.transforms import IndependentTransform, Transform
 
 from .data import HierarchicalData
 from .errors import ModelStructureError
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
 from .structure import LatentSite, ModelStructure, batched
 
-__all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "product_draw"]
+__all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
 
 
 def _base(fn: Any) -> Any:
@@ -73,6 +74,89 @@ def gaussian_prior(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tenso
         return None
     shape = fn.batch_shape + fn.event_shape
     return loc.expand(shape).reshape(*fn.batch_shape, site.dim), scale.expand(shape).reshape(*fn.batch_shape, site.dim)
+
+
+def _elementwise(t: Transform) -> Transform | None:
+    """The per-coordinate bijection under ``IndependentTransform`` wrappers; None for one that mixes
+    coordinates (stick-breaking onto a simplex, a Cholesky factor)."""
+    while isinstance(t, IndependentTransform):
+        t = t.base_transform
+    return t if t.domain.event_dim == 0 else None
+
+
+def _moments(base: Any, t: Transform) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``T^-1(mean)`` and the sd mapped by the bijection's slope there (delta method); inf where the
+    moments are not finite, None without them."""
+    try:
+        mean, var = base.mean, base.variance
+    except NotImplementedError:
+        return None, None
+    ok = torch.isfinite(mean) & torch.isfinite(var) & (var > 0)  # where not: no stand-in
+    mean, var = torch.where(ok, mean, torch.ones_like(mean)), torch.where(ok, var, torch.ones_like(var))
+    u = t.inv(mean)
+    slope = t.log_abs_det_jacobian(u, mean).neg().exp()  # du / dx at the mean
+    return torch.where(ok, u, 0.0), torch.where(ok, var.sqrt() * slope, torch.inf)
+
+
+_QUANTILES = 32  # quantile levels of the prior's moment matching on the unconstrained scale
+
+
+def prior_surrogate(
+    fn: Any, site: LatentSite, data_loc: torch.Tensor | None = None, data_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Gaussian stand-in ``(loc, scale)``, each ``[*batch, dim]``, for a prior that is not Gaussian on
+    the site's unconstrained scale, so that q keeps the prior's information for any prior (as Pyro's
+    ``AutoHierarchicalNormalMessenger`` keeps an affine of it): the group posterior is then
+    ``lerp(loc, m, w)``, an affine of the prior's location with the data term's weight ``w``.
+
+    By the first rule that applies, per coordinate:
+
+    * a Student-t (a Cauchy is df 1), given the data term ``N(m, s)`` ``[*batch, dim]``: a scale
+      mixture of normals, so the stand-in is ``N(loc, scale^2 (df + z^2) / (df + 1))`` with
+      ``z^2 = (m - loc)^2 / (scale^2 + s^2)``, the mixture's expected precision at the data (one
+      EM step): a typical group is shrunk as by the prior's curvature, an outlying one is left to
+      its data, as the heavy tails do (a fixed Gaussian pulled outliers to the centre);
+    * otherwise the Gaussian matching the mean and sd of ``u = T^-1(x)`` (the one closest to the prior
+      in the forward KL that NPE minimizes):
+
+      - with an inverse CDF (Laplace, half-normal, half-Cauchy, exponential, Weibull, ...): mean and
+        sd of ``u`` at 32 mid-quantile levels (quantiles pass exactly through the monotone bijection
+        ``T``), the sd divided by that of a standard normal's same levels (exact for a Gaussian ``u``);
+      - with a finite mean and variance (gamma, beta, inverse gamma, ...): ``T^-1(mean)`` and the sd
+        mapped by the bijection's slope there (delta method);
+    * none of these (no finite moments, or a bijection that mixes coordinates): scale ``inf``, loc 0,
+      and q is the data term alone for that coordinate.
+    """
+    base = _base(fn)
+    shape = fn.batch_shape + fn.event_shape
+    out_shape = (*fn.batch_shape, site.dim)
+    t = _elementwise(site.transform)
+    params = [getattr(base, k, None) for k in getattr(base, "arg_constraints", {})]
+    ref = next((v for v in params if isinstance(v, torch.Tensor)), torch.zeros(()))  # dtype and device
+    loc = scale = None
+    if _real(site.support) and isinstance(base, (torch.distributions.StudentT, torch.distributions.Cauchy)):
+        df = base.df if isinstance(base, torch.distributions.StudentT) else torch.ones_like(base.loc)
+        loc, scale = base.loc.expand(shape).reshape(out_shape), base.scale.expand(shape).reshape(out_shape)
+        if data_loc is None or data_scale is None:  # no data term: the prior's curvature at its centre
+            z2 = torch.zeros_like(loc)
+        else:
+            z2 = (data_loc - loc).pow(2) / (scale.pow(2) + data_scale.pow(2))
+        df = df.expand(shape).reshape(out_shape)
+        return loc, scale * ((df + z2) / (df + 1)).sqrt()
+    if t is not None:
+        try:
+            p = (torch.arange(_QUANTILES, dtype=ref.dtype, device=ref.device) + 0.5) / _QUANTILES
+            u = t.inv(base.icdf(p.reshape(-1, *[1] * len(base.batch_shape + base.event_shape))))  # [K, *shape]
+            unit = torch.special.ndtri(p).std(unbiased=False)
+            loc, scale = u.mean(0), u.std(0, unbiased=False) / unit
+        except NotImplementedError:
+            loc, scale = _moments(base, t)
+    if loc is None:
+        return ref.new_zeros(out_shape), ref.new_full(out_shape, torch.inf)
+    finite = torch.isfinite(loc) & torch.isfinite(scale) & (scale > 0)
+    loc = torch.where(finite, loc, torch.zeros_like(loc))
+    scale = torch.where(finite, scale, torch.full_like(scale, torch.inf))
+    return loc.expand(shape).reshape(out_shape), scale.expand(shape).reshape(out_shape)
 
 
 def gaussian_product(
@@ -193,15 +277,11 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             if not latents_only:
                 return super().__call__(*args)
             self._state["stop_after"] = self.structure.latents[-1].name
-            self.args_kwargs = args, {}
             try:
-                with self:
-                    self.model(*args)
+                super().__call__(*args)  # ends at the last latent site: the rest is the likelihood
             except _LatentsDrawn:
                 pass
-            finally:
-                del self.args_kwargs
-            return {s.name: self.trace.nodes[s.name]["value"] for s in self.structure.latents}
+            return {s.name: self.upstream_value(s.name) for s in self.structure.latents}
         finally:
             self._state = None
 
@@ -262,22 +342,24 @@ class AmortizedGuide(GuideMessenger, nn.Module):
                 return q
             return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=1)
         ushape = site.unconstrained_shape
-        if g is not None:  # precision-weighted product of prior and data term
-            # the data term's weight w = tau^2 / (tau^2 + s^2) = sigmoid(2 log tau - 2 log s), logs
-            # taken on the small unbroadcast tensors: a prior scale that underflows to 0 (a drawn tau
-            # near 0) gives the prior's loc, an infinite one the data term; sd^2 = w s^2
-            # (a prior written with float literals is float32 on float64 data: cast, as a product would)
-            g0, g1 = (_compact(t).to(loc.dtype) for t in g)
-            log_w = 2.0 * g1.log(), 2.0 * scale.log()
-            if truth is None and "stop_after" in st:  # drawing alone: the draw itself, in one kernel
-                shape = torch.broadcast_shapes(g0.shape, log_w[0].shape, loc.shape, scale.shape)
-                eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
-                u = self.draw_kernel(g0, log_w[0], loc, log_w[1], scale, eps)
-                u = u.reshape(*u.shape[:-1], *ushape)
-                return u if _real(site.support) else site.transform(u)
-            w = torch.sigmoid(log_w[0] - log_w[1])
-            loc = torch.lerp(g0, loc, w)
-            scale = (scale * w.sqrt()).clamp_min(torch.finfo(scale.dtype).tiny)
+        if g is None:  # not Gaussian on the unconstrained scale: the product with a Gaussian stand-in
+            g = prior_surrogate(prior, site, loc, scale)
+        # precision-weighted product of prior (or its stand-in) and data term
+        # the data term's weight w = tau^2 / (tau^2 + s^2) = sigmoid(2 log tau - 2 log s), logs
+        # taken on the small unbroadcast tensors: a prior scale that underflows to 0 (a drawn tau
+        # near 0) gives the prior's loc, an infinite one the data term; sd^2 = w s^2
+        # (a prior written with float literals is float32 on float64 data: cast, as a product would)
+        g0, g1 = (_compact(t).to(loc.dtype) for t in g)
+        log_w = 2.0 * g1.log(), 2.0 * scale.log()
+        if truth is None and "stop_after" in st:  # drawing alone: the draw itself, in one kernel
+            shape = torch.broadcast_shapes(g0.shape, log_w[0].shape, loc.shape, scale.shape)
+            eps = torch.empty(shape, dtype=loc.dtype, device=loc.device).normal_()
+            u = self.draw_kernel(g0, log_w[0], loc, log_w[1], scale, eps)
+            u = u.reshape(*u.shape[:-1], *ushape)
+            return u if _real(site.support) else site.transform(u)
+        w = torch.sigmoid(log_w[0] - log_w[1])
+        loc = torch.lerp(g0, loc, w)
+        scale = (scale * w.sqrt()).clamp_min(torch.finfo(scale.dtype).tiny)
         loc = loc.reshape(*loc.shape[:-1], *ushape)
         scale = scale.reshape(*scale.shape[:-1], *ushape)
         q = dist.Normal(loc, scale).to_event(len(ushape))
@@ -308,36 +390,3 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         if truth is not None:
             value = truth[site.name]
         return dist.Delta(value, log_density=log_density, event_dim=len(site.event_shape))
-
-    # ------------------------------------------------------------------ objectives
-    def log_weights(
-        self,
-        data: HierarchicalData,
-        num_draws: int = 1,
-        truth: dict[str, torch.Tensor] | None = None,
-        encoded: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """``(log p(y, z), log q(z | y), z)`` per draw and dataset, ``[S, B]`` each; with ``truth``,
-        z is the given values (log p is then skipped and returned as zeros)."""
-        values = self(data, num_draws, truth, encoded)
-        model_trace, guide_trace = self.get_traces()
-        log_q = _sum_per_particle(guide_trace, self.structure.max_plate_nesting)
-        if truth is not None:
-            return torch.zeros_like(log_q), log_q, values
-        return _sum_per_particle(model_trace, self.structure.max_plate_nesting), log_q, values
-
-
-def _sum_per_particle(trace: Any, K: int) -> torch.Tensor:
-    total: torch.Tensor | float = 0.0
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        lp = site["fn"].log_prob(site["value"])
-        if site.get("scale", 1.0) is not None:
-            lp = lp * site.get("scale", 1.0)
-        if lp.dim() > 2:
-            lp = lp.sum(tuple(range(2, lp.dim())))
-        while lp.dim() < 2:
-            lp = lp.unsqueeze(0)
-        total = total + lp
-    return total  # type: ignore[return-value]

@@ -18,6 +18,7 @@ from .data import OBS, HierarchicalData, magnitude_limit
 from .errors import DataError
 from .structure import drawing_data, seeded
 from .importance import K_THRESHOLD, psis
+from .objectives import log_weights
 from .ranges import value_flags
 
 if TYPE_CHECKING:
@@ -205,7 +206,7 @@ class Posterior:
             for start in range(0, num_samples, chunk):
                 n = min(chunk, num_samples - start)
                 if with_weights:
-                    log_p, log_q, values = am.guide.log_weights(self.data, n, encoded=encoded)
+                    log_p, log_q, values = log_weights(am.guide, self.data, n, encoded=encoded)
                     lws.append(log_p - log_q)
                 else:
                     values = am.guide(self.data, n, encoded=encoded, model_data=model_data, latents_only=True)
@@ -225,7 +226,7 @@ class Posterior:
             v = v if self.data.batch_size else v.unsqueeze(1)  # [n, B, ...]
             truth[s.name] = st.from_user(s, v)
         n = next(iter(truth.values())).shape[0]
-        _, log_q, _ = self.amortizer.guide.log_weights(self.data, n, truth=truth)
+        _, log_q, _ = log_weights(self.amortizer.guide, self.data, n, truth=truth)
         return log_q if self.data.batch_size else log_q.squeeze(1)
 
     @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -365,20 +364,12 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
     return structure
 
 
-_ROWS_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {structure key: bool}
-
-
 def drawing_data(model: Callable, data: HierarchicalData) -> HierarchicalData:
     """What the model runs on while drawing from the guide: ``data.skeleton()`` (one row per group,
-    so a draw costs O(groups), not O(rows)) when :func:`priors_free_of_rows`, else ``data``.
+    so a draw costs O(groups), not O(rows)) when :func:`priors_free_of_rows` for this dataset, else ``data``.
 
-    The check runs once per model and structure signature (levels and covariate names): whether a
-    prior reads rows is a property of the model's code, not of a dataset's values or sizes."""
-    key = json.dumps(data.structure_signature(), sort_keys=True)
-    try:
-        cache = _ROWS_FREE.setdefault(model, {})
-    except TypeError:  # a model that cannot be weakly referenced: checked every time
-        cache = {}
-    if key not in cache:
-        cache[key] = priors_free_of_rows(model, data)
-    return data.skeleton() if cache[key] else data
+    Decided for each dataset (two runs of the model on one dataset of the batch): whether a prior reads
+    rows can depend on the dataset (a group prior at the mean of a row covariate sees the same value on
+    the skeleton when every group has one row, another value when groups have several), so a decision
+    taken on one dataset is not reused for another. :class:`~amortize.Posterior` keeps it for its own data."""
+    return data.skeleton() if priors_free_of_rows(model, data) else data

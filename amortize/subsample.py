@@ -12,7 +12,7 @@ subtree enters the sum with probability b / G. The subsets are the chunks of a f
 permutation per epoch (:func:`epochs`, random reshuffling: each chunk is marginally uniform, and
 each epoch sees every group once). The factor G / b is put on every model and guide site inside a
 model plate (the level plates and the observation plate) by :class:`ScaleGroups`, a Pyro messenger,
-so the library's own :meth:`~amortize.guide.AmortizedGuide.log_weights` computes the estimate.
+so the library's own :func:`~amortize.objectives.log_weights` computes the estimate.
 
 What is learned:
 
@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from .data import OBS, HierarchicalData
 from .errors import DataError, TrainingError
+from .objectives import log_weights
 from .posterior import Posterior
 from .simulate import Simulation, simulate
 from .structure import DATASETS, DRAWS, ModelStructure, drawing_data
@@ -238,7 +239,7 @@ class ScaleGroups(Messenger):
     """Multiply the log density of every sample site inside a model plate by ``factor``.
 
     Global sites sit outside every model plate (only amortize's draws and datasets plates): they
-    are left as they are. Applied around :meth:`AmortizedGuide.log_weights`, it scales the model's
+    are left as they are. Applied around :func:`~amortize.objectives.log_weights`, it scales the model's
     group and observation terms and the guide's group terms alike.
     """
 
@@ -309,7 +310,7 @@ def subsampled_elbo(
     unbiased estimate of the full-data ELBO over uniformly drawn subsets. Differentiable."""
     encoded = encode(guide, q, subset)
     with ScaleGroups(factor):
-        log_p, log_q, _ = guide.log_weights(subset, num_particles, encoded=encoded)
+        log_p, log_q, _ = log_weights(guide, subset, num_particles, encoded=encoded)
     return (log_p - log_q).reshape(num_particles)
 
 

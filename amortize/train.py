@@ -35,15 +35,14 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, TrainingError
 from .limits import Limit, check_limits
 from .nn.statistics import GroupStatistics
+from .objectives import OBJECTIVES, batch_loss
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
-    from .simulate import Simulation
 
 __all__ = ["TrainConfig", "TRAIN_LIMITS", "train", "pilot_fit", "lr_factor", "batch_loss", "local_step", "StepFn"]
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("npe", "elbo", "iwae")
 StepFn = Callable[["Amortizer", "TrainConfig", torch.Generator], float]  # see local_step
 
 
@@ -147,20 +146,6 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> N
         site = structure[name]
         groups = GroupStatistics.cat([s.levels[site.level].groups.rows() for s in stats])
         head.fit(groups, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
-
-
-def batch_loss(amortizer: Amortizer, cfg: TrainConfig, sim: Simulation) -> torch.Tensor:
-    """The objective ``cfg.objective`` on one batch of simulated datasets, per latent coordinate."""
-    guide, structure = amortizer.guide, amortizer.structure
-    n_coords = structure.global_dim + sum(s.dim * sim.data.size(s.level) for s in structure.latents if s.level)
-    if cfg.objective == "npe":
-        _, log_q, _ = guide.log_weights(sim.data, 1, truth=sim.latents)
-        return -log_q.mean() / n_coords
-    log_p, log_q, _ = guide.log_weights(sim.data, cfg.num_particles)
-    lw = log_p - log_q  # [S, B]
-    if cfg.objective == "elbo":
-        return -lw.mean() / n_coords
-    return -(torch.logsumexp(lw, 0) - math.log(cfg.num_particles)).mean() / n_coords
 
 
 def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:

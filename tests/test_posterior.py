@@ -115,22 +115,6 @@ def test_drawing_runs_the_model_on_the_skeleton_only_when_priors_ignore_rows(amo
     assert q.sample(5)["theta"].shape == (5, x.size("group"))
 
 
-def test_the_skeleton_check_runs_once_per_model_and_structure(small_sampler, monkeypatch):
-    calls = []
-    real = am.structure.priors_free_of_rows
-    monkeypatch.setattr(am.structure, "priors_free_of_rows", lambda m, d: calls.append(d) or real(m, d))
-
-    def model(data):  # a fresh model: nothing cached for it yet
-        normal_known(data)
-
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(3):  # three datasets of other sizes, one structure signature
-        d = small_sampler.sample(gen)
-        d = d.with_response(torch.randn(d.n_obs, generator=gen))
-        assert am.structure.drawing_data(model, d).n_obs == d.size("group")
-    assert len(calls) == 1
-
-
 def test_compiled_drawing_kernel_draws_as_the_eager_one(amortizer, small_data):
     """torch.compile of the drawing kernel (one C++ loop on CPU) gives the eager draws up to rounding."""
     eager = amortizer.posterior(small_data).sample(200, seed=4)

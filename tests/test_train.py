@@ -5,6 +5,7 @@ import torch
 
 import amortize as am
 from amortize.errors import ConfigError
+from amortize.objectives import log_weights
 
 from .conftest import normal_known
 
@@ -12,7 +13,7 @@ from .conftest import normal_known
 def heldout_nll(amortizer, sims):
     with torch.no_grad():
         return float(
-            torch.stack([-amortizer.guide.log_weights(s.data, 1, truth=s.latents)[1].mean() for s in sims]).mean()
+            torch.stack([-log_weights(amortizer.guide, s.data, 1, truth=s.latents)[1].mean() for s in sims]).mean()
         )
 
 

@@ -1,0 +1,109 @@
+"""Training objectives: log importance weights through Pyro's own densities, and the per-coordinate losses.
+
+One guide call gives both traces (the guide is a :class:`~pyro.poutine.guide.GuideMessenger`: it runs
+the model). Their densities come from :meth:`pyro.poutine.Trace.compute_log_prob`, which applies
+``scale_and_mask``: a ``poutine.mask`` or ``poutine.scale`` in the model (or
+:class:`~amortize.subsample.ScaleGroups` around the call) weighs every term exactly as in
+:class:`pyro.infer.Trace_ELBO`.
+
+* ``"npe"``: forward KL, ``-log q(z_true | y)`` for the simulated truth;
+* ``"elbo"``: the reverse-KL evidence lower bound, ``E_q[log p(y, z) - log q(z | y)]``;
+* ``"iwae"``: the importance-weighted bound, ``E[log mean_s p(y, z_s) / q(z_s | y)]``.
+
+Losses are per latent coordinate, so that datasets of different sizes weigh alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from pyro.poutine import Trace
+
+from .data import HierarchicalData
+from .errors import ConfigError
+from .guide import AmortizedGuide
+from .simulate import Simulation
+
+__all__ = ["OBJECTIVES", "log_weights", "sum_per_draw", "batch_loss"]
+
+OBJECTIVES = ("npe", "elbo", "iwae")
+
+
+class _HasGuide(Protocol):
+    guide: AmortizedGuide
+
+
+class _ObjectiveSettings(Protocol):
+    objective: str
+    num_particles: int
+
+
+def sum_per_draw(trace: Trace, num_draws: int, num_datasets: int) -> torch.Tensor:
+    """The trace's log density per draw and dataset ``[S, B]``: Pyro's ``compute_log_prob`` (scales
+    and masks applied) summed over every dim right of amortize's two outer plates."""
+    trace.compute_log_prob()
+    total: torch.Tensor | None = None
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        lp = torch.as_tensor(site["log_prob"])
+        if lp.dim() > 2:
+            lp = lp.sum(tuple(range(2, lp.dim())))  # [S, B, *plates] -> [S, B]
+        while lp.dim() < 2:
+            lp = lp.unsqueeze(0)
+        total = lp if total is None else total + lp
+    if total is None:
+        return torch.zeros(num_draws, num_datasets)
+    return total.expand(num_draws, num_datasets)
+
+
+def log_weights(
+    guide: AmortizedGuide,
+    data: HierarchicalData,
+    num_draws: int = 1,
+    truth: dict[str, torch.Tensor] | None = None,
+    encoded: dict[str, Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(log p(y, z), log q(z | y), z)`` per draw and dataset, ``[S, B]`` each, from one guide call.
+
+    Args:
+        guide: the amortized guide.
+        data: one or B datasets sharing one structure.
+        num_draws: S draws per dataset.
+        truth: values to score instead of drawing (batched layout); log p is then not computed and
+            returned as zeros (the NPE objective needs log q alone).
+        encoded: :meth:`AmortizedGuide.encode` of ``data``, computed once for several calls.
+
+    Returns:
+        log p, log q and every sample site's value (latents and the response).
+    """
+    values = guide(data, num_draws, truth, encoded)
+    model_trace, guide_trace = guide.get_traces()
+    S, B = int(num_draws), data.batch_size or 1
+    log_q = sum_per_draw(guide_trace, S, B)
+    if truth is not None:
+        return torch.zeros_like(log_q), log_q, values
+    return sum_per_draw(model_trace, S, B), log_q, values
+
+
+def batch_loss(amortizer: _HasGuide, cfg: _ObjectiveSettings, sim: Simulation) -> torch.Tensor:
+    """The objective ``cfg.objective`` on one batch of simulated datasets, per latent coordinate.
+
+    Raises:
+        ConfigError: an objective that is not one of :data:`OBJECTIVES`.
+    """
+    guide = amortizer.guide
+    structure = guide.structure
+    n_coords = structure.global_dim + sum(s.dim * sim.data.size(s.level) for s in structure.latents if s.level)
+    if cfg.objective == "npe":
+        _, log_q, _ = log_weights(guide, sim.data, 1, truth=sim.latents)
+        return -log_q.mean() / n_coords
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective: '{cfg.objective}' is not one of {OBJECTIVES}")
+    log_p, log_q, _ = log_weights(guide, sim.data, cfg.num_particles)
+    lw = log_p - log_q  # [S, B]
+    if cfg.objective == "elbo":
+        return -lw.mean() / n_coords
+    return -(torch.logsumexp(lw, 0) - math.log(cfg.num_particles)).mean() / n_coords
