@@ -11,24 +11,27 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
-import pyro
+import numpy as np
 import torch
 
 from . import __version__ as _version
-from .batch import PosteriorBatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import HierarchicalData
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError
 from .guide import AmortizedGuide
 from .posterior import Posterior
 from .simulate import Simulation, StructureSampler, simulate
+from .sources import PriorPredictive, Subsampled, dataset_key
 from .structure import trace_structure
+from .subsample import GlobalGaussian
 from .train import StepFn, TrainConfig, train
 
 __all__ = ["Amortizer"]
@@ -45,8 +48,8 @@ class Amortizer:
             is used as is.
         hidden: width of the encoder and heads.
         flow_bins: bins of the spline flow on the global latents (0: a Gaussian).
-        seed: seeds the initial weights, the structure sampler and, when training starts, Pyro's
-            RNG: the same seed gives the same run (the caller's RNG is left as it was).
+        seed: seeds the initial weights, the structure sampler and training's own random stream:
+            the same seed gives the same run (the caller's RNG is left as it was).
         device: where the networks live (``"cpu"``, ``"cuda"``); never hard-coded elsewhere.
         global_coupling: the group data terms depend linearly on the drawn globals (per-group
             coefficients, learned from zero): q keeps the posterior correlation of group effects with
@@ -89,8 +92,12 @@ class Amortizer:
         self.pilot_done = False
         self.history: list[dict[str, float]] = []
         self._optimizer_state: dict[str, Any] | None = None
-        self._rng: dict[str, Any] | None = None  # torch's RNG as training left it (None: live, or never trained)
+        self._rng: dict[str, Any] | None = None  # torch's RNG as training left it (None: never trained)
         self._trainable = True
+        self._ranges: dict[str, Any] | None = None
+        self.source: PriorPredictive | Subsampled | None = None  # the data source of the last fit
+        self.q_globals: GlobalGaussian | None = None  # q(globals) of the one dataset of a subsampled fit
+        self.subsampled: dict[str, Any] | None = None  # {"data": dataset_key, "groups_per_step": b}
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{s.name}@{s.level or 'global'}" for s in self.structure.latents)
@@ -111,15 +118,20 @@ class Amortizer:
         step_fn: StepFn | None = None,
         is_main: bool = True,
         callback: Callable[[int, float], None] | None = None,
+        source: PriorPredictive | Subsampled | None = None,
         **overrides: Any,
     ) -> list[dict[str, float]]:
         """Train (or continue training) the amortized posterior.
 
-        Training continues the amortizer's own random stream (torch's RNG as the last ``fit`` left
-        it, or as the checkpoint saved it), so ``fit(steps=2N, stop_at=N)``, ``save``, ``load`` with
-        the same sampler, ``fit(steps=2N)`` gives bit for bit the weights of ``fit(steps=2N)`` on CPU.
+        Training continues the amortizer's own random stream (seeded by ``seed``, carried from one
+        ``fit`` to the next and in checkpoints), so ``fit(steps=2N, stop_at=N)``, ``save``, ``load``
+        with the same sampler, ``fit(steps=2N)`` gives bit for bit the weights of ``fit(steps=2N)``
+        on CPU. The caller's RNG (torch, numpy, random) is left as it was.
 
         Args:
+            source: where each step's data come from (:mod:`amortize.sources`): simulations from the
+                prior predictive (default), or ``Subsampled(data, groups_per_step=...)``, one large
+                dataset whose q(globals) the amortizer then keeps (``posterior(data)`` streams it).
             config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields
                 (``steps=3000, objective="elbo"``, ...).
             log_dir: TensorBoard run directory (scalars: loss, lr, grad norm, datasets/s).
@@ -159,48 +171,80 @@ class Amortizer:
             raise ConfigError(f"fit: unknown option(s) {unknown}; options are {sorted(names)}")
         cfg = TrainConfig(**{**cfg.to_dict(), **overrides})
         self.config = cfg
-        if self.step == 0 and not self.pilot_done:
-            pyro.set_rng_seed(self.seed)
-        elif self._rng is not None:
-            _set_rng(self._rng, self.device)
-        if self.optimizer is None and self._optimizer_state is not None:
-            self.optimizer = torch.optim.Adam(self.guide.parameters(), lr=cfg.lr)
-            self.optimizer.load_state_dict(self._optimizer_state)
-            self._optimizer_state = None
-        self._rng = None  # while training, torch's global RNG is the stream (checkpoints read it live)
-        self.guide.train()
-        try:
-            return train(
-                self,
-                cfg,
-                log_dir=log_dir,
-                checkpoint_path=checkpoint_path,
-                progress=progress,
-                stop_at=stop_at,
-                step_fn=step_fn,
-                is_main=is_main,
-                callback=callback,
+        if source is None and self.subsampled is not None:
+            raise AmortizeError(
+                "fit: this amortizer was fitted on one large dataset; continue with source=Subsampled(data, ...)"
             )
-        finally:
-            self.guide.eval()
-            self._rng = _get_rng(self.device)
+        with self._own_rng():
+            self.guide.train()
+            try:
+                return train(
+                    self,
+                    cfg,
+                    source or PriorPredictive(),
+                    log_dir=log_dir,
+                    checkpoint_path=checkpoint_path,
+                    progress=progress,
+                    stop_at=stop_at,
+                    step_fn=step_fn,
+                    is_main=is_main,
+                    callback=callback,
+                )
+            finally:
+                self.guide.eval()
 
-    def posterior(self, data: HierarchicalData | Sequence[HierarchicalData]) -> Posterior | PosteriorBatch:
-        """The amortized posterior: one forward pass of the encoder; draws come from ``sample``.
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run training on the amortizer's own stream: torch's RNG seeded by ``seed`` on the first
+        ``fit``, else as the last one (or the checkpoint) left it; the caller's torch, numpy and
+        ``random`` states are restored afterwards. Checkpoints written inside read the stream live."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        np_state, py_state = np.random.get_state(), random.getstate()
+        with torch.random.fork_rng(devices=devices):
+            if self._rng is None or (self.step == 0 and not self.pilot_done):
+                torch.manual_seed(self.seed)
+            else:
+                _set_rng(self._rng, self.device)
+            self._rng = None  # live while training
+            try:
+                yield
+            finally:
+                self._rng = _get_rng(self.device)
+                np.random.set_state(np_state)
+                random.setstate(py_state)
 
-        * a dataset (``y [N]``) or a batch sharing one structure (``y [B, N]``): a :class:`Posterior`,
-          whose ``sample(n)`` gives ``{site: [n, *site_shape]}`` (``[n, B, ...]`` for a batch);
-        * a list (or tuple) of datasets, of one structure or several: a
-          :class:`~amortize.batch.PosteriorBatch`, vectorized per distinct structure, whose
-          ``sample(n)`` gives a list of per-dataset dicts ``{site: [n, *site_shape]}`` in input order.
+    def posterior(
+        self,
+        data: HierarchicalData | Sequence[HierarchicalData],
+        seed: int | None = None,
+        chunk_groups: int | None = None,
+    ) -> Posterior:
+        """The amortized posterior (:class:`~amortize.Posterior`): one forward pass of the encoder;
+        draws come from ``sample``, in the layout of the input:
+
+        * a dataset (``y [N]``): ``{site: [n, *site_shape]}``; a batch sharing one structure
+          (``y [B, N]``): ``[n, B, ...]``;
+        * a list (or tuple) of datasets, of one structure or several (vectorized per distinct
+          structure): a list of per-dataset dicts in input order;
+        * the dataset of a subsampled fit, or any dataset with ``chunk_groups``: streamed in chunks of
+          outermost groups (the subsampled fit's ``groups_per_step`` by default).
+
+        Args:
+            seed: seeds the posterior's own stream of draws (``sample(seed=...)`` seeds one call).
+            chunk_groups: stream the dataset in chunks of this many outermost groups.
 
         Raises:
             DataError: an empty list, or a dataset whose levels, covariates or values do not fit the
                 model (a list names the dataset's position).
         """
-        if isinstance(data, (list, tuple)):
-            return PosteriorBatch(self, data)
-        return Posterior(self, data)
+        q = None
+        if self.subsampled is not None and isinstance(data, HierarchicalData) and data.batch_size is None:
+            if data.y is not None and dataset_key(data) == self.subsampled["data"]:
+                q = self.q_globals
+                chunk_groups = chunk_groups or int(self.subsampled["groups_per_step"])
+        return Posterior(
+            self.guide, self.model, data, self.ranges, self.device, seed=seed, chunk_groups=chunk_groups, q_globals=q
+        )
 
     def compile(self, **options: Any) -> Amortizer:
         """Compile the drawing kernel (a group's prior x data term and its draw, elementwise over draws,
@@ -242,6 +286,12 @@ class Amortizer:
             },
             "ranges": self.ranges,  # as trained (a checkpoint loaded without its sampler keeps them)
             "history": self.history,
+            "subsampled": None
+            if self.subsampled is None
+            else {
+                **self.subsampled,
+                "q_globals": None if self.q_globals is None else self.q_globals.state_dict(),
+            },
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -337,17 +387,22 @@ class Amortizer:
         new._rng = {k: v for k, v in ck["rng"].items() if k != "generator"}
         new.ranges = ck["ranges"]
         new._trainable = sampler is not None
+        sub = ck.get("subsampled")
+        if sub is not None:
+            new.subsampled = {k: v for k, v in sub.items() if k != "q_globals"}
+            if sub.get("q_globals") is not None:
+                st = new.structure
+                D = st.global_dim
+                new.q_globals = GlobalGaussian(st, torch.zeros(D), torch.eye(D)).to(new.device)
+                new.q_globals.load_state_dict(sub["q_globals"])
         return new
 
     @property
     def ranges(self) -> dict[str, Any]:
         """The range seen in training (for out-of-range flags): structure, and response scale and
-        covariates recorded from simulations on first use (see :mod:`amortize.validate.ranges`)."""
-        if getattr(self, "_ranges", None) is None and self._trainable:
-            from .ranges import training_ranges
-
-            self._ranges = training_ranges(self)
-        return getattr(self, "_ranges", None) or self.sampler.ranges()
+        covariates recorded from the pilot's simulations (see :mod:`amortize.ranges`); before the
+        pilot, the sampler's structural ranges alone."""
+        return self._ranges or self.sampler.ranges()
 
     @ranges.setter
     def ranges(self, value: dict[str, Any]) -> None:

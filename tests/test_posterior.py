@@ -96,9 +96,10 @@ def _reads_rows(data):
 def test_drawing_runs_the_model_on_the_skeleton_only_when_priors_ignore_rows(amortizer, small_data):
     assert am.structure.priors_free_of_rows(normal_known, small_data)
     p = amortizer.posterior(small_data)
-    assert p._drawing_data().n_obs == small_data.size("group") < small_data.n_obs
+    part = p.parts[0][1]
+    assert part.drawing_data().n_obs == small_data.size("group") < small_data.n_obs
     fast = p.sample(300, seed=3)
-    p._skeleton = p.data  # the full data: the same draws, bit for bit
+    part._skeleton = part.data  # the full data: the same draws, bit for bit
     full = p.sample(300, seed=3)
     assert all(torch.equal(fast[k], full[k]) for k in fast)
 
@@ -111,7 +112,7 @@ def test_drawing_runs_the_model_on_the_skeleton_only_when_priors_ignore_rows(amo
     )
     a = am.Amortizer(_reads_rows, sampler, hidden=8)
     q = a.posterior(x)
-    assert q._drawing_data() is q.data
+    assert q.parts[0][1].drawing_data() is q.data
     assert q.sample(5)["theta"].shape == (5, x.size("group"))
 
 
