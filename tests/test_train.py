@@ -77,11 +77,12 @@ def test_reverse_kl_objectives_run_and_are_finite(small_sampler, objective):
 
 
 def test_refinement_phase_switches_objective_and_rate(small_sampler, monkeypatch):
+    from amortize import sources
     from amortize import train as train_mod
 
     seen = []
-    real = train_mod.batch_loss
-    monkeypatch.setattr(train_mod, "batch_loss", lambda a, cfg, sim: (seen.append(cfg.objective), real(a, cfg, sim))[1])
+    real = sources.batch_loss
+    monkeypatch.setattr(sources, "batch_loss", lambda a, cfg, sim: (seen.append(cfg.objective), real(a, cfg, sim))[1])
     a = am.Amortizer(normal_known, small_sampler, hidden=16)
     hist = a.fit(steps=6, refine_steps=4, refine_lr=1e-4, batch_size=8, num_particles=2, log_every=2, progress=False)
     assert seen == ["npe"] * 6 + ["elbo"] * 4 and a.step == 10
