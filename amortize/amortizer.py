@@ -30,7 +30,7 @@ from .guide import AmortizedGuide
 from .posterior import Posterior
 from .simulate import Simulation, StructureSampler, simulate
 from .sources import PriorPredictive, Subsampled, dataset_key
-from .structure import trace_structure
+from .structure import seeded, trace_structure
 from .subsample import GlobalGaussian
 from .train import StepFn, TrainConfig, train
 
@@ -78,8 +78,7 @@ class Amortizer:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.generator = torch.Generator().manual_seed(self.seed)
         self.example = sampler.sample(torch.Generator().manual_seed(self.seed))
-        with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed, not the caller's RNG
-            torch.default_generator.manual_seed(self.seed)
+        with seeded(self.seed):  # the initial weights follow the seed, not the caller's RNG
             self.structure = trace_structure(model, self.example)
             self.covariates = {lvl: sorted(cols) for lvl, cols in self.example.covariates.items()}
             self.guide = AmortizedGuide(
