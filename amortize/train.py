@@ -299,23 +299,23 @@ def train(
     log_dir = log_dir if is_main else None
     end = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
     amortizer.source = source
-    source.setup(amortizer, cfg, gen)
-    if amortizer.optimizer is None:
-        amortizer.optimizer = _optimizer(amortizer, cfg, source.parameters())
-    opt = amortizer.optimizer
-    params = [p for g in opt.param_groups for p in g["params"]]
-    writer = None
-    if log_dir:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir)
     history: list[dict[str, float]] = []
     bad = 0
-    t0, seen = time.perf_counter(), 0
-    bar = tqdm(range(amortizer.step, end), disable=not progress or None, desc=f"train ({source.name})", leave=False)
-    running = None
+    running, writer = None, None
     try:
         with _deferred_interrupt() as interrupt:
+            source.setup(amortizer, cfg, gen)  # the pilot of a fresh amortizer (a signal stops after it)
+            if amortizer.optimizer is None:
+                amortizer.optimizer = _optimizer(amortizer, cfg, source.parameters())
+            opt = amortizer.optimizer
+            params = [p for g in opt.param_groups for p in g["params"]]
+            if log_dir:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(log_dir)
+            t0, seen = time.perf_counter(), 0
+            desc = f"train ({source.name})"
+            bar = tqdm(range(amortizer.step, end), disable=not progress or None, desc=desc, leave=False)
             for step in bar:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step, cfg)

@@ -195,7 +195,8 @@ def test_fixed_three_level_structure_is_in_range_on_its_own_data():
     assert a.posterior(own).range_flags() == []
     # and the check has power: one more child under one parent is out of range
     more = am.HierarchicalData(
-        ["district", "school"], {"school": torch.cat([fixed.parents["school"], torch.tensor([0] * 7)])},
+        ["district", "school"],
+        {"school": torch.cat([fixed.parents["school"], torch.tensor([0] * 7)])},
         torch.cat([fixed.group, torch.arange(fixed.size("school"), fixed.size("school") + 7)]),
         y=torch.zeros(fixed.n_obs + 7),
     )

@@ -1,8 +1,8 @@
 import math
 import random
+from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -141,3 +141,96 @@ def test_fit_posterior_and_sample_leave_the_callers_rng_alone(small_sampler, sma
     b.fit(steps=3, batch_size=8, pilot_structures=2, progress=False)
     wa, wb = a.guide.state_dict(), b.guide.state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _nan_guide_from(monkeypatch, bad):
+    """Steps whose index is in ``bad`` run with NaN weights in the global head (restored after the step)."""
+    from amortize import train as train_mod
+
+    real, calls = train_mod._loss, []
+
+    def loss(a, cfg, gen):
+        calls.append(1)
+        if len(calls) - 1 not in bad:
+            return real(a, cfg, gen)
+        p = next(a.guide.global_head.parameters())
+        saved = p.data.clone()
+        p.data.fill_(float("nan"))
+        try:
+            return real(a, cfg, gen)
+        finally:
+            p.data.copy_(saved)
+
+    monkeypatch.setattr(train_mod, "_loss", loss)
+
+
+def test_a_nan_inside_the_guide_is_a_bad_step_naming_the_site(small_sampler, monkeypatch, caplog):
+    """A distribution argument check failing on NaN inside the guide skips the step, it does not end training."""
+    import logging
+
+    _nan_guide_from(monkeypatch, {1, 2})
+    a = am.Amortizer(normal_known, small_sampler, hidden=8, flow_bins=0)
+    with caplog.at_level(logging.WARNING, logger="amortize.train"):
+        a.fit(steps=5, batch_size=8, pilot_structures=2, objective="elbo", num_particles=2, progress=False)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert a.step == 5 and len(skipped) == 2 and all("site 'mu'" in m for m in skipped), skipped
+    assert all(bool(torch.isfinite(v).all()) for v in a.guide.state_dict().values())
+    b = am.Amortizer(normal_known, small_sampler, hidden=8, flow_bins=0)
+    _nan_guide_from(monkeypatch, set(range(1, 99)))
+    with pytest.raises(am.TrainingError, match=r"step 3: 3 consecutive.*site 'mu'"):
+        b.fit(steps=9, batch_size=8, pilot_structures=2, max_bad_steps=3, objective="elbo", progress=False)
+
+
+SIGNAL_RUN = """\
+name: sig
+model: model.py:normal_known
+network: {hidden: 8}
+structure: {levels: [group], groups: {group: [3, 5]}, obs: [2, 4]}
+train: {steps: 1000000, batch_size: 4, pilot_structures: 1, log_every: 1000, warmup: 2, checkpoint_every: 2}
+"""
+SIGNAL_MODEL = """
+import pyro
+import pyro.distributions as dist
+
+
+def normal_known(data):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("group", data.size("group")):
+        theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+    with pyro.plate("obs", data.n_obs):
+        pyro.sample("y", dist.Normal(theta[..., data.index("group")], 0.5), obs=data.y)
+"""
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_signal_finishes_the_step_saves_and_exits_with_the_shells_code(tmp_path, signame, code):
+    """``amortize train`` sent SIGTERM / SIGHUP mid-training: a loadable checkpoint, the resume
+    command, exit code 128 + the signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from amortize.checkpoint import load_checkpoint
+
+    (tmp_path / "c.yaml").write_text(SIGNAL_RUN)
+    (tmp_path / "model.py").write_text(SIGNAL_MODEL)
+    cli = "import sys; from amortize.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", cli, "train", str(tmp_path / "c.yaml"), "--quiet", "--root", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("checkpoints/sig/*/checkpoint.pt")):  # step 2 written: the loop runs
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    (ck,) = tmp_path.glob("checkpoints/sig/*/checkpoint.pt")
+    step = load_checkpoint(ck)["step"]
+    assert step >= 2 and f"interrupted at step {step}; continue with: amortize train --resume" in err
