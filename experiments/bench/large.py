@@ -10,8 +10,9 @@ uniformly: 10 on average), an amortizer is built for the model (never trained on
 input scalers are fitted on prior simulations on subsets of the dataset by the pilot), trained by
 ``amortizer.fit(source=am.Subsampled(data, groups_per_step))`` (``--steps`` steps), and
 ``amortizer.posterior(data, chunk_groups=...).sample(num_draws)``, streamed in chunks, gives every
-group's posterior mean and sd. Reported: z = |mean - exact mean| / exact sd (median, 90th percentile), sd / exact sd (median,
-10th and 90th percentiles) for the groups and for mu, wall seconds per phase, and memory per phase:
+group's posterior mean and sd. Reported: z = |mean - exact mean| / exact sd (median, 90th
+percentile), sd / exact sd (median, 10th and 90th percentiles) for the groups and for mu, wall
+seconds per phase, and memory per phase:
 the peak resident set of the phase (Linux VmHWM, reset at the start of each phase where the kernel
 allows it), the resident set after it, and the bytes held by the dataset and its group index.
 
