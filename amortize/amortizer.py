@@ -11,15 +11,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import __version__ as _version
@@ -28,6 +25,7 @@ from .data import HierarchicalData
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError
 from .guide import AmortizedGuide
 from .posterior import Posterior
+from .rng import get_rng, training_stream
 from .simulate import Simulation, StructureSampler, simulate
 from .sources import PriorPredictive, Subsampled, dataset_key
 from .structure import seeded, trace_structure
@@ -174,7 +172,9 @@ class Amortizer:
             raise AmortizeError(
                 "fit: this amortizer was fitted on one large dataset; continue with source=Subsampled(data, ...)"
             )
-        with self._own_rng():
+        if step_fn is not None and isinstance(source, Subsampled):
+            raise ConfigError("fit: step_fn shards simulated batches; a Subsampled source runs with the default step")
+        with training_stream(self):
             self.guide.train()
             try:
                 return train(
@@ -191,26 +191,6 @@ class Amortizer:
                 )
             finally:
                 self.guide.eval()
-
-    @contextlib.contextmanager
-    def _own_rng(self) -> Iterator[None]:
-        """Run training on the amortizer's own stream: torch's RNG seeded by ``seed`` on the first
-        ``fit``, else as the last one (or the checkpoint) left it; the caller's torch, numpy and
-        ``random`` states are restored afterwards. Checkpoints written inside read the stream live."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        np_state, py_state = np.random.get_state(), random.getstate()
-        with torch.random.fork_rng(devices=devices):
-            if self._rng is None or (self.step == 0 and not self.pilot_done):
-                torch.manual_seed(self.seed)
-            else:
-                _set_rng(self._rng, self.device)
-            self._rng = None  # live while training
-            try:
-                yield
-            finally:
-                self._rng = _get_rng(self.device)
-                np.random.set_state(np_state)
-                random.setstate(py_state)
 
     def posterior(
         self,
@@ -276,7 +256,7 @@ class Amortizer:
             "config": self.config.to_dict(),
             "state_dict": self.guide.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else self._optimizer_state,
-            "rng": {**(self._rng or _get_rng(self.device)), "generator": self.generator.get_state()},
+            "rng": {**(self._rng or get_rng(self.device)), "generator": self.generator.get_state()},
             "example": {
                 "levels": list(ex.levels),
                 "parents": dict(ex.parents),
@@ -475,15 +455,3 @@ _CHECKPOINT_KEYS = (
     "ranges",
     "history",
 )
-
-
-def _get_rng(device: torch.device) -> dict[str, Any]:
-    """torch's RNG state: the CPU generator and, for a CUDA device, that device's."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def _set_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
