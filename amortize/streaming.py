@@ -107,9 +107,9 @@ class StreamedDataset:
             if s.level is not None:
                 out[s.name] = torch.empty(num_samples, len(sel[s.level]), *s.event_shape, dtype=self.dtype)
         perm = chosen[torch.randperm(len(chosen))]
-        n_chunks = max(1, -(-len(perm) // self.chunk))
-        for piece in perm.tensor_split(n_chunks):
-            if len(piece) < self.chunk and groups is not None:  # chosen groups run with random companions
+        for piece in perm.tensor_split(max(1, round(len(perm) / self.chunk))):
+            own = piece
+            if len(piece) < self.chunk:  # a short chunk runs with random companions, as training's subsets
                 others = torch.ones(G, dtype=torch.bool)
                 others[piece] = False
                 rest = torch.nonzero(others).squeeze(-1)
@@ -117,21 +117,21 @@ class StreamedDataset:
             sub, kept = self._subset(piece)
             part = StructureBatch(self.guide, self.model, sub, self.device)
             with pyro.validation_enabled(False):
+                encoded = encode(self.guide, q, sub)
                 values = self.guide(
-                    sub,
-                    num_samples,
-                    encoded=encode(self.guide, q, sub),
-                    model_data=part.drawing_data(),
-                    latents_only=True,
+                    sub, num_samples, encoded=encoded, model_data=part.drawing_data(), latents_only=True
                 )
+            mine = {top: torch.isin(kept[top], own)}  # this chunk's own groups (not companions) per level
+            for above, lvl in zip(sub.levels, sub.levels[1:]):
+                mine[lvl] = mine[above][sub.parent_index(lvl).cpu()]
             for s in st.latents:
                 v = st.to_user(s, values[s.name])[:, 0]  # [n, *site_shape]
                 if s.level is None:
                     out.setdefault(s.name, v.cpu())
                     continue
                 at = pos[s.level][kept[s.level]]
-                mine = at >= 0
-                out[s.name][:, at[mine]] = v[:, mine.to(v.device)].cpu()
+                keep = mine[s.level] & (at >= 0)
+                out[s.name][:, at[keep]] = v[:, keep.to(v.device)].cpu()
         if groups is None:
             return out
         res = GroupDraws(out)

@@ -144,3 +144,55 @@ def test_compiled_drawing_kernel_draws_as_the_eager_one(amortizer, small_data):
         amortizer.guide.draw_kernel = product_draw
     for k in eager:
         assert torch.allclose(eager[k], compiled[k], rtol=1e-5, atol=1e-5), k
+
+
+def test_one_api_for_one_a_batch_a_list_and_a_streamed_dataset(amortizer, tmp_path):
+    """sample / summary / diagnostics / save answer alike; the layout follows the input."""
+    data = frame_data()
+    batch = data.with_response(torch.stack([data.y, data.y + 1.0]))
+    for what, post in {
+        "one": amortizer.posterior(data),
+        "batch": amortizer.posterior(batch),
+        "list": amortizer.posterior([data, data]),
+        "streamed": amortizer.posterior(data, chunk_groups=2),
+    }.items():
+        draws = post.sample(30, seed=0)
+        assert "mu" in post.summary(num_samples=20, seed=0)
+        diag = post.diagnostics(num_samples=50)
+        post.save(tmp_path / f"{what}.pt", num_samples=30, seed=0)
+        saved = torch.load(tmp_path / f"{what}.pt")
+        assert saved["levels"] == ["group"] and saved["seed"] == 0
+        if what == "list":
+            assert len(draws) == 2 and len(diag) == 2 and torch.equal(saved["draws"][1]["theta"], draws[1]["theta"])
+        else:
+            assert draws["theta"].shape == ((30, 2, 3) if what == "batch" else (30, 3))
+            assert torch.equal(saved["draws"]["theta"], draws["theta"]) and "flags" in diag
+
+
+def test_posterior_sits_below_the_amortizer():
+    """posterior, its helpers and the training loop import nothing above them (type-only imports aside)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(am.__file__).parent
+    above = {
+        "posterior": {"amortizer", "validate", "cli", "config"},
+        "batch": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+        "streaming": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+        "importance": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+        "ranges": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+        "train": {"posterior", "amortizer", "sources", "validate", "cli", "config"},
+        "sources": {"posterior", "amortizer", "validate", "cli", "config"},
+        "subsample": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+    }
+    for name, banned in above.items():
+        tree = ast.parse((root / f"{name}.py").read_text())
+        type_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for n in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in type_only:
+                assert (node.module or "").split(".")[0] not in banned, (name, node.module)
