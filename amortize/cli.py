@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .validate import plots
 from .amortizer import Amortizer
 from .config import (
     Config,
@@ -50,7 +51,6 @@ from .config import (
 from .data import HierarchicalData
 from .errors import AmortizeError, ConfigError
 from .posterior import K_THRESHOLD, Posterior
-from .validate import plots
 
 if TYPE_CHECKING:
     from .validate.heldout import Report
