@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -224,6 +225,9 @@ def _guide_site(err: BaseException) -> str | None:
     """The sample site a distribution argument error was raised at (the innermost Pyro message
     on the traceback), or None."""
     site, tb = None, err.__traceback__
+    named = re.search(r"at site '([^']+)'", str(err))  # Pyro's log_prob errors name it
+    if named:
+        return named.group(1)
     while tb is not None:
         msg = tb.tb_frame.f_locals.get("msg")
         if isinstance(msg, dict) and msg.get("type") == "sample" and isinstance(msg.get("name"), str):
