@@ -86,8 +86,10 @@ class Subsampled:
     The loop's ``batch_size`` and ``pilot_structures`` size the pilot (when the amortizer was never
     trained) on prior simulations on random subsets of the dataset's structure; ``num_particles``
     draws per step estimate the ELBO (``objective`` is not read: the loss is the scaled minibatch
-    ELBO). The subsets are random reshuffling epochs whose permutations are seeded by
-    ``(amortizer.seed, epoch)``, so a resumed run sees the subsets of an uninterrupted one.
+    ELBO). An amortizer trained on simulations is fine-tuned as a new run: its step count and Adam
+    restart at 0 (its pilot and training ranges are kept). The subsets are random reshuffling
+    epochs whose permutations are seeded by ``(amortizer.seed, epoch)``, so a resumed run sees the
+    subsets of an uninterrupted one.
 
     Args:
         data: one dataset (``y [N]``) with the model's levels and covariates; it stays where it is
@@ -125,6 +127,8 @@ class Subsampled:
                 f"Subsampled: this amortizer was fitted on another dataset (sizes {fitted.get('data')[:3]},"
                 f" this one {key[:3]}); build a new amortizer for it"
             )
+        if fitted is None and amortizer.step > 0:  # trained on simulations: fine-tuning is a new run
+            amortizer.step, amortizer.optimizer, amortizer._optimizer_state = 0, None, None
         if not amortizer.pilot_done:
             sims = pilot_fit(_SubsetSimulator(amortizer, self.index, self.groups_per_step), cfg, gen)  # type: ignore[arg-type]
             amortizer.ranges = record_ranges([s.data for s in sims], _structure_ranges(self.data))

@@ -145,6 +145,19 @@ def test_subsampled_state_is_saved_and_resumed_exactly(tmp_path: Path) -> None:
     assert post.streamed is not None and post.streamed.q_globals is resumed.q_globals
 
 
+def test_an_amortizer_trained_on_simulations_is_fine_tuned_as_a_new_run(amortizer) -> None:
+    import copy
+
+    a = copy.deepcopy(amortizer)  # trained 20 steps on simulations
+    ranges = a.ranges
+    data = _known(40, 3)
+    _fit(a, data, 10, steps=3)
+    assert a.step == 3 and a.ranges == ranges and a.subsampled["groups_per_step"] == 10
+    q = a.q_globals
+    trained = {id(p) for p in a.optimizer.param_groups[1]["params"]}
+    assert trained == {id(p) for p in q.parameters()}  # q(globals) is trained
+
+
 def test_errors_name_the_level_and_ids() -> None:
     data = _known(30, 0)
     index = OuterGroupIndex(data)
