@@ -23,7 +23,15 @@ from .errors import DataError
 from .ranges import value_flags
 from .structure import ModelStructure, drawing_data
 
-__all__ = ["StructureBatch", "same_structure", "group_by_structure", "check_data", "CHUNK_ELEMENTS"]
+__all__ = [
+    "StructureBatch",
+    "same_structure",
+    "group_by_structure",
+    "check_data",
+    "check_list",
+    "name_culprit",
+    "CHUNK_ELEMENTS",
+]
 
 CHUNK_ELEMENTS = 4e6  # draws x datasets x (rows + groups) per pass of the guide: bounds memory, and keeps
 # a pass's [draws, datasets, groups] temporaries near the cache (2e7: 10^4 groups 1.7x slower)
@@ -210,3 +218,34 @@ class StructureBatch:
                     f"observations: {int(c.min())}-{int(c.max())} per '{levels[-1]}' group, trained on {lo}-{hi}"
                 )
         return flags + value_flags(d, ranges)
+
+
+def check_list(datasets: Sequence[HierarchicalData], structure: Any, covariates: Any, dtype: Any) -> list:
+    """A non-empty list of single datasets with responses, or a DataError naming the first one at fault."""
+    if not datasets:
+        raise DataError("posterior: an empty list of datasets; pass at least one HierarchicalData")
+    for i, d in enumerate(datasets):
+        if not isinstance(d, HierarchicalData):
+            raise DataError(
+                f"dataset {i}: expected a HierarchicalData (see HierarchicalData.from_frame), got {type(d).__name__}"
+            )
+        if d.y is None:
+            raise DataError(f"dataset {i}: the data has no response ('{d.response}')")
+        if d.batch_size is not None:
+            raise DataError(
+                f"dataset {i}: already a batch of {d.batch_size} datasets (y {tuple(d.y.shape)}); a list"
+                " holds single datasets (y [N]): pass the batch alone, or split it"
+            )
+    return list(datasets)
+
+
+def name_culprit(
+    members: list[int], datasets: list, structure: Any, covariates: Any, dtype: Any, err: Exception
+) -> None:
+    """Re-check the datasets of a failed batch one by one and raise the first one's error with its position."""
+    for i in members:
+        try:
+            check_data(datasets[i], structure, covariates, dtype)
+        except DataError as e:
+            raise DataError(f"dataset {i}: {e}") from None
+    raise err

@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
-from .batch import StructureBatch, check_data, group_by_structure
+from .batch import StructureBatch, check_data, check_list, group_by_structure, name_culprit
 from .checkpoint import atomic_write
 from .data import HierarchicalData
 from .errors import DataError
 from .importance import K_THRESHOLD, CorrectedDraws, ImportanceSampledPosterior, psis
-from .streaming import GroupDraws, StreamedDataset
+from .streaming import GroupDraws, Moments, StreamedDataset
 from .structure import seeded
 
-__all__ = ["Posterior", "CorrectedDraws", "GroupDraws", "psis_k", "K_THRESHOLD"]
+__all__ = ["Posterior", "CorrectedDraws", "GroupDraws", "Moments", "psis_k", "K_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Posterior:
         self.streamed: StreamedDataset | None = None
         if isinstance(data, (list, tuple)):
             self.layout = "list"
-            self.datasets = _checked_list(data, self.structure, covariates, self.dtype)
+            self.datasets = check_list(data, self.structure, covariates, self.dtype)
             self.parts = []
             for members in group_by_structure(self.datasets):
                 first = self.datasets[members[0]]
@@ -102,7 +102,7 @@ class Posterior:
                 try:
                     check_data(first.with_response(y), self.structure, covariates, self.dtype)
                 except DataError as e:
-                    _name_culprit(members, self.datasets, self.structure, covariates, self.dtype, e)
+                    name_culprit(members, self.datasets, self.structure, covariates, self.dtype, e)
                 self.parts.append((members, StructureBatch(guide, model, first.with_response(y), self.device)))
         else:
             if not isinstance(data, HierarchicalData):
@@ -207,6 +207,22 @@ class Posterior:
             if groups is not None:
                 raise DataError("sample: groups= selects groups of a streamed dataset (posterior(..., chunk_groups=))")
             return self._arrange([part.draws(int(num_samples))[0] for _, part in self.parts])
+
+    @torch.no_grad()
+    def moments(self, num_draws: int = 100, level: str | None = None, seed: int | None = None) -> dict[str, Moments]:
+        """Posterior means and sds of every group latent of one dataset, ``{site: Moments(mean, sd)}``
+        with ``[G_level, *event_shape]`` tensors: q's conditional moments given ``num_draws`` draws of
+        the globals (law of total variance), streamed in chunks (one chunk unless streamed).
+
+        Raises:
+            DataError: a batch or a list; an unknown level or one without latent sites.
+        """
+        self._one("moments")
+        streamed = self.streamed or StreamedDataset(
+            self.guide, self.model, self.data, self.device, None, None, self.guide.encoder.cov_names
+        )
+        with self._seeded(seed):
+            return streamed.moments(int(num_draws), level)
 
     def proposals(self, num_samples: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Per distinct structure: draws ``{site: [n, B, ...]}`` with their log importance weights
@@ -359,31 +375,3 @@ def _table(draws: dict[str, torch.Tensor], data: HierarchicalData, structure: An
             q = torch.quantile(x, torch.tensor([lo_q, hi_q], dtype=x.dtype, device=x.device))
             rows.append(f"{tag:>16} {x.mean():>10.3f} {x.std():>10.3f} {q[0]:>10.3f} {q[1]:>10.3f}")
     return "\n".join(rows)
-
-
-def _checked_list(datasets: Sequence[HierarchicalData], structure: Any, covariates: Any, dtype: Any) -> list:
-    if not datasets:
-        raise DataError("posterior: an empty list of datasets; pass at least one HierarchicalData")
-    for i, d in enumerate(datasets):
-        if not isinstance(d, HierarchicalData):
-            raise DataError(
-                f"dataset {i}: expected a HierarchicalData (see HierarchicalData.from_frame), got {type(d).__name__}"
-            )
-        if d.y is None:
-            raise DataError(f"dataset {i}: the data has no response ('{d.response}')")
-        if d.batch_size is not None:
-            raise DataError(
-                f"dataset {i}: already a batch of {d.batch_size} datasets (y {tuple(d.y.shape)}); a list"
-                " holds single datasets (y [N]): pass the batch alone, or split it"
-            )
-    return list(datasets)
-
-
-def _name_culprit(members: list[int], datasets: list, structure: Any, covariates: Any, dtype: Any, err: Exception):
-    """Re-check the datasets of a failed batch one by one and raise the first one's error with its position."""
-    for i in members:
-        try:
-            check_data(datasets[i], structure, covariates, dtype)
-        except DataError as e:
-            raise DataError(f"dataset {i}: {e}") from None
-    raise err
