@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyro
+import pyro.poutine as poutine
 import torch
 
 from .data import OBS, HierarchicalData, magnitude_limit
 from .errors import DataError
 from .ranges import value_flags
-from .structure import ModelStructure, drawing_data
+from .structure import ModelStructure, batched, drawing_data
 
 __all__ = [
     "StructureBatch",
@@ -191,6 +192,19 @@ class StructureBatch:
         n = next(iter(truth.values())).shape[0]
         _, log_q, _ = self.guide.log_weights(self.data, n, truth=truth)
         return log_q.reshape(n, -1)
+
+    @torch.no_grad()
+    def predictive(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Responses ``[n, B, N]`` simulated from the model given latent draws ``{site: [n, B, ...]}``
+        (the posterior predictive), on torch's RNG as it is."""
+        st = self.structure
+        truth = {s.name: st.from_user(s, values[s.name]) for s in st.latents}
+        n = next(iter(truth.values())).shape[0]
+        B = self.data.batch_size or 1
+        fn = poutine.condition(batched(self.model, st.max_plate_nesting), data=truth)
+        with pyro.validation_enabled(False):
+            tr = poutine.trace(fn).get_trace(self.data.with_response(None), n, B)
+        return tr.nodes[st.response]["value"].reshape(n, B, self.data.n_obs)
 
     def range_flags(self, ranges: dict[str, Any]) -> list[str]:
         """Ways in which these datasets lie outside ``ranges``: structure (groups of the outermost

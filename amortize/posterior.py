@@ -224,6 +224,17 @@ class Posterior:
         with self._seeded(seed):
             return streamed.moments(int(num_draws), level)
 
+    @torch.no_grad()
+    def predictive(self, num_samples: int = 100, seed: int | None = None) -> Any:
+        """Posterior predictive responses: the model run on each of ``num_samples`` joint draws,
+        ``[n, N]`` for one dataset, ``[n, B, N]`` for a batch, a list of ``[n, N_i]`` for a list."""
+        if self.streamed is not None:
+            raise DataError("predictive of a streamed dataset is not computed; draw chosen groups with sample(groups=)")
+        with self._seeded(seed):
+            ys = [part.predictive(part.draws(int(num_samples))[0]) for _, part in self.parts]
+        out = self._arrange([{"y": y} for y in ys])
+        return [d["y"] for d in out] if self.layout == "list" else out["y"]
+
     def proposals(self, num_samples: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Per distinct structure: draws ``{site: [n, B, ...]}`` with their log importance weights
         ``log p(y, z) - log q(z | y)`` ``[n, B]``, on torch's RNG as it is (for importance sampling).

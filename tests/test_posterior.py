@@ -196,3 +196,22 @@ def test_posterior_sits_below_the_amortizer():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in type_only:
                 assert (node.module or "").split(".")[0] not in banned, (name, node.module)
+
+
+def test_predictive_replicates_the_data_scale(amortizer):
+    """Posterior predictive responses: shape of the input, and each group's replicated mean follows its
+    posterior (theta_g + noise 0.5 / sqrt(n_g)): within 5 standard errors of the draws' theta means."""
+    data = frame_data()
+    post = amortizer.posterior(data)
+    y = post.predictive(2000, seed=0)
+    assert y.shape == (2000, data.n_obs)
+    theta = post.sample(2000, seed=0)["theta"]  # the same seed: the draws y was simulated from
+    g = data.index("group")
+    for j in range(data.size("group")):
+        rows = y[:, g == j]
+        ybar = rows.mean(1)
+        se = ybar.std() / 2000**0.5
+        assert abs(float(ybar.mean() - theta[:, j].mean())) < 5 * float(se)
+    assert amortizer.posterior([data, data]).predictive(3)[1].shape == (3, data.n_obs)
+    batch = data.with_response(torch.stack([data.y, data.y]))
+    assert amortizer.posterior(batch).predictive(3).shape == (3, 2, data.n_obs)
