@@ -372,7 +372,8 @@ class Amortizer:
             if sub.get("q_globals") is not None:
                 st = new.structure
                 D = st.global_dim
-                new.q_globals = GlobalGaussian(st, torch.zeros(D), torch.eye(D)).to(new.device)
+                dtype = next(new.guide.parameters()).dtype
+                new.q_globals = GlobalGaussian(st, torch.zeros(D), torch.eye(D)).to(new.device, dtype)
                 new.q_globals.load_state_dict(sub["q_globals"])
         return new
 

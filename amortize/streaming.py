@@ -193,10 +193,14 @@ class StreamedDataset:
         return {k: Moments(mean[k], var[k].clamp_min(0).sqrt()) for k in mean}
 
     def range_flags(self, ranges: dict[str, Any]) -> list[str]:
-        """Flags of the whole dataset against ``ranges`` (its structure, response and covariates)."""
+        """Flags of the whole dataset against ``ranges`` (its structure, response and covariates; not
+        its number of outermost groups when q(globals) was fitted on it by subsampled training)."""
         if self.data.y is None:
             raise DataError(f"the data has no response ('{self.data.response}')")
-        return StructureBatch(self.guide, self.model, self.data, torch.device("cpu")).range_flags(ranges)
+        flags = StructureBatch(self.guide, self.model, self.data, torch.device("cpu")).range_flags(ranges)
+        if self.q_globals is not None:  # the globals' q is this dataset's own: the guide sees chunks, not G
+            flags = [f for f in flags if not f.startswith(f"level '{self.index.top}': ")]
+        return flags
 
 
 def _moments(st: Any, site: Any, q: Any, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

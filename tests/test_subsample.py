@@ -148,11 +148,14 @@ def test_subsampled_state_is_saved_and_resumed_exactly(tmp_path: Path) -> None:
 def test_an_amortizer_trained_on_simulations_is_fine_tuned_as_a_new_run(amortizer) -> None:
     import copy
 
-    a = copy.deepcopy(amortizer)  # trained 20 steps on simulations
+    a = copy.deepcopy(amortizer)  # trained 20 steps on simulations of 3-8 groups
     ranges = a.ranges
     data = _known(40, 3)
     _fit(a, data, 10, steps=3)
     assert a.step == 3 and a.ranges == ranges and a.subsampled["groups_per_step"] == 10
+    flags = a.posterior(data).range_flags()  # 40 groups: no flag, the guide sees chunks of 10
+    assert not any("level 'group'" in f for f in flags), flags
+    assert any("level 'group'" in f for f in a.posterior(_known(40, 9)).range_flags())  # another dataset
     q = a.q_globals
     trained = {id(p) for p in a.optimizer.param_groups[1]["params"]}
     assert trained == {id(p) for p in q.parameters()}  # q(globals) is trained
