@@ -169,6 +169,14 @@ def test_one_api_for_one_a_batch_a_list_and_a_streamed_dataset(amortizer, tmp_pa
             assert torch.equal(saved["draws"]["theta"], draws["theta"]) and "flags" in diag
 
 
+def test_posterior_is_built_from_what_it_needs(amortizer):
+    """No amortizer: the guide, the model, the ranges, the device."""
+    data = frame_data()
+    own = am.Posterior(amortizer.guide, normal_known, data, ranges=amortizer.ranges, device="cpu")
+    a, b = own.sample(10, seed=2), amortizer.posterior(data).sample(10, seed=2)
+    assert all(torch.equal(a[k], b[k]) for k in a) and own.range_flags() == amortizer.posterior(data).range_flags()
+
+
 def test_posterior_sits_below_the_amortizer():
     """posterior, its helpers and the training loop import nothing above them (type-only imports aside)."""
     import ast
