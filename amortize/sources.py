@@ -131,7 +131,8 @@ class Subsampled:
             amortizer.step, amortizer.optimizer, amortizer._optimizer_state = 0, None, None
         if not amortizer.pilot_done:
             sims = pilot_fit(_SubsetSimulator(amortizer, self.index, self.groups_per_step), cfg, gen)  # type: ignore[arg-type]
-            amortizer.ranges = record_ranges([s.data for s in sims], _structure_ranges(self.data))
+            structure = {self.index.top: [self.groups_per_step] * 2, **_structure_ranges(self.data)}  # chunks of b
+            amortizer.ranges = record_ranges([s.data for s in sims], structure)
             amortizer.pilot_done = True
         if amortizer.q_globals is None and amortizer.structure.global_dim:
             amortizer.q_globals = _init_globals(amortizer, self.index, self.groups_per_step, gen)
@@ -167,7 +168,7 @@ class Subsampled:
 
 
 def _structure_ranges(data: HierarchicalData) -> dict[str, Any]:
-    """Children per parent and observations per group of ``data`` (the outermost count is a chunk's)."""
+    """Children per parent and observations per group of ``data``."""
     out: dict[str, Any] = {}
     for above, lvl in zip(data.levels, data.levels[1:]):
         c = torch.bincount(data.parent_index(lvl), minlength=data.size(above))

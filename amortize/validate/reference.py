@@ -1,7 +1,8 @@
-"""Loaders of external ground truth (posteriordb draws, Inference Gym moments) from the shared reference folder.
+"""Loaders of external ground truth (posteriordb draws, Inference Gym moments) shipped in experiments/data/reference.
 
-The folder is ``$AMORTIZE_REFERENCE`` if set, else ``<repo root>/../shared/reference`` (the repo root
-being the folder above the ``amortize`` package). Its READMEs describe every model and file; the
+The folder is ``$AMORTIZE_REFERENCE`` if set, else ``<repo root>/experiments/data/reference`` (the repo
+root being the folder above the ``amortize`` package), which ships with the project with the licences
+and provenance of every file. Its READMEs describe every model and file; the
 numbers there were produced outside this project, so they are ground truth nobody here computed.
 
 Example:
@@ -41,7 +42,7 @@ class ReferenceNotFoundError(AmortizeError, FileNotFoundError):
 
 
 def reference_dir() -> Path:
-    """The reference folder: ``$AMORTIZE_REFERENCE`` or ``<repo root>/../shared/reference``.
+    """The reference folder: ``$AMORTIZE_REFERENCE`` or ``<repo root>/experiments/data/reference``.
 
     Returns:
         The folder's path (it may not exist; the loaders check).
@@ -50,7 +51,7 @@ def reference_dir() -> Path:
     if env:
         return Path(env)
     repo_root = Path(__file__).resolve().parents[2]
-    return (repo_root / ".." / "shared" / "reference").resolve()
+    return repo_root / "experiments" / "data" / "reference"
 
 
 def _path(*parts: str) -> Path:
