@@ -370,6 +370,8 @@ def train(
                     amortizer.save(checkpoint_path)
                 if interrupt["stop"]:
                     raise Interrupted(interrupt["signum"])
+            if interrupt["stop"]:  # a signal during the pilot of a run with no step left
+                raise Interrupted(interrupt["signum"])
     except KeyboardInterrupt:
         log.warning("interrupted at step %d; saving a checkpoint", amortizer.step)
         if checkpoint_path:
