@@ -211,6 +211,8 @@ def test_wrapper_is_the_one_line_correction(amortizer):
     assert all(torch.equal(a[k], b[k]) for k in a) and a.pareto_k == b.pareto_k
     lists = ImportanceSampledPosterior(amortizer.posterior([_dataset(7), _dataset(8)])).sample(50, seed=0)
     assert len(lists) == 2 and all(isinstance(c.pareto_k, float) for c in lists)
+    with pytest.raises(am.DataError, match="streamed"):  # a streamed dataset's full log density is not computed
+        ImportanceSampledPosterior(amortizer.posterior(_dataset(7), chunk_groups=2)).sample(10)
 
 
 def test_value_flags_name_the_response_and_covariate():
