@@ -214,8 +214,9 @@ def _deferred_interrupt() -> Iterator[dict[str, Any]]:
     try:
         yield flags
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        for s, h in previous.items():  # None: a handler set outside Python; Python's own default then
+            fallback = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
+            signal.signal(s, h if h is not None else fallback)
 
 
 _NON_FINITE = ("Expected parameter", "found invalid values", "to satisfy the constraint")
