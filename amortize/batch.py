@@ -121,6 +121,7 @@ def check_data(data: HierarchicalData, structure: ModelStructure, covariates: di
             raise DataError(f"{what}: NaN or infinite values")
         if float(t.abs().max()) > limit:
             raise DataError(f"{what}: values too large for the network's {dtype} (limit {limit:.2g}); rescale them")
+    structure.check_response(data)  # a response outside the likelihood's support (a Poisson -1, a Bernoulli 0.5)
 
 
 class StructureBatch:

@@ -27,7 +27,7 @@ from .batch import check_data
 from .data import HierarchicalData
 from .errors import DataError
 from .ranges import record_ranges
-from .simulate import Simulation, simulate
+from .simulate import Simulation, simulate_counted
 from .structure import ModelStructure
 from .subsample import GlobalGaussian, OuterGroupIndex, draw_groups, subsampled_elbo
 from .train import TrainConfig, batch_loss, pilot_fit
@@ -74,10 +74,13 @@ class _SubsetSimulator:
     def __init__(self, amortizer: Amortizer, index: OuterGroupIndex, size: int) -> None:
         self.model, self.guide, self.structure = amortizer.model, amortizer.guide, amortizer.structure
         self.index, self.size, self.device = index, size, amortizer.device
+        self.drops = amortizer.drops
 
     def simulate_batch(self, gen: torch.Generator, num_datasets: int) -> Simulation:
         sub, _ = self.index.restrict(draw_groups(self.index.num_groups, self.size, gen))
-        return simulate(self.model, self.structure, sub.with_response(None).to(self.device), num_datasets)
+        return simulate_counted(
+            self.model, self.structure, sub.with_response(None).to(self.device), num_datasets, self.drops
+        )
 
 
 class Subsampled:
