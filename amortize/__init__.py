@@ -1,7 +1,5 @@
 """amortize: neural amortized Bayesian inference for hierarchical Pyro models."""
 
-__version__ = "0.3.0"
-
 from .amortizer import Amortizer  # noqa: E402
 from .data import OBS, HierarchicalData  # noqa: E402
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError, ModelStructureError, TrainingError
@@ -11,8 +9,10 @@ from .simulate import StructureSampler, simulate
 from .sources import PriorPredictive, Subsampled  # noqa: E402
 from .structure import ModelStructure, trace_structure  # noqa: E402
 from .train import Interrupted, TrainConfig  # noqa: E402
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "OBS",
     "AmortizeError",
     "Amortizer",

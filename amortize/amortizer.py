@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from . import __version__ as _version
 from .checkpoint import check_amortizer_payload, load_checkpoint, save_checkpoint
 from .data import HierarchicalData
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError
@@ -32,6 +31,7 @@ from .sources import PriorPredictive, Subsampled, dataset_key
 from .structure import seeded, trace_structure
 from .subsample import GlobalGaussian
 from .train import StepFn, TrainConfig, train
+from .version import __version__ as _version
 
 __all__ = ["Amortizer"]
 
