@@ -17,20 +17,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
-import pyro
 import torch
 
-from . import __version__ as _version
-from .batch import PosteriorBatch
 from .checkpoint import check_amortizer_payload, load_checkpoint, save_checkpoint
 from .data import HierarchicalData
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError
 from .guide import AmortizedGuide
 from .nn import STATISTICS_VERSION
 from .posterior import Posterior
+from .rng import get_rng, training_stream
 from .simulate import DropTally, Simulation, StructureSampler, simulate_counted
-from .structure import trace_structure
+from .sources import PriorPredictive, Subsampled, dataset_key
+from .structure import seeded, trace_structure
+from .subsample import GlobalGaussian
 from .train import StepFn, TrainConfig, train
+from .version import __version__ as _version
 
 __all__ = ["Amortizer"]
 
@@ -46,8 +47,8 @@ class Amortizer:
             is used as is.
         hidden: width of the encoder and heads.
         flow_bins: bins of the spline flow on the global latents (0: a Gaussian).
-        seed: seeds the initial weights, the structure sampler and, when training starts, Pyro's
-            RNG: the same seed gives the same run (the caller's RNG is left as it was).
+        seed: seeds the initial weights, the structure sampler and training's own random stream:
+            the same seed gives the same run (the caller's RNG is left as it was).
         device: where the networks live (``"cpu"``, ``"cuda"``); never hard-coded elsewhere.
         global_coupling: the group data terms depend linearly on the drawn globals (per-group
             coefficients, learned from zero): q keeps the posterior correlation of group effects with
@@ -76,8 +77,7 @@ class Amortizer:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.generator = torch.Generator().manual_seed(self.seed)
         self.example = sampler.sample(torch.Generator().manual_seed(self.seed))
-        with torch.random.fork_rng(devices=[]):  # the initial weights follow the seed, not the caller's RNG
-            torch.default_generator.manual_seed(self.seed)
+        with seeded(self.seed):  # the initial weights follow the seed, not the caller's RNG
             self.structure = trace_structure(model, self.example)
             self.covariates = {lvl: sorted(cols) for lvl, cols in self.example.covariates.items()}
             self.guide = AmortizedGuide(
@@ -91,8 +91,12 @@ class Amortizer:
         self.history: list[dict[str, float]] = []
         self.drops = DropTally(self.structure.response)  # simulations dropped (non-finite), per site
         self._optimizer_state: dict[str, Any] | None = None
-        self._rng: dict[str, Any] | None = None  # torch's RNG as training left it (None: live, or never trained)
+        self._rng: dict[str, Any] | None = None  # torch's RNG as training left it (None: never trained)
         self._trainable = True
+        self._ranges: dict[str, Any] | None = None
+        self.source: PriorPredictive | Subsampled | None = None  # the data source of the last fit
+        self.q_globals: GlobalGaussian | None = None  # q(globals) of the one dataset of a subsampled fit
+        self.subsampled: dict[str, Any] | None = None  # {"data": dataset_key, "groups_per_step": b}
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{s.name}@{s.level or 'global'}" for s in self.structure.latents)
@@ -113,15 +117,20 @@ class Amortizer:
         step_fn: StepFn | None = None,
         is_main: bool = True,
         callback: Callable[[int, float], None] | None = None,
+        source: PriorPredictive | Subsampled | None = None,
         **overrides: Any,
     ) -> list[dict[str, float]]:
         """Train (or continue training) the amortized posterior.
 
-        Training continues the amortizer's own random stream (torch's RNG as the last ``fit`` left
-        it, or as the checkpoint saved it), so ``fit(steps=2N, stop_at=N)``, ``save``, ``load`` with
-        the same sampler, ``fit(steps=2N)`` gives bit for bit the weights of ``fit(steps=2N)`` on CPU.
+        Training continues the amortizer's own random stream (seeded by ``seed``, carried from one
+        ``fit`` to the next and in checkpoints), so ``fit(steps=2N, stop_at=N)``, ``save``, ``load``
+        with the same sampler, ``fit(steps=2N)`` gives bit for bit the weights of ``fit(steps=2N)``
+        on CPU. The caller's RNG (torch, numpy, random) is left as it was.
 
         Args:
+            source: where each step's data come from (:mod:`amortize.sources`): simulations from the
+                prior predictive (default), or ``Subsampled(data, groups_per_step=...)``, one large
+                dataset whose q(globals) the amortizer then keeps (``posterior(data)`` streams it).
             config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields
                 (``steps=3000, objective="elbo"``, ...).
             log_dir: TensorBoard run directory (scalars: loss, lr, grad norm, datasets/s).
@@ -161,48 +170,62 @@ class Amortizer:
             raise ConfigError(f"fit: unknown option(s) {unknown}; options are {sorted(names)}")
         cfg = TrainConfig(**{**cfg.to_dict(), **overrides})
         self.config = cfg
-        if self.step == 0 and not self.pilot_done:
-            pyro.set_rng_seed(self.seed)
-        elif self._rng is not None:
-            _set_rng(self._rng, self.device)
-        if self.optimizer is None and self._optimizer_state is not None:
-            self.optimizer = torch.optim.Adam(self.guide.parameters(), lr=cfg.lr)
-            self.optimizer.load_state_dict(self._optimizer_state)
-            self._optimizer_state = None
-        self._rng = None  # while training, torch's global RNG is the stream (checkpoints read it live)
-        self.guide.train()
-        try:
-            return train(
-                self,
-                cfg,
-                log_dir=log_dir,
-                checkpoint_path=checkpoint_path,
-                progress=progress,
-                stop_at=stop_at,
-                step_fn=step_fn,
-                is_main=is_main,
-                callback=callback,
+        if source is None and self.subsampled is not None:
+            raise AmortizeError(
+                "fit: this amortizer was fitted on one large dataset; continue with source=Subsampled(data, ...)"
             )
-        finally:
-            self.guide.eval()
-            self._rng = _get_rng(self.device)
+        if step_fn is not None and isinstance(source, Subsampled):
+            raise ConfigError("fit: step_fn shards simulated batches; a Subsampled source runs with the default step")
+        with training_stream(self):
+            self.guide.train()
+            try:
+                return train(
+                    self,
+                    cfg,
+                    source or PriorPredictive(),
+                    log_dir=log_dir,
+                    checkpoint_path=checkpoint_path,
+                    progress=progress,
+                    stop_at=stop_at,
+                    step_fn=step_fn,
+                    is_main=is_main,
+                    callback=callback,
+                )
+            finally:
+                self.guide.eval()
 
-    def posterior(self, data: HierarchicalData | Sequence[HierarchicalData]) -> Posterior | PosteriorBatch:
-        """The amortized posterior: one forward pass of the encoder; draws come from ``sample``.
+    def posterior(
+        self,
+        data: HierarchicalData | Sequence[HierarchicalData],
+        seed: int | None = None,
+        chunk_groups: int | None = None,
+    ) -> Posterior:
+        """The amortized posterior (:class:`~amortize.Posterior`): one forward pass of the encoder;
+        draws come from ``sample``, in the layout of the input:
 
-        * a dataset (``y [N]``) or a batch sharing one structure (``y [B, N]``): a :class:`Posterior`,
-          whose ``sample(n)`` gives ``{site: [n, *site_shape]}`` (``[n, B, ...]`` for a batch);
-        * a list (or tuple) of datasets, of one structure or several: a
-          :class:`~amortize.batch.PosteriorBatch`, vectorized per distinct structure, whose
-          ``sample(n)`` gives a list of per-dataset dicts ``{site: [n, *site_shape]}`` in input order.
+        * a dataset (``y [N]``): ``{site: [n, *site_shape]}``; a batch sharing one structure
+          (``y [B, N]``): ``[n, B, ...]``;
+        * a list (or tuple) of datasets, of one structure or several (vectorized per distinct
+          structure): a list of per-dataset dicts in input order;
+        * the dataset of a subsampled fit, or any dataset with ``chunk_groups``: streamed in chunks of
+          outermost groups (the subsampled fit's ``groups_per_step`` by default).
+
+        Args:
+            seed: seeds the posterior's own stream of draws (``sample(seed=...)`` seeds one call).
+            chunk_groups: stream the dataset in chunks of this many outermost groups.
 
         Raises:
             DataError: an empty list, or a dataset whose levels, covariates or values do not fit the
                 model (a list names the dataset's position).
         """
-        if isinstance(data, (list, tuple)):
-            return PosteriorBatch(self, data)
-        return Posterior(self, data)
+        q = None
+        if self.subsampled is not None and isinstance(data, HierarchicalData) and data.batch_size is None:
+            if data.y is not None and dataset_key(data) == self.subsampled["data"]:
+                q = self.q_globals
+                chunk_groups = chunk_groups or int(self.subsampled["groups_per_step"])
+        return Posterior(
+            self.guide, self.model, data, self.ranges, self.device, seed=seed, chunk_groups=chunk_groups, q_globals=q
+        )
 
     def compile(self, **options: Any) -> Amortizer:
         """Compile the drawing kernel (a group's prior x data term and its draw, elementwise over draws,
@@ -235,7 +258,7 @@ class Amortizer:
             "config": self.config.to_dict(),
             "state_dict": self.guide.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else self._optimizer_state,
-            "rng": {**(self._rng or _get_rng(self.device)), "generator": self.generator.get_state()},
+            "rng": {**(self._rng or get_rng(self.device)), "generator": self.generator.get_state()},
             "example": {
                 "levels": list(ex.levels),
                 "parents": dict(ex.parents),
@@ -244,6 +267,12 @@ class Amortizer:
             },
             "ranges": self.ranges,  # as trained (a checkpoint loaded without its sampler keeps them)
             "history": self.history,
+            "subsampled": None
+            if self.subsampled is None
+            else {
+                **self.subsampled,
+                "q_globals": None if self.q_globals is None else self.q_globals.state_dict(),
+            },
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -318,8 +347,19 @@ class Amortizer:
             new.config = TrainConfig(**ck["config"])
         except ConfigError as e:
             raise CheckpointError(f"{path}: field 'config': {e}") from None
+        sub = ck.get("subsampled")
+        if sub is not None:
+            new.subsampled = {k: v for k, v in sub.items() if k != "q_globals"}
+            if sub.get("q_globals") is not None:
+                st = new.structure
+                D = st.global_dim
+                dtype = next(new.guide.parameters()).dtype
+                new.q_globals = GlobalGaussian(st, torch.zeros(D), torch.eye(D)).to(new.device, dtype)
+                new.q_globals.load_state_dict(sub["q_globals"])
         opt = ck["optimizer"]
-        if opt is not None and sum(len(g["params"]) for g in opt["param_groups"]) != len(list(new.guide.parameters())):
+        n_params = len(list(new.guide.parameters()))
+        n_params += 0 if new.q_globals is None else len(list(new.q_globals.parameters()))  # a subsampled run's
+        if opt is not None and sum(len(g["params"]) for g in opt["param_groups"]) != n_params:
             raise CheckpointError(f"{path}: field 'optimizer' does not hold one state per parameter of this model")
         new._optimizer_state = opt
         new.history = list(ck["history"])
@@ -332,25 +372,10 @@ class Amortizer:
     @property
     def ranges(self) -> dict[str, Any]:
         """The range seen in training (for out-of-range flags): structure, and response scale and
-        covariates recorded from simulations on first use (see :mod:`amortize.validate.ranges`)."""
-        if getattr(self, "_ranges", None) is None and self._trainable:
-            from .ranges import training_ranges
-
-            self._ranges = training_ranges(self)
-        return getattr(self, "_ranges", None) or self.sampler.ranges()
+        covariates recorded from the pilot's simulations (see :mod:`amortize.ranges`); before the
+        pilot, the sampler's structural ranges alone."""
+        return self._ranges or self.sampler.ranges()
 
     @ranges.setter
     def ranges(self, value: dict[str, Any]) -> None:
         self._ranges = value
-
-
-def _get_rng(device: torch.device) -> dict[str, Any]:
-    """torch's RNG state: the CPU generator and, for a CUDA device, that device's."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def _set_rng(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)

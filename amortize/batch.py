@@ -1,33 +1,42 @@
-"""Posteriors of many datasets from one call: ``amortizer.posterior([d1, d2, ...])``.
+"""Datasets that share one structure, drawn from together: the engine under :class:`~amortize.Posterior`.
 
 Datasets that share one structure (the same levels, parent indices, observations' groups and
 covariate values; only the responses differ) are stacked into one ``[B, N]`` batch and go through
 the networks together: one encoder pass and one vectorized draw per structure, however many datasets
-it holds. A list that mixes structures is split into one batch per distinct structure (the only
-Python loop is over distinct structures); results come back in the order of the input list.
+it holds (:func:`group_by_structure`, :class:`StructureBatch`).
 
 Example:
-    >>> post = amortizer.posterior([d1, d2, d3])  # doctest: +SKIP
-    >>> draws = post.sample(1000, seed=0)  # [{"mu": [1000], "theta": [1000, G1]}, {...}, {...}]  # doctest: +SKIP
-    >>> post.batches  # [([0, 2], Posterior over a [2, N] batch), ([1], ...)]  # doctest: +SKIP
+    >>> groups = group_by_structure([d1, d2, d3])  # [[0, 2], [1]]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import pyro
+import pyro.poutine as poutine
 import torch
 
-from .data import HierarchicalData
+from .data import OBS, HierarchicalData, magnitude_limit
 from .errors import DataError
-from .posterior import K_THRESHOLD, CorrectedDraws, Posterior
-from .structure import seeded
+from .objectives import log_weights
+from .ranges import value_flags
+from .structure import ModelStructure, batched, drawing_data
 
-if TYPE_CHECKING:
-    from .amortizer import Amortizer
+__all__ = [
+    "StructureBatch",
+    "same_structure",
+    "group_by_structure",
+    "check_data",
+    "check_list",
+    "name_culprit",
+    "CHUNK_ELEMENTS",
+]
 
-__all__ = ["PosteriorBatch", "same_structure"]
+CHUNK_ELEMENTS = 4e6  # draws x datasets x (rows + groups) per pass of the guide: bounds memory, and keeps
+# a pass's [draws, datasets, groups] temporaries near the cache (2e7: 10^4 groups 1.7x slower)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -48,181 +57,211 @@ def same_structure(a: HierarchicalData, b: HierarchicalData) -> bool:
     return all(_same_tensor(a.covariates[lvl][k], b.covariates[lvl][k]) for k, lvl in a.covariate_level.items())
 
 
-class PosteriorBatch(Sequence[Posterior]):
-    """The amortized posteriors of a list of datasets, computed one structure at a time.
+def group_by_structure(datasets: Sequence[HierarchicalData]) -> list[list[int]]:
+    """Input positions grouped by distinct structure, in order of first appearance (one comparison
+    per distinct structure, not per pair)."""
+    groups: list[list[int]] = []
+    for i, d in enumerate(datasets):
+        for members in groups:
+            if same_structure(datasets[members[0]], d):
+                members.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
 
-    What :meth:`Amortizer.posterior <amortize.Amortizer.posterior>` returns for a list (or tuple) of
-    :class:`~amortize.HierarchicalData`, each holding one dataset (``y [N]``).
 
-    * :meth:`sample` returns a **list with one dict per input dataset**, in input order:
-      ``{site: [num_samples, *site_shape]}``, exactly the layout ``Posterior.sample`` gives for that
-      dataset alone (group sites sized by that dataset's groups).
-    * ``batch[i]`` is the :class:`Posterior` of dataset ``i`` alone (for ``to_arviz``, ``summary``).
-    * :attr:`batches` holds, per distinct structure, the input positions and one :class:`Posterior`
-      over their stacked ``[B, N]`` responses: its ``sample`` gives ``[num_samples, B, ...]``
-      tensors, for callers that want draws with a leading dataset dimension.
-
-    Args:
-        amortizer: the trained amortizer.
-        datasets: a non-empty sequence of single datasets (``y [N]``).
+def check_data(data: HierarchicalData, structure: ModelStructure, covariates: dict[str, list[str]], dtype: Any) -> None:
+    """Refuse, before any network runs, a dataset whose structure is not the model's or whose values
+    do not fit the network's ``dtype``.
 
     Raises:
-        DataError: the list is empty; an element is not a HierarchicalData, has no response or
-            already holds a batch ``[B, N]``; or a dataset's levels, covariates or values do not fit
-            the model (the message starts with ``dataset i:``, naming the first one at fault).
+        DataError: naming the level, covariate or response at fault.
+    """
+    if not isinstance(data, HierarchicalData):
+        raise DataError(
+            f"posterior: expected a HierarchicalData (see HierarchicalData.from_frame), got {type(data).__name__}"
+        )
+    if tuple(data.levels) != tuple(structure.levels):
+        missing = [lvl for lvl in structure.levels if lvl not in data.levels]
+        extra = [lvl for lvl in data.levels if lvl not in structure.levels]
+        what = "in another order"
+        if missing or extra:
+            what = f"missing {missing}, not in the model {extra}"
+        raise DataError(
+            f"data has levels {list(data.levels)}; the model was trained on {list(structure.levels)} ({what})"
+        )
+    for lvl, names in covariates.items():
+        for name in names:
+            if name not in data.covariates.get(lvl, {}):
+                where = "observation" if lvl == OBS else f"'{lvl}'"
+                found = data.covariate_level.get(name)
+                also = f"; the data has it at level '{found}'" if found else ""
+                raise DataError(f"covariate '{name}' ({where} level) is missing from the data{also}")
+    for name, lvl in data.covariate_level.items():
+        if name not in covariates.get(lvl, []):
+            raise DataError(
+                f"covariate '{name}' (level '{lvl}') was not in the training data"
+                f" (trained with {covariates or 'no covariates'}); drop it or retrain"
+            )
+    if data.y is None:
+        raise DataError(f"the data has no response ('{data.response}')")
+    if not isinstance(data.y, torch.Tensor) or data.y.dim() not in (1, 2) or data.y.shape[-1] != data.n_obs:
+        raise DataError(
+            f"response '{data.response}': expected shape [N] or [B, N] with N={data.n_obs},"
+            f" got {tuple(getattr(data.y, 'shape', ()))}"
+        )
+    if data.y.numel() == 0:
+        raise DataError(f"response '{data.response}': an empty batch of datasets, shape {tuple(data.y.shape)}")
+    limit = magnitude_limit(dtype)
+    tensors = {f"response '{data.response}'": data.y, **{f"covariate '{k}'": v for k, v in data.x.items()}}
+    for what, t in tensors.items():
+        if not t.is_floating_point():
+            raise DataError(f"{what}: expected floating-point values, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise DataError(f"{what}: NaN or infinite values")
+        if float(t.abs().max()) > limit:
+            raise DataError(f"{what}: values too large for the network's {dtype} (limit {limit:.2g}); rescale them")
+    structure.check_response(data)  # a response outside the likelihood's support (a Poisson -1, a Bernoulli 0.5)
+
+
+class StructureBatch:
+    """One dataset (``y [N]``) or B datasets sharing one structure (``y [B, N]``), on the guide's
+    device and dtype: draws, log weights and log q, run in chunks of draws.
+
+    Args:
+        guide: the trained :class:`~amortize.guide.AmortizedGuide`.
+        model: the user's model (decides what the model runs on while drawing).
+        data: the checked dataset or batch.
+        device: where the guide lives.
     """
 
-    def __init__(self, amortizer: Amortizer, datasets: Sequence[HierarchicalData]) -> None:
-        if isinstance(datasets, HierarchicalData) or not isinstance(datasets, (list, tuple)):
-            raise DataError(f"posterior: expected a HierarchicalData or a list of them, got {type(datasets).__name__}")
-        if not datasets:
-            raise DataError("posterior: an empty list of datasets; pass at least one HierarchicalData")
-        for i, d in enumerate(datasets):
-            if not isinstance(d, HierarchicalData):
-                raise DataError(
-                    f"dataset {i}: expected a HierarchicalData (see HierarchicalData.from_frame),"
-                    f" got {type(d).__name__}"
-                )
-            if d.y is None:
-                raise DataError(f"dataset {i}: the data has no response ('{d.response}')")
-            if d.batch_size is not None:
-                raise DataError(
-                    f"dataset {i}: already a batch of {d.batch_size} datasets (y {tuple(d.y.shape)}); a list"
-                    " holds single datasets (y [N]): pass the batch alone, or split it"
-                )
-        self.amortizer = amortizer
-        self.datasets = list(datasets)
-        groups: list[list[int]] = []
-        for i, d in enumerate(self.datasets):  # one comparison per distinct structure, not per pair
-            for members in groups:
-                if same_structure(self.datasets[members[0]], d):
-                    members.append(i)
-                    break
-            else:
-                groups.append([i])
-        dtype = next(amortizer.guide.parameters()).dtype
-        self.batches: list[tuple[list[int], Posterior]] = []
-        for members in groups:
-            first = self.datasets[members[0]]
-            y = torch.stack([self.datasets[i].y.to(device=first.y.device, dtype=dtype) for i in members])
-            try:
-                post = Posterior(amortizer, first.with_response(y))
-            except DataError:
-                self._name_culprit(members)
-                raise
-            self.batches.append((members, post))
-        self._where = {i: (b, j) for b, (members, _) in enumerate(self.batches) for j, i in enumerate(members)}
-
-    def _name_culprit(self, members: list[int]) -> None:
-        """Re-check the datasets of a failed batch one by one and raise the first one's error with its position."""
-        for i in members:
-            try:
-                Posterior(self.amortizer, self.datasets[i])
-            except DataError as e:
-                raise DataError(f"dataset {i}: {e}") from None
-
-    # ------------------------------------------------------------------ sequence protocol
-    def __len__(self) -> int:
-        return len(self.datasets)
-
-    def __getitem__(self, i: int) -> Posterior:  # type: ignore[override]
-        """The posterior of dataset ``i`` alone (same networks; draws are not those of :meth:`sample`)."""
-        if isinstance(i, slice):
-            raise TypeError("PosteriorBatch indices must be integers; build a new batch from a slice of the datasets")
-        return Posterior(self.amortizer, self.datasets[i])
-
-    def __repr__(self) -> str:
-        return f"PosteriorBatch({len(self)} datasets in {self.num_structures} structure(s))"
+    def __init__(self, guide: Any, model: Callable, data: HierarchicalData, device: torch.device) -> None:
+        self.guide, self.model, self.device = guide, model, device
+        self.structure: ModelStructure = guide.structure
+        dtype = next(guide.parameters()).dtype
+        self.data = data.to(device, dtype=dtype)  # float data of another precision is cast
+        self._skeleton: HierarchicalData | None = None
 
     @property
-    def num_structures(self) -> int:
-        """Distinct structures in the list: the number of vectorized batches."""
-        return len(self.batches)
+    def batch_size(self) -> int | None:
+        """B for a ``[B, N]`` batch, None for one dataset."""
+        return self.data.batch_size
 
-    # ------------------------------------------------------------------ draws
+    def drawing_data(self) -> HierarchicalData:
+        """What the model runs on while drawing: the skeleton (one row per group) when the model's
+        priors do not read its rows, so a draw costs O(groups), not O(rows); the data otherwise."""
+        if self._skeleton is None:
+            self._skeleton = drawing_data(self.model, self.data)
+        return self._skeleton
+
     @torch.no_grad()
-    def sample(
-        self, num_samples: int = 1000, seed: int | None = None, correct: bool = False, oversample: int = 4
-    ) -> list[dict[str, torch.Tensor]]:
-        """Joint posterior draws for every dataset: a list, in input order, of ``{site: [num_samples,
-        *site_shape]}`` (with ``correct``: :class:`~amortize.posterior.CorrectedDraws`, whose
-        ``pareto_k``, ``ess`` and ``corrected`` are this dataset's own).
-
-        One vectorized pass per distinct structure. The per-dataset tensors are views into each
-        structure's ``[num_samples, B, ...]`` draws.
-
-        Args:
-            num_samples: draws per dataset.
-            seed: seeds these draws only (the caller's RNG is left as it was); the same seed and the
-                same list give the same draws.
-            correct: PSIS importance-sampling correction per dataset (see :meth:`Posterior.sample`).
-            oversample: proposals per returned draw with ``correct``.
-        """
-        per_batch: list[dict[str, torch.Tensor]] = []
-        with seeded(seed, self.amortizer.device):
-            for _, post in self.batches:
-                if correct:
-                    per_batch.append(post._corrected(num_samples, None, max(1, int(oversample))))
+    def draws(
+        self, num_samples: int, with_weights: bool = False, encoded: dict[str, Any] | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """``({site: [n, B, *site_shape]}, log weights [n, B] or None)`` on torch's RNG as it is
+        (the caller seeds); ``encoded`` replaces :meth:`AmortizedGuide.encode` of the data."""
+        guide, st = self.guide, self.structure
+        B = self.data.batch_size or 1
+        model_data = self.data if with_weights else self.drawing_data()
+        width = B * (model_data.n_obs + sum(self.data.sizes.values()))
+        chunk = max(1, min(num_samples, int(CHUNK_ELEMENTS // max(1, width))))
+        out: dict[str, list[torch.Tensor]] = {s.name: [] for s in st.latents}
+        lws: list[torch.Tensor] = []
+        if guide.training:  # eval() walks every submodule: only when needed
+            guide.eval()
+        # drawing scores nothing, so Pyro's argument checks (on tensors as large as the data, once
+        # per draw: a third of the time) are skipped; log p(y, z) for weights keeps them
+        encoded = guide.encode(self.data) if encoded is None else encoded  # once for all chunks
+        with contextlib.nullcontext() if with_weights else pyro.validation_enabled(False):
+            for start in range(0, num_samples, chunk):
+                n = min(chunk, num_samples - start)
+                if with_weights:
+                    log_p, log_q, values = log_weights(guide, self.data, n, encoded=encoded)
+                    lws.append((log_p - log_q).reshape(n, B))
                 else:
-                    per_batch.append(post._draws_unseeded(num_samples, False)[0])
-        out: list[dict[str, torch.Tensor]] = []
-        for i in range(len(self)):
-            b, j = self._where[i]
-            draws = per_batch[b]
-            one = {k: v[:, j] for k, v in draws.items()}
-            if isinstance(draws, CorrectedDraws):
-                fixed = CorrectedDraws(one)
-                fixed.pareto_k, fixed.ess = draws.pareto_k[j], draws.ess[j]  # type: ignore[index]
-                fixed.corrected = draws.corrected[j]  # type: ignore[index]
-                fixed.num_proposals = draws.num_proposals
-                one = fixed
-            out.append(one)
-        return out
+                    values = guide(self.data, n, encoded=encoded, model_data=model_data, latents_only=True)
+                for s in st.latents:
+                    out[s.name].append(st.to_user(s, values[s.name]))  # [n, B, *site_shape]
+        draws = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
+        return draws, (torch.cat(lws) if with_weights else None)
 
     @torch.no_grad()
-    def log_prob(self, values: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """log q(values_i | dataset_i) for draws in the layout :meth:`sample` returns: a list of ``[n]``
-        (the same number of draws n for every dataset)."""
-        if len(values) != len(self):
-            raise DataError(f"log_prob: {len(values)} sets of draws for {len(self)} datasets")
-        out: list[torch.Tensor | None] = [None] * len(self)
-        for members, post in self.batches:
-            stacked = {k: torch.stack([values[i][k] for i in members], 1) for k in values[members[0]]}
-            lp = post.log_prob(stacked)  # [n, B]
-            for j, i in enumerate(members):
-                out[i] = lp[:, j]
-        return out  # type: ignore[return-value]
+    def log_prob(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log q(values | data) ``[n, B]`` for draws ``{site: [n, B, *site_shape]}``."""
+        st = self.structure
+        truth = {s.name: st.from_user(s, values[s.name]) for s in st.latents}
+        n = next(iter(truth.values())).shape[0]
+        _, log_q, _ = log_weights(self.guide, self.data, n, truth=truth)
+        return log_q.reshape(n, -1)
 
     @torch.no_grad()
-    def diagnostics(self, num_samples: int = 1000, seed: int | None = 0) -> list[dict[str, Any]]:
-        """Per-dataset trust, in input order: the dict :meth:`Posterior.diagnostics` gives for one
-        dataset (``pareto_k``, ``ess``, ``num_samples``, ``flags``, ``ok``), computed one structure at a time."""
-        results: list[dict[str, Any] | None] = [None] * len(self)
-        with seeded(seed, self.amortizer.device):
-            for members, post in self.batches:
-                d = post.diagnostics(num_samples, seed=None)
-                ks, ess = d["pareto_k"], d["ess"]
-                shared = [f for f in d["flags"] if not f.startswith("dataset ")]
-                for j, i in enumerate(members):
-                    own = [f.split(": ", 1)[1] for f in d["flags"] if f.startswith(f"dataset {j}: ")]
-                    flags = shared + own
-                    ok = not flags and not (ks[j] > K_THRESHOLD)
-                    results[i] = {
-                        "pareto_k": ks[j],
-                        "ess": ess[j],
-                        "num_samples": num_samples,
-                        "flags": flags,
-                        "ok": ok,
-                    }
-        return results  # type: ignore[return-value]
+    def predictive(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Responses ``[n, B, N]`` simulated from the model given latent draws ``{site: [n, B, ...]}``
+        (the posterior predictive), on torch's RNG as it is."""
+        st = self.structure
+        truth = {s.name: st.from_user(s, values[s.name]) for s in st.latents}
+        n = next(iter(truth.values())).shape[0]
+        B = self.data.batch_size or 1
+        fn = poutine.condition(batched(self.model, st.max_plate_nesting), data=truth)
+        with pyro.validation_enabled(False):
+            tr = poutine.trace(fn).get_trace(self.data.with_response(None), n, B)
+        return tr.nodes[st.response]["value"].reshape(n, B, self.data.n_obs)
 
-    def range_flags(self) -> list[list[str]]:
-        """Per dataset, in input order: the ways it lies outside the training range (see
-        :meth:`Posterior.range_flags`)."""
-        out: list[list[str]] = [[] for _ in range(len(self))]
-        for members, post in self.batches:
-            flags = post.range_flags()
-            shared = [f for f in flags if not f.startswith("dataset ")]
-            for j, i in enumerate(members):
-                out[i] = shared + [f.split(": ", 1)[1] for f in flags if f.startswith(f"dataset {j}: ")]
-        return out
+    def range_flags(self, ranges: dict[str, Any]) -> list[str]:
+        """Ways in which these datasets lie outside ``ranges``: structure (groups of the outermost
+        level, children per parent group, observations per group), response scale and covariate values
+        (those of one dataset of a batch start with ``dataset b:``)."""
+        d = self.data
+        flags = []
+        levels = list(d.levels)
+        if levels[0] in ranges:
+            lo, hi = ranges[levels[0]]
+            if not lo <= d.size(levels[0]) <= hi:
+                flags.append(f"level '{levels[0]}': {d.size(levels[0])} groups, trained on {lo}-{hi}")
+        for above, lvl in zip(levels, levels[1:]):
+            if lvl not in ranges:
+                continue
+            c = torch.bincount(d.parent_index(lvl), minlength=d.size(above))
+            lo, hi = ranges[lvl]
+            if int(c.min()) < lo or int(c.max()) > hi:
+                flags.append(f"level '{lvl}': {int(c.min())}-{int(c.max())} per '{above}' group, trained on {lo}-{hi}")
+        if "obs" in ranges:
+            c = d.counts(levels[-1])
+            lo, hi = ranges["obs"]
+            if int(c.min()) < lo or int(c.max()) > hi:
+                flags.append(
+                    f"observations: {int(c.min())}-{int(c.max())} per '{levels[-1]}' group, trained on {lo}-{hi}"
+                )
+        return flags + value_flags(d, ranges)
+
+
+def check_list(datasets: Sequence[HierarchicalData], structure: Any, covariates: Any, dtype: Any) -> list:
+    """A non-empty list of single datasets with responses, or a DataError naming the first one at fault."""
+    if not datasets:
+        raise DataError("posterior: an empty list of datasets; pass at least one HierarchicalData")
+    for i, d in enumerate(datasets):
+        if not isinstance(d, HierarchicalData):
+            raise DataError(
+                f"dataset {i}: expected a HierarchicalData (see HierarchicalData.from_frame), got {type(d).__name__}"
+            )
+        if d.y is None:
+            raise DataError(f"dataset {i}: the data has no response ('{d.response}')")
+        if d.batch_size is not None:
+            raise DataError(
+                f"dataset {i}: already a batch of {d.batch_size} datasets (y {tuple(d.y.shape)}); a list"
+                " holds single datasets (y [N]): pass the batch alone, or split it"
+            )
+    return list(datasets)
+
+
+def name_culprit(
+    members: list[int], datasets: list, structure: Any, covariates: Any, dtype: Any, err: Exception
+) -> None:
+    """Re-check the datasets of a failed batch one by one and raise the first one's error with its position."""
+    for i in members:
+        try:
+            check_data(datasets[i], structure, covariates, dtype)
+        except DataError as e:
+            raise DataError(f"dataset {i}: {e}") from None
+    raise err

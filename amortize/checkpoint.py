@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .errors import CheckpointError
+from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION",

@@ -321,9 +321,9 @@ def _fit(args: argparse.Namespace, cfg: Config, amortizer: Amortizer, run: Path)
             checkpoint_path=str(run / "checkpoint.pt"),
             progress=_progress(args),
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the step was finished and saved
         print(f"interrupted at step {amortizer.step}; continue with: amortize train --resume {run}", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_code", 130))  # 128 + the signal: 130 SIGINT, 143 SIGTERM, 129 SIGHUP
     loss = amortizer.history[-1]["loss"] if amortizer.history else float("nan")
     print(f"run: {run}")
     drops = amortizer.drops

@@ -43,6 +43,7 @@ from torch import nn
 
 from .errors import AmortizeError, ConfigError
 from .simulate import Simulation, simulate
+from .structure import seeded
 from .train import TrainConfig, batch_loss
 
 if TYPE_CHECKING:
@@ -202,9 +203,7 @@ class ShardedStep:
     def stream(amortizer: Amortizer, step: int, shard: int) -> Iterator[None]:
         """Run under shard ``shard``'s own random stream of training step ``step`` (torch's global RNG
         is seeded from :func:`shard_seed` inside, and left outside as it was)."""
-        devices = [amortizer.device] if amortizer.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(shard_seed(amortizer.seed, step, shard))
+        with seeded(shard_seed(amortizer.seed, step, shard), amortizer.device):
             yield
 
     def __call__(self, amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> float:

@@ -1,34 +1,46 @@
-"""The trained posterior for one dataset: draws, log density, diagnostics, exports.
+"""The trained posterior: draws, log density, diagnostics, exports; one API for every input.
 
 Training and the trained posterior are separate objects: :class:`~amortize.Amortizer` trains,
-:class:`Posterior` only samples, scores, diagnoses and exports.
+:class:`Posterior` only samples, scores, diagnoses and exports. It is built from what it needs (the
+guide, the model, the training ranges, the device), never from the amortizer, and takes
+
+* one dataset (``y [N]``): ``sample(n)`` gives ``{site: [n, *site_shape]}``;
+* B datasets sharing one structure (``y [B, N]``): ``{site: [n, B, *site_shape]}``;
+* a list of datasets, of one structure or several: a list of per-dataset dicts in input order,
+  vectorized per distinct structure (:mod:`amortize.batch`);
+* one huge dataset, streamed in chunks of outermost groups (``chunk_groups=``, or an amortizer fitted
+  on it with :class:`~amortize.sources.Subsampled`): the same dict, built chunk by chunk with the
+  global draws shared (:mod:`amortize.streaming`); ``sample(n, groups=[...])`` keeps chosen groups.
+
+PSIS-corrected draws come from the wrapper :class:`~amortize.importance.ImportanceSampledPosterior`
+(``post.sample(n, correct=True)`` is the one-line way to its draws).
+
+Example:
+    >>> post = amortizer.posterior([d1, d2])  # doctest: +SKIP
+    >>> post.sample(1000, seed=0)  # [{"mu": [1000], "theta": [1000, G1]}, {...}]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import pyro
 import torch
 
-from .data import OBS, HierarchicalData, magnitude_limit
+from .batch import StructureBatch, check_data, check_list, group_by_structure, name_culprit
+from .checkpoint import atomic_write
+from .data import HierarchicalData
 from .errors import DataError
-from .structure import drawing_data, seeded
-from .importance import K_THRESHOLD, psis
-from .objectives import log_weights
-from .ranges import value_flags
+from .importance import K_THRESHOLD, CorrectedDraws, ImportanceSampledPosterior, psis
+from .streaming import GroupDraws, Moments, StreamedDataset
+from .structure import seeded
 
-if TYPE_CHECKING:
-    from .amortizer import Amortizer
-
-__all__ = ["Posterior", "CorrectedDraws", "psis_k", "K_THRESHOLD"]
+__all__ = ["Posterior", "CorrectedDraws", "GroupDraws", "Moments", "psis_k", "K_THRESHOLD"]
 
 log = logging.getLogger(__name__)
-CHUNK_ELEMENTS = 4e6  # draws x datasets x (rows + groups) per pass of the guide: bounds memory, and keeps
-# a pass's [draws, datasets, groups] temporaries near the cache (2e7: 10^4 groups 1.7x slower)
 
 
 def psis_k(log_weights: torch.Tensor) -> float:
@@ -37,243 +49,263 @@ def psis_k(log_weights: torch.Tensor) -> float:
     return psis(log_weights).k
 
 
-class CorrectedDraws(dict):
-    """What ``Posterior.sample(n, correct=True)`` returns: ``{site: draws}`` like :meth:`Posterior.sample`,
-    plus what the correction did (per dataset for a batch).
+class Posterior:
+    """q(latents | data) for one dataset, a ``[B, N]`` batch, a list of datasets or a streamed huge one.
 
-    Attributes:
-        pareto_k: PSIS k of the proposals' weights.
-        ess: importance ESS of the smoothed weights (out of ``num_proposals``).
-        corrected: True where the draws are PSIS-resampled; False where k > 0.7 (or NaN) and the
-            draws are the uncorrected proposals (a warning is logged).
-        num_proposals: proposals drawn per dataset.
+    Args:
+        guide: the trained :class:`~amortize.guide.AmortizedGuide` (gives the structure and covariates).
+        model: the user's model.
+        data: a :class:`~amortize.HierarchicalData` (``y [N]`` or ``[B, N]``) or a list of single datasets.
+        ranges: the training ranges (:mod:`amortize.ranges`) for the out-of-range flags.
+        device: where the guide lives.
+        seed: seeds this posterior's own stream of draws (``sample`` without a seed continues it);
+            None: a stream derived from torch's global RNG state, which is read, never advanced.
+        chunk_groups: stream one dataset in chunks of this many outermost groups.
+        q_globals: the Gaussian of the globals fitted on this dataset by subsampled training (streams
+            with its draws of the globals).
+
+    Raises:
+        DataError: an empty list, or a dataset whose levels, covariates or values do not fit the model
+            (a list names the dataset's position).
     """
 
-    pareto_k: float | list[float]
-    ess: float | list[float]
-    corrected: bool | list[bool]
-    num_proposals: int
+    def __init__(
+        self,
+        guide: Any,
+        model: Callable,
+        data: HierarchicalData | Sequence[HierarchicalData],
+        ranges: dict[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        seed: int | None = None,
+        chunk_groups: int | None = None,
+        q_globals: Any = None,
+    ) -> None:
+        self.guide, self.model = guide, model
+        self.structure = guide.structure
+        self.ranges = ranges or {}
+        self.device = torch.device(device) if device is not None else next(guide.parameters()).device
+        self.dtype = next(guide.parameters()).dtype
+        covariates = guide.encoder.cov_names
+        if seed is None:
+            stream = torch.Generator()
+            stream.set_state(torch.get_rng_state())  # a copy: the caller's generator does not move
+            seed = int(torch.randint(2**62, (), generator=stream))
+        self._stream = torch.Generator().manual_seed(int(seed))
+        self.streamed: StreamedDataset | None = None
+        if isinstance(data, (list, tuple)):
+            self.layout = "list"
+            self.datasets = check_list(data, self.structure, covariates, self.dtype)
+            self.parts = []
+            for members in group_by_structure(self.datasets):
+                first = self.datasets[members[0]]
+                y = torch.stack([self.datasets[i].y.to(device=first.y.device, dtype=self.dtype) for i in members])
+                try:
+                    check_data(first.with_response(y), self.structure, covariates, self.dtype)
+                except DataError as e:
+                    name_culprit(members, self.datasets, self.structure, covariates, self.dtype, e)
+                self.parts.append((members, StructureBatch(guide, model, first.with_response(y), self.device)))
+        else:
+            if not isinstance(data, HierarchicalData):
+                raise DataError(f"posterior: expected a HierarchicalData or a list of them, got {type(data).__name__}")
+            self.layout = "single" if data.batch_size is None else "batch"
+            if chunk_groups is not None or q_globals is not None:
+                if data.batch_size is not None:
+                    raise DataError("posterior: a streamed dataset is one dataset (y [N]), not a batch")
+                self.streamed = StreamedDataset(guide, model, data, self.device, chunk_groups, q_globals, covariates)
+                self.datasets = [data]
+                self.parts = []
+            else:
+                check_data(data, self.structure, covariates, self.dtype)
+                self.datasets = [data]
+                members = list(range(data.batch_size or 1))  # the datasets of a [B, N] batch
+                self.parts = [(members, StructureBatch(guide, model, data, self.device))]
 
+    def __repr__(self) -> str:
+        what = {"single": "1 dataset", "batch": f"a batch of {self.batch_size}", "list": f"{len(self)} datasets"}
+        return f"Posterior({what[self.layout]}{', streamed' if self.streamed else ''})"
 
-class Posterior:
-    """q(latents | data) for one dataset (``y [N]``) or B datasets sharing one structure (``[B, N]``)."""
-
-    def __init__(self, amortizer: Amortizer, data: HierarchicalData) -> None:
-        self.amortizer = amortizer
-        dtype = next(amortizer.guide.parameters()).dtype
-        self._check(data, dtype)
-        self.data = data.to(amortizer.device, dtype=dtype)  # float data of another precision is cast
-        self._skeleton: HierarchicalData | None = None
-
-    def _check(self, data: HierarchicalData, dtype: torch.dtype) -> None:
-        """Refuse, before any network runs, a dataset whose structure is not the model's or whose
-        values do not fit the network's ``dtype``."""
-        if not isinstance(data, HierarchicalData):
-            raise DataError(
-                f"posterior: expected a HierarchicalData (see HierarchicalData.from_frame), got {type(data).__name__}"
-            )
-        st = self.amortizer.structure
-        if tuple(data.levels) != tuple(st.levels):
-            missing = [lvl for lvl in st.levels if lvl not in data.levels]
-            extra = [lvl for lvl in data.levels if lvl not in st.levels]
-            what = "in another order"
-            if missing or extra:
-                what = f"missing {missing}, not in the model {extra}"
-            raise DataError(f"data has levels {list(data.levels)}; the model was trained on {list(st.levels)} ({what})")
-        trained = self.amortizer.covariates
-        for lvl, names in trained.items():
-            for name in names:
-                if name not in data.covariates.get(lvl, {}):
-                    where = "observation" if lvl == OBS else f"'{lvl}'"
-                    found = data.covariate_level.get(name)
-                    also = f"; the data has it at level '{found}'" if found else ""
-                    raise DataError(f"covariate '{name}' ({where} level) is missing from the data{also}")
-        for name, lvl in data.covariate_level.items():
-            if name not in trained.get(lvl, []):
-                raise DataError(
-                    f"covariate '{name}' (level '{lvl}') was not in the training data"
-                    f" (trained with {trained or 'no covariates'}); drop it or retrain"
-                )
-        if data.y is None:
-            raise DataError(f"the data has no response ('{data.response}')")
-        if not isinstance(data.y, torch.Tensor) or data.y.dim() not in (1, 2) or data.y.shape[-1] != data.n_obs:
-            raise DataError(
-                f"response '{data.response}': expected shape [N] or [B, N] with N={data.n_obs},"
-                f" got {tuple(getattr(data.y, 'shape', ()))}"
-            )
-        if data.y.numel() == 0:
-            raise DataError(f"response '{data.response}': an empty batch of datasets, shape {tuple(data.y.shape)}")
-        limit = magnitude_limit(dtype)
-        tensors = {f"response '{data.response}'": data.y, **{f"covariate '{k}'": v for k, v in data.x.items()}}
-        for what, t in tensors.items():
-            if not t.is_floating_point():
-                raise DataError(f"{what}: expected floating-point values, got {t.dtype}")
-            if not bool(torch.isfinite(t).all()):
-                raise DataError(f"{what}: NaN or infinite values")
-            if float(t.abs().max()) > limit:
-                raise DataError(f"{what}: values too large for the network's {dtype} (limit {limit:.2g}); rescale them")
-        st.check_response(data)  # a response outside the likelihood's support (a Poisson -1, a Bernoulli 0.5)
-
-    def _drawing_data(self) -> HierarchicalData:
-        """What the model runs on while drawing: the skeleton (one row per group) when the model's
-        priors do not read its rows, so a draw costs O(groups), not O(rows); the data otherwise."""
-        if self._skeleton is None:
-            self._skeleton = drawing_data(self.amortizer.model, self.data)
-        return self._skeleton
+    # ------------------------------------------------------------------ shape of the input
+    @property
+    def data(self) -> HierarchicalData:
+        """The dataset (or batch) of a single-input posterior."""
+        if self.layout == "list":
+            raise DataError("posterior of a list: index it (post[i].data) for one dataset")
+        return self.streamed.data if self.streamed else self.parts[0][1].data
 
     @property
     def batch_size(self) -> int | None:
-        return self.data.batch_size
+        """B of a ``[B, N]`` batch; None for one dataset (and for a list)."""
+        return self.parts[0][1].batch_size if self.layout == "batch" else None
 
+    @property
+    def batches(self) -> list[tuple[list[int], Posterior]]:
+        """Per distinct structure of a list: the input positions and a posterior of their ``[B, N]`` batch."""
+        return [(m, self._sibling(part.data)) for m, part in self.parts]
+
+    @property
+    def num_structures(self) -> int:
+        """Distinct structures: the number of vectorized batches."""
+        return len(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.datasets) if self.layout == "list" else (self.batch_size or 1)
+
+    def __getitem__(self, i: int) -> Posterior:
+        """The posterior of dataset ``i`` of a list alone (same networks; its own stream of draws)."""
+        if self.layout != "list" or not isinstance(i, int):
+            raise TypeError("Posterior indices are integers into a list of datasets")
+        return self._sibling(self.datasets[i])
+
+    def _sibling(self, data: HierarchicalData) -> Posterior:
+        return Posterior(self.guide, self.model, data, self.ranges, self.device, seed=self._next_seed())
+
+    def _next_seed(self) -> int:
+        return int(torch.randint(2**62, (), generator=self._stream))
+
+    def _seeded(self, seed: int | None) -> Any:
+        return seeded(self._next_seed() if seed is None else seed, self.device)
+
+    def _arrange(self, per_part: list[dict[str, torch.Tensor]]) -> Any:
+        """Per-structure draws ``{site: [n, B, ...]}`` in the layout of the input."""
+        if self.layout == "batch":
+            return per_part[0]
+        if self.layout == "single":
+            return {k: v[:, 0] for k, v in per_part[0].items()}
+        out: list[Any] = [None] * len(self.datasets)
+        for (members, _), draws in zip(self.parts, per_part):
+            for j, i in enumerate(members):
+                out[i] = {k: v[:, j] for k, v in draws.items()}
+        return out
+
+    # ------------------------------------------------------------------ draws
     @torch.no_grad()
     def sample(
-        self, num_samples: int = 1000, seed: int | None = None, correct: bool = False, oversample: int = 4
-    ) -> dict[str, torch.Tensor]:
-        """Joint posterior draws: ``{site: [num_samples, *site_shape]}`` (``[n, B, ...]`` for a batch).
+        self,
+        num_samples: int = 1000,
+        seed: int | None = None,
+        correct: bool = False,
+        oversample: int = 4,
+        groups: Any = None,
+    ) -> Any:
+        """Joint posterior draws in the layout of the input (see the module docstring).
 
         Args:
             num_samples: draws per dataset.
-            seed: seeds these draws only (the caller's RNG is left as it was).
-            correct: importance-sampling correction: draw ``oversample * num_samples`` proposals from
-                q, Pareto-smooth their weights p(y, z) / q(z | y) and resample ``num_samples`` of
-                them (with replacement) by the smoothed weights. Where k > 0.7 the weights cannot be
-                trusted: those draws are returned uncorrected, with a warning, and the result says so
-                (:class:`CorrectedDraws`).
+            seed: seeds these draws only (the caller's RNG is left as it was); None continues this
+                posterior's own stream.
+            correct: the draws of :class:`~amortize.importance.ImportanceSampledPosterior` (PSIS
+                resampling of ``oversample * num_samples`` proposals; :class:`CorrectedDraws`).
             oversample: proposals per returned draw with ``correct``.
+            groups: a streamed dataset only: the outermost groups to return (with their descendants);
+                a :class:`GroupDraws` whose ``index`` holds their original ids.
         """
         if correct:
-            return self._corrected(num_samples, seed, max(1, int(oversample)))
-        draws = self._draws(num_samples, seed)[0]
-        return {k: v for k, v in draws.items()}
+            return ImportanceSampledPosterior(self, oversample).sample(num_samples, seed)
+        with self._seeded(seed):
+            if self.streamed is not None:
+                return self.streamed.sample(int(num_samples), groups)
+            if groups is not None:
+                raise DataError("sample: groups= selects groups of a streamed dataset (posterior(..., chunk_groups=))")
+            return self._arrange([part.draws(int(num_samples))[0] for _, part in self.parts])
 
-    def _corrected(self, num_samples: int, seed: int | None, oversample: int) -> CorrectedDraws:
-        S = oversample * num_samples
-        with seeded(seed, self.amortizer.device):
-            draws, lw = self._draws_unseeded(S, with_weights=True)
-            lw = lw if lw.dim() == 2 else lw.unsqueeze(1)  # [S, B]
-            cols, ks, ess, done = [], [], [], []
-            for b in range(lw.shape[1]):
-                res = psis(lw[:, b])
-                ks.append(res.k)
-                ess.append(res.ess)
-                done.append(res.ok)
-                if res.ok:
-                    cols.append(torch.multinomial(res.weights, num_samples, replacement=True))
-                else:
-                    cols.append(torch.arange(num_samples))
-        idx = torch.stack(cols, 1)  # [n, B] proposal index per returned draw
-        bad = [b for b, ok in enumerate(done) if not ok]
-        if bad:
-            log.warning(
-                "PSIS correction not applied to %s: Pareto k %s > %s; returning uncorrected draws",
-                "this dataset" if self.data.batch_size is None else f"datasets {bad}",
-                ", ".join(f"{ks[b]:.2f}" for b in bad),
-                K_THRESHOLD,
-            )
-        out = CorrectedDraws()
-        for name, v in draws.items():
-            if self.data.batch_size is None:
-                out[name] = v[idx[:, 0].to(v.device)]
-            else:
-                out[name] = v[idx.to(v.device), torch.arange(lw.shape[1], device=v.device)]  # [n, B, ...]
-        single = self.data.batch_size is None
-        out.pareto_k, out.ess, out.corrected = (ks[0], ess[0], done[0]) if single else (ks, ess, done)
-        out.num_proposals = S
+    @torch.no_grad()
+    def moments(self, num_draws: int = 100, level: str | None = None, seed: int | None = None) -> dict[str, Moments]:
+        """Posterior means and sds of every group latent of one dataset, ``{site: Moments(mean, sd)}``
+        with ``[G_level, *event_shape]`` tensors: q's conditional moments given ``num_draws`` draws of
+        the globals (law of total variance), streamed in chunks (one chunk unless streamed).
+
+        Raises:
+            DataError: a batch or a list; an unknown level or one without latent sites.
+        """
+        self._one("moments")
+        streamed = self.streamed or StreamedDataset(
+            self.guide, self.model, self.data, self.device, None, None, self.guide.encoder.cov_names
+        )
+        with self._seeded(seed):
+            return streamed.moments(int(num_draws), level)
+
+    @torch.no_grad()
+    def predictive(self, num_samples: int = 100, seed: int | None = None) -> Any:
+        """Posterior predictive responses: the model run on each of ``num_samples`` joint draws,
+        ``[n, N]`` for one dataset, ``[n, B, N]`` for a batch, a list of ``[n, N_i]`` for a list."""
+        if self.streamed is not None:
+            raise DataError("predictive of a streamed dataset is not computed; draw chosen groups with sample(groups=)")
+        with self._seeded(seed):
+            ys = [part.predictive(part.draws(int(num_samples))[0]) for _, part in self.parts]
+        out = self._arrange([{"y": y} for y in ys])
+        return [d["y"] for d in out] if self.layout == "list" else out["y"]
+
+    def proposals(self, num_samples: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """Per distinct structure: draws ``{site: [n, B, ...]}`` with their log importance weights
+        ``log p(y, z) - log q(z | y)`` ``[n, B]``, on torch's RNG as it is (for importance sampling).
+
+        Raises:
+            DataError: a streamed dataset (its full-data log density is not computed).
+        """
+        if self.streamed is not None:
+            raise DataError("importance weights need the whole dataset's log density; not computed when streamed")
+        return [part.draws(int(num_samples), with_weights=True) for _, part in self.parts]  # type: ignore[misc]
+
+    @torch.no_grad()
+    def log_prob(self, values: Any) -> Any:
+        """log q(values | data) for draws in the layout :meth:`sample` returns: ``[n]``, ``[n, B]``, or
+        a list of ``[n]`` (the same n for every dataset)."""
+        if self.streamed is not None:
+            raise DataError("log_prob of a streamed dataset is not computed (it needs every group at once)")
+        if self.layout == "single":
+            return self.parts[0][1].log_prob({k: v.unsqueeze(1) for k, v in values.items()})[:, 0]
+        if self.layout == "batch":
+            return self.parts[0][1].log_prob(values)
+        if len(values) != len(self.datasets):
+            raise DataError(f"log_prob: {len(values)} sets of draws for {len(self.datasets)} datasets")
+        out: list[Any] = [None] * len(self.datasets)
+        for members, part in self.parts:
+            lp = part.log_prob({k: torch.stack([values[i][k] for i in members], 1) for k in values[members[0]]})
+            for j, i in enumerate(members):
+                out[i] = lp[:, j]
         return out
 
-    def _draws(
-        self, num_samples: int, seed: int | None, with_weights: bool = False
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        with seeded(seed, self.amortizer.device):  # a seed for these draws only, not for the caller's RNG
-            return self._draws_unseeded(num_samples, with_weights)
-
-    def _draws_unseeded(
-        self, num_samples: int, with_weights: bool
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        am, st = self.amortizer, self.amortizer.structure
-        B = self.data.batch_size or 1
-        model_data = self.data if with_weights else self._drawing_data()
-        width = B * (model_data.n_obs + sum(self.data.sizes.values()))
-        chunk = max(1, min(num_samples, int(CHUNK_ELEMENTS // max(1, width))))
-        out: dict[str, list[torch.Tensor]] = {s.name: [] for s in st.latents}
-        lws: list[torch.Tensor] = []
-        if am.guide.training:  # eval() walks every submodule: only when needed
-            am.guide.eval()
-        # drawing scores nothing, so Pyro's argument checks (on tensors as large as the data, once
-        # per draw: a third of the time) are skipped; log p(y, z) for weights keeps them
-        encoded = am.guide.encode(self.data)  # once for all chunks
-        with contextlib.nullcontext() if with_weights else pyro.validation_enabled(False):
-            for start in range(0, num_samples, chunk):
-                n = min(chunk, num_samples - start)
-                if with_weights:
-                    log_p, log_q, values = log_weights(am.guide, self.data, n, encoded=encoded)
-                    lws.append(log_p - log_q)
-                else:
-                    values = am.guide(self.data, n, encoded=encoded, model_data=model_data, latents_only=True)
-                for s in st.latents:
-                    v = st.to_user(s, values[s.name])  # [n, B, *site_shape]
-                    out[s.name].append(v if self.data.batch_size else v.squeeze(1))
-        draws = {k: torch.cat(v) for k, v in out.items()} if num_samples > chunk else {k: v[0] for k, v in out.items()}
-        return draws, (torch.cat(lws) if with_weights else None)
+    # ------------------------------------------------------------------ trust
+    def range_flags(self) -> Any:
+        """Ways in which the data lie outside what the amortizer was trained on (structure, response
+        scale, covariate values): a list of messages, per dataset for a list."""
+        if self.streamed is not None:
+            return self.streamed.range_flags(self.ranges)
+        if self.layout != "list":
+            return self.parts[0][1].range_flags(self.ranges)
+        out: list[list[str]] = [[] for _ in self.datasets]
+        for members, part in self.parts:
+            flags = part.range_flags(self.ranges)
+            shared = [f for f in flags if not f.startswith("dataset ")]
+            for j, i in enumerate(members):
+                out[i] = shared + [f.split(": ", 1)[1] for f in flags if f.startswith(f"dataset {j}: ")]
+        return out
 
     @torch.no_grad()
-    def log_prob(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log q(values | data) for draws in the layout :meth:`sample` returns: ``[n]`` (or ``[n, B]``)."""
-        st = self.amortizer.structure
-        truth = {}
-        for s in st.latents:
-            v = values[s.name]
-            v = v if self.data.batch_size else v.unsqueeze(1)  # [n, B, ...]
-            truth[s.name] = st.from_user(s, v)
-        n = next(iter(truth.values())).shape[0]
-        _, log_q, _ = log_weights(self.amortizer.guide, self.data, n, truth=truth)
-        return log_q if self.data.batch_size else log_q.squeeze(1)
-
-    @torch.no_grad()
-    def diagnostics(self, num_samples: int = 1000, seed: int | None = 0) -> dict[str, Any]:
-        """Per-dataset trust: Pareto k of the weights p(y, z) / q(z | y), importance ESS, and flags for
-        structure outside the training range. ``ok`` is False when k > 0.7 or a flag is raised."""
-        _, lw = self._draws(num_samples, seed, with_weights=True)
-        lw = lw if lw.dim() == 2 else lw.unsqueeze(1)  # [S, B]
-        ks, ess = [], []
-        for b in range(lw.shape[1]):
-            res = psis(lw[:, b])
-            ks.append(res.k)
-            ess.append(res.ess)  # of the Pareto-smoothed weights
+    def diagnostics(self, num_samples: int = 1000, seed: int | None = 0) -> Any:
+        """Per-dataset trust: Pareto k of the weights p(y, z) / q(z | y), importance ESS, and flags
+        for data outside the training range; ``ok`` is False when k > 0.7 or a flag is raised. One
+        dict (lists of k and ESS for a batch), or a list of dicts for a list of datasets. A streamed
+        dataset gets its flags and k = NaN (its weights are not computed)."""
         flags = self.range_flags()
-        worst = max((k for k in ks if not math.isnan(k)), default=float("nan"))
-        ok = not flags and not (worst > K_THRESHOLD)
-        if not ok:
-            log.warning("posterior may not be trustworthy: pareto k %.2f, flags %s", worst, flags)
-        single = self.data.batch_size is None
-        return {
-            "pareto_k": ks[0] if single else ks,
-            "ess": ess[0] if single else ess,
-            "num_samples": num_samples,
-            "flags": flags,
-            "ok": ok,
-        }
+        if self.streamed is not None:
+            nan = float("nan")
+            return {"pareto_k": nan, "ess": nan, "num_samples": 0, "flags": flags, "ok": not flags}
+        with self._seeded(seed):
+            weights = [lw for _, lw in self.proposals(num_samples)]
+        per: list[tuple[float, float]] = [(0.0, 0.0)] * sum(len(m) for m, _ in self.parts)
+        for (members, _), lw in zip(self.parts, weights):
+            for j, i in enumerate(members):
+                res = psis(lw[:, j])
+                per[i] = (res.k, res.ess)
+        if self.layout == "list":
+            return [_verdict([per[i]], flags[i], num_samples) for i in range(len(self.datasets))]
+        return _verdict(per, flags, num_samples, batch=self.layout == "batch")
 
-    def range_flags(self) -> list[str]:
-        """Ways in which this dataset lies outside what the amortizer was trained on: structure
-        (groups per level, observations per group), response scale (mean, log sd) and covariate values."""
-        ranges = self.amortizer.ranges
-        d = self.data
-        flags = []
-        levels = list(d.levels)
-        lo, hi = ranges[levels[0]]
-        if not lo <= d.size(levels[0]) <= hi:
-            flags.append(f"level '{levels[0]}': {d.size(levels[0])} groups, trained on {lo}-{hi}")
-        for above, lvl in zip(levels, levels[1:]):
-            c = torch.bincount(d.parent_index(lvl), minlength=d.size(above))
-            lo, hi = ranges[lvl]
-            if int(c.min()) < lo or int(c.max()) > hi:
-                flags.append(f"level '{lvl}': {int(c.min())}-{int(c.max())} per '{above}' group, trained on {lo}-{hi}")
-        c = d.counts(levels[-1])
-        lo, hi = ranges["obs"]
-        if int(c.min()) < lo or int(c.max()) > hi:
-            flags.append(f"observations: {int(c.min())}-{int(c.max())} per '{levels[-1]}' group, trained on {lo}-{hi}")
-        return flags + value_flags(d, ranges)
+    # ------------------------------------------------------------------ exports
+    def _one(self, what: str) -> None:
+        if self.layout != "single":
+            raise DataError(f"{what} takes one dataset; index the list (post[i]) or the batch first")
 
     def to_arviz(self, num_samples: int = 1000, seed: int | None = None) -> Any:
         """ArviZ InferenceData with dims named after the levels and coords from the data's group ids."""
@@ -281,35 +313,76 @@ class Posterior:
             import arviz as az
         except ImportError as e:  # pragma: no cover - optional dependency
             raise ImportError("to_arviz needs ArviZ: pip install 'amortize[arviz]'") from e
-        if self.data.batch_size:
-            raise DataError("to_arviz takes one dataset; index the batch first")
+        self._one("to_arviz")
         draws = self.sample(num_samples, seed)
-        st = self.amortizer.structure
         dims, coords = {}, {}
-        for s in st.latents:
-            dd = [s.level] if s.level else []
-            dd += [f"{s.name}_dim_{i}" for i in range(len(s.event_shape))]
-            dims[s.name] = dd
+        for s in self.structure.latents:
+            dims[s.name] = ([s.level] if s.level else []) + [f"{s.name}_dim_{i}" for i in range(len(s.event_shape))]
             if s.level:
                 coords[s.level] = self.data.labels.get(s.level, list(range(self.data.size(s.level))))
         posterior = {k: v.unsqueeze(0).cpu().numpy() for k, v in draws.items()}  # one "chain"
         return az.from_dict(posterior=posterior, dims=dims, coords=coords)
 
     def summary(self, num_samples: int = 1000, seed: int | None = None, prob: float = 0.9) -> str:
-        """A plain table: one row per site and element with mean, sd and a central interval."""
+        """A plain table: one row per site and element with mean, sd and a central interval (one table
+        per dataset of a list or batch, headed ``dataset i``)."""
         draws = self.sample(num_samples, seed)
-        lo_q, hi_q = (1 - prob) / 2, 1 - (1 - prob) / 2
-        rows = [f"{'':>16} {'mean':>10} {'sd':>10} {f'{lo_q:.0%}':>10} {f'{hi_q:.0%}':>10}"]
-        for name, v in draws.items():
-            flat = v.reshape(v.shape[0], -1)
-            labels = self.data.labels.get(self.amortizer.structure[name].level or "", None)
-            for j in range(flat.shape[1]):
-                x = flat[:, j]
-                tag = (
-                    name
-                    if flat.shape[1] == 1
-                    else f"{name}[{labels[j] if labels and len(labels) == flat.shape[1] else j}]"
-                )
-                q = torch.quantile(x, torch.tensor([lo_q, hi_q], dtype=x.dtype))
-                rows.append(f"{tag:>16} {x.mean():>10.3f} {x.std():>10.3f} {q[0]:>10.3f} {q[1]:>10.3f}")
-        return "\n".join(rows)
+        if self.layout == "single":
+            return _table(draws, self.data, self.structure, prob)
+        if self.layout == "batch":
+            one = [{k: v[:, b] for k, v in draws.items()} for b in range(self.batch_size or 1)]
+            data = [self.data] * len(one)
+        else:
+            one, data = draws, self.datasets
+        return "\n\n".join(
+            f"dataset {i}\n{_table(d, x, self.structure, prob)}" for i, (d, x) in enumerate(zip(one, data))
+        )
+
+    def save(self, path: str | os.PathLike, num_samples: int = 1000, seed: int | None = None) -> None:
+        """Write draws (in the layout of :meth:`sample`, on the CPU) and the range flags atomically to
+        ``path`` (``torch.load`` reads it back: ``{"draws", "flags", "levels", "labels", "seed"}``).
+
+        Raises:
+            OSError: the write failed; an existing file at ``path`` is intact.
+        """
+        seed = self._next_seed() if seed is None else int(seed)
+        draws = self.sample(num_samples, seed)
+        cpu = (
+            [{k: v.cpu() for k, v in d.items()} for d in draws]
+            if isinstance(draws, list)
+            else {k: v.cpu() for k, v in draws.items()}
+        )
+        labels = [dict(d.labels) for d in self.datasets]
+        payload = {"draws": cpu, "flags": self.range_flags(), "levels": list(self.structure.levels), "labels": labels}
+        payload["seed"] = seed
+        atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def _verdict(per: list[tuple[float, float]], flags: list[str], num_samples: int, batch: bool = False) -> dict[str, Any]:
+    ks, ess = [k for k, _ in per], [e for _, e in per]
+    worst = max((k for k in ks if not math.isnan(k)), default=float("nan"))
+    ok = not flags and not (worst > K_THRESHOLD)
+    if not ok:
+        log.warning("posterior may not be trustworthy: pareto k %.2f, flags %s", worst, flags)
+    return {
+        "pareto_k": ks if batch else ks[0],
+        "ess": ess if batch else ess[0],
+        "num_samples": num_samples,
+        "flags": flags,
+        "ok": ok,
+    }
+
+
+def _table(draws: dict[str, torch.Tensor], data: HierarchicalData, structure: Any, prob: float) -> str:
+    lo_q, hi_q = (1 - prob) / 2, 1 - (1 - prob) / 2
+    rows = [f"{'':>16} {'mean':>10} {'sd':>10} {f'{lo_q:.0%}':>10} {f'{hi_q:.0%}':>10}"]
+    for name, v in draws.items():
+        flat = v.reshape(v.shape[0], -1)
+        labels = data.labels.get(structure[name].level or "", None)
+        named = labels is not None and len(labels) == flat.shape[1]
+        for j in range(flat.shape[1]):
+            x = flat[:, j]
+            tag = name if flat.shape[1] == 1 else f"{name}[{labels[j] if named else j}]"
+            q = torch.quantile(x, torch.tensor([lo_q, hi_q], dtype=x.dtype, device=x.device))
+            rows.append(f"{tag:>16} {x.mean():>10.3f} {x.std():>10.3f} {q[0]:>10.3f} {q[1]:>10.3f}")
+    return "\n".join(rows)

@@ -1,18 +1,18 @@
-"""The range of inputs an amortizer was trained on, beyond structure: response scale and covariates.
+"""The range of inputs an amortizer was trained on, recorded at the pilot.
 
 An amortized posterior is only as good as its training distribution around the data it is asked
-about. :func:`training_ranges` simulates datasets the way training does (structures from the
-amortizer's sampler, responses from the prior predictive) and records, over all of them,
+about. Training's pilot already simulates ``pilot_structures x batch_size`` datasets the way
+training does; :func:`record_ranges` records, over all of them,
 
 * ``response``: the range of each dataset's response mean and log standard deviation;
 * ``covariates``: the range of every covariate's values (per name, any level);
 
-next to the structural ranges of the sampler (groups per level, observations per group).
-:func:`value_flags` names what in a dataset lies outside them. ``Amortizer.ranges`` computes and
-keeps these (checkpoints carry them); ``Posterior.range_flags`` reports them.
+next to the structural ranges of the sampler (groups of the outermost level, children per parent
+group of each inner level, observations per group). :func:`value_flags` names what in a dataset lies
+outside them; checkpoints carry them; ``Posterior.range_flags`` reports them.
 
 Example:
-    >>> ranges = training_ranges(amortizer)  # doctest: +SKIP
+    >>> ranges = record_ranges([sim.data for sim in sims], sampler.ranges())  # doctest: +SKIP
     >>> value_flags(new_data, ranges)  # doctest: +SKIP
     ["response 'y': log sd 3.2 above the training range -4.1 to 1.9"]
 """
@@ -20,16 +20,14 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .data import HierarchicalData
 
-if TYPE_CHECKING:
-    from .amortizer import Amortizer
-
-__all__ = ["training_ranges", "response_stats", "value_flags"]
+__all__ = ["record_ranges", "response_stats", "value_flags"]
 
 _SD_FLOOR = 1e-12  # a constant response has log sd log(1e-12), not -inf
 
@@ -37,48 +35,36 @@ _SD_FLOOR = 1e-12  # a constant response has log sd log(1e-12), not -inf
 def response_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per dataset mean and log standard deviation of the response ``[N]`` or ``[B, N]``: ``([B], [B])``."""
     y = y.double().reshape(-1, y.shape[-1])  # [B, N]
-    sd = y.std(-1, unbiased=False) if y.shape[-1] > 1 else torch.zeros(y.shape[0], dtype=y.dtype)
+    sd = y.std(-1, unbiased=False) if y.shape[-1] > 1 else torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
     return y.mean(-1), sd.clamp(min=_SD_FLOOR).log()
 
 
 @torch.no_grad()
-def training_ranges(
-    amortizer: Amortizer, num_structures: int = 16, batch_size: int = 128, seed: int | None = None
-) -> dict[str, Any]:
-    """Structure, response and covariate ranges of the amortizer's training simulations.
-
-    Simulates ``num_structures`` structures x ``batch_size`` datasets with a private generator and a
-    forked torch RNG (neither the amortizer's training stream nor the caller's RNG moves).
+def record_ranges(datasets: Sequence[HierarchicalData], structure: dict[str, Any]) -> dict[str, Any]:
+    """Structure, response and covariate ranges of training simulations.
 
     Args:
-        amortizer: the amortizer; its sampler must be the training sampler.
-        num_structures: structures drawn from the sampler (training's pilot uses 16).
-        batch_size: datasets simulated per structure.
-        seed: default ``amortizer.seed + 7919``.
+        datasets: the simulated datasets (batches ``y [B, N]``) the pilot drew.
+        structure: the structural ranges (``StructureSampler.ranges()``): ``{level: [lo, hi]}`` (groups
+            of the outermost level, children per parent group of an inner one) and ``"obs": [lo, hi]``.
 
     Returns:
-        ``{**sampler.ranges(), "response": {"mean": [lo, hi], "log_sd": [lo, hi]},
-        "covariates": {name: [lo, hi]}}`` (plain floats and lists, as checkpoints store them).
+        ``{**structure, "response": {"mean": [lo, hi], "log_sd": [lo, hi]}, "covariates": {name: [lo, hi]}}``
+        (plain floats and lists, as checkpoints store them).
     """
-    seed = amortizer.seed + 7919 if seed is None else seed
-    gen = torch.Generator().manual_seed(seed)
     means, log_sds = [], []
     cov: dict[str, list[float]] = {}
-    devices = [amortizer.device] if amortizer.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for _ in range(num_structures):
-            sim = amortizer.simulate_batch(gen, batch_size)
-            for name, values in sim.data.x.items():
-                lo, hi = float(values.min()), float(values.max())
-                old = cov.get(name, [lo, hi])
-                cov[name] = [min(old[0], lo), max(old[1], hi)]
-            if sim.data.y is None or sim.data.y.numel() == 0:
-                continue
-            m, s = response_stats(sim.data.y)
-            means.append(m)
-            log_sds.append(s)
-    out: dict[str, Any] = {**amortizer.sampler.ranges(), "covariates": cov}
+    for data in datasets:
+        for name, values in data.x.items():
+            lo, hi = float(values.min()), float(values.max())
+            old = cov.get(name, [lo, hi])
+            cov[name] = [min(old[0], lo), max(old[1], hi)]
+        if data.y is None or data.y.numel() == 0:
+            continue
+        m, s = response_stats(data.y)
+        means.append(m.cpu())
+        log_sds.append(s.cpu())
+    out: dict[str, Any] = {**structure, "covariates": cov}
     if means:
         m, s = torch.cat(means), torch.cat(log_sds)
         out["response"] = {"mean": [float(m.min()), float(m.max())], "log_sd": [float(s.min()), float(s.max())]}
@@ -95,7 +81,7 @@ def _outside(value: float, lo: float, hi: float) -> str | None:
 
 
 def value_flags(data: HierarchicalData, ranges: dict[str, Any]) -> list[str]:
-    """Response scale and covariate values of ``data`` outside ``ranges`` (from :func:`training_ranges`).
+    """Response scale and covariate values of ``data`` outside ``ranges`` (from :func:`record_ranges`).
 
     Ranges without ``response`` / ``covariates`` entries (older checkpoints) give no flags for them.
 

@@ -127,10 +127,14 @@ class StructureSampler:
         return HierarchicalData(self.levels, parents, group, covariates=cov)
 
     def ranges(self) -> dict[str, Any]:
-        """The training range: groups per level and observations per group (for out-of-range flags)."""
-        if self.template is not None:
+        """The training range (for out-of-range flags): groups of the outermost level, children per parent
+        group of each inner level, observations per innermost group."""
+        if self.template is not None:  # the quantities the flags compare: children per parent for inner levels
             t = self.template
-            out = {lvl: [t.size(lvl), t.size(lvl)] for lvl in t.levels}
+            out = {t.levels[0]: [t.size(t.levels[0]), t.size(t.levels[0])]}
+            for above, lvl in zip(t.levels, t.levels[1:]):
+                per = torch.bincount(t.parent_index(lvl), minlength=t.size(above))
+                out[lvl] = [int(per.min()), int(per.max())]
             c = t.counts(t.levels[-1])
             out["obs"] = [int(c.min()), int(c.max())]
             return out

@@ -1,20 +1,24 @@
-"""Training: SVI on batches of datasets simulated from the model's prior predictive.
+"""Training: ONE loop over steps, fed by a data source (:mod:`amortize.sources`).
 
-Each step draws one dataset structure, simulates ``batch_size`` datasets on it, and minimizes one
-objective through the same guide:
+The default source simulates, each step, one dataset structure and ``batch_size`` datasets on it
+from the model's prior predictive, and minimizes one objective through the same guide:
 
 * ``"npe"`` (default): forward KL, ``-log q(z_true | y)`` for the simulated truth;
 * ``"elbo"``: the reverse-KL evidence lower bound with ``num_particles`` reparameterized draws;
 * ``"iwae"``: the importance-weighted bound with ``num_particles`` draws.
 
-Losses are per latent coordinate, so datasets of different sizes weigh alike. Adam with linear
-warm-up and cosine annealing, gradient clipping, skipped non-finite steps, TensorBoard scalars.
+:class:`~amortize.sources.Subsampled` trains on one large observed dataset instead; a ``step_fn``
+(:mod:`amortize.distributed`) shards a step over processes. Whatever the source, the loop is this
+one: Adam with linear warm-up and cosine annealing, gradient clipping, bad steps, checkpoints,
+resume, TensorBoard scalars, signals.
 
-Faults: a step with a non-finite loss or gradient is skipped and logged, ``max_bad_steps`` in a
-row raise :class:`~amortize.errors.TrainingError` without touching the last checkpoint; Ctrl-C
-ends the current step, saves a checkpoint and re-raises ``KeyboardInterrupt``. Training draws its
-randomness from the amortizer's structure generator and torch's global RNG, both saved in every
-checkpoint, so a resumed run continues bit for bit (on CPU).
+Faults: a step with a non-finite loss or gradient, or one whose guide raised a distribution
+argument error on non-finite values (a NaN inside the guide), is skipped, counted and logged;
+``max_bad_steps`` in a row raise :class:`~amortize.errors.TrainingError` (naming the site where it
+is known) without touching the last checkpoint. Ctrl-C, SIGTERM and SIGHUP end the current step,
+save a checkpoint and raise :class:`Interrupted` (a ``KeyboardInterrupt``). Training draws its
+randomness from the amortizer's structure generator and torch's RNG as ``Amortizer.fit`` sets it
+(both saved in every checkpoint), so a resumed run continues bit for bit (on CPU).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -40,7 +45,17 @@ from .objectives import OBJECTIVES, batch_loss
 if TYPE_CHECKING:
     from .amortizer import Amortizer
 
-__all__ = ["TrainConfig", "TRAIN_LIMITS", "train", "pilot_fit", "lr_factor", "batch_loss", "local_step", "StepFn"]
+__all__ = [
+    "TrainConfig",
+    "TRAIN_LIMITS",
+    "train",
+    "pilot_fit",
+    "lr_factor",
+    "batch_loss",
+    "local_step",
+    "StepFn",
+    "Interrupted",
+]
 
 log = logging.getLogger(__name__)
 StepFn = Callable[["Amortizer", "TrainConfig", torch.Generator], float]  # see local_step
@@ -122,9 +137,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> None:
+def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> list[Simulation]:
     """Fit the encoder's feature scalers, the global head's parameter scaler and the group heads'
-    skip paths on prior simulations."""
+    skip paths on prior simulations; returns the simulations (the training ranges are read from them)."""
     guide, structure = amortizer.guide, amortizer.structure
     # as many datasets as pilot_structures x batch_size, on 8x as many structures in batches of an
     # eighth: the global head's count terms are fitted across structures
@@ -146,15 +161,16 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> N
         site = structure[name]
         groups = GroupStatistics.cat([s.levels[site.level].groups.rows() for s in stats])
         head.fit(groups, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
+    return sims
 
 
 def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    return batch_loss(amortizer, cfg, amortizer.simulate_batch(gen, cfg.batch_size))
+    return amortizer.source.loss(amortizer, cfg, gen)
 
 
 def local_step(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> float:
-    """The default step computation: simulate ``cfg.batch_size`` datasets on one structure from
-    ``gen``, compute the loss, clear the gradients and back-propagate a finite loss.
+    """The default step computation: the loss of ``amortizer.source`` (simulated datasets from
+    ``gen``, or a subset of one large dataset), clear the gradients and back-propagate a finite loss.
 
     A replacement (``step_fn`` of :func:`train`, e.g. :class:`amortize.distributed.ShardedStep`)
     takes the same arguments and leaves the same result: the gradients of this step's loss in
@@ -169,31 +185,94 @@ def local_step(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> 
     return value
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by a signal (SIGINT, SIGTERM or SIGHUP) after a checkpoint was saved.
+
+    Attributes:
+        signum: the signal's number; ``exit_code`` is ``128 + signum`` (130, 143, 129), the shell's.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"training interrupted by {signal.Signals(signum).name}")
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 @contextlib.contextmanager
-def _deferred_interrupt() -> Iterator[dict[str, bool]]:
-    """Hold a Ctrl-C until the current step ends (``flags["stop"]``); a second Ctrl-C interrupts at
-    once, except inside the parameter update, so that a saved checkpoint is never half a step."""
-    flags = {"stop": False, "updating": False}
+def _deferred_interrupt() -> Iterator[dict[str, Any]]:
+    """Hold a Ctrl-C, SIGTERM or SIGHUP until the current step ends (``flags["stop"]``, the signal in
+    ``flags["signum"]``); a second one interrupts at once, except inside the parameter update, so
+    that a saved checkpoint is never half a step."""
+    flags: dict[str, Any] = {"stop": False, "updating": False, "signum": None}
     if threading.current_thread() is not threading.main_thread():
         yield flags  # signal handlers can only be set in the main thread: plain KeyboardInterrupt
         return
 
     def handler(signum: int, frame: Any) -> None:
         if flags["stop"] and not flags["updating"]:
-            raise KeyboardInterrupt
-        flags["stop"] = True
-        log.warning("interrupt: stopping after this step (Ctrl-C again to stop at once)")
+            raise Interrupted(signum)
+        flags["stop"], flags["signum"] = True, signum
+        log.warning("%s: stopping after this step (again to stop at once)", signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in _SIGNALS}
     try:
         yield flags
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for s, h in previous.items():  # None: a handler set outside Python; Python's own default then
+            fallback = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
+            signal.signal(s, h if h is not None else fallback)
+
+
+_NON_FINITE = ("Expected parameter", "found invalid values", "to satisfy the constraint")
+
+
+def _guide_site(err: BaseException) -> str | None:
+    """The sample site a distribution argument error was raised at (the innermost Pyro message
+    on the traceback), or None."""
+    site, tb = None, err.__traceback__
+    named = re.search(r"at site '([^']+)'", str(err))  # Pyro's log_prob errors name it
+    if named:
+        return named.group(1)
+    while tb is not None:
+        msg = tb.tb_frame.f_locals.get("msg")
+        if isinstance(msg, dict) and msg.get("type") == "sample" and isinstance(msg.get("name"), str):
+            site = msg["name"]
+        tb = tb.tb_next
+    return site
+
+
+def _bad_step_error(err: BaseException) -> str | None:
+    """A description of ``err`` when it is a distribution argument check failing on non-finite values
+    (a NaN inside the guide or model: a bad step), else None (a real error, raised)."""
+    if not isinstance(err, ValueError) or not any(m in str(err) for m in _NON_FINITE):
+        return None
+    site = _guide_site(err)
+    first = str(err).splitlines()[0][:200]
+    return f"non-finite value at site '{site}' ({first})" if site else f"non-finite value ({first})"
+
+
+def _optimizer(amortizer: Amortizer, cfg: TrainConfig, extra: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam over the guide's parameters (and a source's own, as a second group), with the saved state."""
+    groups: list[dict[str, Any]] = [{"params": list(amortizer.guide.parameters())}]
+    if extra:
+        groups.append({"params": extra})
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    if amortizer._optimizer_state is not None:
+        opt.load_state_dict(amortizer._optimizer_state)
+        amortizer._optimizer_state = None
+    return opt
 
 
 def train(
     amortizer: Amortizer,
     cfg: TrainConfig,
+    source: Any,
     log_dir: str | None = None,
     checkpoint_path: str | None = None,
     progress: bool = True,
@@ -205,12 +284,14 @@ def train(
     """Run optimization steps from ``amortizer.step`` up to ``cfg.total_steps`` (resumes where it
     stopped): ``cfg.steps`` of ``cfg.objective``, then ``cfg.refine_steps`` of ``cfg.refine_objective``.
 
-    ``stop_at`` ends the run earlier, after that step, without changing the learning-rate schedule
-    (which always spans ``cfg.total_steps``): a later call continues exactly where this one stopped.
+    ``source`` (:mod:`amortize.sources`) gives each step's data and loss (and runs the pilot of a
+    fresh amortizer). ``stop_at`` ends the run earlier, after that step, without changing the
+    learning-rate schedule (which always spans ``cfg.total_steps``): a later call continues exactly
+    where this one stopped.
 
-    A step whose loss or gradient is not finite is skipped and logged; ``cfg.max_bad_steps`` in a
-    row stop the run. Ctrl-C finishes the current step, saves a checkpoint and re-raises
-    ``KeyboardInterrupt``.
+    A step whose loss or gradient is not finite, or whose guide raised a distribution argument
+    error on non-finite values, is skipped and logged; ``cfg.max_bad_steps`` in a row stop the run.
+    Ctrl-C, SIGTERM or SIGHUP finish the current step, save a checkpoint and raise :class:`Interrupted`.
 
     ``step_fn`` replaces how one step's loss and gradients are computed (default
     :func:`local_step`; :mod:`amortize.distributed` shards the batch over processes). Only the main
@@ -221,58 +302,57 @@ def train(
         ``amortizer.history``).
 
     Raises:
-        TrainingError: ``cfg.max_bad_steps`` consecutive non-finite steps (nothing is saved, so the
-            last checkpoint is the last good one).
+        TrainingError: ``cfg.max_bad_steps`` consecutive bad steps (nothing is saved, so the last
+            checkpoint is the last good one).
         CheckpointError: a checkpoint could not be written (the previous one is intact).
+        Interrupted: a signal stopped the run (after saving).
     """
-    guide = amortizer.guide
     gen = amortizer.generator
     step_fn = step_fn or local_step
     checkpoint_path = checkpoint_path if is_main else None
     progress = progress and is_main
     log_dir = log_dir if is_main else None
     end = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
-    if amortizer.step == 0 and not amortizer.pilot_done:
-        pilot_fit(amortizer, cfg, gen)
-        amortizer.pilot_done = True
-    if amortizer.optimizer is None:
-        amortizer.optimizer = torch.optim.Adam(guide.parameters(), lr=cfg.lr)
-    opt = amortizer.optimizer
-    writer = None
-    if log_dir:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir)
+    amortizer.source = source
     history: list[dict[str, float]] = []
     bad = 0
-    t0, seen = time.perf_counter(), 0
-    bar = tqdm(range(amortizer.step, end), disable=not progress, desc=f"train ({cfg.objective})", leave=False)
-    running = None
+    running, writer = None, None
     try:
         with _deferred_interrupt() as interrupt:
+            source.setup(amortizer, cfg, gen)  # the pilot of a fresh amortizer (a signal stops after it)
+            if amortizer.optimizer is None:
+                amortizer.optimizer = _optimizer(amortizer, cfg, source.parameters())
+            opt = amortizer.optimizer
+            params = [p for g in opt.param_groups for p in g["params"]]
+            if log_dir:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(log_dir)
+            t0, seen = time.perf_counter(), 0
+            desc = f"train ({source.name})"
+            bar = tqdm(range(amortizer.step, end), disable=not progress or None, desc=desc, leave=False)
             for step in bar:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step, cfg)
-                value = step_fn(amortizer, cfg.at(step), gen)  # loss; its gradients are in the parameters
+                why = None
+                try:
+                    value = step_fn(amortizer, cfg.at(step), gen)  # loss; its gradients are in the parameters
+                except ValueError as e:
+                    why = _bad_step_error(e)
+                    if why is None:
+                        raise
+                    value = float("nan")
                 finite = math.isfinite(value)
-                if finite:
-                    gnorm = torch.nn.utils.clip_grad_norm_(guide.parameters(), cfg.clip_norm)
-                else:
-                    gnorm = torch.tensor(float("nan"))
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm) if finite else torch.tensor(math.nan)
                 if not (finite and torch.isfinite(gnorm)):
                     bad += 1
-                    log.warning(
-                        "step %d: non-finite %s (%s); step skipped (%d in a row)",
-                        step,
-                        "gradient" if finite else "loss",
-                        value,
-                        bad,
-                    )
+                    why = why or ("non-finite gradient" if finite else f"non-finite loss ({value})")
+                    log.warning("step %d: %s; step skipped (%d in a row)", step, why, bad)
                     if bad >= cfg.max_bad_steps:
                         kept = f"; {checkpoint_path} was not overwritten" if checkpoint_path else ""
                         raise TrainingError(
                             f"training stopped at step {step}: {bad} consecutive non-finite losses or gradients"
-                            f" (max_bad_steps={cfg.max_bad_steps}){kept}"
+                            f" (max_bad_steps={cfg.max_bad_steps}); last: {why}{kept}"
                         )
                     amortizer.step = step + 1
                     opt.zero_grad(set_to_none=True)
@@ -282,7 +362,7 @@ def train(
                     opt.step()
                     amortizer.step = step + 1
                     interrupt["updating"] = False
-                    seen += cfg.batch_size
+                    seen += source.datasets_per_step(cfg)
                     running = value if running is None else 0.95 * running + 0.05 * value
                     if callback:
                         callback(step, value)
@@ -300,7 +380,9 @@ def train(
                 if checkpoint_path and bad == 0 and (step + 1) % cfg.checkpoint_every == 0:
                     amortizer.save(checkpoint_path)
                 if interrupt["stop"]:
-                    raise KeyboardInterrupt
+                    raise Interrupted(interrupt["signum"])
+            if interrupt["stop"]:  # a signal during the pilot of a run with no step left
+                raise Interrupted(interrupt["signum"])
     except KeyboardInterrupt:
         log.warning("interrupted at step %d; saving a checkpoint", amortizer.step)
         if checkpoint_path:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import amortize as am
-from amortize import posterior as posterior_module
-from amortize.batch import PosteriorBatch, same_structure
+from amortize import batch as batch_module
+from amortize.batch import same_structure
 from amortize.errors import DataError
-from amortize.posterior import CorrectedDraws
+from amortize.importance import CorrectedDraws
 
 
 def frame(ids: list, y: list[float]) -> am.HierarchicalData:
@@ -33,7 +33,7 @@ def encoder_calls(a: am.Amortizer) -> tuple[list[int], torch.utils.hooks.Removab
 def test_one_structure_is_one_vectorized_batch(amortizer):
     datasets = [structure_a(0.1 * i) for i in range(5)]
     post = amortizer.posterior(datasets)
-    assert isinstance(post, PosteriorBatch) and len(post) == 5 and post.num_structures == 1
+    assert isinstance(post, am.Posterior) and len(post) == 5 and post.num_structures == 1
     calls, handle = encoder_calls(amortizer)
     try:
         draws = post.sample(40, seed=0)
@@ -125,7 +125,7 @@ def test_same_structure_compares_indices_and_covariate_values():
 
 def test_chunked_draws_run_the_encoder_once(amortizer, monkeypatch):
     """Draws too many for one pass come in chunks; the per-dataset and per-group work is not redone per chunk."""
-    monkeypatch.setattr(posterior_module, "CHUNK_ELEMENTS", 9 * 3 * 200)  # 3 datasets x 9 cells: 200 draws a chunk
+    monkeypatch.setattr(batch_module, "CHUNK_ELEMENTS", 9 * 3 * 200)  # 3 datasets x 9 cells: 200 draws a chunk
     post = amortizer.posterior([structure_a(0.0), structure_a(0.5), structure_a(1.0)])
     calls, handle = encoder_calls(amortizer)
     try:

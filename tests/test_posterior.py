@@ -96,9 +96,10 @@ def _reads_rows(data):
 def test_drawing_runs_the_model_on_the_skeleton_only_when_priors_ignore_rows(amortizer, small_data):
     assert am.structure.priors_free_of_rows(normal_known, small_data)
     p = amortizer.posterior(small_data)
-    assert p._drawing_data().n_obs == small_data.size("group") < small_data.n_obs
+    part = p.parts[0][1]
+    assert part.drawing_data().n_obs == small_data.size("group") < small_data.n_obs
     fast = p.sample(300, seed=3)
-    p._skeleton = p.data  # the full data: the same draws, bit for bit
+    part._skeleton = part.data  # the full data: the same draws, bit for bit
     full = p.sample(300, seed=3)
     assert all(torch.equal(fast[k], full[k]) for k in fast)
 
@@ -111,7 +112,7 @@ def test_drawing_runs_the_model_on_the_skeleton_only_when_priors_ignore_rows(amo
     )
     a = am.Amortizer(_reads_rows, sampler, hidden=8)
     q = a.posterior(x)
-    assert q._drawing_data() is q.data
+    assert q.parts[0][1].drawing_data() is q.data
     assert q.sample(5)["theta"].shape == (5, x.size("group"))
 
 
@@ -127,3 +128,82 @@ def test_compiled_drawing_kernel_draws_as_the_eager_one(amortizer, small_data):
         amortizer.guide.draw_kernel = product_draw
     for k in eager:
         assert torch.allclose(eager[k], compiled[k], rtol=1e-5, atol=1e-5), k
+
+
+def test_one_api_for_one_a_batch_a_list_and_a_streamed_dataset(amortizer, tmp_path):
+    """sample / summary / diagnostics / save answer alike; the layout follows the input."""
+    data = frame_data()
+    batch = data.with_response(torch.stack([data.y, data.y + 1.0]))
+    for what, post in {
+        "one": amortizer.posterior(data),
+        "batch": amortizer.posterior(batch),
+        "list": amortizer.posterior([data, data]),
+        "streamed": amortizer.posterior(data, chunk_groups=2),
+    }.items():
+        draws = post.sample(30, seed=0)
+        assert "mu" in post.summary(num_samples=20, seed=0)
+        diag = post.diagnostics(num_samples=50)
+        post.save(tmp_path / f"{what}.pt", num_samples=30, seed=0)
+        saved = torch.load(tmp_path / f"{what}.pt")
+        assert saved["levels"] == ["group"] and saved["seed"] == 0
+        if what == "list":
+            assert len(draws) == 2 and len(diag) == 2 and torch.equal(saved["draws"][1]["theta"], draws[1]["theta"])
+        else:
+            assert draws["theta"].shape == ((30, 2, 3) if what == "batch" else (30, 3))
+            assert torch.equal(saved["draws"]["theta"], draws["theta"]) and "flags" in diag
+
+
+def test_posterior_is_built_from_what_it_needs(amortizer):
+    """No amortizer: the guide, the model, the ranges, the device."""
+    data = frame_data()
+    own = am.Posterior(amortizer.guide, normal_known, data, ranges=amortizer.ranges, device="cpu")
+    a, b = own.sample(10, seed=2), amortizer.posterior(data).sample(10, seed=2)
+    assert all(torch.equal(a[k], b[k]) for k in a) and own.range_flags() == amortizer.posterior(data).range_flags()
+
+
+def test_posterior_sits_below_the_amortizer():
+    """posterior, its helpers and the training loop import nothing above them (type-only imports aside)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(am.__file__).parent
+    above = {
+        "posterior": {"amortizer", "validate", "cli", "config"},
+        "batch": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+        "streaming": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+        "importance": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+        "ranges": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+        "train": {"posterior", "amortizer", "sources", "validate", "cli", "config"},
+        "sources": {"posterior", "amortizer", "validate", "cli", "config"},
+        "subsample": {"posterior", "amortizer", "train", "validate", "cli", "config"},
+    }
+    for name, banned in above.items():
+        tree = ast.parse((root / f"{name}.py").read_text())
+        type_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for n in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in type_only:
+                assert (node.module or "").split(".")[0] not in banned, (name, node.module)
+
+
+def test_predictive_replicates_the_data_scale(amortizer):
+    """Posterior predictive responses: shape of the input, and each group's replicated mean follows its
+    posterior (theta_g + noise 0.5 / sqrt(n_g)): within 5 standard errors of the draws' theta means."""
+    data = frame_data()
+    post = amortizer.posterior(data)
+    y = post.predictive(2000, seed=0)
+    assert y.shape == (2000, data.n_obs)
+    theta = post.sample(2000, seed=0)["theta"]  # the same seed: the draws y was simulated from
+    g = data.index("group")
+    for j in range(data.size("group")):
+        rows = y[:, g == j]
+        ybar = rows.mean(1)
+        se = ybar.std() / 2000**0.5
+        assert abs(float(ybar.mean() - theta[:, j].mean())) < 5 * float(se)
+    assert amortizer.posterior([data, data]).predictive(3)[1].shape == (3, data.n_obs)
+    batch = data.with_response(torch.stack([data.y, data.y]))
+    assert amortizer.posterior(batch).predictive(3).shape == (3, 2, data.n_obs)

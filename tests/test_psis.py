@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import amortize as am
-from amortize.importance import K_THRESHOLD, MIN_DRAWS, psis
-from amortize.ranges import training_ranges, value_flags
+from amortize.importance import K_THRESHOLD, MIN_DRAWS, CorrectedDraws, ImportanceSampledPosterior, psis
+from amortize.ranges import value_flags
 
 from .conftest import normal_known
 
@@ -126,7 +126,7 @@ def test_correct_cuts_the_mean_error(amortizer):
         post = amortizer.posterior(data)
         plain = post.sample(n, seed=seed)
         fixed = post.sample(n, seed=seed, correct=True)
-        assert isinstance(fixed, am.posterior.CorrectedDraws) and fixed.num_proposals == 4 * n
+        assert isinstance(fixed, CorrectedDraws) and fixed.num_proposals == 4 * n
         assert fixed.corrected == (fixed.pareto_k <= K_THRESHOLD)
         if not fixed.corrected:
             continue
@@ -164,19 +164,55 @@ def test_untrustworthy_weights_give_flagged_uncorrected_draws(amortizer, caplog)
 
 
 # --------------------------------------------------------------------------- training ranges and flags
-def test_training_ranges_are_recorded_kept_and_leave_the_rng_alone(tmp_path):
+def test_training_ranges_are_recorded_at_the_pilot_and_kept(tmp_path):
     sampler = am.StructureSampler(["group"], groups={"group": (3, 8)}, obs=(2, 6), covariates={"obs": {"x": {}}})
     a = am.Amortizer(normal_known, sampler, hidden=8, flow_bins=0)
-    torch_state, gen_state = torch.get_rng_state(), a.generator.get_state()
+    assert a.ranges == {"group": [3, 8], "obs": [2, 6]}  # before the pilot: the sampler's structure alone
+    a.save(tmp_path / "untrained.pt")  # saving simulates nothing
+    assert torch.equal(a.generator.get_state(), am.Amortizer(normal_known, sampler, hidden=8).generator.get_state())
+    a.fit(steps=1, batch_size=16, pilot_structures=4, progress=False)
     ranges = a.ranges
-    assert torch.equal(torch_state, torch.get_rng_state()) and torch.equal(gen_state, a.generator.get_state())
     assert ranges["group"] == [3, 8] and ranges["obs"] == [2, 6]
     lo, hi = ranges["response"]["log_sd"]
     assert lo < 0 < hi and ranges["response"]["mean"][0] < 0 < ranges["response"]["mean"][1]
-    assert ranges["covariates"]["x"][0] < -2 and ranges["covariates"]["x"][1] > 2
-    assert training_ranges(a) == ranges  # seeded
+    assert ranges["covariates"]["x"][0] < -2 and ranges["covariates"]["x"][1] > 2  # 64 x ~5 x 4 normal draws
     a.save(tmp_path / "a.pt")
     assert am.Amortizer.load(tmp_path / "a.pt", normal_known).ranges == ranges  # kept without the sampler
+
+
+def test_fixed_three_level_structure_is_in_range_on_its_own_data():
+    """Children per parent are recorded and compared (not a level's total count against a per-parent one)."""
+    from amortize.models import gaussian_3level
+
+    sampler = am.StructureSampler(["district", "school"], groups={"district": (5, 5), "school": (1, 6)}, obs=(1, 3))
+    fixed = sampler.sample(torch.Generator().manual_seed(0))
+    a = am.Amortizer(gaussian_3level, fixed, hidden=8, flow_bins=0)
+    a.fit(steps=1, batch_size=4, pilot_structures=2, progress=False)
+    c = torch.bincount(fixed.parent_index("school"), minlength=5)
+    assert a.ranges["school"] == [int(c.min()), int(c.max())] and a.ranges["district"] == [5, 5]
+    data = am.simulate(gaussian_3level, a.structure, fixed, 1).data
+    own = data.with_response(data.y[0])
+    assert a.posterior(own).range_flags() == []
+    # and the check has power: one more child under one parent is out of range
+    more = am.HierarchicalData(
+        ["district", "school"],
+        {"school": torch.cat([fixed.parents["school"], torch.tensor([0] * 7)])},
+        torch.cat([fixed.group, torch.arange(fixed.size("school"), fixed.size("school") + 7)]),
+        y=torch.zeros(fixed.n_obs + 7),
+    )
+    assert any("level 'school'" in f for f in a.posterior(more).range_flags())
+
+
+def test_wrapper_is_the_one_line_correction(amortizer):
+    post = amortizer.posterior(_dataset(7))
+    wrapped = ImportanceSampledPosterior(post, oversample=3)
+    a, b = wrapped.sample(100, seed=2), post.sample(100, seed=2, correct=True, oversample=3)
+    assert isinstance(a, CorrectedDraws) and a.num_proposals == 300
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.pareto_k == b.pareto_k
+    lists = ImportanceSampledPosterior(amortizer.posterior([_dataset(7), _dataset(8)])).sample(50, seed=0)
+    assert len(lists) == 2 and all(isinstance(c.pareto_k, float) for c in lists)
+    with pytest.raises(am.DataError, match="streamed"):  # a streamed dataset's full log density is not computed
+        ImportanceSampledPosterior(amortizer.posterior(_dataset(7), chunk_groups=2)).sample(10)
 
 
 def test_value_flags_name_the_response_and_covariate():

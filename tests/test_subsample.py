@@ -1,4 +1,5 @@
-"""Training on one large dataset by subsampling outermost groups (amortize.subsample)."""
+"""Training on one large dataset by subsampling outermost groups (amortize.subsample, sources.Subsampled),
+and its streamed posterior (amortize.streaming)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 import amortize as am
 from amortize.models import gaussian_3level
-from amortize.subsample import OuterGroupIndex, draw_groups, epochs, fit_subsampled, restrict_groups, subsampled_elbo
+from amortize.subsample import OuterGroupIndex, draw_groups, epochs, restrict_groups, subsampled_elbo
 
 from .conftest import normal_known
 
@@ -102,13 +103,62 @@ def test_draw_groups_is_uniform_without_replacement() -> None:
         assert sorted(torch.cat(chunks).tolist()) == list(range(103))
 
 
+FAST = {"batch_size": 4, "pilot_structures": 2, "warmup": 2, "progress": False}
+
+
+def _fit(a: am.Amortizer, data: am.HierarchicalData, b: int, **kw) -> am.Subsampled:
+    source = am.Subsampled(data, groups_per_step=b)
+    a.fit(source=source, **{**FAST, **kw})
+    return source
+
+
 def test_same_seed_same_fit() -> None:
     data = _known(60, 2)
-    a = am.Amortizer(normal_known, data.with_response(None), hidden=8, flow_bins=0)
-    fits = [fit_subsampled(a, data, steps=4, groups_per_step=16, pilot_datasets=4, pilot_structures=2) for _ in "ab"]
+    fits = []
+    for _ in "ab":
+        a = am.Amortizer(normal_known, data.with_response(None), hidden=8, flow_bins=0)
+        _fit(a, data, 16, steps=4)
+        fits.append(a)
     assert torch.equal(fits[0].q_globals.loc, fits[1].q_globals.loc)
-    m = [f.group_posterior("group", num_draws=4)["theta"].mean for f in fits]
+    m = [f.posterior(data).sample(4, seed=0)["theta"] for f in fits]
     assert torch.equal(m[0], m[1])
+
+
+def test_subsampled_state_is_saved_and_resumed_exactly(tmp_path: Path) -> None:
+    """A subsampled run stopped, saved, loaded and continued gives the uninterrupted run's weights and q(globals)."""
+    data = _known(80, 4)
+    whole = am.Amortizer(normal_known, data.with_response(None), hidden=8, flow_bins=0, seed=1)
+    _fit(whole, data, 20, steps=8)
+    first = am.Amortizer(normal_known, data.with_response(None), hidden=8, flow_bins=0, seed=1)
+    _fit(first, data, 20, steps=8, stop_at=4, checkpoint_path=str(tmp_path / "ck.pt"))
+    torch.randn(10)  # the caller's RNG between the runs does not matter
+    resumed = am.Amortizer.load(tmp_path / "ck.pt", normal_known, sampler=am.StructureSampler.fixed(data))
+    assert resumed.step == 4 and resumed.subsampled["groups_per_step"] == 20
+    with pytest.raises(am.AmortizeError, match="Subsampled"):
+        resumed.fit(steps=8)  # a subsampled run continues on its data
+    _fit(resumed, data, 20, steps=8)
+    assert torch.equal(whole.q_globals.scale_tril(), resumed.q_globals.scale_tril())
+    a, b = whole.guide.state_dict(), resumed.guide.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the loaded amortizer streams the posterior of its dataset with its own q(globals)
+    post = resumed.posterior(data)
+    assert post.streamed is not None and post.streamed.q_globals is resumed.q_globals
+
+
+def test_an_amortizer_trained_on_simulations_is_fine_tuned_as_a_new_run(amortizer) -> None:
+    import copy
+
+    a = copy.deepcopy(amortizer)  # trained 20 steps on simulations of 3-8 groups
+    ranges = a.ranges
+    data = _known(40, 3)
+    _fit(a, data, 10, steps=3)
+    assert a.step == 3 and a.ranges == ranges and a.subsampled["groups_per_step"] == 10
+    flags = a.posterior(data).range_flags()  # 40 groups: no flag, the guide sees chunks of 10
+    assert not any("level 'group'" in f for f in flags), flags
+    assert any("level 'group'" in f for f in a.posterior(_known(40, 9)).range_flags())  # another dataset
+    q = a.q_globals
+    trained = {id(p) for p in a.optimizer.param_groups[1]["params"]}
+    assert trained == {id(p) for p in q.parameters()}  # q(globals) is trained
 
 
 def test_errors_name_the_level_and_ids() -> None:
@@ -124,74 +174,86 @@ def test_errors_name_the_level_and_ids() -> None:
         index.restrict(torch.tensor([0.5]))
     a = am.Amortizer(normal_known, data.with_response(None), hidden=8, flow_bins=0)
     with pytest.raises(am.DataError, match="levels"):
-        fit_subsampled(a, _three_level(), steps=1)
+        _fit(a, _three_level(), 4, steps=1)
     with pytest.raises(am.DataError, match="one dataset"):
-        fit_subsampled(a, data.with_response(data.y.expand(2, -1).clone()), steps=1)
-    post = fit_subsampled(a, data, steps=2, groups_per_step=10, pilot_datasets=4, pilot_structures=2)
-    with pytest.raises(am.DataError, match="unknown level 'school'"):
-        post.group_posterior("school")
+        am.Subsampled(data.with_response(data.y.expand(2, -1).clone()))
+    _fit(a, data, 10, steps=2)
+    post = a.posterior(data)
     with pytest.raises(am.DataError, match="got group id 99"):
         post.sample(10, groups=[99])
+    with pytest.raises(am.DataError, match="another dataset"):
+        _fit(a, _known(31, 0), 10, steps=3)
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[am.Amortizer, am.HierarchicalData, object, dict[str, torch.Tensor]]:
+def trained() -> tuple[am.Amortizer, am.HierarchicalData, am.Subsampled]:
     torch.set_num_threads(1)
     data = _known(2000, 1)
     sampler = am.StructureSampler(["group"], groups={"group": (10, 50)}, obs=(2, 15))
     a = am.Amortizer(normal_known, sampler, hidden=32, flow_bins=0, seed=0)
-    before = {k: v.clone() for k, v in a.guide.state_dict().items()}
-    post = fit_subsampled(a, data, steps=300, groups_per_step=256, num_particles=4, lr=5e-3, seed=0)
-    return a, data, post, before
-
-
-def test_amortizer_left_as_it_was(trained) -> None:
-    a, _, post, before = trained
-    after = a.guide.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not a.pilot_done and post.guide is not a.guide
+    source = am.Subsampled(data, groups_per_step=256)
+    a.fit(
+        source=source, steps=300, num_particles=4, lr=5e-3, warmup=50, batch_size=32, pilot_structures=8, progress=False
+    )
+    return a, data, source
 
 
 def test_minibatch_elbo_is_unbiased(trained) -> None:
     """The mean of the scaled minibatch ELBO over many random subsets is the full-data ELBO (fixed guide)."""
-    _, data, post, _ = trained
+    a, data, source = trained
     G, b = data.size("group"), 100
     gen = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
+
+    def elbo(groups: torch.Tensor, particles: int) -> torch.Tensor:
+        sub, _ = source.index.restrict(groups)
+        return subsampled_elbo(a.guide, a.q_globals, sub, G / len(groups), particles)
+
     with torch.no_grad():
-        full = torch.cat([post.elbo(None, num_particles=64) for _ in range(4)])
-        mini = torch.stack([post.elbo(draw_groups(G, b, gen), num_particles=2).mean() for _ in range(1500)])
+        full = torch.cat([elbo(torch.arange(G), 64) for _ in range(4)])
+        mini = torch.stack([elbo(draw_groups(G, b, gen), 2).mean() for _ in range(1500)])
     se = (full.var() / len(full) + mini.var() / len(mini)).sqrt()
     diff = float(mini.mean() - full.mean())
     assert abs(diff) < 4 * se, (diff, float(se))
     # the check has power: a 1% error in the scale of the group terms would be caught
     assert 4 * se < 0.01 * abs(float(full.mean())), float(se)
     # without the G / b scaling the estimate is far off
-    sub, _ = post.index.restrict(draw_groups(G, b, gen))
+    sub, _ = source.index.restrict(draw_groups(G, b, gen))
     with torch.no_grad():
-        unscaled = subsampled_elbo(post.guide, post.q_globals, sub, 1.0, 8).mean()
+        unscaled = subsampled_elbo(a.guide, a.q_globals, sub, 1.0, 8).mean()
     assert abs(float(unscaled - full.mean())) > 100 * se
 
 
-def test_group_posterior_matches_exact_conjugate_posterior(trained) -> None:
-    _, data, post, _ = trained
+def test_streamed_posterior_matches_exact_conjugate_posterior(trained) -> None:
+    a, data, _ = trained
     m_mu, s_mu, m_theta, s_theta = _exact(data)
-    theta = post.group_posterior("group", num_draws=50)["theta"]
-    assert theta.mean.shape == (2000,) and theta.sd.shape == (2000,)
-    z = ((theta.mean.double() - m_theta) / s_theta).abs()
-    ratio = theta.sd.double() / s_theta
+    post = a.posterior(data)  # the subsampled fit's dataset: streamed in chunks of 256 groups
+    assert post.streamed is not None and post.streamed.chunk == 256
+    moments = post.moments(num_draws=50, seed=0)["theta"]  # conditional moments: no Monte Carlo error per group
+    assert moments.mean.shape == (2000,) and moments.sd.shape == (2000,)
+    z = ((moments.mean.double() - m_theta) / s_theta).abs()
+    ratio = moments.sd.double() / s_theta
     assert float(z.median()) <= 0.1
     assert 0.9 <= float(ratio.median()) <= 1.1
-    mu = post.sample_globals(4000, seed=0)["mu"]
+    draws = post.sample(400, seed=0)
+    theta = draws["theta"]
+    assert theta.shape == (400, 2000) and draws["mu"].shape == (400,)
+    # the draws agree with the moments (draws' mean within 4 Monte Carlo sds for 99% of the groups)
+    mc = ((theta.mean(0) - moments.mean) / (moments.sd / 400**0.5)).abs()
+    assert float((mc < 4).double().mean()) > 0.99
+    mu = draws["mu"]
     assert abs(float(mu.mean()) - m_mu) < 3 * s_mu
     assert 0.8 < float(mu.std()) / s_mu < 1.25
-    # joint draws of chosen groups agree with the streamed summary
-    draws = post.sample(400, groups=[7, 3, 1999], seed=1)
-    assert draws["theta"].shape == (400, 3) and draws["mu"].shape == (400,)
-    assert draws.index["group"].tolist() == [3, 7, 1999]
-    sel = draws.index["group"]
-    assert torch.allclose(draws["theta"].mean(0), theta.mean[sel], atol=4 * float(theta.sd[sel].max()) / 20)
-    assert torch.allclose(draws["theta"].std(0), theta.sd[sel], rtol=0.2)
+    # joint draws of chosen groups agree with the whole
+    chosen = post.sample(400, groups=[7, 3, 1999], seed=1)
+    assert chosen["theta"].shape == (400, 3) and chosen["mu"].shape == (400,)
+    assert chosen.index["group"].tolist() == [3, 7, 1999]
+    sel = chosen.index["group"]
+    sd = theta.std(0)[sel]
+    assert torch.allclose(chosen["theta"].mean(0), theta.mean(0)[sel], atol=4 * float(sd.max()) * (2 / 400) ** 0.5)
+    assert torch.allclose(chosen["theta"].std(0), sd, rtol=0.2)
+    diag = post.diagnostics()
+    assert diag["flags"] == [] and diag["ok"]  # its own data: in range (the chunk, not G, is what the guide saw)
 
 
 def test_three_level_model_streams_every_level() -> None:
@@ -201,18 +263,33 @@ def test_three_level_model_streams_every_level() -> None:
     a = am.Amortizer(gaussian_3level, sampler, hidden=8, flow_bins=0, seed=0)
     data = am.simulate(gaussian_3level, a.structure, structure, 1).data
     data = data.with_response(data.y[0])
-    post = fit_subsampled(a, data, steps=5, groups_per_step=16, pilot_datasets=4, pilot_structures=2)
-    out = post.group_posterior(chunk_size=20, num_draws=8)
-    assert set(out) == {"alpha", "beta"}
-    assert out["alpha"].mean.shape == (60,) and out["beta"].sd.shape == (data.size("school"),)
-    assert all(bool(torch.isfinite(m.mean).all() and (m.sd > 0).all()) for m in out.values())
-    g = post.sample_globals(5)
-    assert set(g) == {"mu", "tau_district", "tau_school", "sigma"} and bool((g["sigma"] > 0).all())
-    draws = post.sample(6, groups=[2, 40])
+    _fit(a, data, 16, steps=5)
+    m = a.posterior(data, chunk_groups=20).moments(num_draws=8, seed=0)
+    assert set(m) == {"alpha", "beta"} and m["beta"].sd.shape == (data.size("school"),)
+    assert all(bool(torch.isfinite(x.mean).all() and (x.sd > 0).all()) for x in m.values())
+    with pytest.raises(am.DataError, match="unknown level 'county'"):
+        a.posterior(data).moments(level="county")
+    out = a.posterior(data, chunk_groups=20).sample(8, seed=0)
+    assert set(out) == {"mu", "tau_district", "tau_school", "sigma", "alpha", "beta"}
+    assert out["alpha"].shape == (8, 60) and out["beta"].shape == (8, data.size("school"))
+    assert all(bool(torch.isfinite(v).all()) for v in out.values()) and bool((out["sigma"] > 0).all())
+    draws = a.posterior(data).sample(6, groups=[2, 40])
     assert draws["alpha"].shape == (6, 2)
     schools = draws.index["school"]
     assert draws["beta"].shape == (6, len(schools))
     assert set(data.parent_index("school")[schools].tolist()) == {2, 40}
+
+
+def test_a_prior_trained_amortizer_streams_any_dataset(amortizer) -> None:
+    """Without a subsampled fit, chunks read the global head's draws on the whole dataset: streaming
+    in one chunk and in several gives draws of one q (equal means within Monte Carlo error)."""
+    data = _known(12, 5)
+    one = amortizer.posterior(data, chunk_groups=12).sample(2000, seed=0)
+    whole = amortizer.posterior(data).sample(2000, seed=1)
+    se = (one["mu"].var() / 2000 + whole["mu"].var() / 2000).sqrt()
+    assert abs(float(one["mu"].mean() - whole["mu"].mean())) < 4 * float(se)
+    three = amortizer.posterior(data, chunk_groups=4).sample(50, seed=0)
+    assert three["theta"].shape == (50, 12) and bool(torch.isfinite(three["theta"]).all())
 
 
 def test_bench_large_runs_and_writes_results(tmp_path: Path) -> None:

@@ -1,5 +1,8 @@
 import math
+import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,11 +81,12 @@ def test_reverse_kl_objectives_run_and_are_finite(small_sampler, objective):
 
 
 def test_refinement_phase_switches_objective_and_rate(small_sampler, monkeypatch):
+    from amortize import sources
     from amortize import train as train_mod
 
     seen = []
-    real = train_mod.batch_loss
-    monkeypatch.setattr(train_mod, "batch_loss", lambda a, cfg, sim: (seen.append(cfg.objective), real(a, cfg, sim))[1])
+    real = sources.batch_loss
+    monkeypatch.setattr(sources, "batch_loss", lambda a, cfg, sim: (seen.append(cfg.objective), real(a, cfg, sim))[1])
     a = am.Amortizer(normal_known, small_sampler, hidden=16)
     hist = a.fit(steps=6, refine_steps=4, refine_lr=1e-4, batch_size=8, num_particles=2, log_every=2, progress=False)
     assert seen == ["npe"] * 6 + ["elbo"] * 4 and a.step == 10
@@ -107,3 +111,127 @@ def test_tensorboard_scalars_written(small_sampler, tmp_path):
     a = am.Amortizer(normal_known, small_sampler, hidden=16)
     a.fit(steps=10, batch_size=8, log_every=5, progress=False, log_dir=str(tmp_path / "tb"))
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def _global_states():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def _same_states(a, b):
+    return torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_fit_posterior_and_sample_leave_the_callers_rng_alone(small_sampler, small_data):
+    """torch (and so Pyro), numpy and random: fit, posterior, sample, diagnostics read the caller's
+    state at most; training follows the amortizer's seed whatever the caller's RNG holds."""
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    before = _global_states()
+    a = am.Amortizer(normal_known, small_sampler, hidden=8, flow_bins=0, seed=4)
+    a.fit(steps=3, batch_size=8, pilot_structures=2, progress=False)
+    post = a.posterior(small_data)
+    first, second = post.sample(20), post.sample(20)  # the posterior's own stream: it moves on
+    assert not torch.equal(first["mu"], second["mu"])
+    post.sample(20, seed=0, correct=True)
+    post.diagnostics(num_samples=50)
+    a.posterior([small_data, small_data]).sample(5)
+    assert _same_states(before, _global_states())
+    torch.manual_seed(2)  # another caller state: the same run
+    b = am.Amortizer(normal_known, small_sampler, hidden=8, flow_bins=0, seed=4)
+    b.fit(steps=3, batch_size=8, pilot_structures=2, progress=False)
+    wa, wb = a.guide.state_dict(), b.guide.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _nan_guide_from(monkeypatch, bad):
+    """Steps whose index is in ``bad`` run with NaN weights in the global head (restored after the step)."""
+    from amortize import train as train_mod
+
+    real, calls = train_mod._loss, []
+
+    def loss(a, cfg, gen):
+        calls.append(1)
+        if len(calls) - 1 not in bad:
+            return real(a, cfg, gen)
+        p = next(a.guide.global_head.parameters())
+        saved = p.data.clone()
+        p.data.fill_(float("nan"))
+        try:
+            return real(a, cfg, gen)
+        finally:
+            p.data.copy_(saved)
+
+    monkeypatch.setattr(train_mod, "_loss", loss)
+
+
+def test_a_nan_inside_the_guide_is_a_bad_step_naming_the_site(small_sampler, monkeypatch, caplog):
+    """A distribution argument check failing on NaN inside the guide skips the step, it does not end training."""
+    import logging
+
+    _nan_guide_from(monkeypatch, {1, 2})
+    a = am.Amortizer(normal_known, small_sampler, hidden=8, flow_bins=0)
+    with caplog.at_level(logging.WARNING, logger="amortize.train"):
+        a.fit(steps=5, batch_size=8, pilot_structures=2, objective="elbo", num_particles=2, progress=False)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert a.step == 5 and len(skipped) == 2 and all("site 'mu'" in m for m in skipped), skipped
+    assert all(bool(torch.isfinite(v).all()) for v in a.guide.state_dict().values())
+    b = am.Amortizer(normal_known, small_sampler, hidden=8, flow_bins=0)
+    _nan_guide_from(monkeypatch, set(range(1, 99)))
+    with pytest.raises(am.TrainingError, match=r"step 3: 3 consecutive.*site 'mu'"):
+        b.fit(steps=9, batch_size=8, pilot_structures=2, max_bad_steps=3, objective="elbo", progress=False)
+
+
+SIGNAL_RUN = """\
+name: sig
+model: model.py:normal_known
+network: {hidden: 8}
+structure: {levels: [group], groups: {group: [3, 5]}, obs: [2, 4]}
+train: {steps: 1000000, batch_size: 4, pilot_structures: 1, log_every: 1000, warmup: 2, checkpoint_every: 2}
+"""
+SIGNAL_MODEL = """
+import pyro
+import pyro.distributions as dist
+
+
+def normal_known(data):
+    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+    with pyro.plate("group", data.size("group")):
+        theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+    with pyro.plate("obs", data.n_obs):
+        pyro.sample("y", dist.Normal(theta[..., data.index("group")], 0.5), obs=data.y)
+"""
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_signal_finishes_the_step_saves_and_exits_with_the_shells_code(tmp_path, signame, code):
+    """``amortize train`` sent SIGTERM / SIGHUP mid-training: a loadable checkpoint, the resume
+    command, exit code 128 + the signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from amortize.checkpoint import load_checkpoint
+
+    (tmp_path / "c.yaml").write_text(SIGNAL_RUN)
+    (tmp_path / "model.py").write_text(SIGNAL_MODEL)
+    cli = "import sys; from amortize.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", cli, "train", str(tmp_path / "c.yaml"), "--quiet", "--root", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("checkpoints/sig/*/checkpoint.pt")):  # step 2 written: the loop runs
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, signame))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    (ck,) = tmp_path.glob("checkpoints/sig/*/checkpoint.pt")
+    step = load_checkpoint(ck)["step"]
+    assert step >= 2 and f"interrupted at step {step}; continue with: amortize train --resume" in err

@@ -7,11 +7,12 @@ The model has known variances, so the posterior is Gaussian and known in closed 
 
 One dataset is simulated from it (``--groups`` groups, ``--obs-min``..``--obs-max`` rows each,
 uniformly: 10 on average), an amortizer is built for the model (never trained on simulations; its
-input scalers are fitted on prior simulations by :func:`amortize.subsample.fit_subsampled`), trained
-by :func:`~amortize.subsample.fit_subsampled` (``--steps`` steps of ``--groups-per-step`` groups),
-and :meth:`~amortize.subsample.LargePosterior.group_posterior` gives every group's posterior mean and
-sd. Reported: z = |mean - exact mean| / exact sd (median, 90th percentile), sd / exact sd (median,
-10th and 90th percentiles) for the groups and for mu, wall seconds per phase, and memory per phase:
+input scalers are fitted on prior simulations on subsets of the dataset by the pilot), trained by
+``amortizer.fit(source=am.Subsampled(data, groups_per_step))`` (``--steps`` steps), and
+``amortizer.posterior(data, chunk_groups=...).moments(num_draws)``, streamed in chunks, gives every
+group's posterior mean and sd. Reported: z = |mean - exact mean| / exact sd (median, 90th
+percentile), sd / exact sd (median, 10th and 90th percentiles) for the groups and for mu, wall
+seconds per phase, and memory per phase:
 the peak resident set of the phase (Linux VmHWM, reset at the start of each phase where the kernel
 allows it), the resident set after it, and the bytes held by the dataset and its group index.
 
@@ -33,7 +34,6 @@ import pyro.distributions as dist
 import torch
 
 import amortize as am
-from amortize.subsample import fit_subsampled
 from amortize.validate.bench import machine_info, results_header, write_results
 
 PRIOR_SD, GROUP_SD, NOISE_SD = 2.0, 1.0, 0.5
@@ -178,27 +178,30 @@ def run(args: argparse.Namespace) -> int:
     amortizer = am.Amortizer(known_variance, sampler, hidden=args.hidden, flow_bins=0, seed=args.seed, device=device)
     reset_peak()
     t0 = time.perf_counter()
-    post = fit_subsampled(
-        amortizer,
-        data,
+    source = am.Subsampled(data, groups_per_step=args.groups_per_step)
+    amortizer.fit(
+        source=source,
         steps=args.steps,
-        groups_per_step=args.groups_per_step,
         num_particles=args.num_particles,
         lr=args.lr,
-        seed=args.seed,
+        warmup=50,
+        batch_size=32,
+        pilot_structures=8,
+        progress=False,
     )
     phases["train"] = {"seconds": time.perf_counter() - t0, **memory(device)}
-    results["index_mib"] = post.index.nbytes / 2**20
+    results["index_mib"] = source.index.nbytes / 2**20
     print(f"train: {args.steps} steps x {args.groups_per_step} groups, {phases['train']['seconds']:.1f} s", flush=True)
 
     reset_peak()
     t0 = time.perf_counter()
-    theta = post.group_posterior("group", chunk_size=args.chunk_size, num_draws=args.num_draws)["theta"]
+    post = amortizer.posterior(data, chunk_groups=args.chunk_size, seed=args.seed)
+    theta = post.moments(num_draws=args.num_draws, level="group")["theta"]  # chunk by chunk
     phases["posterior"] = {"seconds": time.perf_counter() - t0, **memory(device)}
     print(f"posterior of every group: {phases['posterior']['seconds']:.1f} s", flush=True)
 
     exact = exact_posterior(data)
-    mu = post.sample_globals(10_000, seed=args.seed)["mu"]
+    mu = post.sample(10_000, seed=args.seed, groups=[0])["mu"]
     results["theta"] = summary(theta.mean, theta.sd, exact["theta_mean"], exact["theta_sd"])
     results["mu"] = {
         **summary(mu.mean().reshape(1), mu.std().reshape(1), exact["mu_mean"], exact["mu_sd"]),
@@ -209,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     }
     results["phases"] = phases
     results["peak_reset_per_phase"] = can_reset
-    results["train_loss_last"] = post.history[-1]["loss"] if post.history else None
+    results["train_loss_last"] = amortizer.history[-1]["loss"] if amortizer.history else None
     results["accepted"] = results["theta"]["z_median"] <= 0.1
 
     md = report(results)
