@@ -24,7 +24,7 @@ from amortize.validate import (
     summarize,
     to_markdown,
 )
-from amortize.validate.nuts import chain_diagnostics
+from amortize.validate.convergence import chain_diagnostics
 
 # --------------------------------------------------------------------------- helpers
 
@@ -316,7 +316,7 @@ def test_run_nuts_eight_schools_agrees_with_posteriordb() -> None:
 
 
 def test_constant_elements_count_as_converged_and_are_left_out_of_comparisons() -> None:
-    from amortize.validate.nuts import chain_diagnostics
+    from amortize.validate.convergence import chain_diagnostics
 
     torch.manual_seed(0)
     x = torch.randn(2, 200, 3)
