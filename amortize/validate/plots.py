@@ -22,9 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .metrics import ReferenceMoments
+from .metrics import ReferenceMoments, to_numpy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,12 +54,6 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _np(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-    return np.asarray(x, dtype=np.float64)
-
-
 def _index_name(idx: tuple[int, ...]) -> str:
     return f"[{','.join(map(str, idx))}]" if idx else ""
 
@@ -81,15 +74,15 @@ def global_figure(
     Returns:
         A matplotlib ``Figure``.
     """
-    q = _np(draws)
+    q = to_numpy(draws)
     shape = q.shape[1:]
     q = q.reshape(q.shape[0], -1)  # [n, K]
     moments = ref_sd is not None
-    r = None if reference is None else _np(reference)
+    r = None if reference is None else to_numpy(reference)
     if r is not None and not moments:
         r = r.reshape(r.shape[0], -1)  # [m, K]
     elif r is not None:
-        r, s = r.reshape(-1), _np(ref_sd).reshape(-1)  # [K] each
+        r, s = r.reshape(-1), to_numpy(ref_sd).reshape(-1)  # [K] each
     elems = list(np.ndindex(*shape))[:MAX_PANELS]
     cols = min(4, len(elems))
     rows = math.ceil(len(elems) / cols)
@@ -148,15 +141,15 @@ def group_figure(
     Returns:
         A matplotlib ``Figure``.
     """
-    q = _np(draws)
+    q = to_numpy(draws)
     q = q.reshape(q.shape[0], -1)  # [n, G*E]
     qm, qs = q.mean(0), q.std(0, ddof=1)
     if reference is None:
         raise ValueError(f"group_figure: site '{site}' needs a reference")
     if ref_sd is not None:
-        rm, rs = _np(reference).reshape(-1), _np(ref_sd).reshape(-1)
+        rm, rs = to_numpy(reference).reshape(-1), to_numpy(ref_sd).reshape(-1)
     else:
-        r = _np(reference)
+        r = to_numpy(reference)
         r = r.reshape(r.shape[0], -1)  # [m, G*E]
         rm, rs = r.mean(0), r.std(0, ddof=1)
     with np.errstate(divide="ignore", invalid="ignore"):

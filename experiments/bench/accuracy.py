@@ -110,7 +110,7 @@ def run_case(name: str, case: dict[str, Any], a: am.Amortizer, args: argparse.Na
     return {
         "summary": table,
         "datasets": per,
-        "rows": [{**x, "index": list(x["index"])} for x in rows["amortized"]],
+        "rows": rows["amortized"],
     }, md
 
 
