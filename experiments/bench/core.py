@@ -16,8 +16,8 @@ import time
 import amortize as am
 from amortize import models
 from amortize.validate import compare, element_name, reference, to_markdown
-from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.heldout import against_nuts, heldout_datasets
+from amortize.validate.results import machine_info, results_header, write_results
 
 # NUTS settings beyond 2 chains x (500 warm-up + 1000 draws): the 3-level model's centered funnels
 # saturate trees of depth 10 (1023 leapfrog steps per draw); depth 8 keeps a reference to minutes,

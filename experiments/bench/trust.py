@@ -33,9 +33,9 @@ import amortize as am
 from amortize import models
 from amortize.models.radon import radon_contextual_effects, radon_minnesota_data, radon_sampler
 from amortize.validate import compare, element_name, reference, sbc, summarize, to_markdown
-from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.heldout import heldout_datasets
 from amortize.validate.nuts import cached_nuts
+from amortize.validate.results import machine_info, results_header, write_results
 
 MODELS = {
     "gaussian_2level": (models.gaussian_2level, models.SAMPLERS["gaussian_2level"]),
