@@ -14,7 +14,15 @@ from collections.abc import Mapping
 import torch
 from pyro.ops.stats import effective_sample_size, gelman_rubin
 
-__all__ = ["chain_diagnostics", "checks_passed", "rhat_threshold", "rhat_thresholds", "MAX_RHAT", "MIN_ESS"]
+__all__ = [
+    "chain_diagnostics",
+    "worst_diagnostics",
+    "checks_passed",
+    "rhat_threshold",
+    "rhat_thresholds",
+    "MAX_RHAT",
+    "MIN_ESS",
+]
 
 # default checks of a reference (run_nuts, cached_nuts)
 MAX_RHAT = 1.01
@@ -45,6 +53,15 @@ def chain_diagnostics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r_hat = torch.where(const, torch.ones_like(r_hat), r_hat)
     ess = torch.where(const, torch.full_like(ess, float(c * s)), ess)
     return r_hat.reshape(shape), ess.reshape(shape)
+
+
+def worst_diagnostics(x: torch.Tensor) -> tuple[float, float]:
+    """A site's largest R-hat and smallest bulk ESS over its elements, from draws ``[chains, draws, *shape]``.
+
+    Undefined values (constant draws) count as failed: R-hat inf, ESS 0.
+    """
+    r_hat, ess = chain_diagnostics(x)
+    return float(r_hat.nan_to_num(nan=float("inf")).max()), float(ess.nan_to_num(nan=0.0).min())
 
 
 def checks_passed(

@@ -38,7 +38,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..data import HierarchicalData
 from ..errors import ConfigError, DataError, ModelStructureError
-from .convergence import MAX_RHAT, MIN_ESS, chain_diagnostics, checks_passed, rhat_thresholds
+from .convergence import MAX_RHAT, MIN_ESS, checks_passed, rhat_thresholds, worst_diagnostics
 
 __all__ = ["NUTSResult", "run_nuts", "cached_nuts"]
 
@@ -233,10 +233,7 @@ def _run(
     r_hat: dict[str, float] = {}
     ess: dict[str, float] = {}
     for name in latent:
-        stacked = torch.stack([c[name] for c in chains])  # [C, S, *shape]
-        rh, es = chain_diagnostics(stacked)  # undefined (constant draws) counts as failed: inf R-hat, 0 ESS
-        r_hat[name] = float(rh.nan_to_num(nan=float("inf")).max())
-        ess[name] = float(es.nan_to_num(nan=0.0).min())
+        r_hat[name], ess[name] = worst_diagnostics(torch.stack([c[name] for c in chains]))  # [C, S, *shape]
     samples = {name: torch.cat([c[name] for c in chains]) for name in latent}  # [C*S, *shape]
     res = NUTSResult(
         samples=samples,

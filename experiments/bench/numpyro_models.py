@@ -41,7 +41,7 @@ from numpyro.infer.util import log_density as _numpyro_log_density
 
 from amortize.data import HierarchicalData
 from amortize.errors import ConfigError, DataError
-from amortize.validate.convergence import chain_diagnostics, checks_passed, rhat_thresholds
+from amortize.validate.convergence import checks_passed, rhat_thresholds, worst_diagnostics
 from amortize.validate.nuts import NUTSResult
 
 __all__ = [
@@ -618,9 +618,7 @@ def _result(
     r_hat: dict[str, float] = {}
     ess: dict[str, float] = {}
     for name, x in draws.items():
-        rh, es = chain_diagnostics(x)
-        r_hat[name] = float(rh.nan_to_num(nan=float("inf")).max())
-        ess[name] = float(es.nan_to_num(nan=0.0).min())
+        r_hat[name], ess[name] = worst_diagnostics(x)
     max_rhat, min_ess = thresholds
     sizes = {k: math.prod(v.shape[2:]) for k, v in draws.items()}
     num_draws = next(iter(draws.values())).shape[1]
