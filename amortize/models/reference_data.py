@@ -1,8 +1,9 @@
 """The shared reference folder: where it is, and the data files of the shipped models in it.
 
-The folder is ``$AMORTIZE_REFERENCE`` if set, else ``<repo root>/../shared/reference`` (the repo root
-being the folder above the ``amortize`` package). Its READMEs describe every model and file; the
-numbers there were produced outside this project. The ground-truth posteriors in it are read by
+The folder is ``$AMORTIZE_REFERENCE`` if set, else ``<repo root>/experiments/data/reference`` (the repo
+root being the folder above the ``amortize`` package), which ships with the project with the licences
+and provenance of every file. Its READMEs describe every model and file; the numbers there were
+produced outside this project. The ground-truth posteriors in it are read by
 :mod:`amortize.validate.reference`; this module reads what the models need (the Minnesota radon data).
 
 Example:
@@ -31,7 +32,7 @@ RADON_FOLDER = "inference_gym/radon_contextual_effects_minnesota"
 
 
 def reference_dir() -> Path:
-    """The reference folder: ``$AMORTIZE_REFERENCE`` or ``<repo root>/../shared/reference``.
+    """The reference folder: ``$AMORTIZE_REFERENCE`` or ``<repo root>/experiments/data/reference``.
 
     Returns:
         The folder's path (it may not exist; the loaders check).
@@ -40,7 +41,7 @@ def reference_dir() -> Path:
     if env:
         return Path(env)
     repo_root = Path(__file__).resolve().parents[2]
-    return (repo_root / ".." / "shared" / "reference").resolve()
+    return repo_root / "experiments" / "data" / "reference"
 
 
 def reference_path(*parts: str) -> Path:

@@ -1,7 +1,7 @@
 """Loaders of external ground truth (posteriordb draws, Inference Gym moments) from the shared reference folder.
 
 The folder is found by :func:`~amortize.models.reference_data.reference_dir` (``$AMORTIZE_REFERENCE``
-or ``<repo root>/../shared/reference``); its READMEs describe every model and file. The numbers
+or ``<repo root>/experiments/data/reference``, shipped with the project); its READMEs describe every model and file. The numbers
 there were produced outside this project, so they are ground truth nobody here computed.
 
 Example:
