@@ -1,8 +1,9 @@
-"""Loaders of external ground truth (posteriordb draws, Inference Gym moments) from the shared reference folder.
+"""Loaders of external ground truth (posteriordb draws, Inference Gym moments) from the reference folder.
 
 The folder is found by :func:`~amortize.models.reference_data.reference_dir` (``$AMORTIZE_REFERENCE``
-or ``<repo root>/experiments/data/reference``, shipped with the project); its READMEs describe every model and file. The numbers
-there were produced outside this project, so they are ground truth nobody here computed.
+or ``<repo root>/experiments/data/reference``, shipped with the project); its READMEs describe every
+model and file. The numbers there were produced outside this project, so they are ground truth
+nobody here computed.
 
 Example:
     >>> y, sigma, draws = eight_schools()  # doctest: +SKIP
