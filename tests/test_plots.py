@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from amortize.validate import plots
-from amortize.validate import ReferenceMoments
+from amortize.validate import ReferenceMoments, plots
 
 pytest.importorskip("matplotlib")
 LEVELS = {"mu": None, "beta": None, "theta": "group"}
