@@ -1,6 +1,6 @@
 """The ``amortize`` command line: ``train``, ``sample``, ``validate``, ``sbc``, ``bench``.
 
-Library code never prints; this module formats all output. Errors of the library (and missing
+Library code never prints; this package formats all output. Errors of the library (and missing
 files) end the command with one line ``amortize: error: ...`` and exit code 2; ``--debug`` adds
 the traceback.
 
@@ -47,6 +47,7 @@ from ..config import (
 )
 from ..errors import AmortizeError, ConfigError
 from ..posterior import Posterior
+from ..validate.bench import AGAINST
 from .checks import cmd_bench, cmd_sbc, cmd_validate
 from .common import _device, _note, _progress, _read_data, _warn_diagnostics, load_run
 
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument(
         "--against",
-        choices=("auto", "reference", "nuts"),
+        choices=AGAINST,
         default="auto",
         help="auto: the model's reference posterior when there is one, else NUTS on held-out simulations",
     )
