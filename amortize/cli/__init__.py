@@ -49,7 +49,7 @@ from ..errors import AmortizeError, ConfigError
 from ..posterior import Posterior
 from ..validate.bench import AGAINST
 from .checks import cmd_bench, cmd_sbc, cmd_validate
-from .common import _device, _note, _progress, _read_data, _warn_diagnostics, load_run
+from .common import _count, _data_flags, _device, _note, _positive, _progress, _read_data, _warn_diagnostics, load_run
 
 __all__ = ["main", "build_parser", "load_run"]
 
@@ -213,26 +213,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- parser
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return int(text)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
-    return int(text)
-
-
-def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--data", required=required, metavar="CSV", help="long-format CSV, one row per observation")
-    p.add_argument("--levels", help="id columns, outermost first, comma-separated (default: from the config)")
-    p.add_argument("--response", help="response column (default: from the config)")
-    p.add_argument("--covariates", action="append", metavar="LEVEL:COL[,COL]", help="covariate columns (repeatable)")
-    p.add_argument("--nested-ids", action="store_true", help="ids repeat within parents")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``amortize`` command."""
     common = argparse.ArgumentParser(add_help=False)

@@ -1,4 +1,4 @@
-"""What the ``amortize`` commands share: progress and warning lines, run folders, ``--data`` flags, JSON files."""
+"""What the ``amortize`` commands share: progress and warning lines, run folders, options and ``--data`` flags, JSON."""
 
 from __future__ import annotations
 
@@ -104,6 +104,26 @@ def load_run(
 def _validation_seed(cfg: Config) -> int:
     """``validate.seed``, else the training seed moved apart from training's streams."""
     return cfg.validate.seed if cfg.validate.seed is not None else cfg.seed + 100_003
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return int(text)
+
+
+def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--data", required=required, metavar="CSV", help="long-format CSV, one row per observation")
+    p.add_argument("--levels", help="id columns, outermost first, comma-separated (default: from the config)")
+    p.add_argument("--response", help="response column (default: from the config)")
+    p.add_argument("--covariates", action="append", metavar="LEVEL:COL[,COL]", help="covariate columns (repeatable)")
+    p.add_argument("--nested-ids", action="store_true", help="ids repeat within parents")
 
 
 def _read_data(cfg: Config, args: argparse.Namespace) -> HierarchicalData:
