@@ -327,3 +327,46 @@ def test_constant_elements_count_as_converged_and_are_left_out_of_comparisons() 
     assert r_hat[0] == 1.0 and ess[0] == 400 and r_hat[1:].max() < 1.05
     rows = compare({"L": x.reshape(400, 3)}, {"L": x.reshape(400, 3) + 0.0})
     assert [r["element"] for r in rows] == [(1,), (2,)]
+
+
+# --------------------------------------------------------------------------- bench: references and reports
+
+
+def test_reference_for_picks_the_models_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
+    from amortize.errors import ConfigError, ReferenceNotFoundError
+    from amortize.validate import bench
+
+    assert bench.reference_for("amortize.models:eight_schools", "nuts") is None
+    assert bench.reference_for("my.models:f") is None  # no published reference: NUTS
+    with pytest.raises(ConfigError, match="'my.models:f'"):
+        bench.reference_for("my.models:f", "reference")
+    with pytest.raises(ConfigError, match="against"):
+        bench.reference_for("amortize.models:eight_schools", "both")
+    if reference.reference_dir().is_dir():
+        ref = bench.reference_for("amortize.models:eight_schools")
+        assert (
+            ref.name == "posteriordb" and ref.data.size("school") == 8 and set(ref.posterior) == {"mu", "tau", "theta"}
+        )
+    monkeypatch.setenv("AMORTIZE_REFERENCE", str(tmp_path / "nowhere"))
+    with caplog.at_level(logging.WARNING, logger="amortize.validate.bench"):
+        assert bench.reference_for("amortize.models:eight_schools") is None  # files missing: NUTS, with a warning
+    assert "nowhere" in caplog.text and "NUTS" in caplog.text
+    with pytest.raises(ReferenceNotFoundError, match="nowhere"):
+        bench.reference_for("amortize.models:eight_schools", "reference")
+
+
+def test_report_without_nuts_has_no_nuts_time_or_speedup() -> None:
+    from amortize.validate.heldout import Report
+
+    rows = compare(
+        {"mu": torch.randn(500)}, ReferenceMoments(mean={"mu": torch.tensor(0.0)}, sd={"mu": torch.tensor(1.0)})
+    )
+    report = Report(rows=rows, summary=summarize(rows), amortized_seconds=[0.5, 1.5])
+    d = report.to_dict()
+    assert d["amortized_seconds_per_dataset"] == 1.0 and d["nuts_seconds_per_dataset"] is None and d["speedup"] is None
+    report.nuts_seconds = [10.0, 30.0]
+    assert report.speedup == 20.0 and report.timings() == {"amortized_s": 1.0, "nuts_s": 20.0, "speedup": 20.0}
+    lines = report.table(by="site").splitlines()
+    assert lines[0].split()[:2] == ["site", "count"] and lines[1].startswith("mu") and "20.000" in lines[1]
+    with pytest.raises(ValueError, match="by"):
+        report.table(by="group")
