@@ -22,10 +22,11 @@ import torch
 
 from . import __version__ as _version
 from .batch import PosteriorBatch
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_amortizer_payload, load_checkpoint, save_checkpoint
 from .data import HierarchicalData
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError
 from .guide import AmortizedGuide
+from .nn import STATISTICS_VERSION
 from .posterior import Posterior
 from .simulate import Simulation, StructureSampler, simulate
 from .structure import trace_structure
@@ -51,7 +52,7 @@ class Amortizer:
         global_coupling: the group data terms depend linearly on the drawn globals (per-group
             coefficients, learned from zero): q keeps the posterior correlation of group effects with
             globals that act inside a group's likelihood, e.g. slopes of row covariates (see
-            :class:`~amortize.guide.AmortizedGuide`). Checkpoints saved without it load without it.
+            :class:`~amortize.guide.AmortizedGuide`). Checkpoints record it.
     """
 
     def __init__(
@@ -226,7 +227,7 @@ class Amortizer:
             "hidden": self.hidden,
             "flow_bins": self.flow_bins,
             "global_coupling": self.global_coupling,
-            "statistics_revision": self.guide.encoder.revision,
+            "statistics": self.guide.encoder.statistics_version,
             "seed": self.seed,
             "step": self.step,
             "pilot_done": self.pilot_done,
@@ -268,20 +269,13 @@ class Amortizer:
         Nothing global changes: torch's RNG state of the checkpoint is restored when ``fit`` resumes.
 
         Raises:
-            CheckpointError: unreadable, truncated or corrupted file; another library version
-                (major.minor); another model (sites, shapes, levels, covariates).
+            CheckpointError: unreadable, truncated or corrupted file, or one without a checksum;
+                another format or library version (major.minor) or encoder statistics; a field of the
+                wrong type or value (see :func:`~amortize.checkpoint.check_amortizer_payload`);
+                another model (sites, shapes, levels, covariates).
         """
         ck = load_checkpoint(path)
-        missing = sorted(set(_CHECKPOINT_KEYS) - set(ck))
-        if "library_version" in missing or not isinstance(ck.get("library_version"), str):
-            raise CheckpointError(f"{path}: no library version; not written by Amortizer.save")
-        if ck["library_version"].split(".")[:2] != _version.split(".")[:2]:
-            raise CheckpointError(
-                f"{path}: written by amortize {ck['library_version']}, this is {_version}; retrain, or load it"
-                f" with amortize {'.'.join(ck['library_version'].split('.')[:2])}.x"
-            )
-        if missing:
-            raise CheckpointError(f"{path}: checkpoint lacks {missing}; not written by Amortizer.save")
+        check_amortizer_payload(path, ck, STATISTICS_VERSION, [f.name for f in fields(TrainConfig)])
         ex = ck["example"]
         try:
             example = HierarchicalData(ex["levels"], ex["parents"], ex["group"], covariates=ex["covariates"])
@@ -300,8 +294,8 @@ class Amortizer:
                 model,
                 sampler or example,
                 hidden=ck["hidden"],
-                flow_bins=ck.get("flow_bins", 0),
-                global_coupling=ck.get("global_coupling", False),
+                flow_bins=ck["flow_bins"],
+                global_coupling=ck["global_coupling"],
                 seed=ck["seed"],
                 device=device,
             )
@@ -313,25 +307,20 @@ class Amortizer:
                 f"{k}: checkpoint {saved.get(k)}, this model {mine[k]}" for k in mine if saved.get(k) != mine[k]
             )
             raise CheckpointError(f"{path}: checkpoint is for another model ({diff or 'signature differs'})")
-        state = dict(ck["state_dict"])
-        for key, value in new.guide.state_dict().items():
-            if key.rsplit(".", 2)[-2] not in _ADDED_IN_0_2_2:
-                continue
-            old = state.get(key)
-            if old is None:
-                state[key] = torch.zeros_like(value)  # saved before these skip paths: zero is the old map
-            elif old.dim() == 2 and old.shape[0] == value.shape[0] and old.shape[1] < value.shape[1]:
-                # saved before statistics appended to their inputs (revision 4): zero weights on them
-                state[key] = _zero_padded(old, value.shape)
         try:
-            new.guide.load_state_dict(state)
+            new.guide.load_state_dict(ck["state_dict"])
         except (RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: the weights do not fit this model's networks ({e})") from None
-        new.guide.encoder.revision = _statistics_revision(ck)  # the statistics it was trained on
         new.guide.eval()
         new.step, new.pilot_done = int(ck["step"]), bool(ck["pilot_done"])
-        new.config = TrainConfig(**ck["config"])
-        new._optimizer_state = _aligned_optimizer_state(ck["optimizer"], ck["state_dict"], new.guide)
+        try:
+            new.config = TrainConfig(**ck["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: field 'config': {e}") from None
+        opt = ck["optimizer"]
+        if opt is not None and sum(len(g["params"]) for g in opt["param_groups"]) != len(list(new.guide.parameters())):
+            raise CheckpointError(f"{path}: field 'optimizer' does not hold one state per parameter of this model")
+        new._optimizer_state = opt
         new.history = list(ck["history"])
         new.generator.set_state(ck["rng"]["generator"])
         new._rng = {k: v for k, v in ck["rng"].items() if k != "generator"}
@@ -352,75 +341,6 @@ class Amortizer:
     @ranges.setter
     def ranges(self, value: dict[str, Any]) -> None:
         self._ranges = value
-
-
-# skip paths added in 0.2.2 (count terms of the global head, covariate slopes of the heads): a
-# checkpoint without them loads them at zero, which is the map it was trained with
-_ADDED_IN_0_2_2 = ("raw_per_count", "count_unit", "raw_slope", "raw_slope_scale")
-
-
-def _aligned_optimizer_state(
-    opt: dict[str, Any] | None, saved: dict[str, torch.Tensor], guide: torch.nn.Module
-) -> dict[str, Any] | None:
-    """A saved Adam state renumbered for ``guide``'s parameters, which may be a later layout: a
-    parameter the checkpoint lacked starts without state, and a widened one (statistics appended to
-    its inputs) gets its moments zero-padded, as its weights are; so training resumes across library
-    versions."""
-    if opt is None or len(opt.get("param_groups", [])) != 1:
-        return opt
-    buffers = {name for name, _ in guide.named_buffers()}
-    old_names = [k for k in saved if k not in buffers]  # the saved parameters, in optimizer order
-    group = opt["param_groups"][0]
-    if len(old_names) != len(group["params"]):
-        return None  # not a layout this can follow: Adam starts afresh
-    old_state = {old_names[i]: opt["state"].get(p) for i, p in enumerate(group["params"])}
-    params = list(guide.named_parameters())
-    state: dict[int, Any] = {}
-    for j, (name, param) in enumerate(params):
-        st = old_state.get(name)
-        if st is not None:
-            state[j] = {
-                k: _zero_padded(v, param.shape)
-                if torch.is_tensor(v) and v.shape != param.shape and v.dim() == param.dim()
-                else v
-                for k, v in st.items()
-            }
-    return {"state": state, "param_groups": [{**group, "params": list(range(len(params)))}]}
-
-
-def _zero_padded(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``value`` in the leading corner of zeros of ``shape``: a weight (or its Adam moments) saved
-    before inputs were appended, with zeros on the new inputs."""
-    out = value.new_zeros(shape)
-    out[tuple(slice(0, n) for n in value.shape)] = value
-    return out
-
-
-def _statistics_revision(ck: dict[str, Any]) -> int:
-    """The encoder statistics a checkpoint was trained on (0.2.1 recorded two flags instead)."""
-    if "statistics_revision" in ck:
-        return int(ck["statistics_revision"])
-    if not ck.get("pooled_df", False):
-        return 0
-    return 2 if ck.get("residual_pooling", False) else 1
-
-
-_CHECKPOINT_KEYS = (
-    "library_version",
-    "signature",
-    "fingerprint",
-    "hidden",
-    "seed",
-    "step",
-    "pilot_done",
-    "config",
-    "state_dict",
-    "optimizer",
-    "rng",
-    "example",
-    "ranges",
-    "history",
-)
 
 
 def _get_rng(device: torch.device) -> dict[str, Any]:

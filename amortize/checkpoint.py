@@ -4,7 +4,14 @@ A checkpoint holds the guide's weights, the optimizer, the step, the training co
 the model's signature (sites, shapes, levels) and the library version, so that a checkpoint of
 another model or another format is refused with a message instead of loading silently. A SHA-256
 checksum over the whole payload makes a corrupted file (a flipped bit in a weight, which the zip
-container does not detect) a :class:`~amortize.errors.CheckpointError` too.
+container does not detect) a :class:`~amortize.errors.CheckpointError` too; a file without one is
+refused. :func:`check_amortizer_payload` validates every field an amortizer reads, so a damaged or
+hand-edited checkpoint is refused naming the file and the field, never a raw error on first use.
+
+Format 2 (amortize 0.3) is a clean break: a format-1 checkpoint (amortize 0.2.x) is refused, to be
+retrained or loaded with the amortize that wrote it. The encoder's statistics are versioned as a
+whole (:data:`amortize.nn.STATISTICS_VERSION`, the payload's ``statistics``); a checkpoint of other
+statistics is refused too.
 
 A process killed while writing leaves the previous file intact and, at worst, a hidden
 ``.NAME.PID.*.tmp`` beside it; readers never look at those, and the next successful write of the
@@ -18,17 +25,27 @@ import io
 import logging
 import os
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import __version__
 from .errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write", "payload_checksum", "FORMAT_VERSION"]
+__all__ = [
+    "FORMAT_VERSION",
+    "AMORTIZER_KEYS",
+    "atomic_write",
+    "check_amortizer_payload",
+    "load_checkpoint",
+    "payload_checksum",
+    "save_checkpoint",
+]
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
@@ -156,12 +173,139 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
     except Exception as e:  # noqa: BLE001 - whatever a damaged file makes the unpickler raise
         raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-        found = payload.get("format_version") if isinstance(payload, dict) else type(payload).__name__
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not an amortize checkpoint (found a {type(payload).__name__})")
+    found = payload.get("format_version")
+    if found != FORMAT_VERSION:
+        written = payload.get("library_version")
+        if isinstance(found, int) and found < FORMAT_VERSION:
+            by = written if isinstance(written, str) else "0.2.x or earlier"
+            raise CheckpointError(
+                f"{path}: written by amortize {by} (checkpoint format {found}), this is amortize {__version__}"
+                f" (format {FORMAT_VERSION}); retrain, or load it with amortize 0.2.x"
+            )
         raise CheckpointError(f"{path}: not an amortize checkpoint of format {FORMAT_VERSION} (found {found})")
     stored = payload.pop("checksum", None)
     if stored is None:
-        log.warning("%s: checkpoint has no checksum (written by an older amortize); integrity not verified", path)
-    elif stored != payload_checksum(payload):
+        raise CheckpointError(f"{path}: field 'checksum' is missing; the checkpoint's integrity cannot be verified")
+    if stored != payload_checksum(payload):
         raise CheckpointError(f"{path}: corrupted checkpoint (checksum mismatch)")
     return payload
+
+
+AMORTIZER_KEYS = (
+    "library_version",
+    "statistics",
+    "signature",
+    "fingerprint",
+    "hidden",
+    "flow_bins",
+    "global_coupling",
+    "seed",
+    "step",
+    "pilot_done",
+    "config",
+    "state_dict",
+    "optimizer",
+    "rng",
+    "example",
+    "ranges",
+    "history",
+)
+
+
+def check_amortizer_payload(
+    path: str | os.PathLike, payload: dict[str, Any], statistics: str, config_fields: Collection[str]
+) -> None:
+    """Refuse an amortizer checkpoint (a :func:`load_checkpoint` payload) whose fields an
+    :class:`~amortize.Amortizer` could not use: another library version (major.minor), other
+    encoder ``statistics``, a missing field, or one of the wrong type or value (a negative step, an
+    unknown training option, a missing training range, an RNG state of the wrong size).
+
+    Raises:
+        CheckpointError: naming ``path`` and the field.
+    """
+    written = payload.get("library_version")
+    if not isinstance(written, str):
+        raise CheckpointError(f"{path}: no library version; not written by Amortizer.save")
+    if written.split(".")[:2] != __version__.split(".")[:2]:
+        raise CheckpointError(
+            f"{path}: written by amortize {written}, this is {__version__}; retrain, or load it"
+            f" with amortize {'.'.join(written.split('.')[:2])}.x"
+        )
+    missing = [k for k in AMORTIZER_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {missing}; not written by Amortizer.save")
+    if payload["statistics"] != statistics:
+        raise CheckpointError(
+            f"{path}: field 'statistics': trained on encoder statistics {payload['statistics']!r}, this amortize"
+            f" computes {statistics!r}; retrain, or load it with the amortize that wrote it"
+        )
+
+    def bad(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: field '{field}' {problem}")
+
+    for key, low in (("step", 0), ("hidden", 1), ("flow_bins", 0), ("seed", None)):
+        v = payload[key]
+        if not isinstance(v, int) or isinstance(v, bool) or (low is not None and v < low):
+            raise bad(key, f"must be an integer{'' if low is None else f' >= {low}'}, found {v!r}")
+    for key in ("global_coupling", "pilot_done"):
+        if not isinstance(payload[key], bool):
+            raise bad(key, f"must be true or false, found {payload[key]!r}")
+    if not isinstance(payload["signature"], dict) or not isinstance(payload["fingerprint"], str):
+        raise bad(
+            "signature", "and 'fingerprint' must be the model's signature (a dict) and its fingerprint (a string)"
+        )
+    config = payload["config"]
+    if not isinstance(config, dict):
+        raise bad("config", f"must be a dict of training options, found {type(config).__name__}")
+    unknown = sorted(set(config) - set(config_fields))
+    if unknown:
+        raise bad("config", f"holds unknown training option(s) {unknown}; options are {sorted(config_fields)}")
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise bad("state_dict", "must map parameter names to tensors")
+    opt = payload["optimizer"]
+    if opt is not None and not (isinstance(opt, dict) and {"state", "param_groups"} <= set(opt)):
+        raise bad("optimizer", "must be an optimizer state (state, param_groups) or None")
+    _check_rng(payload["rng"], bad)
+    _check_ranges(payload["ranges"], payload["example"], bad)
+    if not isinstance(payload["history"], list):
+        raise bad("history", f"must be a list, found {type(payload['history']).__name__}")
+
+
+def _check_rng(rng: Any, bad: Any) -> None:
+    """torch's CPU RNG state, the structure generator's, and a CUDA state or None."""
+    if not isinstance(rng, dict):
+        raise bad("rng", f"must be a dict of RNG states, found {type(rng).__name__}")
+    size = torch.get_rng_state().numel()  # the CPU generator's state, also a torch.Generator's
+    for key in ("torch", "generator"):
+        v = rng.get(key)
+        if not (torch.is_tensor(v) and v.dtype == torch.uint8 and v.numel() == size):
+            found = f"{v.dtype} [{v.numel()}]" if torch.is_tensor(v) else type(v).__name__
+            raise bad(f"rng.{key}", f"must be a uint8 RNG state of {size} bytes, found {found}")
+    cuda = rng.get("cuda")
+    if cuda is not None and not (torch.is_tensor(cuda) and cuda.dtype == torch.uint8):
+        raise bad("rng.cuda", "must be a uint8 CUDA RNG state or None")
+
+
+def _check_ranges(ranges: Any, example: Any, bad: Any) -> None:
+    """The training ranges: ``[lo, hi]`` per level and for ``obs``; optional covariates and response."""
+
+    def pair(v: Any) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
+
+    if not isinstance(ranges, dict):
+        raise bad("ranges", f"must be a dict, found {type(ranges).__name__}")
+    levels = example.get("levels") if isinstance(example, dict) else None
+    for key in [*(levels if isinstance(levels, list) else []), "obs"]:
+        if key not in ranges:
+            raise bad("ranges", f"lacks the entry '{key}' (the training range of {key})")
+        if not pair(ranges[key]):
+            raise bad(f"ranges.{key}", f"must be [low, high], found {ranges[key]!r}")
+    cov = ranges.get("covariates", {})
+    if not isinstance(cov, dict) or not all(pair(v) for v in cov.values()):
+        raise bad("ranges.covariates", "must map covariate names to [low, high]")
+    resp = ranges.get("response")
+    if resp is not None and not (isinstance(resp, dict) and all(pair(resp.get(k)) for k in ("mean", "log_sd"))):
+        raise bad("ranges.response", "must hold [low, high] for mean and log_sd")

@@ -218,12 +218,16 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"terms": {}}
         if self.global_head is not None:
-            std = self.global_head.standardizer(enc.dataset, K, enc.raw_dataset, enc.counts, enc.raw_slopes)
+            stats = enc.statistics
+            std = self.global_head.standardizer(
+                enc.dataset, K, stats.location_scale(), stats.counts(), stats.covariate_slopes()
+            )
             state["standardizer"] = std
             state["q_globals"] = self.global_head(enc.dataset, K, standardizer=std)  # batch [B, 1..], event [D]
         for name, head in self.group_heads.items():
             site = self.structure[name]
-            loc, scale, coupling = head(enc.groups[site.level], enc.dataset, enc.raw_groups[site.level])  # [B, G, d]
+            group_stats = enc.statistics.levels[site.level].groups
+            loc, scale, coupling = head(enc.groups[site.level], enc.dataset, group_stats)  # [B, G, d]
             G = loc.shape[-2]
             state["terms"][name] = (
                 loc.reshape(B, *[1] * (K - 1), G, -1),

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, TrainingError
+from .nn.statistics import GroupStatistics
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
@@ -115,23 +116,22 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> N
     # eighth: the global head's count terms are fitted across structures
     per = max(1, cfg.batch_size // 8)
     sims = [amortizer.simulate_batch(gen, per) for _ in range(cfg.pilot_structures * cfg.batch_size // per)]
-    guide.encoder.fit([s.data for s in sims])
-    # (raw_dataset [B, r], {level: [B, G, 4 (+ 2k)]}, log counts [B, c], covariate slopes [B, k])
-    raw = [guide.encoder.statistics(sim.data)[3] for sim in sims]
+    stats = [guide.encoder.statistics(sim.data) for sim in sims]
+    guide.encoder.fit(stats)
     if guide.global_head is not None:
         u = torch.cat(
             [torch.cat([s.unconstrain(sim.latents[s.name]) for s in structure.global_sites], -1) for sim in sims]
         )
         guide.global_head.fit(
-            torch.cat([r[0] for r in raw]),
+            torch.cat([s.location_scale() for s in stats]),
             u.reshape(-1, structure.global_dim),
-            torch.cat([r[2] for r in raw]),
-            torch.cat([r[3] for r in raw]),
+            torch.cat([s.counts() for s in stats]),
+            torch.cat([s.covariate_slopes() for s in stats]),
         )
     for name, head in guide.group_heads.items():
         site = structure[name]
-        stats = torch.cat([r[1][site.level].reshape(-1, r[1][site.level].shape[-1]) for r in raw])
-        head.fit(stats, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
+        groups = GroupStatistics.cat([s.levels[site.level].groups.rows() for s in stats])
+        head.fit(groups, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
 
 
 def batch_loss(amortizer: Amortizer, cfg: TrainConfig, sim: Simulation) -> torch.Tensor:

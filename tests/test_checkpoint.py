@@ -1,10 +1,13 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 import amortize as am
-from amortize.checkpoint import atomic_write, save_checkpoint
+from amortize.checkpoint import FORMAT_VERSION, atomic_write, load_checkpoint, payload_checksum, save_checkpoint
 from amortize.errors import CheckpointError
 from amortize.models import gaussian_2level
+from amortize.nn import STATISTICS_VERSION
 
 from .conftest import normal_known
 
@@ -64,121 +67,108 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 
 def test_encoder_statistics_and_coupling_travel_with_the_checkpoint(small_sampler, tmp_path):
-    a = am.Amortizer(normal_known, small_sampler, hidden=8, global_coupling=True)
-    assert a.guide.encoder.revision == 10  # new amortizers compute the latest statistics
-    a.guide.encoder.revision = 0  # as a checkpoint trained on the first statistics
+    a = am.Amortizer(normal_known, small_sampler, hidden=8, global_coupling=False)
     a.save(tmp_path / "a.pt")
+    assert load_checkpoint(tmp_path / "a.pt")["statistics"] == STATISTICS_VERSION
     b = am.Amortizer.load(tmp_path / "a.pt", normal_known)
-    assert b.guide.encoder.revision == 0 and not b.guide.encoder.pooled_df and b.global_coupling
-    assert b.guide.group_heads["theta"].coupling is not None
-    state = a.state()
-    del state["statistics_revision"]
-    for flags, revision in [((False, False), 0), ((True, False), 1), ((True, True), 2)]:
-        state["pooled_df"], state["residual_pooling"] = flags  # as 0.2.1 recorded them
-        save_checkpoint(tmp_path / "old.pt", state)
-        assert am.Amortizer.load(tmp_path / "old.pt", normal_known).guide.encoder.revision == revision
+    assert not b.global_coupling and b.guide.group_heads["theta"].coupling is None
 
 
-def test_checkpoint_without_count_terms_loads_as_the_fixed_map(trained, small_data, tmp_path):
-    """A checkpoint saved before the global head's count terms loads with them at zero, which is the
-    earlier fixed standardizing map: same draws as the same weights with the terms zeroed."""
-    state = trained.state()
-    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if "count" not in k and "slope" not in k}
-    save_checkpoint(tmp_path / "old.pt", state)
-    old = am.Amortizer.load(tmp_path / "old.pt", normal_known)
-    head = old.guide.global_head
-    assert float(head.count_unit.weight.abs().sum() + head.raw_per_count.weight.abs().sum()) == 0.0
-    trained.save(tmp_path / "new.pt")
-    new = am.Amortizer.load(tmp_path / "new.pt", normal_known)
-    with torch.no_grad():
-        for name in ("count_unit", "raw_per_count"):
-            getattr(new.guide.global_head, name).weight.zero_()
-            getattr(new.guide.global_head, name).bias.zero_()
-    a = old.posterior(small_data).sample(50, seed=2)
-    b = new.posterior(small_data).sample(50, seed=2)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def _tampered(trained, tmp_path, edit) -> Path:
+    """``trained``'s checkpoint with ``edit(payload)`` applied, re-saved with a valid checksum: the
+    field, not the checksum, is what is wrong."""
+    path = tmp_path / "ck.pt"
+    trained.save(path)
+    payload = load_checkpoint(path)
+    edit(payload)
+    save_checkpoint(path, payload)
+    return path
 
 
-def _loads_as_saved(a: am.Amortizer, model, revision: int, narrower: dict[str, int], tmp_path) -> None:
-    """Save ``a`` as a checkpoint of an earlier ``revision`` would hold it: the weights ``narrower``
-    names lack their last columns (statistics appended since; zeroed here first, as the earlier
-    layout had no weights on them). Loaded, it has that revision and draws as ``a`` does."""
-    a.guide.encoder.revision = revision
-    params = dict(a.guide.named_parameters())
-    with torch.no_grad():
-        for key, n in narrower.items():
-            params[key][:, -n:] = 0
-    state = a.state()
-    for key, n in narrower.items():
-        state["state_dict"][key] = state["state_dict"][key][:, :-n]
-    save_checkpoint(tmp_path / "old.pt", state)
-    b = am.Amortizer.load(tmp_path / "old.pt", model)
-    assert b.guide.encoder.revision == revision
-    data = a.simulate_batch(torch.Generator().manual_seed(0), 1).data
-    data = data.with_response(data.y[0])
-    x, y = a.posterior(data).sample(20, seed=1), b.posterior(data).sample(20, seed=1)
-    assert all(torch.equal(x[k], y[k]) for k in x)
+@pytest.mark.parametrize("written", ["0.2.3", "0.2.0"])
+def test_checkpoint_of_format_1_is_refused_naming_the_file_and_versions(trained, tmp_path, written):
+    """A 0.2 checkpoint (format 1) is refused: retrain, or load it with amortize 0.2.x."""
+    payload = {**trained.state(), "library_version": written, "format_version": 1}
+    payload["checksum"] = payload_checksum(payload)
+    torch.save(payload, tmp_path / "old.pt")
+    match = (
+        rf"old\.pt: written by amortize {written} \(checkpoint format 1\), this is amortize {am.__version__}"
+        rf" \(format {FORMAT_VERSION}\); retrain, or load it with amortize 0\.2\.x"
+    )
+    with pytest.raises(CheckpointError, match=match):
+        am.Amortizer.load(tmp_path / "old.pt", normal_known)
 
 
-def test_checkpoint_of_revision_3_loads_with_zero_weights_on_the_appended_statistics(tmp_path):
-    """Revision 4 appends the slopes' spreads to the dataset statistics: a revision-3 checkpoint has
-    narrower skip-path weights, loaded with zero columns for them, and draws as it did."""
-    from amortize.models import SAMPLERS, varying_slopes
-
-    a = am.Amortizer(varying_slopes, SAMPLERS["varying_slopes"](), hidden=8)
-    a.fit(steps=2, batch_size=8, progress=False)
-    c = a.guide.encoder.count_dim
-    narrower = {"global_head.raw_slope.weight": 2, "global_head.raw_per_count.weight": 2 * c}
-    _loads_as_saved(a, varying_slopes, 3, narrower, tmp_path)
+def test_checkpoint_of_library_0_2_is_refused_whatever_its_format(trained, tmp_path):
+    path = _tampered(trained, tmp_path, lambda p: p.update(library_version="0.2.3"))
+    with pytest.raises(CheckpointError, match=r"ck\.pt: written by amortize 0\.2\.3, this is 0\.3\.0; retrain"):
+        am.Amortizer.load(path, normal_known)
 
 
-def test_checkpoint_of_revision_5_loads_with_zero_weights_on_the_pooled_slope_intercept(tmp_path):
-    """Revision 6 appends each group's intercept at the pooled slopes (and its log n) to the group
-    statistics: a revision-5 checkpoint's group heads have one column fewer on each, loaded at zero,
-    and it draws as it did."""
-    from amortize.models import SAMPLERS, varying_slopes
-
-    a = am.Amortizer(varying_slopes, SAMPLERS["varying_slopes"](), hidden=8)
-    a.fit(steps=2, batch_size=8, progress=False)
-    assert a.guide.group_heads["b"].raw_slope.weight.shape[1] == 3  # slope, own and pooled-slope intercepts
-    narrower = {"group_heads.b.raw_slope.weight": 1, "group_heads.b.raw_slope_scale.weight": 1}
-    _loads_as_saved(a, varying_slopes, 5, narrower, tmp_path)
+def test_checkpoint_of_other_statistics_is_refused(trained, tmp_path):
+    path = _tampered(trained, tmp_path, lambda p: p.update(statistics="amortize.moments/0"))
+    with pytest.raises(CheckpointError, match=r"ck\.pt: field 'statistics': .*'amortize\.moments/0'.*retrain"):
+        am.Amortizer.load(path, normal_known)
 
 
-def test_checkpoint_of_revision_6_loads_with_zero_weights_on_the_shrunk_between_slopes(tmp_path):
-    """Revisions 7 and 10 append each between-group slope shrunk by its precision (two per slope) and
-    the intercepts at covariates 0 to the dataset's slopes: a revision-6 checkpoint of a model with
-    group covariates has narrower global skip paths, loaded with zero columns, and draws as it did."""
-    from amortize.models import SAMPLERS, gaussian_contextual
-
-    a = am.Amortizer(gaussian_contextual, SAMPLERS["gaussian_contextual"](), hidden=8)
-    a.fit(steps=2, batch_size=8, progress=False)
-    c, extra = a.guide.encoder.count_dim, 6  # two county covariates x (c = 1, c = 4), two intercepts
-    narrower = {"global_head.raw_slope.weight": extra, "global_head.raw_per_count.weight": extra * c}
-    _loads_as_saved(a, gaussian_contextual, 6, narrower, tmp_path)
+def test_checkpoint_without_checksum_is_refused(trained, tmp_path):
+    path = tmp_path / "ck.pt"
+    trained.save(path)
+    payload = torch.load(path, weights_only=True)
+    del payload["checksum"]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=r"ck\.pt: field 'checksum' is missing"):
+        am.Amortizer.load(path, normal_known)
 
 
-def test_training_resumes_from_a_checkpoint_of_an_earlier_layout(tmp_path):
-    """A checkpoint whose skip-path weights are narrower (statistics appended since) resumes training:
-    its Adam moments are zero-padded like its weights, the saved columns kept."""
-    from amortize.models import SAMPLERS, gaussian_contextual
+def _set(key, value):
+    return lambda p: p.update({key: value})
 
-    a = am.Amortizer(gaussian_contextual, SAMPLERS["gaussian_contextual"](), hidden=8)
-    a.fit(steps=4, stop_at=2, batch_size=8, progress=False)
-    state = a.state()
-    key, extra = "global_head.raw_slope.weight", 4
-    sd = state["state_dict"]
-    sd[key] = sd[key][:, :-extra]
-    index = [k for k in sd if k not in dict(a.guide.named_buffers())].index(key)
-    moments = state["optimizer"]["state"][index]
-    saved = moments["exp_avg"][:, :-extra].clone()
-    for m in ("exp_avg", "exp_avg_sq"):
-        moments[m] = moments[m][:, :-extra]
-    save_checkpoint(tmp_path / "old.pt", state)
-    b = am.Amortizer.load(tmp_path / "old.pt", gaussian_contextual, SAMPLERS["gaussian_contextual"]())
-    new_index = [n for n, _ in b.guide.named_parameters()].index(key)
-    restored = b._optimizer_state["state"][new_index]["exp_avg"]
-    assert restored.shape[1] == saved.shape[1] + extra
-    assert torch.equal(restored[:, :-extra], saved) and float(restored[:, -extra:].abs().sum()) == 0.0
-    b.fit(steps=4, batch_size=8, progress=False)  # resumes: no shape error in Adam
-    assert b.step == 4
+
+def _unknown_option(p):
+    p["config"]["no_such_option"] = 1
+
+
+def _without_obs_range(p):
+    del p["ranges"]["obs"]
+
+
+def _short_rng(p):
+    p["rng"]["torch"] = p["rng"]["torch"][:-8]
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_set("step", -7), r"field 'step' must be an integer >= 0, found -7"),
+        (_set("hidden", "16"), r"field 'hidden' must be an integer >= 1"),
+        (_set("pilot_done", 1), r"field 'pilot_done' must be true or false"),
+        (_unknown_option, r"field 'config' holds unknown training option\(s\) \['no_such_option'\]"),
+        (lambda p: p["config"].update(batch_size=0), r"field 'config': batch_size: must be >= 1"),
+        (_without_obs_range, r"field 'ranges' lacks the entry 'obs'"),
+        (lambda p: p["ranges"].update(group=[3]), r"field 'ranges\.group' must be \[low, high\]"),
+        (_short_rng, r"field 'rng\.torch' must be a uint8 RNG state of \d+ bytes"),
+        (lambda p: p["rng"].update(generator=torch.zeros(3)), r"field 'rng\.generator'"),
+        (lambda p: p["optimizer"]["param_groups"][0].update(params=[0]), r"field 'optimizer'"),
+        (_set("history", None), r"field 'history' must be a list"),
+        (_set("signature", ["mu"]), r"field 'signature' and 'fingerprint' must be"),
+    ],
+    ids=[
+        "step",
+        "hidden",
+        "pilot_done",
+        "config_key",
+        "config_value",
+        "ranges",
+        "range_pair",
+        "rng",
+        "generator",
+        "optimizer",
+        "history",
+        "signature",
+    ],
+)
+def test_checkpoint_with_an_invalid_field_is_refused_naming_file_and_field(trained, tmp_path, edit, match):
+    path = _tampered(trained, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=r"ck\.pt: " + match):
+        am.Amortizer.load(path, normal_known)

@@ -364,7 +364,7 @@ def test_sampler_with_other_covariates_is_refused(saved):
         ({"library_version": "1.1.0"}, "written by amortize 1.1.0"),
         ({"library_version": None}, "no library version"),
         ({"state_dict": None}, "lacks \\['state_dict'\\]"),
-        ({"format_version": 99}, "not an amortize checkpoint of format 1 \\(found 99\\)"),
+        ({"format_version": 99}, "not an amortize checkpoint of format 2 \\(found 99\\)"),
     ],
 )
 def test_other_version_or_format_is_refused(saved, edit, match):

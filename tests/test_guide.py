@@ -84,19 +84,16 @@ def test_cholesky_affine_inverts_and_has_the_jacobian_log_determinant():
 
 
 def test_pooled_within_group_variance_is_unbiased_for_small_groups():
-    """Groups of 2-3 rows, sigma = 1: the pooled statistic divides by N - G, so exp(2 lw) averages 1;
-    dividing by N (the statistic before) reads about 0.6."""
+    """Groups of 2-3 rows, sigma = 1: the pooled statistic divides by N - G, so exp(2 lw) averages 1
+    (dividing by N would read about 0.6)."""
     from amortize.nn import HierarchicalEncoder
 
     gen = torch.Generator().manual_seed(0)
     data = am.StructureSampler(["group"], groups={"group": (40, 40)}, obs=(2, 3)).sample(gen)
     y = torch.randn(400, 40, generator=gen)[:, data.index("group")] + torch.randn(400, data.n_obs, generator=gen)
     enc = HierarchicalEncoder(("group",), {}, hidden=4)
-    lw = enc.statistics(data.with_response(y))[3][0][:, 2]  # raw dataset stats: mean, log sd, pooled within
+    lw = enc.statistics(data.with_response(y)).levels["group"].pooled_log_sd  # [400]
     assert abs(float(torch.exp(2 * lw).mean()) - 1.0) < 0.03
-    enc.revision = 0  # the statistic before
-    lw_n = enc.statistics(data.with_response(y))[3][0][:, 2]
-    assert float(torch.exp(2 * lw_n).mean()) < 0.7
 
 
 def test_pooled_noise_of_a_covariate_model_is_that_of_the_residuals():
@@ -113,28 +110,29 @@ def test_pooled_noise_of_a_covariate_model_is_that_of_the_residuals():
     a, b = torch.randn(200, 30, generator=gen), 2 * torch.randn(200, 30, generator=gen)
     y = a[:, g] + b[:, g] * x + 0.1 * torch.randn(200, data.n_obs, generator=gen)
     enc = HierarchicalEncoder(("group",), {"obs": ["x"]}, hidden=4)
-    lw = enc.statistics(data.with_response(y))[3][0][:, 2]
+    stats = enc.statistics(data.with_response(y))
+    lw = stats.levels["group"].pooled_log_sd
     assert abs(float(torch.exp(2 * lw).mean()) / 0.01 - 1.0) < 0.05
-    # the innermost groups' statistics end with each group's own slope, intercept and intercept at the
-    # pooled slope, then their log precisions: log S_xx, -log(1/n + xbar^2 / S_xx) and log n
-    raw_groups = enc.statistics(data.with_response(y))[3][1]["group"]  # [200, 30, 4 + 6]
+    # each innermost group's own slope, intercept and intercept at the pooled slope, with their log
+    # precisions: log S_xx, -log(1/n + xbar^2 / S_xx) and log n
+    groups = stats.levels["group"].groups
     n = data.counts("group").float()
     xbar = torch.zeros(30).index_add_(0, g, x) / n
     xc = x - xbar[g]
     sxx = torch.zeros(30).index_add_(0, g, xc * xc)
-    assert raw_groups.shape == (200, 30, 10)
-    assert torch.allclose(raw_groups[0, :, 7], sxx.log(), atol=1e-3)
-    assert torch.allclose(raw_groups[0, :, 8], -torch.log(1 / n + xbar**2 / sxx), atol=1e-3)
-    assert torch.allclose(raw_groups[0, :, 9], n.log())
-    assert float(((raw_groups[..., 4] - b) / (0.1 / sxx.sqrt())).std()) < 1.2  # slopes read b within their error
+    assert groups.slopes.shape == groups.slopes_log_precision.shape == (200, 30, 1)
+    assert groups.measurements().shape == groups.measurement_log_precisions().shape == (200, 30, 3)
+    assert torch.allclose(groups.slopes_log_precision[0, :, 0], sxx.log(), atol=1e-3)
+    assert torch.allclose(groups.intercept_log_precision[0], -torch.log(1 / n + xbar**2 / sxx), atol=1e-3)
+    assert torch.allclose(groups.pooled_intercept_log_precision[0], n.log())
+    slope_z = (groups.slopes[..., 0] - b) / (0.1 / sxx.sqrt())
+    assert float(slope_z.std()) < 1.2  # slopes read b within their error
     se_a = 0.1 * torch.sqrt(1 / n + xbar**2 / sxx)
-    assert float(((raw_groups[..., 5] - a) / se_a).std()) < 1.2  # intercepts read a within theirs
+    assert float(((groups.intercept - a) / se_a).std()) < 1.2  # intercepts read a within theirs
     # at the pooled slope: ybar - beta_pooled xbar, off by (b - beta_pooled) xbar when slopes vary
     ybar = torch.zeros(200, 30).index_add_(1, g, y) / n
     pooled = (xc * (y - ybar[:, g])).sum(-1) / (xc * xc).sum()
-    assert torch.allclose(raw_groups[..., 6], ybar - pooled[:, None] * xbar, atol=1e-4)
-    enc.revision = 1  # before the residual statistic
-    assert float(torch.exp(lw.new_tensor(0.0) + enc.statistics(data.with_response(y))[3][0][:, 2]).median()) > 0.5
+    assert torch.allclose(groups.pooled_intercept, ybar - pooled[:, None] * xbar, atol=1e-4)
 
 
 def test_global_head_units_narrow_with_the_counts():
@@ -188,11 +186,9 @@ def test_slope_spread_statistics_read_the_slopes_scale_and_correlation():
     z1, z2 = torch.randn(50, 200, generator=gen), torch.randn(50, 200, generator=gen)
     y = z1[:, g] + 0.5 * (0.6 * z1 + 0.8 * z2)[:, g] * x + 0.3 * torch.randn(50, data.n_obs, generator=gen)
     enc = HierarchicalEncoder(("group",), {"obs": ["x"]}, hidden=4)
-    slopes = enc.statistics(data.with_response(y))[3][3]  # pooled slope, log sd of slopes, corr
-    assert abs(float(slopes[:, 1].exp().mean()) - 0.5) < 0.05
-    assert 0.45 < float(slopes[:, 2].mean()) < 0.7
-    enc.revision = 3
-    assert float(enc.statistics(data.with_response(y))[3][3][:, 1:].abs().sum()) == 0.0
+    stats = enc.statistics(data.with_response(y))
+    assert abs(float(stats.slope_log_sd[:, 0].exp().mean()) - 0.5) < 0.05
+    assert 0.45 < float(stats.slope_corr[:, 0].mean()) < 0.7
 
 
 def test_latents_only_draws_the_same_values_without_running_the_likelihood(small_sampler):
@@ -250,17 +246,17 @@ def test_group_term_is_the_exact_product_of_prior_and_data_term(small_sampler):
 def test_between_slopes_carry_their_t_statistics():
     """Group means on a group covariate: the least-squares slope, and t^2 = slope^2 / its sampling
     variance; over many datasets the t statistic of a zero slope is ~ t(G - 2): sd about 1."""
-    from amortize.nn.encoder import _between_slopes
+    from amortize.nn.least_squares import between_slopes
 
     gen = torch.Generator().manual_seed(0)
     G = 40
     C = torch.randn(G, 1, generator=gen)
     ybar = 0.5 * torch.randn(4000, G, generator=gen)  # no slope: t ~ t(38)
-    beta, t2, _ = _between_slopes(ybar, C)
+    beta, t2, _ = between_slopes(ybar, C)
     t = beta.squeeze(-1) / (beta.squeeze(-1).pow(2) / t2.squeeze(-1)).sqrt()
     assert abs(float(t.std()) - (38 / 36) ** 0.5) < 0.05
     ybar = 3.0 * C.T + 0.5 * torch.randn(4000, G, generator=gen)  # a precise slope of 3
-    beta, t2, _ = _between_slopes(ybar, C)
+    beta, t2, _ = between_slopes(ybar, C)
     assert abs(float(beta.mean()) - 3.0) < 0.01 and float(t2.min()) > 100
     shrunk = beta * t2 / (t2 + 4.0)
     assert torch.allclose(shrunk, beta, rtol=0.05)  # a precise slope passes nearly whole
@@ -280,15 +276,14 @@ def test_between_slopes_are_net_of_the_row_covariates():
     data.covariate_level = {"x": "obs", "c": "group"}
     y = 2.0 * x + 3.0 * c[g] + 0.3 * torch.randn(25, generator=gen)[g] + 0.05 * torch.randn(data.n_obs, generator=gen)
     enc = HierarchicalEncoder(("group",), {"obs": ["x"], "group": ["c"]}, hidden=4)
-    slopes = enc.statistics(data.with_response(y))[3][3][0]  # pooled within slope, between slope, ...
-    assert abs(float(slopes[0]) - 2.0) < 0.05 and abs(float(slopes[1]) - 3.0) < 0.3
-    enc.revision = 7  # between slopes of the plain group means: about 3 + 2 x 1.5
-    assert abs(float(enc.statistics(data.with_response(y))[3][3][0][1]) - 6.0) < 0.5
+    stats = enc.statistics(data.with_response(y))
+    within, between = float(stats.pooled_slopes[0, 0]), float(stats.levels["group"].between_slopes[0, 0])
+    assert abs(within - 2.0) < 0.05 and abs(between - 3.0) < 0.3
 
 
 def test_scale_statistics_are_those_of_the_group_effects_net_of_covariates():
     """Group means = 2 c + effects of sd 0.1 (plus row noise): the between-group log sd and its excess
-    over the noise read the effects' sd (revision 9), not the spread that c explains (revision 8)."""
+    over the noise read the effects' sd, not the spread that c explains (about 2 sd(c))."""
     from amortize.nn import HierarchicalEncoder
 
     gen = torch.Generator().manual_seed(3)
@@ -299,15 +294,13 @@ def test_scale_statistics_are_those_of_the_group_effects_net_of_covariates():
     data.covariate_level = {"c": "group"}
     y = 2.0 * c[g] + 0.1 * torch.randn(64, 40, generator=gen)[:, g] + 0.05 * torch.randn(64, data.n_obs, generator=gen)
     enc = HierarchicalEncoder(("group",), {"group": ["c"]}, hidden=4)
-    raw = enc.statistics(data.with_response(y))[3][0]  # [m, log s, pooled, between, excess]
-    assert abs(float(raw[:, 4].exp().median()) - 0.1) < 0.02
-    enc.revision = 8
-    assert float(enc.statistics(data.with_response(y))[3][0][:, 4].exp().median()) > 1.5  # ~ 2 sd(c)
+    excess = enc.statistics(data.with_response(y)).levels["group"].excess_log_sd  # [64]
+    assert abs(float(excess.exp().median()) - 0.1) < 0.02
 
 
 def test_intercepts_at_covariates_zero():
     """y = 1.5 + 2 x + 3 c_group, covariates with non-zero means: the level's intercept at c = 0 reads
-    1.5, the intercept that the standardized statistics cannot see (revision 10)."""
+    1.5, the intercept that the standardized statistics cannot see."""
     from amortize.nn import HierarchicalEncoder
 
     gen = torch.Generator().manual_seed(4)
@@ -319,6 +312,6 @@ def test_intercepts_at_covariates_zero():
     data.covariate_level = {"x": "obs", "c": "group"}
     y = 1.5 + 2.0 * x + 3.0 * c[g] + 0.1 * torch.randn(8, 30, generator=gen)[:, g]
     enc = HierarchicalEncoder(("group",), {"obs": ["x"], "group": ["c"]}, hidden=4)
-    slopes = enc.statistics(data.with_response(y))[3][3]
-    assert torch.allclose(slopes[:, -1], torch.full((8,), 1.5), atol=0.15)  # the group level's intercept
-    assert torch.allclose(slopes[:, -2], y.mean(-1) - 2.0 * x.mean(), atol=0.05)  # the rows' (at x = 0)
+    stats = enc.statistics(data.with_response(y))
+    assert torch.allclose(stats.levels["group"].between_intercept, torch.full((8,), 1.5), atol=0.15)
+    assert torch.allclose(stats.rows_intercept, y.mean(-1) - 2.0 * x.mean(), atol=0.05)  # the rows' (at x = 0)

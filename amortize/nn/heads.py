@@ -18,6 +18,7 @@ from torch.distributions import Transform, constraints
 from torch.nn.functional import softplus
 
 from .encoder import mlp
+from .statistics import GroupStatistics
 
 __all__ = ["GlobalHead", "GroupHead", "ParamScaler"]
 
@@ -56,8 +57,8 @@ class GlobalHead(nn.Module):
       spreads shrink like a power of the counts), so the networks correct in units that narrow with
       the data as the true posterior does, beyond the trained range too.
 
-    A head loaded from a checkpoint saved before the count terms existed gets them at zero, which
-    is the earlier fixed affine map exactly."""
+    The raw statistics, counts and slopes are :meth:`DatasetStatistics.location_scale`, ``.counts()``
+    and ``.covariate_slopes()`` (see :mod:`amortize.nn.statistics`)."""
 
     def __init__(
         self, hidden: int, dim: int, flow_bins: int = 8, raw_dim: int = 1, count_dim: int = 0, slope_dim: int = 0
@@ -272,18 +273,22 @@ class GroupHead(nn.Module):
                 self.coupling[-1].bias.zero_()
 
     @torch.no_grad()
-    def fit(self, raw: torch.Tensor, u: torch.Tensor) -> None:
-        """Least-squares skip paths from simulated groups: raw statistics ``[M, 4 + 2k]`` (k =
-        ``slope_dim``: the group's slopes and intercept, then their log precisions) and the latent's
-        unconstrained values ``[M, dim]``. Each coordinate takes the statistic it is most correlated
-        with (the group mean or one of the k); one none informs (|correlation| < 0.1) gets location =
-        its typical value, unit = its spread."""
-        raw, u = raw.reshape(-1, raw.shape[-1]).double()[:200_000], u.reshape(-1, self.dim).double()[:200_000]
-        ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1)
-        raw, u = raw[ok], u[ok]
+    def fit(self, stats: GroupStatistics, u: torch.Tensor) -> None:
+        """Least-squares skip paths from simulated groups: their statistics as rows
+        (:meth:`GroupStatistics.rows`, ``[M]`` each) and the latent's unconstrained values ``[M, dim]``.
+        Each coordinate takes the statistic it is most correlated with (the group mean or one of the
+        k = ``slope_dim`` measurements: slopes and intercepts); one none informs (|correlation| < 0.1)
+        gets location = its typical value, unit = its spread."""
         k = self.slope_dim
-        stats = torch.cat([raw[:, :1], raw[:, 4 : 4 + k]], -1)  # candidates: group mean, slopes, intercept
-        counts = torch.cat([raw[:, 3:4], raw[:, 4 + k : 4 + 2 * k]], -1)  # their log n / log precision
+        # candidates: group mean, slopes, intercepts; their log n / log precisions; the unit's log sd
+        cand = [stats.mean.unsqueeze(-1)] + ([stats.measurements()] if k else [])
+        prec = [stats.unit_log_n.unsqueeze(-1)] + ([stats.measurement_log_precisions()] if k else [])
+        cand, prec = torch.cat(cand, -1).double()[:200_000], torch.cat(prec, -1).double()[:200_000]
+        log_sd = stats.unit_log_sd.double()[:200_000]
+        u = u.reshape(-1, self.dim).double()[:200_000]
+        ok = torch.isfinite(cand).all(-1) & torch.isfinite(prec).all(-1) & torch.isfinite(log_sd)
+        ok &= torch.isfinite(stats.dataset_mean.double()[:200_000]) & torch.isfinite(u).all(-1)
+        cand, counts, log_sd, u = cand[ok], prec[ok], log_sd[ok], u[ok]
         w_loc, b_loc = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
         w_scale, b_scale = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
         w_slope, w_slope_scale = torch.zeros(self.dim, k, dtype=u.dtype), torch.zeros(self.dim, k, dtype=u.dtype)
@@ -291,14 +296,14 @@ class GroupHead(nn.Module):
         valid = counts > counts.median(0).values - math.log(1e6)  # [M, 1 + k]
         for j in range(self.dim):
             x = u[:, j]
-            corrs = [_corr(x[valid[:, i]], stats[valid[:, i], i]) for i in range(stats.shape[1])]
+            corrs = [_corr(x[valid[:, i]], cand[valid[:, i], i]) for i in range(cand.shape[1])]
             best = max(range(len(corrs)), key=lambda i: abs(corrs[i]))
             if abs(corrs[best]) < 0.1:
                 q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype))
                 b_loc[j], b_scale[j] = q[1], torch.log(((q[2] - q[0]) / 1.349).clamp_min(1e-4))
                 continue
             rows = valid[:, best]
-            xv, stat = x[rows], stats[rows, best]
+            xv, stat = x[rows], cand[rows, best]
             d = torch.cov(torch.stack([xv, stat]))[0, 1] / xv.var()
             c = stat.mean() - d * xv.mean()
             if best == 0:
@@ -308,7 +313,7 @@ class GroupHead(nn.Module):
             b_loc[j] = -c / d
             resid = ((stat - c - d * xv) / d).abs().clamp_min(1e-12)
             # E log|z| = -0.635 for z ~ N(0, 1): regress the log unit on (log sd, log n or precision, 1)
-            design = torch.stack([raw[rows, 2], counts[rows, best], torch.ones_like(xv)], -1)
+            design = torch.stack([log_sd[rows], counts[rows, best], torch.ones_like(xv)], -1)
             sol = torch.linalg.lstsq(design, (resid.log() + 0.635).unsqueeze(-1)).solution.squeeze(-1)
             w_scale[j, 0], b_scale[j] = sol[0], sol[2]
             if best == 0:
@@ -324,19 +329,18 @@ class GroupHead(nn.Module):
             self.raw_slope_scale.weight.copy_(w_slope_scale)
 
     def forward(
-        self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, raw: torch.Tensor
+        self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, stats: GroupStatistics
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, raw group statistics ``[B, G, 4 + 2k]`` ->
+        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, the level's :class:`GroupStatistics` ->
         ``loc, scale`` each ``[B, G, d]`` and the coupling ``[B, G, d, D]`` to the standardized
         globals (None without coupling): the data term's location is ``loc + coupling @ w``."""
         features = torch.cat([group_emb, dataset_emb.unsqueeze(-2).expand_as(group_emb)], -1)
         out = self.net(features)
-        log_unit = self.raw_scale(raw[..., 2:4])
-        loc = self.raw(raw[..., :2])
+        log_unit = self.raw_scale(torch.stack([stats.unit_log_sd, stats.unit_log_n], -1))
+        loc = self.raw(torch.stack([stats.mean, stats.dataset_mean], -1))
         if self.raw_slope is not None:
-            k = self.slope_dim
-            log_unit = log_unit + self.raw_slope_scale(raw[..., 4 + k : 4 + 2 * k])
-            loc = loc + self.raw_slope(raw[..., 4 : 4 + k])
+            log_unit = log_unit + self.raw_slope_scale(stats.measurement_log_precisions())
+            loc = loc + self.raw_slope(stats.measurements())
         unit = log_unit.clamp(-30.0, 30.0).exp()
         loc = loc + unit * out[..., : self.dim]
         scale = unit * (softplus(out[..., self.dim :] + _SOFTPLUS_ONE) + 1e-4)
