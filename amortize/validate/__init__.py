@@ -1,5 +1,10 @@
 """Validation: NUTS reference runs, metrics against reference posteriors, external ground truth loaders,
-simulation-based calibration and Pareto-smoothed importance sampling."""
+simulation-based calibration and Pareto-smoothed importance sampling.
+
+Functions here take objects (an amortizer, datasets, settings as values) and return results
+(dataclasses, dicts, and the paths of the files they wrote); they never print and never read a run
+folder. The ``amortize`` command line (:mod:`amortize.cli`) loads runs, calls them and formats.
+"""
 
 from ..importance import PSISResult, psis
 from . import reference
