@@ -92,6 +92,34 @@ class _StderrHandler(logging.Handler):
 _HANDLER = _StderrHandler()
 
 
+# ---------------------------------------------------------------------------------------------- helpers
+def _draws_csv(draws: dict[str, torch.Tensor]) -> str:
+    """One row per draw, one column per site element: ``mu``, ``theta[3]``, ``beta[1,2]``."""
+    names, cols = ["draw"], []
+    n = next(iter(draws.values())).shape[0]
+    for site, v in draws.items():
+        flat = v.reshape(n, -1).double().cpu().numpy()
+        shape = tuple(v.shape[1:])
+        names += [site] if not shape else [f"{site}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
+        cols.append(flat)
+    table = np.concatenate([np.arange(n)[:, None].astype(float)] + cols, axis=1)
+    lines = [",".join(f'"{c}"' if "," in c else c for c in names)]
+    lines += [f"{int(row[0])}," + ",".join(f"{x:.9g}" for x in row[1:]) for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def _write_netcdf(post: Posterior, path: Path, num_samples: int, seed: int) -> None:
+    idata = post.to_arviz(num_samples, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        idata.to_netcdf(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def _new_run_dir(args: argparse.Namespace, cfg: Config) -> Path:
     if args.run_dir:
@@ -161,33 +189,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{'' if history else ' (no new log entry)'}"
     )
     return 0
-
-
-def _draws_csv(draws: dict[str, torch.Tensor]) -> str:
-    """One row per draw, one column per site element: ``mu``, ``theta[3]``, ``beta[1,2]``."""
-    names, cols = ["draw"], []
-    n = next(iter(draws.values())).shape[0]
-    for site, v in draws.items():
-        flat = v.reshape(n, -1).double().cpu().numpy()
-        shape = tuple(v.shape[1:])
-        names += [site] if not shape else [f"{site}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
-        cols.append(flat)
-    table = np.concatenate([np.arange(n)[:, None].astype(float)] + cols, axis=1)
-    lines = [",".join(f'"{c}"' if "," in c else c for c in names)]
-    lines += [f"{int(row[0])}," + ",".join(f"{x:.9g}" for x in row[1:]) for row in table]
-    return "\n".join(lines) + "\n"
-
-
-def _write_netcdf(post: Posterior, path: Path, num_samples: int, seed: int) -> None:
-    idata = post.to_arviz(num_samples, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        idata.to_netcdf(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
