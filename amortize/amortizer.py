@@ -28,7 +28,7 @@ from .errors import AmortizeError, CheckpointError, ConfigError, DataError
 from .guide import AmortizedGuide
 from .nn import STATISTICS_VERSION
 from .posterior import Posterior
-from .simulate import Simulation, StructureSampler, simulate
+from .simulate import DropTally, Simulation, StructureSampler, simulate_counted
 from .structure import trace_structure
 from .train import StepFn, TrainConfig, train
 
@@ -89,6 +89,7 @@ class Amortizer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.pilot_done = False
         self.history: list[dict[str, float]] = []
+        self.drops = DropTally(self.structure.response)  # simulations dropped (non-finite), per site
         self._optimizer_state: dict[str, Any] | None = None
         self._rng: dict[str, Any] | None = None  # torch's RNG as training left it (None: live, or never trained)
         self._trainable = True
@@ -100,7 +101,7 @@ class Amortizer:
     def simulate_batch(self, gen: torch.Generator, num_datasets: int) -> Simulation:
         """Simulate ``num_datasets`` datasets on one structure drawn from the sampler."""
         data = self.sampler.sample(gen).to(self.device)
-        return simulate(self.model, self.structure, data, num_datasets)
+        return simulate_counted(self.model, self.structure, data, num_datasets, self.drops)  # over 1% dropped: raises
 
     def fit(
         self,

@@ -32,6 +32,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from .checkpoint import atomic_write
 from .data import OBS, HierarchicalData
 from .errors import ConfigError, DataError
+from .limits import Limit, check_limits
 from .simulate import StructureSampler
 from .train import TrainConfig
 
@@ -55,6 +56,21 @@ __all__ = [
     "write_text",
 ]
 
+SEED = Limit(0, 2**32 - 1)  # numpy's seeds (pyro.set_rng_seed seeds numpy too)
+CONFIG_LIMITS = {  # every numeric option of Config; train.* is TrainConfig's (TRAIN_LIMITS), checked when it is built
+    "seed": SEED,
+    "network.hidden": Limit(1),
+    "validate.num_samples": Limit(1),
+    "validate.datasets": Limit(1),
+    "validate.seed": replace(SEED, optional=True),
+    "validate.nuts.num_warmup": Limit(0),
+    "validate.nuts.num_samples": Limit(1),
+    "validate.nuts.num_chains": Limit(1),
+    "validate.nuts.target_accept": Limit(0, 1, open_low=True, open_high=True),
+    "validate.nuts.max_rhat": Limit(1),
+    "validate.nuts.min_ess": Limit(0),
+}
+COVARIATE_LIMITS = {"scale": Limit(0), "p": Limit(0, 1)}  # loc, low, high: any finite number
 MAX_ROWS = 10**8  # a training structure larger than this is a typo, not a plan: refused before allocating it
 COVARIATE_PARAMS = {"normal": {"loc", "scale"}, "uniform": {"low", "high"}, "bernoulli": {"p"}}
 
@@ -274,14 +290,8 @@ def _check(cfg: Config, src: str) -> None:
     for name, d in cfg.data.items():
         if not d.levels:
             raise ConfigError(f"{src}: data.{name}.levels: at least one level (id column) is required")
-    if cfg.network.hidden < 1:
-        raise ConfigError(f"{src}: network.hidden: must be >= 1, got {cfg.network.hidden}")
+    check_limits(cfg, CONFIG_LIMITS, prefix=f"{src}: ")
     v = cfg.validate
-    for key, val in [("validate.num_samples", v.num_samples), ("validate.datasets", v.datasets)] + [
-        (f"validate.nuts.{k}", getattr(v.nuts, k)) for k in ("num_warmup", "num_samples", "num_chains")
-    ]:
-        if val < (0 if key == "validate.nuts.num_warmup" else 1):
-            raise ConfigError(f"{src}: {key}: must be positive, got {val}")
     if v.nuts.reparam not in ("auto", "none", "noncentered"):
         raise ConfigError(f"{src}: validate.nuts.reparam: {v.nuts.reparam!r} is not one of auto, none, noncentered")
 
@@ -297,9 +307,16 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically, readable as the umask allows (``atomic_write`` alone leaves 0600)."""
+    """Write a text file atomically, readable as the umask allows (``atomic_write`` alone leaves 0600).
+
+    Raises:
+        OSError: the write failed; its ``filename`` is ``path``, which is left as it was.
+    """
     data = text.encode()
-    atomic_write(path, lambda fh: fh.write(data))
+    try:
+        atomic_write(path, lambda fh: fh.write(data))
+    except OSError as e:  # disk full, no permission: name the file (the previous one is intact)
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -337,6 +354,8 @@ def resolve_model(spec: str, base_dir: str | os.PathLike | None = None, source: 
             if e.name and (target == e.name or target.startswith(e.name + ".")):
                 raise ConfigError(f"{where}: module '{target}' not found (no module named '{e.name}')") from None
             raise ConfigError(f"{where}: importing module '{target}' failed: {e}") from None
+        except SystemExit as e:  # sys.exit() at import would end the command silently
+            raise ConfigError(f"{where}: module '{target}' raised SystemExit({e.code}) while it was imported") from None
         except Exception as e:  # noqa: BLE001 - any failure inside the user's module is reported in one line
             raise ConfigError(f"{where}: importing module '{target}' failed: {type(e).__name__}: {e}") from None
         what = f"module '{target}'"
@@ -364,6 +383,9 @@ def _import_file(path: str, where: str) -> ModuleType:
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:  # sys.exit() at import would end the command silently
+        del sys.modules[name]
+        raise ConfigError(f"{where}: '{path}' raised SystemExit({e.code}) while it was imported") from None
     except Exception as e:  # noqa: BLE001 - any failure inside the user's file is reported in one line
         del sys.modules[name]
         raise ConfigError(f"{where}: importing '{path}' failed: {type(e).__name__}: {e}") from None
@@ -413,9 +435,13 @@ def build_sampler(cfg: Config) -> StructureSampler:
             extra = sorted(set(spec) - COVARIATE_PARAMS[kind] - {"dist"})
             if extra:
                 raise ConfigError(f"{src}: {key}: unknown parameter(s) {extra} for {kind!r}")
-            for k in COVARIATE_PARAMS[kind] & set(spec):
-                if not isinstance(spec[k], (int, float)) or isinstance(spec[k], bool):
-                    raise ConfigError(f"{src}: {key}.{k}: expected a number, got {spec[k]!r}")
+            check_limits(
+                spec,
+                {k: COVARIATE_LIMITS.get(k, Limit()) for k in COVARIATE_PARAMS[kind] & set(spec)},
+                f"{src}: {key}.",
+            )
+            if kind == "uniform" and spec.get("low", 0.0) > spec.get("high", 1.0):
+                raise ConfigError(f"{src}: {key}: low {spec.get('low', 0.0)} is above high {spec.get('high', 1.0)}")
     try:
         return StructureSampler(
             s.levels,

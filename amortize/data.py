@@ -16,87 +16,16 @@ Example:
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import DataError
+from .tables import encode_frame, read_csv_columns
+from .values import OBS, as_float, as_index, magnitude_limit, names_list
 
-__all__ = ["HierarchicalData", "OBS"]
-
-OBS = "obs"  # the name of the observation level (rows), used for covariates and indices
-
-
-def _as_index(values: Any, what: str) -> torch.Tensor:
-    arr = np.asarray(values)
-    if arr.ndim != 1:
-        raise DataError(f"{what}: expected a 1-d index array, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise DataError(f"{what}: ids must be integers 0..G-1, got dtype {arr.dtype}")
-    return torch.as_tensor(arr.astype(np.int64))
-
-
-def magnitude_limit(dtype: torch.dtype) -> float:
-    """The largest magnitude a value may have in ``dtype``: sums of squares over a million rows stay finite."""
-    return torch.finfo(dtype).max ** 0.5 * 1e-3
-
-
-def _as_float(values: Any, what: str, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu()
-        values = values.double() if values.is_floating_point() else values  # numpy has no bfloat16
-    try:
-        is_complex = np.iscomplexobj(values)
-        arr = np.asarray(values, dtype=np.float64) if not is_complex else None
-    except (TypeError, ValueError, OverflowError):
-        bad = next((v for v in np.asarray(values, dtype=object).ravel() if not _is_number(v)), None)
-        raise DataError(f"{what}: non-numeric value {bad!r}") from None
-    if arr is None:
-        raise DataError(f"{what}: complex values are not supported")
-    if not np.all(np.isfinite(arr)):
-        flat = np.flatnonzero(~np.isfinite(arr.reshape(-1)))
-        raise DataError(f"{what}: {len(flat)} value(s) are NaN or infinite (first at position {flat[0]})")
-    limit = magnitude_limit(dtype)
-    if np.abs(arr).max(initial=0.0) > limit:
-        raise DataError(
-            f"{what}: values of magnitude {np.abs(arr).max():.3g} are too large for {dtype} (limit {limit:.2g});"
-            " rescale the column"
-        )
-    return torch.tensor(arr, dtype=dtype)
-
-
-def _is_number(v: Any) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    return True
-
-
-def _is_missing(v: Any) -> bool:
-    """None, NaN, NaT, pandas.NA or a blank string."""
-    if v is None or (isinstance(v, str) and not v.strip()):
-        return True
-    try:
-        return bool(v != v)
-    except (TypeError, ValueError):  # pandas.NA: comparisons are ambiguous
-        return True
-
-
-def _names(value: Any, what: str) -> list[str]:
-    """A list of column or level names (a lone string is refused: it is not a list of names)."""
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise DataError(f"{what}: expected a list of names, got {value!r}")
-    for v in value:
-        if not isinstance(v, str):
-            raise DataError(f"{what}: names must be strings, got {v!r} ({type(v).__name__})")
-    return list(value)
+__all__ = ["HierarchicalData", "OBS", "magnitude_limit"]
 
 
 class HierarchicalData:
@@ -131,17 +60,17 @@ class HierarchicalData:
         dtype = dtype or torch.get_default_dtype()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise DataError(f"dtype: expected a floating-point torch dtype, got {dtype!r}")
-        self.levels = tuple(_names(levels, "levels"))
+        self.levels = tuple(names_list(levels, "levels"))
         self.response = response
         self._check_levels()
-        self.group = _as_index(group, "observations' innermost group index")
+        self.group = as_index(group, "observations' innermost group index")
         if not isinstance(parents, Mapping):
             raise DataError(f"parents: expected {{level: parent index}}, got {type(parents).__name__}")
         stray = [lvl for lvl in parents if lvl not in self.levels[1:]]
         if stray:
             raise DataError(f"parents given for {stray}, which are not inner levels of {list(self.levels)}")
         self.parents = {
-            lvl: _as_index(parents[lvl], f"level '{lvl}': parent index") for lvl in self.levels[1:] if lvl in parents
+            lvl: as_index(parents[lvl], f"level '{lvl}': parent index") for lvl in self.levels[1:] if lvl in parents
         }
         self.labels = {lvl: list(labels[lvl]) for lvl in labels} if labels else {}
         self._sizes = self._infer_sizes()
@@ -160,7 +89,7 @@ class HierarchicalData:
                     raise DataError(
                         f"covariate '{name}' is given at two levels ('{self.covariate_level[name]}', '{lvl}')"
                     )
-                t = _as_float(values, f"covariate '{name}' (level '{lvl}')", dtype)
+                t = as_float(values, f"covariate '{name}' (level '{lvl}')", dtype)
                 want = self.n_obs if lvl == OBS else self.size(lvl)
                 if t.dim() != 1 or t.shape[0] != want:
                     raise DataError(
@@ -170,7 +99,7 @@ class HierarchicalData:
                 self.covariate_level[name] = lvl
         self.y = None
         if y is not None:
-            self.y = self._check_response(_as_float(y, f"response '{response}'", dtype))
+            self.y = self._check_response(as_float(y, f"response '{response}'", dtype))
         self._index_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ validation
@@ -260,9 +189,9 @@ class HierarchicalData:
         return {lvl: self.size(lvl) for lvl in self.levels}
 
     @property
-    def x(self) -> dict[str, torch.Tensor]:
-        """All covariates by name (each ``[G_level]`` or ``[N]``)."""
-        return {name: self.covariates[lvl][name] for name, lvl in self.covariate_level.items()}
+    def x(self) -> Mapping[str, torch.Tensor]:
+        """All covariates by name (each ``[G_level]`` or ``[N]``), looked up in their level when read."""
+        return _ByName(self)
 
     def index(self, level: str, at: str = OBS) -> torch.Tensor:
         """Index ``[size(at)]`` of the ``level`` group that each unit of ``at`` belongs to.
@@ -379,188 +308,30 @@ class HierarchicalData:
         Raises:
             DataError: naming the column, level or group at fault.
         """
-        columns = _columns(frame)
-        levels = _names(levels, "levels")
-        if not levels:
-            raise DataError("levels: at least one grouping level (id column) is required")
-        if response is not None and not isinstance(response, str):
-            raise DataError(f"response: expected a column name, got {response!r}")
-        if not isinstance(covariates or {}, Mapping):
-            raise DataError(f"covariates: expected {{level: [columns]}}, got {covariates!r}")
-        covariates = {lvl: _names(cols, f"covariates of level '{lvl}'") for lvl, cols in (covariates or {}).items()}
-        wanted = list(levels) + ([response] if response else [])
-        for cols in covariates.values():
-            wanted += cols
-        for col in wanted:
-            if col not in columns:
-                raise DataError(f"column '{col}' is not in the data; columns are {sorted(columns)}")
-        twice = sorted({c for c in wanted if wanted.count(c) > 1})
-        if twice:
-            raise DataError(f"column(s) {twice} used twice (as level, response or covariate)")
-        n = len(columns[levels[0]])
-        if n == 0:
-            raise DataError("the data has no rows")
-        labels: dict[str, list[Any]] = {}
-        codes: dict[str, np.ndarray] = {}
-        prev: list[Any] | None = None
-        for lvl in levels:
-            ids = [v.item() if isinstance(v, np.generic) else v for v in columns[lvl]]
-            for r, v in enumerate(ids):
-                try:
-                    hash(v)
-                except TypeError:
-                    raise DataError(
-                        f"column '{lvl}': ids must be labels (numbers or strings), got {type(v).__name__} in row {r}"
-                    ) from None
-                if _is_missing(v):
-                    raise DataError(f"column '{lvl}': missing id in row {r}")
-            key = (
-                [(*p, v) if isinstance(p, tuple) else (p, v) for p, v in zip(prev, ids)]
-                if (nested_ids and prev)
-                else ids
-            )
-            uniq = _unique_in_order(key)
-            lookup = {k: i for i, k in enumerate(uniq)}
-            codes[lvl] = np.array([lookup[k] for k in key], dtype=np.int64)
-            labels[lvl] = ["/".join(map(str, k)) if isinstance(k, tuple) else k for k in uniq]
-            prev = key
-        parents: dict[str, np.ndarray] = {}
-        for above, lvl in zip(levels[:-1], levels[1:]):
-            g = codes[lvl]
-            par = np.full(len(labels[lvl]), -1, dtype=np.int64)
-            par[g] = codes[above]
-            mismatch = par[g] != codes[above]
-            if mismatch.any():
-                r = int(np.flatnonzero(mismatch)[0])
-                grp = labels[lvl][g[r]]
-                two = sorted({str(labels[above][c]) for c in codes[above][g == g[r]]})
-                raise DataError(
-                    f"column '{lvl}': group {grp!r} has rows in {len(two)} different '{above}' groups"
-                    f" ({', '.join(two[:3])})"
-                    "; use nested_ids=True if ids repeat within parents"
-                )
-            parents[lvl] = par
-        cov: dict[str, dict[str, np.ndarray]] = {}
-        for lvl, cols in (covariates or {}).items():
-            if lvl != OBS and lvl not in levels:
-                raise DataError(f"covariates given for unknown level '{lvl}'; levels are {levels + [OBS]}")
-            cov[lvl] = {}
-            for col in cols:
-                vals = _column_floats(columns, col).numpy()
-                if lvl == OBS:
-                    cov[lvl][col] = vals
-                    continue
-                g = codes[lvl]
-                per = np.zeros(len(labels[lvl]))
-                per[g] = vals
-                bad = np.flatnonzero(per[g] != vals)
-                if bad.size:
-                    raise DataError(
-                        f"column '{col}': a '{lvl}' covariate must be constant within each '{lvl}' group;"
-                        f" group {labels[lvl][g[bad[0]]]!r} has several values"
-                    )
-                cov[lvl][col] = per
-        y = None
-        if response:
-            y = _column_floats(columns, response)
-        return cls(
-            levels,
-            parents,
-            codes[levels[-1]],
-            y=y,
-            covariates=cov,
-            labels=labels,
-            response=response or "y",
-        )
+        return cls(**encode_frame(frame, levels, response, covariates, nested_ids))
 
     @classmethod
     def from_csv(cls, path: str, levels: Sequence[str], response: str | None = None, **kwargs: Any) -> HierarchicalData:
         """Read a long-format CSV file (header row, one row per observation); see :meth:`from_frame`."""
-        try:
-            with open(path, newline="") as fh:
-                reader = csv.reader(fh)
-                header = next(reader, None)
-                if not header:
-                    raise DataError(f"{path}: empty file or no header row")
-                rows = list(reader)
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such data file") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"{path}: not a readable CSV file ({e})") from None
-        header = [h.strip() for h in header]
-        twice = sorted({h for h in header if header.count(h) > 1})
-        if twice:
-            raise DataError(f"{path}: column(s) {twice} appear more than once in the header")
-        cols: dict[str, list[Any]] = {h: [] for h in header}
-        for lineno, row in enumerate(rows, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}: line {lineno} has {len(row)} fields, the header has {len(header)}")
-            for h, v in zip(header, row):
-                cols[h].append(_parse_cell(v))
+        cols = read_csv_columns(path)
         try:
             return cls.from_frame(cols, levels, response=response, **kwargs)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
 
 
-def _parse_cell(v: str) -> Any:
-    v = v.strip()
-    if v == "":
-        return None
-    try:
-        f = float(v)
-    except ValueError:
-        return v
-    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() and "n" not in v.lower() else f
+class _ByName(Mapping):
+    """A dataset's covariates by name, read from ``data.covariates[level]`` on each lookup (so a
+    trace records which ones a model reads, see :func:`amortize.structure.trace_structure`)."""
 
+    def __init__(self, data: HierarchicalData) -> None:
+        self._data = data
 
-def _column_floats(columns: dict[str, Any], col: str) -> torch.Tensor:
-    t = _as_float(columns[col], f"column '{col}'", torch.float64)
-    if t.dim() != 1:
-        raise DataError(f"column '{col}': expected one number per row, got shape {tuple(t.shape)}")
-    return t
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._data.covariates[self._data.covariate_level[name]][name]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data.covariate_level)
 
-def _columns(frame: Any) -> dict[str, Any]:
-    if hasattr(frame, "columns") and hasattr(frame, "__getitem__") and not isinstance(frame, Mapping):
-        names = [str(c) for c in frame.columns]
-        twice = sorted({c for c in names if names.count(c) > 1})
-        if twice:
-            raise DataError(f"column(s) {twice} appear more than once in the data")
-        cols = {name: np.asarray(frame[c]) for name, c in zip(names, frame.columns)}
-    elif isinstance(frame, Mapping):
-        cols = {str(k): v for k, v in frame.items()}
-        if len(cols) != len(frame):
-            raise DataError(f"column names collide once written as strings: {list(frame)}")
-    else:
-        raise DataError(f"expected a pandas DataFrame or a dict of columns, got {type(frame).__name__}")
-    for k, v in cols.items():
-        try:
-            if isinstance(v, (str, bytes, Mapping, set, frozenset)):
-                raise TypeError
-            len(v)
-        except TypeError:
-            raise DataError(
-                f"column '{k}': expected one value per row (a list or array), got {type(v).__name__}"
-            ) from None
-        if getattr(v, "ndim", 1) != 1:
-            raise DataError(f"column '{k}': expected one value per row, got an array of shape {tuple(v.shape)}")
-    lengths = {k: len(v) for k, v in cols.items()}
-    if len(set(lengths.values())) > 1:
-        raise DataError(f"columns have different lengths: {lengths}")
-    return cols
-
-
-def _unique_in_order(keys: list[Any]) -> list[Any]:
-    seen: dict[Any, None] = {}
-    for k in keys:
-        seen.setdefault(k, None)
-    uniq = list(seen)
-    try:
-        return sorted(uniq)
-    except TypeError:
-        return uniq
+    def __len__(self) -> int:
+        return len(self._data.covariate_level)

@@ -6,19 +6,24 @@ subclass is raised:
 * :class:`DataError` (also a ``ValueError``): building a :class:`~amortize.HierarchicalData` from
   malformed input (NaN or infinite values, non-numeric values in a numeric column, values too large
   for the dtype, missing or unhashable ids, a group nested in two parents, ids that are not dense,
-  missing or duplicated columns, empty data, columns of different lengths, an unreadable CSV), and a
+  missing or duplicated columns, empty data, columns of different lengths, an unreadable CSV, dates
+  or times where numbers belong, ids such as 1, 1.0 and True that Python would merge), and a
   posterior asked of a dataset whose structure does not match the model (a level missing or extra, a
-  covariate missing or extra, no response, a response of the wrong shape or dtype), before any
-  network runs.
+  covariate missing or extra, no response, a response of the wrong shape or dtype, a response outside
+  the likelihood's support), before any network runs.
 * :class:`ModelStructureError` (also a ``ValueError``): a model the library cannot amortize (names
-  the site or plate).
+  the site or plate, and what is wrong: a ``pyro.param`` inside it, a response without ``obs=``, a
+  per-group latent outside its plate, a model that mixes the datasets of a batch).
 * :class:`CheckpointError`: a checkpoint that cannot be written (disk full, no permission: the
   previous file is left intact) or loaded (missing, truncated, corrupted (checksum mismatch), of
   another format or library version, or of another model: sites, shapes, levels or covariates).
 * :class:`ConfigError` (also a ``ValueError``): a bad experiment config or option (unknown key,
-  wrong type, missing value, invalid YAML, model that cannot be imported); names the key and file.
+  wrong type, missing value, a number outside its range, invalid YAML, model that cannot be imported
+  or exits at import, a resume that would change the network or seed, a run folder another process
+  is writing); names the key and file.
 * :class:`TrainingError`: training stopped because ``max_bad_steps`` consecutive steps had a
-  non-finite loss or gradient; the last checkpoint written is left intact.
+  non-finite loss or gradient, or because more than 1% of the prior-predictive simulations were
+  dropped (names the site); the last checkpoint written is left intact.
 
 A ``KeyboardInterrupt`` during training is not wrapped: the current step finishes, a checkpoint is
 saved, and the interrupt propagates.

@@ -111,6 +111,7 @@ class Posterior:
                 raise DataError(f"{what}: NaN or infinite values")
             if float(t.abs().max()) > limit:
                 raise DataError(f"{what}: values too large for the network's {dtype} (limit {limit:.2g}); rescale them")
+        st.check_response(data)  # a response outside the likelihood's support (a Poisson -1, a Bernoulli 0.5)
 
     def _drawing_data(self) -> HierarchicalData:
         """What the model runs on while drawing: the skeleton (one row per group) when the model's

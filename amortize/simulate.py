@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,10 +21,12 @@ import pyro.poutine as poutine
 import torch
 
 from .data import OBS, HierarchicalData
-from .errors import ConfigError
+from .errors import ConfigError, TrainingError
 from .structure import ModelStructure, batched
 
-__all__ = ["StructureSampler", "simulate", "Simulation"]
+__all__ = ["StructureSampler", "simulate", "simulate_counted", "Simulation", "DropTally"]
+
+log = logging.getLogger(__name__)
 
 CovariateSpec = Callable[[int, torch.Generator], torch.Tensor] | Mapping[str, Any]
 
@@ -135,11 +139,23 @@ class StructureSampler:
 
 class Simulation:
     """B simulated datasets sharing one structure: ``data.y`` is ``[B, N]``; ``latents`` maps each
-    latent site to its value in the batched layout ``[1, B, *plates, *event]``."""
+    latent site to its value in the batched layout ``[1, B, *plates, *event]``.
 
-    def __init__(self, data: HierarchicalData, latents: dict[str, torch.Tensor]) -> None:
+    ``requested`` datasets were drawn; ``dropped`` counts, per site, those left out because of it
+    (a non-finite response, or a latent outside its support), each under the first such site.
+    """
+
+    def __init__(
+        self,
+        data: HierarchicalData,
+        latents: dict[str, torch.Tensor],
+        requested: int | None = None,
+        dropped: dict[str, int] | None = None,
+    ) -> None:
         self.data = data
         self.latents = latents
+        self.requested = int(requested if requested is not None else data.batch_size or 0)
+        self.dropped = dict(dropped or {})
 
 
 def simulate(model: Callable, structure: ModelStructure, data: HierarchicalData, num_datasets: int) -> Simulation:
@@ -147,20 +163,114 @@ def simulate(model: Callable, structure: ModelStructure, data: HierarchicalData,
 
     Datasets whose response is not finite, or whose latents are not inside their support (a
     positive scale that underflowed to 0: no finite unconstrained value), are dropped, so fewer may
-    come back. Argument checks are off while simulating: such a draw would otherwise raise inside
-    the model (a Normal with scale 0) and end training.
+    come back; ``Simulation.dropped`` counts them per site (see :class:`DropTally`). Argument checks
+    are off while simulating: such a draw would otherwise raise inside the model (a Normal with
+    scale 0) and end training.
     """
     fn = batched(model, structure.max_plate_nesting)
     with torch.no_grad(), pyro.validation_enabled(False):
         tr = poutine.trace(fn).get_trace(data.with_response(None), 1, num_datasets)
     y = tr.nodes[structure.response]["value"].reshape(num_datasets, data.n_obs)
     latents = {s.name: tr.nodes[s.name]["value"].detach() for s in structure.latents}
-    ok = torch.isfinite(y).all(-1) & (y.abs() < 1e12).all(-1)
-    for site in structure.latents:
-        u = site.unconstrain(latents[site.name])
-        ok &= torch.isfinite(u.reshape(1, num_datasets, -1)).all(-1)[0]
-    if not bool(ok.all()):
+    ok = torch.ones(num_datasets, dtype=torch.bool, device=y.device)
+    dropped: dict[str, int] = {}
+    checks = [
+        (site.name, torch.isfinite(site.unconstrain(latents[site.name]).reshape(1, num_datasets, -1)).all(-1)[0])
+        for site in structure.latents
+    ]
+    checks.append((structure.response, torch.isfinite(y).all(-1) & (y.abs() < 1e12).all(-1)))
+    for name, good in checks:  # each dropped dataset is counted once, under the first site at fault
+        lost = int((ok & ~good).sum())
+        if lost:
+            dropped[name] = lost
+        ok &= good
+    if dropped:
         keep = torch.nonzero(ok).squeeze(-1)
         y = y[keep]
         latents = {k: v.index_select(1, keep) for k, v in latents.items()}
-    return Simulation(data.with_response(y.detach()), latents)
+    return Simulation(data.with_response(y.detach()), latents, num_datasets, dropped)
+
+
+class DropTally:
+    """Simulated datasets drawn and dropped so far, per site.
+
+    Dropping a simulation changes the prior that training sees, so a model that drops more than
+    ``limit`` (1%) of them stops training: once the share observed exceeds the limit beyond Monte
+    Carlo doubt (the Chernoff bound on the binomial tail below ``alpha``), so that one unlucky
+    dataset in a small early batch does not.
+
+    Args:
+        response: the response site (its drops are non-finite values; a latent's, values outside its support).
+        limit: the share of dropped simulations that stops training.
+        alpha: how sure the share must be to exceed ``limit``.
+
+    Attributes:
+        requested: datasets simulated.
+        dropped: ``{site: count}`` of those dropped.
+    """
+
+    def __init__(self, response: str, limit: float = 0.01, alpha: float = 1e-3) -> None:
+        self.response, self.limit, self.alpha = response, float(limit), float(alpha)
+        self.requested = 0
+        self.dropped: dict[str, int] = {}
+
+    @property
+    def total(self) -> int:
+        """Datasets dropped so far."""
+        return sum(self.dropped.values())
+
+    def add(self, sim: Simulation) -> None:
+        """Count ``sim``'s drops.
+
+        Raises:
+            TrainingError: more than ``limit`` of the simulations are dropped; names the site that
+                dropped most and the share.
+        """
+        first = self.total == 0
+        self.requested += sim.requested
+        for site, n in sim.dropped.items():
+            self.dropped[site] = self.dropped.get(site, 0) + n
+        if not sim.dropped:
+            return
+        (log.warning if first else log.debug)(
+            "simulations: dropped %d of %d datasets so far (%s)", self.total, self.requested, self._by_site()
+        )
+        if self._beyond_limit():
+            raise TrainingError(self.message())
+
+    def _by_site(self) -> str:
+        return ", ".join(f"site '{k}': {v}" for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
+
+    def _beyond_limit(self) -> bool:
+        n, q, p = self.requested, self.total / max(self.requested, 1), self.limit
+        if q <= p:
+            return False
+        kl = q * math.log(q / p) + ((1 - q) * math.log((1 - q) / (1 - p)) if q < 1 else 0.0)
+        return n * kl > math.log(1 / self.alpha)  # P(this many drops | rate = limit) < alpha
+
+    def message(self) -> str:
+        """What was dropped, naming the site that dropped most and the share."""
+        site = max(self.dropped, key=self.dropped.get)
+        why = "a non-finite response" if site == self.response else "a value outside its support"
+        return (
+            f"simulation: {self.total} of {self.requested} prior-predictive datasets"
+            f" ({100 * self.total / max(self.requested, 1):.1f}%) were dropped, most for site '{site}' ({why};"
+            f" {self._by_site()}); dropping more than {100 * self.limit:g}% changes the prior that training sees."
+            " Make every prior draw give finite values (tighter priors, a stable parameterization)"
+        )
+
+
+def simulate_counted(
+    model: Callable, structure: ModelStructure, data: HierarchicalData, num_datasets: int, tally: DropTally
+) -> Simulation:
+    """:func:`simulate`, counting its drops in ``tally``; a batch that comes back empty is drawn
+    again (a model that drops everything: the tally's limit stops it at the second try).
+
+    Raises:
+        TrainingError: the tally's share of dropped simulations is over its limit.
+    """
+    while True:
+        sim = simulate(model, structure, data, num_datasets)
+        tally.add(sim)
+        if sim.data.batch_size:
+            return sim

@@ -8,12 +8,11 @@ amortize runs it for many datasets and posterior draws at once by wrapping it in
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
@@ -24,7 +23,9 @@ from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import Transform
 
 from .data import HierarchicalData
-from .errors import ModelStructureError
+from .errors import DataError, ModelStructureError
+from .model_checks import check_batch_safe, check_global_shapes, check_plates, is_deterministic, nothing_observed
+from .plates import DATASETS, DRAWS, batched, seeded
 
 __all__ = [
     "LatentSite",
@@ -37,9 +38,6 @@ __all__ = [
     "DRAWS",
     "DATASETS",
 ]
-
-DRAWS = "_amortize_draws"  # outer plate over posterior draws / particles
-DATASETS = "_amortize_datasets"  # plate over datasets that share one structure
 
 
 @dataclass
@@ -93,14 +91,92 @@ def _bounded_at_zero(c: Any) -> bool:
     return bounded and isinstance(c.lower_bound, (int, float)) and float(c.lower_bound) == 0.0
 
 
+class _Reading(dict):
+    """A level's covariates that note which names are read (``[]``, ``get``, or all by iterating)."""
+
+    def __init__(self, cols: dict[str, torch.Tensor], seen: set[str]) -> None:
+        super().__init__(cols)
+        self.seen = seen
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.seen.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self:
+            self.seen.add(name)
+        return super().get(name, default)
+
+    def values(self) -> Any:
+        self.seen.update(self)
+        return super().values()
+
+    def items(self) -> Any:
+        self.seen.update(self)
+        return super().items()
+
+
+def _base_constraint(c: Any) -> Any:
+    while isinstance(c, constraints.independent):
+        c = c.base_constraint
+    return c
+
+
+def _static(c: Any) -> bool:
+    """A support whose bounds are plain numbers (not tensors read from the data or the latents)."""
+    c = _base_constraint(c)
+    return not any(isinstance(v, torch.Tensor) for v in vars(c).values())
+
+
+def _describe_support(c: Any) -> str:
+    """A support in words: ``integer >= 0``, ``{0, 1}``, ``real``; tensor bounds are not spelled out."""
+    if c is None:
+        return ""
+    base = _base_constraint(c)
+    if not _static(base):
+        return f"{type(base).__name__.lstrip('_')} (bounds from the data or latents)"
+    names = {
+        constraints.boolean: "{0, 1}",
+        constraints.real: "real",
+        constraints.nonnegative_integer: "integers >= 0",
+        constraints.positive_integer: "integers >= 1",
+        constraints.positive: "real > 0",
+        constraints.nonnegative: "real >= 0",
+        constraints.unit_interval: "real in [0, 1]",
+    }
+    for known, words in names.items():
+        if type(base) is type(known) and vars(base) == vars(known):
+            return words
+    return str(base)
+
+
+def _family(fn: Any) -> str:
+    """The distribution class under masks, ``Independent`` and ``expand``."""
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
 @dataclass
 class ModelStructure:
-    """Latent sites (in the model's order), the response site and plate nesting of a model."""
+    """Latent sites (in the model's order), the response site and plate nesting of a model.
+
+    Attributes:
+        response_family: the response distribution's class (``"Normal"``, ``"Poisson"``; wrappers
+            such as ``Independent`` or a mask unwrapped).
+        response_support: the response distribution's support (checked by :meth:`check_response`).
+        plates: ``(name, dim)`` of every plate the model opens, the observation plate included.
+        covariates: ``{level: [names]}`` of the covariates the model reads.
+    """
 
     levels: tuple[str, ...]
     latents: list[LatentSite]
     response: str
     max_plate_nesting: int
+    response_family: str = ""
+    response_support: Any = None
+    plates: tuple[tuple[str, int], ...] = ()
+    covariates: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def global_sites(self) -> list[LatentSite]:
@@ -120,15 +196,53 @@ class ModelStructure:
         raise KeyError(name)
 
     def signature(self) -> dict[str, Any]:
-        """JSON-able description used to refuse checkpoints of another model."""
+        """JSON-able description used to refuse checkpoints of another model: levels, latent sites
+        (name, level, shape, support), the response site with its distribution family and support,
+        the plates and the covariates."""
         return {
             "levels": list(self.levels),
             "response": self.response,
+            "response_family": self.response_family,
+            "response_support": _describe_support(self.response_support),
+            "plates": [list(p) for p in self.plates],
+            "covariates": {lvl: list(names) for lvl, names in sorted(self.covariates.items())},
             "latents": [[s.name, s.level, list(s.event_shape), str(s.support)] for s in self.latents],
         }
 
     def fingerprint(self) -> str:
+        """A short hash of :meth:`signature`."""
         return hashlib.sha256(json.dumps(self.signature(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def check_response(self, data: HierarchicalData) -> None:
+        """Refuse a response outside the response site's support (a negative or fractional Poisson
+        count, a Bernoulli 0.5), before any network runs.
+
+        A support whose bounds are tensors (read from the data or the latents) is checked for
+        integrality only, where it is discrete.
+
+        Raises:
+            DataError: naming the column, the first bad rows (and dataset, for ``y [B, N]``) and the support.
+        """
+        if data.y is None or self.response_support is None:
+            return
+        support, y = self.response_support, data.y
+        base = _base_constraint(support)
+        if _static(support):
+            ok = base.check(y)
+        elif base.is_discrete:
+            ok = y == torch.round(y)
+        else:
+            return
+        ok = ok.expand(y.shape) if ok.shape != y.shape else ok
+        if bool(ok.all()):
+            return
+        bad = torch.nonzero(~ok)
+        first = [tuple(int(i) for i in b) for b in bad[:5]]
+        where = ", ".join(f"{f'dataset {b[0]} ' if y.dim() == 2 else ''}row {b[-1]} ({float(y[b]):g})" for b in first)
+        raise DataError(
+            f"response '{data.response}': {len(bad)} value(s) outside the support of site '{self.response}'"
+            f" ({self.response_family}: {_describe_support(support)}); first at {where}"
+        )
 
     def to_user(self, site: LatentSite, value: torch.Tensor) -> torch.Tensor:
         """Reshape a batched value ``[S, B, *plates, *event]`` to ``[S, B, *site_shape]``."""
@@ -144,22 +258,6 @@ class ModelStructure:
         rest = value.shape[2:] if site.level is None else value.shape[3:]
         group = () if site.level is None else (value.shape[2],)
         return value.reshape(S, B, *([1] * pad), *group, *rest)
-
-
-def batched(model: Callable, max_plate_nesting: int) -> Callable:
-    """Wrap ``model(data)`` so that ``fn(data, num_draws)`` runs it for B datasets x S draws.
-
-    B is ``data.y.shape[0]`` for a response ``[B, N]`` (1 otherwise). Every site gains two
-    leading batch dims ``[S, B]`` left of the model's own plates.
-    """
-
-    def run(data: HierarchicalData, num_draws: int = 1, num_datasets: int | None = None) -> Any:
-        B = num_datasets or data.batch_size or 1
-        with pyro.plate(DRAWS, num_draws, dim=-max_plate_nesting - 2):
-            with pyro.plate(DATASETS, B, dim=-max_plate_nesting - 1):
-                return model(data)
-
-    return run
 
 
 def priors_free_of_rows(model: Callable, data: HierarchicalData) -> bool:
@@ -196,89 +294,75 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
     """Trace ``model(data)`` once and return its :class:`ModelStructure`.
 
     Raises:
-        ModelStructureError: naming the site or plate the library cannot handle.
+        ModelStructureError: naming the site or plate the library cannot handle and what is wrong
+            with it (a ``pyro.param`` in the model, a response without ``obs=``, a per-group latent
+            outside its plate, a model that mixes datasets, ...).
     """
     probe = data.with_response(torch.zeros(data.n_obs) if data.y is None else data.y.reshape(-1, data.n_obs)[0])
+    read: dict[str, set[str]] = {}
+    probe.covariates = {lvl: _Reading(cols, read.setdefault(lvl, set())) for lvl, cols in data.covariates.items()}
     try:
         tr = poutine.trace(model).get_trace(probe)
     except Exception as e:  # the model itself failed: say so with the model's own message
         raise ModelStructureError(f"the model failed on the data: {type(e).__name__}: {e}") from e
+    params = [name for name, site in tr.nodes.items() if site["type"] == "param"]
+    if params:
+        raise ModelStructureError(
+            f"the model calls pyro.param({params[0]!r}): amortize trains the guide only, so a parameter inside"
+            " the model is never learned; make it a latent (pyro.sample with a prior) or a constant"
+        )
+    sites = [
+        (name, site)
+        for name, site in tr.nodes.items()
+        if site["type"] == "sample" and not site_is_subsample(site) and not is_deterministic(site)
+    ]
+    observed = [name for name, site in sites if site["is_observed"]]
+    if not observed:
+        raise ModelStructureError(nothing_observed(sites, data))
+    if len(observed) > 1:
+        raise ModelStructureError(f"the model observes several sites {observed}; amortize supports one response site")
     latents: list[LatentSite] = []
-    observed: list[str] = []
+    plates: dict[str, int] = {}
     nesting = 0
-    any_plate = False
-    for name, site in tr.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
+    for name, site in sites:
         frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-        any_plate = any_plate or bool(frames)
+        plates.update({f.name: f.dim for f in frames if f.dim is not None})
         nesting = max([nesting] + [-f.dim for f in frames if f.dim is not None])
-        if site["is_observed"]:
-            observed.append(name)
-            continue
-        if (site.get("infer") or {}).get("is_auxiliary"):
+        if site["is_observed"] or (site.get("infer") or {}).get("is_auxiliary"):
             continue
         fn = site["fn"]
         if fn.support.is_discrete:
             raise ModelStructureError(f"site '{name}': discrete latent ({type(fn).__name__}); marginalize it out")
+        check_plates(name, fn, frames, data)
         level_frames = [f for f in frames if f.name in data.levels]
-        other = [f.name for f in frames if f.name not in data.levels]
-        if other:
-            raise ModelStructureError(
-                f"site '{name}' is in plate '{other[0]}', which is not a level of the data"
-                f" (levels: {list(data.levels)})"
-            )
-        if len(level_frames) > 1:
-            raise ModelStructureError(
-                f"site '{name}' is inside plates {[f.name for f in level_frames]}; write one plate per latent and "
-                "gather parents with data.index(...) (long format)"
-            )
         level = level_frames[0].name if level_frames else None
-        if level is not None and level_frames[0].size != data.size(level):
-            raise ModelStructureError(
-                f"site '{name}': plate '{level}' has size {level_frames[0].size},"
-                f" the data has {data.size(level)} groups"
-            )
         try:
             t = biject_to(fn.support)
         except NotImplementedError:
             raise ModelStructureError(f"site '{name}': no bijection to R^d for support {fn.support}") from None
         event = fn.event_shape
         latents.append(LatentSite(name, level, event, fn.support, t, torch.Size(t.inv.forward_shape(event))))
-    if not any_plate:
+    if not plates:
         raise ModelStructureError(
             "the model has no pyro.plate: write one plate per level, named after the level "
             f"(levels: {list(data.levels)})"
         )
-    if not observed:
-        raise ModelStructureError("the model observes nothing: pass obs=data.y to the response site")
-    if len(observed) > 1:
-        raise ModelStructureError(f"the model observes several sites {observed}; amortize supports one response site")
     if not latents:
         raise ModelStructureError("the model has no latent sites")
-    structure = ModelStructure(tuple(data.levels), latents, observed[0], max(nesting, 1))
-    _check_batch_safe(model, structure, probe)
+    fn = tr.nodes[observed[0]]["fn"]
+    structure = ModelStructure(
+        tuple(data.levels),
+        latents,
+        observed[0],
+        max(nesting, 1),
+        response_family=_family(fn),
+        response_support=fn.support,
+        plates=tuple(sorted(plates.items())),
+        covariates={lvl: sorted(names) for lvl, names in sorted(read.items()) if names},
+    )
+    check_global_shapes(model, structure, data.with_response(probe.y))
+    check_batch_safe(model, structure, probe)
     return structure
-
-
-def _check_batch_safe(model: Callable, structure: ModelStructure, data: HierarchicalData) -> None:
-    """Run the model for 2 datasets x 3 draws and check every site kept both batch dims."""
-    S, B = 3, 2
-    y2 = data.y.expand(B, data.n_obs)
-    fn = batched(model, structure.max_plate_nesting)
-    hint = "gather with theta[..., data.index(level)] and reduce with negative dims so the model is batch-safe"
-    try:
-        with pyro.validation_enabled(False):
-            tr = poutine.trace(fn).get_trace(data.with_response(y2), S)
-    except Exception as e:
-        raise ModelStructureError(f"the model fails when run for several datasets at once ({e}); {hint}") from e
-    for name, site in tr.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        shape = site["fn"].batch_shape
-        lead = len(shape) - structure.max_plate_nesting - 2
-        if lead < 0 or tuple(shape[lead : lead + 2]) != (S, B):
-            raise ModelStructureError(f"site '{name}': batch shape {tuple(shape)} lost the dataset dims; {hint}")
 
 
 _ROWS_FREE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {structure key: bool}
@@ -298,20 +382,3 @@ def drawing_data(model: Callable, data: HierarchicalData) -> HierarchicalData:
     if key not in cache:
         cache[key] = priors_free_of_rows(model, data)
     return data.skeleton() if cache[key] else data
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device | str | None = None) -> Iterator[None]:
-    """Seed torch's generator of ``device`` (and the CPU's) for the body only, restoring the
-    caller's RNG state after it; ``seed=None``: the body runs on the caller's RNG as it is.
-    Cheaper than ``torch.manual_seed`` (which seeds every backend), so it suits per-call seeds."""
-    if seed is None:
-        yield
-        return
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(int(seed))
-        if devices:
-            torch.cuda.manual_seed(int(seed))
-        yield

@@ -33,17 +33,36 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, TrainingError
+from .limits import Limit, check_limits
 from .nn.statistics import GroupStatistics
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
     from .simulate import Simulation
 
-__all__ = ["TrainConfig", "train", "pilot_fit", "lr_factor", "batch_loss", "local_step", "StepFn"]
+__all__ = ["TrainConfig", "TRAIN_LIMITS", "train", "pilot_fit", "lr_factor", "batch_loss", "local_step", "StepFn"]
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("npe", "elbo", "iwae")
 StepFn = Callable[["Amortizer", "TrainConfig", torch.Generator], float]  # see local_step
+
+
+_COUNT, _AT_LEAST_ONE, _POSITIVE = Limit(0), Limit(1), Limit(0, open_low=True)
+TRAIN_LIMITS = {  # the range of every numeric option of TrainConfig (amortize.limits)
+    "steps": _AT_LEAST_ONE,
+    "batch_size": _AT_LEAST_ONE,
+    "lr": _POSITIVE,
+    "lr_final_ratio": Limit(0, 1),
+    "warmup": _COUNT,
+    "clip_norm": Limit(0, open_low=True, finite=False),  # inf: no clipping
+    "num_particles": _AT_LEAST_ONE,
+    "refine_steps": _COUNT,
+    "refine_lr": _POSITIVE,
+    "pilot_structures": _AT_LEAST_ONE,
+    "log_every": _AT_LEAST_ONE,
+    "checkpoint_every": _AT_LEAST_ONE,
+    "max_bad_steps": _AT_LEAST_ONE,
+}
 
 
 @dataclass
@@ -73,11 +92,7 @@ class TrainConfig:
         for key in ("objective", "refine_objective"):
             if getattr(self, key) not in OBJECTIVES:
                 raise ConfigError(f"{key}: '{getattr(self, key)}' is not one of {OBJECTIVES}")
-        for key in ("steps", "batch_size", "num_particles"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if int(self.refine_steps) < 0:
-            raise ConfigError(f"refine_steps: must be >= 0, got {self.refine_steps}")
+        check_limits(self, TRAIN_LIMITS)
 
     @property
     def total_steps(self) -> int:
@@ -289,7 +304,7 @@ def train(
                     if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.steps, cfg.total_steps):
                         rate = seen / (time.perf_counter() - t0)
                         rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"]}
-                        rec.update(grad_norm=float(gnorm), datasets_per_s=rate)
+                        rec.update(grad_norm=float(gnorm), datasets_per_s=rate, dropped=amortizer.drops.total)
                         history.append(rec)
                         amortizer.history.append(rec)
                         bar.set_postfix(loss=f"{running:.3f}")

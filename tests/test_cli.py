@@ -81,7 +81,8 @@ def test_resume_continues_to_train_steps(trained, tmp_path):
     code, out, err = run_cli("train", "--resume", run, "--quiet", "train.steps=9")
     assert code == 0, err
     assert "steps 6->9" in out
-    assert load_checkpoint(run)["step"] == 9 and load_config(run / "config.yaml").train.steps == 9
+    assert load_checkpoint(run)["step"] == 9 and load_config(run / "config.yaml").train.steps == 6  # as started
+    assert "train.steps=9" in (run / "history.yaml").read_text()  # the resume's override: recorded, applied
     code, out, _ = run_cli("train", "--resume", run)
     assert code == 0 and "already at step 9" in out
 

@@ -45,8 +45,17 @@ from ..config import (
     save_config,
     write_text,
 )
-from ..errors import AmortizeError, ConfigError
+from ..errors import AmortizeError, ConfigError, DataError
 from ..posterior import Posterior
+from ..rundir import (
+    locked,
+    make_dirs,
+    present,
+    record_resume,
+    recorded_overrides,
+    refuse_changes,
+    remove_half_made,
+)
 from ..validate.bench import AGAINST
 from .checks import cmd_bench, cmd_sbc, cmd_validate
 from .common import _count, _data_flags, _device, _note, _positive, _progress, _read_data, _warn_diagnostics, load_run
@@ -109,67 +118,104 @@ def _draws_csv(draws: dict[str, torch.Tensor]) -> str:
 
 
 def _write_netcdf(post: Posterior, path: Path, num_samples: int, seed: int) -> None:
+    """Write the draws as ArviZ NetCDF atomically; a failed write (disk full) names ``path`` and
+    leaves neither a temporary file nor the folders made for it."""
     idata = post.to_arviz(num_samples, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    made = make_dirs(path.parent, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         idata.to_netcdf(str(tmp))
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not path.exists():
+            remove_half_made(path.parent, made, files=False)
 
 
 # ---------------------------------------------------------------------------------------------- commands
-def _new_run_dir(args: argparse.Namespace, cfg: Config) -> Path:
+def _new_run_dir(args: argparse.Namespace, cfg: Config) -> tuple[Path, list[Path]]:
+    """The new run's folder, and the folders made for it (removed again if no checkpoint comes of it)."""
     if args.run_dir:
         run = Path(args.run_dir)
         if (run / "checkpoint.pt").exists():
             raise ConfigError(f"--run-dir {run}: already holds a run; continue it with --resume {run}")
-        run.mkdir(parents=True, exist_ok=True)
-        return run
+        return run, make_dirs(run, exist_ok=True)
     root = Path(args.root) / "checkpoints" / cfg.name
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for i in range(1000):
         run = root / (stamp if i == 0 else f"{stamp}-{i}")
         try:
-            run.mkdir(parents=True)
-            return run
+            return run, make_dirs(run, exist_ok=False)
         except FileExistsError:
             continue
     raise ConfigError(f"{root}: cannot make a new run directory for {stamp}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``amortize train``: new run, or ``--resume`` an existing one."""
+    """``amortize train``: new run, or ``--resume`` an existing one.
+
+    The run folder is locked while training (a second ``train`` on it exits 2 naming the holder's
+    pid); a new run that ends before its first checkpoint leaves nothing behind; a resume never
+    rewrites ``config.yaml``: its overrides go to ``history.yaml``, and those that would change what
+    the checkpoint was trained with (network, seed, model, structures, ...) are refused by name.
+    """
     overrides = list(args.overrides)
     if args.resume:
         if args.config and "=" not in args.config:
             raise ConfigError("train: give CONFIG.yaml or --resume RUN_DIR, not both (a run keeps its config)")
         overrides = ([args.config] if args.config else []) + overrides
-        cfg, _, amortizer = load_run(args.resume, overrides, with_sampler=True)
         run = Path(args.resume)
-        if amortizer.step >= cfg.train.total_steps:
-            print(
-                f"{run}: already at step {amortizer.step} (train.steps={cfg.train.steps},"
-                f" train.refine_steps={cfg.train.refine_steps}); pass train.steps=N or train.refine_steps=N"
+        if not (run / "config.yaml").is_file():
+            raise ConfigError(f"{run}: not a run directory (no config.yaml; runs are made by 'amortize train')")
+        with locked(run):
+            recorded = recorded_overrides(run)
+            refuse_changes(
+                run, load_config(run / "config.yaml", recorded), load_config(run / "config.yaml", recorded + overrides)
             )
-            return 0
-    else:
-        if not args.config or "=" in args.config:
-            raise ConfigError("train: give CONFIG.yaml (or --resume RUN_DIR)")
-        cfg = load_config(args.config, overrides)
-        model = resolve_model(cfg.model, config_dir(cfg), config_source(cfg))
-        amortizer = Amortizer(
-            model,
-            build_sampler(cfg),
-            hidden=cfg.network.hidden,
-            seed=cfg.seed,
-            device=_device(cfg.device),
-            global_coupling=cfg.network.global_coupling,
-        )
-        run = _new_run_dir(args, cfg)
-    save_config(cfg, run / "config.yaml")
+            cfg, _, amortizer = load_run(run, overrides, with_sampler=True)
+            if amortizer.step >= cfg.train.total_steps:
+                print(
+                    f"{run}: already at step {amortizer.step} (train.steps={cfg.train.steps},"
+                    f" train.refine_steps={cfg.train.refine_steps}); pass train.steps=N or train.refine_steps=N"
+                )
+                return 0
+            if overrides:
+                record_resume(run, amortizer.step, overrides)
+            return _fit(args, cfg, amortizer, run)
+    if not args.config or "=" in args.config:
+        raise ConfigError("train: give CONFIG.yaml (or --resume RUN_DIR)")
+    cfg = load_config(args.config, overrides)
+    model = resolve_model(cfg.model, config_dir(cfg), config_source(cfg))
+    amortizer = Amortizer(
+        model,
+        build_sampler(cfg),
+        hidden=cfg.network.hidden,
+        seed=cfg.seed,
+        device=_device(cfg.device),
+        global_coupling=cfg.network.global_coupling,
+    )
+    run, made = _new_run_dir(args, cfg)
+    before = present(run)  # a folder the user gave may hold files of theirs by these names: kept
+    try:
+        with locked(run):
+            try:
+                if (run / "checkpoint.pt").exists():  # another run finished here since the check above
+                    raise ConfigError(f"--run-dir {run}: already holds a run; continue it with --resume {run}")
+                save_config(cfg, run / "config.yaml")
+                return _fit(args, cfg, amortizer, run)
+            except BaseException:
+                remove_half_made(run, made, keep=before)  # under the lock: nobody else's files
+                raise
+    except ConfigError:
+        remove_half_made(run, made, files=False)  # the lock was another's: only our folders, if left empty
+        raise
+
+
+def _fit(args: argparse.Namespace, cfg: Config, amortizer: Amortizer, run: Path) -> int:
+    """Train ``amortizer`` in ``run`` to ``cfg.train``'s end; print where and how it ended."""
     _note(args, f"run: {run} ({amortizer!r})")
     start, t0 = amortizer.step, time.perf_counter()
     try:
@@ -184,9 +230,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     loss = amortizer.history[-1]["loss"] if amortizer.history else float("nan")
     print(f"run: {run}")
+    drops = amortizer.drops
+    dropped = f"; {drops.total} of {drops.requested} simulations dropped" if drops.total else ""
     print(
         f"steps {start}->{amortizer.step} in {time.perf_counter() - t0:.1f} s; final loss {loss:.4f}"
-        f"{'' if history else ' (no new log entry)'}"
+        f"{'' if history else ' (no new log entry)'}{dropped}"
     )
     return 0
 
@@ -198,6 +246,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: the name must end in .nc (ArviZ NetCDF) or .csv")
     cfg, _, amortizer = load_run(args.run_dir, device=args.device)
     data = _read_data(cfg, args)
+    try:
+        amortizer.structure.check_response(data)  # a Poisson -1 or a Bernoulli 0.5: named with its file
+    except DataError as e:
+        raise DataError(f"{args.data}: {e}") from None
     post = amortizer.posterior(data)
     diag = post.diagnostics(num_samples=args.num_samples, seed=args.seed)
     _warn_diagnostics(diag)
@@ -208,7 +260,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix == ".nc":
         _write_netcdf(post, out, args.num_samples, args.seed)
     else:
-        write_text(out, _draws_csv(post.sample(args.num_samples, args.seed)))
+        made = make_dirs(out.parent, exist_ok=True)
+        try:
+            write_text(out, _draws_csv(post.sample(args.num_samples, args.seed)))
+        except OSError:
+            remove_half_made(out.parent, made, files=False)
+            raise
     print(f"wrote {args.num_samples} draws to {out}")
     return 0
 
@@ -319,7 +376,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AmortizeError, OSError) as e:
         if args.debug:
             traceback.print_exc()
-        print(f"amortize: error: {'; '.join(s.strip() for s in str(e).splitlines() if s.strip())}", file=sys.stderr)
+        text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"amortize: error: {'; '.join(s.strip() for s in text.splitlines() if s.strip())}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # sys.exit() inside the user's model (its import is caught in config.resolve_model)
+        if args.debug:
+            traceback.print_exc()
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        print(f"amortize: error: {args.command}: SystemExit({e.code}) was raised{where}", file=sys.stderr)
         return 2
     finally:  # leave logging as it was (main may be called from Python, e.g. in tests)
         logging.getLogger("amortize").removeHandler(_HANDLER)

@@ -28,6 +28,7 @@ from ..config import (
 from ..data import HierarchicalData
 from ..errors import ConfigError
 from ..posterior import K_THRESHOLD
+from ..rundir import recorded_overrides
 from ..validate.results import json_safe
 
 __all__ = ["load_run", "run_config"]
@@ -68,7 +69,7 @@ def _device(name: str) -> torch.device:
 
 
 def run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """The config snapshotted in a run directory written by ``amortize train``.
+    """The config of a run directory written by ``amortize train``, with the overrides its resumes recorded.
 
     Raises:
         ConfigError: not a run directory (names it), or a bad override.
@@ -76,7 +77,7 @@ def run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Con
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run}: not a run directory (no config.yaml; runs are made by 'amortize train')")
-    return load_config(run / "config.yaml", overrides)
+    return load_config(run / "config.yaml", recorded_overrides(run) + list(overrides))  # resumes' overrides first
 
 
 def load_run(

@@ -1,0 +1,85 @@
+"""Dropped simulations change the prior: they are counted per site, logged, carried in the training
+history, and more than 1% of them stops training with a TrainingError naming the site and the share."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import amortize as am
+from amortize.errors import TrainingError
+from amortize.simulate import DropTally, Simulation
+
+FAST = dict(steps=4, batch_size=8, warmup=1, pilot_structures=1, log_every=1, progress=False)
+
+
+def infinite_above(threshold: float):
+    """``normal_known`` whose response is infinite where ``mu > threshold`` (P = 1 - Phi(threshold))."""
+
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("group", data.size("group")):
+            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        loc = theta[..., data.index("group")]
+        loc = torch.where(mu > threshold, torch.full_like(loc, math.inf), loc)
+        with pyro.plate("obs", data.n_obs):
+            pyro.sample("y", dist.Normal(loc, 0.5), obs=data.y)
+
+    return model
+
+
+def test_a_likelihood_that_fails_for_part_of_the_prior_stops_training(small_sampler):
+    a = am.Amortizer(infinite_above(1.0), small_sampler, hidden=8)  # 16% of the prior gives y = inf
+    with pytest.raises(
+        TrainingError, match=r"of \d+ prior-predictive datasets \(\d+\.\d%\) were dropped, most for site 'y'"
+    ):
+        a.fit(**FAST)
+    assert a.drops.dropped["y"] > 0.01 * a.drops.requested
+
+
+def test_every_response_non_finite_is_a_training_error_not_a_reshape(small_sampler):
+    a = am.Amortizer(infinite_above(-math.inf), small_sampler, hidden=8)
+    with pytest.raises(TrainingError, match=r"\(100\.0%\) were dropped, most for site 'y' \(a non-finite response"):
+        a.fit(**FAST)
+
+
+def test_rare_drops_are_counted_logged_and_carried_in_the_history(small_sampler, caplog):
+    a = am.Amortizer(infinite_above(2.0), small_sampler, hidden=8)  # P = 2.3%: ~6 drops in 250 (none: P = 0.3%)
+    a.drops.limit = 0.1  # a rate of 2.3% is far inside 10%: the run must go on
+    with caplog.at_level(logging.WARNING, logger="amortize.simulate"):
+        a.fit(**{**FAST, "steps": 30})
+    assert a.drops.requested >= 30 * 8
+    assert a.history[-1]["dropped"] == a.drops.total == a.drops.dropped.get("y", 0)
+    assert a.drops.total > 0 and "simulations: dropped" in caplog.text
+
+
+def sim(requested: int, dropped: int) -> Simulation:
+    data = am.HierarchicalData(["g"], {}, torch.zeros(2, dtype=torch.long), y=torch.zeros(requested - dropped, 2))
+    return Simulation(data, {}, requested, {"y": dropped} if dropped else {})
+
+
+@pytest.mark.parametrize(
+    "batches, stops",
+    [
+        ([(4, 1)], False),  # one unlucky dataset of 4: P(>=1 | 1%) = 4%, not evidence of more than 1%
+        ([(4, 3)], True),  # 3 of 4: P(>=3 | 1%) = 4e-6
+        ([(1000, 5)] * 10, False),  # 0.5% of 10^4
+        ([(1000, 20)] * 10, True),  # 2% of 10^4: 10 sds of the binomial above 1%
+        ([(1000, 11)] * 10, False),  # 1.1%: within Monte Carlo doubt of 1%
+    ],
+)
+def test_drop_tally_stops_beyond_one_percent_only(batches, stops):
+    tally = DropTally("y")
+    raised = False
+    try:
+        for n, d in batches:
+            tally.add(sim(n, d))
+    except TrainingError as e:
+        raised = True
+        assert "site 'y'" in str(e) and "changes the prior" in str(e)
+    assert raised == stops
