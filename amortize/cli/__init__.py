@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-
-import numpy as np
-import torch
 
 from .. import __version__
 from ..amortizer import Amortizer
@@ -46,7 +42,6 @@ from ..config import (
     write_text,
 )
 from ..errors import AmortizeError, ConfigError, DataError
-from ..posterior import Posterior
 from ..rundir import (
     locked,
     make_dirs,
@@ -59,6 +54,7 @@ from ..rundir import (
 from ..validate.bench import AGAINST
 from .checks import cmd_bench, cmd_sbc, cmd_validate
 from .common import _count, _data_flags, _device, _note, _positive, _progress, _read_data, _warn_diagnostics, load_run
+from .output import _draws_csv, _write_netcdf
 
 __all__ = ["main", "build_parser", "load_run"]
 
@@ -99,40 +95,6 @@ class _StderrHandler(logging.Handler):
 
 
 _HANDLER = _StderrHandler()
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _draws_csv(draws: dict[str, torch.Tensor]) -> str:
-    """One row per draw, one column per site element: ``mu``, ``theta[3]``, ``beta[1,2]``."""
-    names, cols = ["draw"], []
-    n = next(iter(draws.values())).shape[0]
-    for site, v in draws.items():
-        flat = v.reshape(n, -1).double().cpu().numpy()
-        shape = tuple(v.shape[1:])
-        names += [site] if not shape else [f"{site}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
-        cols.append(flat)
-    table = np.concatenate([np.arange(n)[:, None].astype(float)] + cols, axis=1)
-    lines = [",".join(f'"{c}"' if "," in c else c for c in names)]
-    lines += [f"{int(row[0])}," + ",".join(f"{x:.9g}" for x in row[1:]) for row in table]
-    return "\n".join(lines) + "\n"
-
-
-def _write_netcdf(post: Posterior, path: Path, num_samples: int, seed: int) -> None:
-    """Write the draws as ArviZ NetCDF atomically; a failed write (disk full) names ``path`` and
-    leaves neither a temporary file nor the folders made for it."""
-    idata = post.to_arviz(num_samples, seed)
-    made = make_dirs(path.parent, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        idata.to_netcdf(str(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-        if not path.exists():
-            remove_half_made(path.parent, made, files=False)
 
 
 # ---------------------------------------------------------------------------------------------- commands

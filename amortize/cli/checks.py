@@ -29,10 +29,10 @@ from .common import (
     _validation_seed,
     _warn,
     _warn_diagnostics,
-    _write_json,
     load_run,
     run_config,
 )
+from .output import _write_json
 
 __all__ = ["cmd_validate", "cmd_sbc", "cmd_bench", "BENCH_COLUMNS"]
 

@@ -1,9 +1,8 @@
-"""What the ``amortize`` commands share: progress and warning lines, run folders, options and ``--data`` flags, JSON."""
+"""What the ``amortize`` commands share: progress and warning lines, run folders, options and ``--data`` flags."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -23,13 +22,11 @@ from ..config import (
     load_config,
     read_dataset,
     resolve_model,
-    write_text,
 )
 from ..data import HierarchicalData
 from ..errors import ConfigError
 from ..posterior import K_THRESHOLD
 from ..rundir import recorded_overrides
-from ..validate.results import json_safe
 
 __all__ = ["load_run", "run_config"]
 
@@ -144,9 +141,3 @@ def _read_data(cfg: Config, args: argparse.Namespace) -> HierarchicalData:
     if args.nested_ids:
         spec.nested_ids = True
     return read_dataset(spec, args.data, key="--data")
-
-
-def _write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """``payload`` as JSON (tensors as lists, non-finite numbers as null), written atomically."""
-    write_text(path, json.dumps(json_safe(payload), indent=1, allow_nan=False))
-    return Path(path)
