@@ -345,3 +345,19 @@ def test_bench_errors_exit_2_with_one_line(trained, tmp_path):
     for argv, expect in cases:
         code, out, err = run_cli(*argv)
         assert code == 2 and out == "" and expect in err and err.count("\n") == 1, (argv, err)
+
+
+def test_validate_refuses_a_response_outside_the_support(tmp_path):
+    """``validate --data`` checks the response as ``sample`` does, before any NUTS run."""
+    poisson = MODEL.replace(
+        'dist.Normal(theta[..., data.index("group")], 0.5)', 'dist.Poisson(theta[..., data.index("group")].exp())'
+    )
+    assert "Poisson" in poisson
+    (tmp_path / "model.py").write_text(poisson)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "d.csv").write_text(DATA)  # 1.2, 0.3, ...: not counts
+    code, _, err = run_cli("train", tmp_path / "tiny.yaml", "--quiet", "--run-dir", tmp_path / "p")
+    assert code == 0, err
+    code, out, err = run_cli("validate", tmp_path / "p", "--data", tmp_path / "d.csv", "--quiet")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"{tmp_path / 'd.csv'}: response 'y'" in err and "outside the support" in err

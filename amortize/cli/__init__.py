@@ -41,7 +41,7 @@ from ..config import (
     save_config,
     write_text,
 )
-from ..errors import AmortizeError, ConfigError, DataError
+from ..errors import AmortizeError, ConfigError
 from ..rundir import (
     locked,
     make_dirs,
@@ -207,12 +207,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out is not None and out.suffix not in (".nc", ".csv"):
         raise ConfigError(f"--out {out}: the name must end in .nc (ArviZ NetCDF) or .csv")
     cfg, _, amortizer = load_run(args.run_dir, device=args.device)
-    data = _read_data(cfg, args)
-    try:
-        amortizer.structure.check_response(data)  # a Poisson -1 or a Bernoulli 0.5: named with its file
-    except DataError as e:
-        raise DataError(f"{args.data}: {e}") from None
-    post = amortizer.posterior(data)
+    post = amortizer.posterior(_read_data(cfg, args, amortizer))
     diag = post.diagnostics(num_samples=args.num_samples, seed=args.seed)
     _warn_diagnostics(diag)
     _note(args, f"pareto k {diag['pareto_k']:.2f}, importance ESS {diag['ess']:.0f}/{diag['num_samples']}")

@@ -87,7 +87,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     num_samples = args.num_samples or v.num_samples
     seed = _validation_seed(cfg)
     if args.data:
-        source, datasets = str(args.data), [_read_data(cfg, args)]
+        source, datasets = str(args.data), [_read_data(cfg, args, amortizer)]
     else:
         source, datasets = f"{n} held-out simulated dataset(s), seed {seed}", heldout_datasets(amortizer, n, seed)
     keep = args.figures

@@ -24,7 +24,7 @@ from ..config import (
     resolve_model,
 )
 from ..data import HierarchicalData
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..posterior import K_THRESHOLD
 from ..rundir import recorded_overrides
 
@@ -124,8 +124,9 @@ def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--nested-ids", action="store_true", help="ids repeat within parents")
 
 
-def _read_data(cfg: Config, args: argparse.Namespace) -> HierarchicalData:
-    """The ``--data`` CSV, read with the config's dataset spec, columns overridden by flags."""
+def _read_data(cfg: Config, args: argparse.Namespace, amortizer: Amortizer) -> HierarchicalData:
+    """The ``--data`` CSV, read with the config's dataset spec, columns overridden by flags, its response
+    checked against the model's likelihood (a Poisson -1 or a Bernoulli 0.5: named with its file)."""
     spec = replace(dataset_spec(cfg))
     if args.levels:
         spec.levels = [s.strip() for s in args.levels.split(",") if s.strip()]
@@ -140,4 +141,9 @@ def _read_data(cfg: Config, args: argparse.Namespace) -> HierarchicalData:
             spec.covariates.setdefault(lvl, []).extend(c.strip() for c in cols.split(",") if c.strip())
     if args.nested_ids:
         spec.nested_ids = True
-    return read_dataset(spec, args.data, key="--data")
+    data = read_dataset(spec, args.data, key="--data")
+    try:
+        amortizer.structure.check_response(data)
+    except DataError as e:
+        raise DataError(f"{args.data}: {e}") from None
+    return data
