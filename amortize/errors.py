@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "TrainingError",
+    "ReferenceNotFoundError",
 ]
 
 
@@ -61,3 +62,7 @@ class ConfigError(AmortizeError, ValueError):
 
 class TrainingError(AmortizeError):
     """Training stopped on repeated numerical faults: names the step and the checkpoint kept."""
+
+
+class ReferenceNotFoundError(AmortizeError, FileNotFoundError):
+    """A file of the shared reference folder (data or ground truth of a shipped model) is missing: names the path."""

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     names, effect = data.labels["county"], draws["county_effect"]  # effect: [4000, 85]
     picked = []
     for r in rows:
-        j = r["index"][0] if r["site"] == "county_effect" else None
+        j = r["group"] if r["site"] == "county_effect" else None  # no labels given: the county's position
         if j is not None and names[j] in wanted:
             true_mean, true_sd = float(truth.mean["county_effect"][j]), float(truth.sd["county_effect"][j])
             mean, sd = float(effect[:, j].mean()), float(effect[:, j].std())

@@ -1,4 +1,4 @@
-"""The results writer shared by the scripts in experiments/bench (amortize.validate.bench)."""
+"""The results writer shared by the scripts in experiments/bench (amortize.validate.results)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from amortize.validate.bench import machine_description, machine_info, results_header, write_results
+from amortize.validate.results import machine_description, machine_info, results_header, write_results
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench"
-SCRIPTS = [p for p in sorted(BENCH.glob("*.py")) if p.stem != "numpyro_models"]  # numpyro_models: a library of twins, not a script
+# numpyro_models: a library of twins, not a script
+SCRIPTS = [p for p in sorted(BENCH.glob("*.py")) if p.stem != "numpyro_models"]
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import shutil
-import sys
 import textwrap
 from pathlib import Path
 
@@ -118,9 +117,43 @@ def test_validate_on_simulated_and_given_data(trained, tmp_path):
     assert {r["site"] for r in report["rows"]} == {"mu", "theta"} and "pareto_k" in report["diagnostics"][0]
     code, out, err = run_cli("validate", run, "--data", data, "--by", "site", "validate.num_samples=50", "--quiet")
     assert code == 0, err
-    report = json.loads((run / "validate.json").read_text())
-    assert report["source"] == str(data) and "theta" in out and "site" in out
+    report = json.loads((run / "validate-d.json").read_text())  # named after the data file
+    assert report["source"] == str(data) and report["name"] == "d" and "theta" in out and "site" in out
     assert report["settings"]["num_samples"] == 50
+
+
+def test_validate_json_rows_name_groups_levels_and_the_rhat_threshold(trained, tmp_path):
+    run, _, data = trained
+    code, _, err = run_cli("validate", run, "--data", data, "--json", tmp_path / "v.json", "--quiet", "--figures", 0)
+    assert code == 0, err
+    report = json.loads((tmp_path / "v.json").read_text())
+    rows = {(r["site"], r["group"]): r for r in report["rows"]}
+    assert set(rows) == {("mu", None), ("theta", "a"), ("theta", "b"), ("theta", "c")}  # the CSV's group ids
+    assert rows["mu", None]["level"] == "global" and rows["theta", "b"]["level"] == "group"
+    for r in report["rows"]:
+        assert r["element"] == [] and "index" not in r and "covered90" not in r and 0 <= r["coverage90"] <= 1
+        assert r["sd"] > 0 and r["ref_sd"] > 0
+        assert r["z"] == pytest.approx(abs(r["mean"] - r["ref_mean"]) / r["ref_sd"])
+        assert r["sd_ratio"] == pytest.approx(r["sd"] / r["ref_sd"])
+    assert [s["level"] for s in report["summary"]] == ["global", "group"] and "coverage90" in report["summary"][0]
+    (checks,) = report["nuts"]
+    assert set(checks["r_hat_threshold"]) == {"mu", "theta"} == set(checks["r_hat"])
+    assert checks["r_hat_threshold"]["mu"] == 1.5  # the config's max_rhat, for a site of one element
+    assert checks["r_hat_threshold"]["theta"] > 1.5  # raised for the 3 elements of theta
+    assert all(checks["r_hat"][s] < checks["r_hat_threshold"][s] for s in checks["r_hat"]) == checks["ok"]
+
+
+def test_validations_have_their_own_names(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    for argv in ([], ["--data", trained[2]], ["--data", trained[2], "--name", "again"]):
+        code, _, err = run_cli("validate", run, *argv, "--quiet", "--figures", 0)
+        assert code == 0, err
+    names = sorted(p.name for p in run.glob("validate*.json"))
+    assert names == ["validate-again.json", "validate-d.json", "validate-heldout.json"]
+    assert json.loads((run / "validate-heldout.json").read_text())["source"].startswith("1 held-out")
+    code, out, err = run_cli("validate", run, "--name", "../x", "--quiet")
+    assert code == 2 and out == "" and "--name '../x'" in err and err.count("\n") == 1
 
 
 def bad_case(tmp_path: Path, name: str) -> list[str]:
@@ -191,13 +224,6 @@ def test_help_shows_an_example(command):
     assert code == 0 and "example" in out and f"amortize {command}" in out
 
 
-def test_sbc_and_bench_not_available_yet(monkeypatch, tmp_path):
-    for command in ("sbc", "bench"):
-        monkeypatch.setitem(sys.modules, f"amortize.validate.{command}", None)
-        code, _, err = run_cli(command, tmp_path)
-        assert code == 2 and "not available yet" in err and err.count("\n") == 1
-
-
 def test_progress_off_with_quiet_or_ci(monkeypatch):
     parser = build_parser()
     monkeypatch.delenv("CI", raising=False)
@@ -249,13 +275,15 @@ def test_validate_writes_figures_and_shows_nuts_progress(trained, tmp_path, monk
     monkeypatch.delenv("CI", raising=False)
     code, out, err = run_cli("validate", run, "--data", data)
     assert code == 0, err
-    assert progress == [True] and f"wrote 2 figures to {run / 'tb'}" in out
+    assert progress == [True] and f"wrote 2 figures to {run / 'tb'} under validate/d/" in out
     tags = tensorboard_tags(run)
-    assert {"validate/mu", "validate/theta"} <= set(tags["images"])
-    assert {"validate/global/z_p90", "validate/group/sd_ratio_median", "train/loss"} <= set(tags["scalars"])
+    assert {"validate/d/mu", "validate/d/theta"} <= set(tags["images"])
+    assert {"validate/d/global/z_p90", "validate/d/group/sd_ratio_median", "train/loss"} <= set(tags["scalars"])
     code, out, err = run_cli("validate", run, "--quiet")  # held-out datasets: tagged per dataset, no progress
     assert code == 0 and progress == [True, False], err
-    assert {"validate/heldout_0/mu", "validate/heldout_0/theta"} <= set(tensorboard_tags(run)["images"])
+    tags = tensorboard_tags(run)
+    assert {"validate/heldout/dataset_0/mu", "validate/heldout/dataset_0/theta"} <= set(tags["images"])
+    assert {"validate/heldout/global/z_p90", "validate/d/global/z_p90"} <= set(tags["scalars"])  # both kept
     code, out, err = run_cli("validate", run, "--figures", "0", "--quiet")
     assert code == 0 and "figures to" not in out
 
@@ -317,3 +345,19 @@ def test_bench_errors_exit_2_with_one_line(trained, tmp_path):
     for argv, expect in cases:
         code, out, err = run_cli(*argv)
         assert code == 2 and out == "" and expect in err and err.count("\n") == 1, (argv, err)
+
+
+def test_validate_refuses_a_response_outside_the_support(tmp_path):
+    """``validate --data`` checks the response as ``sample`` does, before any NUTS run."""
+    poisson = MODEL.replace(
+        'dist.Normal(theta[..., data.index("group")], 0.5)', 'dist.Poisson(theta[..., data.index("group")].exp())'
+    )
+    assert "Poisson" in poisson
+    (tmp_path / "model.py").write_text(poisson)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    (tmp_path / "d.csv").write_text(DATA)  # 1.2, 0.3, ...: not counts
+    code, _, err = run_cli("train", tmp_path / "tiny.yaml", "--quiet", "--run-dir", tmp_path / "p")
+    assert code == 0, err
+    code, out, err = run_cli("validate", tmp_path / "p", "--data", tmp_path / "d.csv", "--quiet")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert f"{tmp_path / 'd.csv'}: response 'y'" in err and "outside the support" in err

@@ -15,7 +15,8 @@ import torch
 
 from amortize.data import HierarchicalData
 from amortize.validate import nuts
-from amortize.validate.nuts import NUTSResult, cached_nuts, chain_diagnostics, checks_passed, rhat_threshold
+from amortize.validate.convergence import chain_diagnostics, checks_passed, rhat_threshold
+from amortize.validate.nuts import NUTSResult, cached_nuts
 
 
 def chains(num_chains: int, num_draws: int, elements: int, rho: float, seed: int) -> torch.Tensor:

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from amortize.validate import plots
-from amortize.validate import ReferenceMoments
+from amortize.validate import ReferenceMoments, plots
 
 pytest.importorskip("matplotlib")
 LEVELS = {"mu": None, "beta": None, "theta": "group"}
@@ -52,9 +51,9 @@ def test_write_tensorboard_images_and_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     figs = plots.marginal_figures(_draws(200), _draws(200, seed=1), LEVELS)
-    png = tmp_path / "x.png"
-    figs["mu"].savefig(png)
-    images = {**figs, "from_png": plots.read_png(png)}
+    png = plots.save_png(figs["mu"], tmp_path / "x.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*.tmp"))
+    images = {**figs, "from_png": plots.to_rgb(figs["mu"])}
     tags = plots.write_tensorboard(
         tmp_path / "tb", images, step=7, prefix="t/", scalars={"z": 0.5, "bad": float("nan")}
     )

@@ -24,7 +24,7 @@ from amortize.validate import (
     summarize,
     to_markdown,
 )
-from amortize.validate.nuts import chain_diagnostics
+from amortize.validate.convergence import chain_diagnostics
 
 # --------------------------------------------------------------------------- helpers
 
@@ -87,11 +87,11 @@ def test_compare_same_distribution_is_within_monte_carlo_error() -> None:
     rng = np.random.default_rng(1)
     rows = compare({"a": torch.tensor(rng.normal(size=n))}, {"a": torch.tensor(rng.normal(size=m))})
     (row,) = rows
-    assert row["site"] == "a" and row["index"] == () and row["level"] is None
+    assert row["site"] == "a" and row["element"] == () and row["level"] == "global" and row["group"] is None
     assert row["z"] < 4 * math.sqrt(1 / n + 1 / m)
     assert abs(row["sd_ratio"] - 1) < 4 * math.sqrt(1 / (2 * n) + 1 / (2 * m))
     # coverage: binomial error over the reference plus the error of the two estimated quantiles
-    assert abs(row["covered90"] - 0.9) < 4 * math.sqrt(0.09 / m + 2 * 0.05 * 0.95 / n)
+    assert abs(row["coverage90"] - 0.9) < 4 * math.sqrt(0.09 / m + 2 * 0.05 * 0.95 / n)
     assert row["w1"] < 6 / math.sqrt(min(n, m))
 
 
@@ -109,7 +109,7 @@ def test_compare_shifted_and_scaled_distribution() -> None:
     w1 = shift * (2 * 0.5 * (1 + math.erf(shift / math.sqrt(2))) - 1) + 2 * phi
     assert abs(row["w1"] - w1) < 0.05
     cover = 0.5 * (math.erf((shift + 1.645 * scale) / math.sqrt(2)) - math.erf((shift - 1.645 * scale) / math.sqrt(2)))
-    assert abs(row["covered90"] - cover) < 0.01
+    assert abs(row["coverage90"] - cover) < 0.01
 
 
 def test_compare_with_moments_uses_normal_reference() -> None:
@@ -117,15 +117,17 @@ def test_compare_with_moments_uses_normal_reference() -> None:
     n = 4000
     q = torch.tensor(rng.normal(size=(n, 2, 3)))
     ref = ReferenceMoments(mean={"b": torch.full((2, 3), 0.25)}, sd={"b": torch.full((2, 3), 0.5)})
-    rows = compare({"b": q}, ref, levels={"b": "school"})
-    assert [r["index"] for r in rows] == [(i, j) for i in range(2) for j in range(3)]
+    rows = compare({"b": q}, ref, levels={"b": "school"}, labels={"school": ["north", "south"]})
+    assert [(r["group"], r["element"]) for r in rows] == [(g, (j,)) for g in ("north", "south") for j in range(3)]
     for row, k in zip(rows, range(6)):
         x = q.reshape(n, 6)[:, k].numpy()
         assert row["level"] == "school" and row["w1"] is None
+        assert row["mean"] == pytest.approx(x.mean()) and row["sd"] == pytest.approx(x.std(ddof=1))
+        assert row["ref_mean"] == 0.25 and row["ref_sd"] == 0.5
         assert row["z"] == pytest.approx(abs(x.mean() - 0.25) / 0.5)
         assert row["sd_ratio"] == pytest.approx(x.std(ddof=1) / 0.5)
         # N(0, 1) draws' 90% interval holds P(|0.25 + 0.5 Z - 0| ...) of N(0.25, 0.5): about 0.999
-        assert 0.99 < row["covered90"] <= 1.0
+        assert 0.99 < row["coverage90"] <= 1.0
 
 
 def test_compare_errors_name_the_site() -> None:
@@ -136,9 +138,9 @@ def test_compare_errors_name_the_site() -> None:
 
 
 def test_summarize_groups_and_tables() -> None:
-    rows = [{"site": "mu", "index": (), "level": None, "z": 0.1, "sd_ratio": 1.0, "covered90": 0.9, "w1": 0.05}]
+    rows = [{"site": "mu", "level": "global", "z": 0.1, "sd_ratio": 1.0, "coverage90": 0.9, "w1": 0.05}]
     rows += [
-        {"site": "theta", "index": (i,), "level": "school", "z": z, "sd_ratio": s, "covered90": 0.8, "w1": None}
+        {"site": "theta", "group": i, "level": "school", "z": z, "sd_ratio": s, "coverage90": 0.8, "w1": None}
         for i, (z, s) in enumerate([(0.0, 0.5), (0.2, 1.0), (0.4, 1.5)])
     ]
     out = summarize(rows[::-1])  # global comes first whatever the order
@@ -312,11 +314,11 @@ def test_run_nuts_eight_schools_agrees_with_posteriordb() -> None:
     rows = compare(res.samples, draws, levels={"theta": "school"})
     for row in rows:
         assert row["z"] < 4.5 / math.sqrt(res.ess_bulk[row["site"]]), row
-        assert abs(row["covered90"] - 0.9) < 0.05, row
+        assert abs(row["coverage90"] - 0.9) < 0.05, row
 
 
 def test_constant_elements_count_as_converged_and_are_left_out_of_comparisons() -> None:
-    from amortize.validate.nuts import chain_diagnostics
+    from amortize.validate.convergence import chain_diagnostics
 
     torch.manual_seed(0)
     x = torch.randn(2, 200, 3)
@@ -324,4 +326,47 @@ def test_constant_elements_count_as_converged_and_are_left_out_of_comparisons() 
     r_hat, ess = chain_diagnostics(x)
     assert r_hat[0] == 1.0 and ess[0] == 400 and r_hat[1:].max() < 1.05
     rows = compare({"L": x.reshape(400, 3)}, {"L": x.reshape(400, 3) + 0.0})
-    assert [r["index"] for r in rows] == [(1,), (2,)]
+    assert [r["element"] for r in rows] == [(1,), (2,)]
+
+
+# --------------------------------------------------------------------------- bench: references and reports
+
+
+def test_reference_for_picks_the_models_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
+    from amortize.errors import ConfigError, ReferenceNotFoundError
+    from amortize.validate import bench
+
+    assert bench.reference_for("amortize.models:eight_schools", "nuts") is None
+    assert bench.reference_for("my.models:f") is None  # no published reference: NUTS
+    with pytest.raises(ConfigError, match="'my.models:f'"):
+        bench.reference_for("my.models:f", "reference")
+    with pytest.raises(ConfigError, match="against"):
+        bench.reference_for("amortize.models:eight_schools", "both")
+    if reference.reference_dir().is_dir():
+        ref = bench.reference_for("amortize.models:eight_schools")
+        assert (
+            ref.name == "posteriordb" and ref.data.size("school") == 8 and set(ref.posterior) == {"mu", "tau", "theta"}
+        )
+    monkeypatch.setenv("AMORTIZE_REFERENCE", str(tmp_path / "nowhere"))
+    with caplog.at_level(logging.WARNING, logger="amortize.validate.bench"):
+        assert bench.reference_for("amortize.models:eight_schools") is None  # files missing: NUTS, with a warning
+    assert "nowhere" in caplog.text and "NUTS" in caplog.text
+    with pytest.raises(ReferenceNotFoundError, match="nowhere"):
+        bench.reference_for("amortize.models:eight_schools", "reference")
+
+
+def test_report_without_nuts_has_no_nuts_time_or_speedup() -> None:
+    from amortize.validate.heldout import Report
+
+    rows = compare(
+        {"mu": torch.randn(500)}, ReferenceMoments(mean={"mu": torch.tensor(0.0)}, sd={"mu": torch.tensor(1.0)})
+    )
+    report = Report(rows=rows, summary=summarize(rows), amortized_seconds=[0.5, 1.5])
+    d = report.to_dict()
+    assert d["amortized_seconds_per_dataset"] == 1.0 and d["nuts_seconds_per_dataset"] is None and d["speedup"] is None
+    report.nuts_seconds = [10.0, 30.0]
+    assert report.speedup == 20.0 and report.timings() == {"amortized_s": 1.0, "nuts_s": 20.0, "speedup": 20.0}
+    lines = report.table(by="site").splitlines()
+    assert lines[0].split()[:2] == ["site", "count"] and lines[1].startswith("mu") and "20.000" in lines[1]
+    with pytest.raises(ValueError, match="by"):
+        report.table(by="group")

@@ -84,10 +84,9 @@ def radon_minnesota_data(dtype: torch.dtype | None = None) -> HierarchicalData:
     Raises:
         ReferenceNotFoundError: the reference folder is missing.
     """
-    from ..validate.reference import radon_minnesota
+    from .reference_data import minnesota_radon
 
-    radon, _ = radon_minnesota("halfnormal", dtype=dtype)
-    return radon.to_hierarchical_data()
+    return minnesota_radon(dtype).to_hierarchical_data()
 
 
 def radon_sampler() -> StructureSampler:

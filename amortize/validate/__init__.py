@@ -1,17 +1,23 @@
 """Validation: NUTS reference runs, metrics against reference posteriors, external ground truth loaders,
-simulation-based calibration and Pareto-smoothed importance sampling."""
+simulation-based calibration and Pareto-smoothed importance sampling.
 
+Functions here take objects (an amortizer, datasets, settings as values) and return results
+(dataclasses, dicts, and the paths of the files they wrote); they never print and never read a run
+folder. The ``amortize`` command line (:mod:`amortize.cli`) loads runs, calls them and formats.
+"""
+
+from ..importance import PSISResult, psis
 from . import reference
 from .ecdf import ECDFBand, ecdf_band, ecdf_test
-from .metrics import ReferenceMoments, compare, format_table, summarize, to_markdown
+from .metrics import ReferenceMoments, compare, element_name, format_table, summarize, to_markdown
 from .nuts import NUTSResult, run_nuts
-from ..importance import PSISResult, psis
 from .sbc import SBCResult, sbc
 
 __all__ = [
     "run_nuts",
     "NUTSResult",
     "compare",
+    "element_name",
     "summarize",
     "format_table",
     "to_markdown",

@@ -1,15 +1,16 @@
 """Amortized posterior against NUTS on the same model and data, dataset by dataset.
 
-:func:`against_nuts` is the one comparison behind ``amortize validate``, the README's main job and
-the benchmark scripts: for each dataset it times 1000 amortized draws and a NUTS run, compares them
-site by site (z-error, sd ratio, 90% coverage, W1) and pools the rows per level.
+:func:`against_nuts` is the one comparison behind ``amortize validate``, ``amortize bench``, the
+README's main job and the benchmark scripts: for each dataset it times the amortized draws and a
+NUTS run, compares them site by site (z-error, sd ratio, 90% coverage, W1) and pools the rows per
+level, in a :class:`Report` (which :func:`amortize.validate.bench.against_reference` also returns).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,15 +19,20 @@ from tqdm.auto import tqdm
 
 from ..data import HierarchicalData
 from ..simulate import simulate
-from .metrics import compare, format_table, summarize
+from .metrics import ReferenceMoments, compare, format_table, summarize
 from .nuts import NUTSResult, cached_nuts
 
 if TYPE_CHECKING:
     from ..amortizer import Amortizer
 
-__all__ = ["heldout_datasets", "against_nuts", "Report"]
+__all__ = ["heldout_datasets", "against_nuts", "Report", "Compared", "TABLE_COLUMNS"]
 
 log = logging.getLogger(__name__)
+# columns of the per-level table after "level" (per-site tables: TABLE_COLUMNS["site"] after "site")
+TABLE_COLUMNS = {
+    "level": ("z_median", "z_p90", "sd_ratio_median", "sd_ratio_p10", "sd_ratio_p90", "coverage90", "count"),
+    "site": ("count", "z_median", "z_p90", "sd_ratio_median", "coverage90", "w1_median"),
+}
 
 
 def heldout_datasets(amortizer: Amortizer, num: int, seed: int = 10_000) -> list[HierarchicalData]:
@@ -47,8 +53,41 @@ def heldout_datasets(amortizer: Amortizer, num: int, seed: int = 10_000) -> list
 
 
 @dataclass
+class Compared:
+    """One dataset's amortized draws beside its reference, kept for figures.
+
+    Attributes:
+        dataset: the dataset's position in the comparison.
+        draws: site -> amortized draws ``[n, *site_shape]`` (the draws that were compared).
+        reference: site -> reference draws, or :class:`~amortize.validate.metrics.ReferenceMoments`.
+        name: what the reference is (``"NUTS"``, ``"NUTS (failed its checks)"``, ``"posteriordb"``).
+        labels: level -> group labels of the dataset.
+    """
+
+    dataset: int
+    draws: dict[str, torch.Tensor]
+    reference: Mapping[str, torch.Tensor] | ReferenceMoments
+    name: str
+    labels: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+@dataclass
 class Report:
-    """Per-site rows (with the dataset index), their per-level summary, and timings."""
+    """Per-site rows (with the dataset index), their per-level summary, timings, checks and diagnostics.
+
+    Attributes:
+        rows: :func:`~amortize.validate.metrics.compare` rows with ``dataset`` added.
+        summary: the rows pooled per level (:func:`~amortize.validate.metrics.summarize`).
+        amortized_seconds: per dataset compared, the time of the amortized draws.
+        nuts_seconds: per dataset compared, the NUTS run's time (empty against a published reference).
+        nuts: per dataset, the NUTS run's checks (:meth:`~amortize.validate.nuts.NUTSResult.checks`).
+        diagnostics: per dataset, the amortized posterior's diagnostics (Pareto k, training-range flags).
+        compared: the first datasets' draws and references, for figures (``keep`` of :func:`against_nuts`).
+    """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: list[dict[str, Any]] = field(default_factory=list)
@@ -56,33 +95,44 @@ class Report:
     nuts_seconds: list[float] = field(default_factory=list)
     nuts: list[dict[str, Any]] = field(default_factory=list)
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
-    nuts_results: list[NUTSResult] = field(default_factory=list, repr=False)  # the first ``keep_nuts`` runs
+    compared: list[Compared] = field(default_factory=list, repr=False)
 
     @property
-    def speedup(self) -> float:
-        """Mean NUTS seconds per dataset over mean amortized seconds per dataset."""
-        a = sum(self.amortized_seconds) / max(1, len(self.amortized_seconds))
-        n = sum(self.nuts_seconds) / max(1, len(self.nuts_seconds))
+    def speedup(self) -> float | None:
+        """Mean NUTS seconds per dataset over mean amortized seconds per dataset (None without NUTS)."""
+        a, n = _mean(self.amortized_seconds), _mean(self.nuts_seconds)
+        if a is None or n is None:
+            return None
         return n / a if a > 0 else float("nan")
 
-    def to_dict(self) -> dict[str, Any]:
+    def timings(self) -> dict[str, float | None]:
+        """``amortized_s``, ``nuts_s`` (mean seconds per dataset) and ``speedup``: the table's timing columns."""
         return {
-            "summary": self.summary,
-            "amortized_seconds_per_dataset": sum(self.amortized_seconds) / max(1, len(self.amortized_seconds)),
-            "nuts_seconds_per_dataset": sum(self.nuts_seconds) / max(1, len(self.nuts_seconds)),
+            "amortized_s": _mean(self.amortized_seconds),
+            "nuts_s": _mean(self.nuts_seconds),
             "speedup": self.speedup,
-            "nuts": self.nuts,
-            "diagnostics": self.diagnostics,
-            "rows": [{**r, "index": list(r["index"])} for r in self.rows],
         }
 
-    def table(self) -> str:
-        """The per-level table with timing columns."""
-        a = sum(self.amortized_seconds) / max(1, len(self.amortized_seconds))
-        n = sum(self.nuts_seconds) / max(1, len(self.nuts_seconds))
-        rows = [{**s, "amortized_s": a, "nuts_s": n, "speedup": self.speedup} for s in self.summary]
-        cols = ["level", "z_median", "z_p90", "sd_ratio_median", "sd_ratio_p10", "sd_ratio_p90", "coverage90"]
-        return format_table(rows, cols + ["count", "amortized_s", "nuts_s", "speedup"])
+    def to_dict(self) -> dict[str, Any]:
+        """Summary, timings, NUTS checks, diagnostics and rows (plain values; tuples for element indices)."""
+        t = self.timings()
+        return {
+            "summary": self.summary,
+            "amortized_seconds_per_dataset": t["amortized_s"],
+            "nuts_seconds_per_dataset": t["nuts_s"],
+            "speedup": t["speedup"],
+            "nuts": self.nuts,
+            "diagnostics": self.diagnostics,
+            "rows": self.rows,
+        }
+
+    def table(self, by: str = "level") -> str:
+        """The summary per level (or per ``site``) with the timing columns."""
+        if by not in TABLE_COLUMNS:
+            raise ValueError(f"Report.table: by must be 'level' or 'site', got {by!r}")
+        summary = self.summary if by == "level" else summarize(self.rows, by=by)
+        rows = [{**s, **self.timings()} for s in summary]
+        return format_table(rows, (by, *TABLE_COLUMNS[by], "amortized_s", "nuts_s", "speedup"))
 
 
 def against_nuts(
@@ -93,25 +143,30 @@ def against_nuts(
     seed: int = 0,
     progress: bool = False,
     nuts_cache: str | None = None,
-    keep_nuts: int = 0,
+    keep: int = 0,
     cached_only: bool = False,
     reference: Callable[[HierarchicalData, int], NUTSResult] | None = None,
+    diagnose: bool = False,
 ) -> Report:
     """Compare the amortized posterior with NUTS on each dataset (same model, same data).
 
     Datasets whose NUTS run fails its own checks (R-hat, ESS, divergences after the
     reparameterization retry) are reported but left out of the accuracy rows. ``nuts_cache``: a
     folder where NUTS results are kept and reused for the same model, data and settings;
-    ``keep_nuts``: how many NUTS results (draws included) the report keeps, for figures;
-    ``cached_only``: compare only on datasets whose reference is in ``nuts_cache`` (the others are
-    listed in ``report.nuts`` as not run). ``reference(data, seed) -> NUTSResult`` replaces Pyro
-    NUTS, e.g. NUTS on a NumPyro twin of the model
-    (``run_numpyro_nuts`` in ``experiments/bench/numpyro_models.py``).
+    ``keep``: how many datasets' draws and NUTS draws the report keeps (``report.compared``), for
+    figures; ``cached_only``: compare only on datasets whose reference is in ``nuts_cache`` (the
+    others are listed in ``report.nuts`` as not run). ``reference(data, seed) -> NUTSResult``
+    replaces Pyro NUTS, e.g. NUTS on a NumPyro twin of the model (``run_numpyro_nuts`` in
+    ``experiments/bench/numpyro_models.py``). ``diagnose``: add each dataset's posterior
+    diagnostics (Pareto k, training-range flags; ``num_samples`` draws, seed ``seed + i``) to
+    ``report.diagnostics``.
     """
     report = Report()
     levels = {s.name: s.level for s in amortizer.structure.latents}
     amortizer.posterior(datasets[0]).sample(10)  # warm-up: first-call overheads are not inference time
-    for i, data in enumerate(tqdm(datasets, disable=not progress, desc="validate", leave=False)):
+    for i, data in enumerate(tqdm(datasets, disable=None if progress else True, desc="validate", leave=False)):
+        if diagnose:
+            report.diagnostics.append({"dataset": i, **amortizer.posterior(data).diagnostics(num_samples, seed + i)})
         if reference is not None:
             res = reference(data, seed + i)
         else:
@@ -123,23 +178,14 @@ def against_nuts(
         draws = amortizer.posterior(data).sample(num_samples, seed=seed + i)
         report.amortized_seconds.append(time.perf_counter() - t0)
         report.nuts_seconds.append(res.seconds)
-        if len(report.nuts_results) < keep_nuts:
-            report.nuts_results.append(res)
-        report.nuts.append(
-            {
-                "dataset": i,
-                "ok": res.ok,
-                "r_hat_max": max(res.r_hat.values()),
-                "ess_bulk_min": min(res.ess_bulk.values()),
-                "divergences": res.divergences,
-                "parameterization": res.parameterization,
-                "seconds": res.seconds,
-            }
-        )
+        if len(report.compared) < keep:
+            name = "NUTS" if res.ok else "NUTS (failed its checks)"
+            report.compared.append(Compared(i, dict(draws), res.samples, name, dict(data.labels)))
+        report.nuts.append({"dataset": i, **res.checks()})
         if not res.ok:
             log.warning("dataset %d: NUTS failed its checks (%s); left out of the comparison", i, res.summary())
             continue
-        for row in compare(draws, res.samples, levels):
+        for row in compare(draws, res.samples, levels, data.labels):
             report.rows.append({**row, "dataset": i})
     if report.rows:
         report.summary = summarize(report.rows, by="level")

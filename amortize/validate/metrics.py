@@ -1,7 +1,7 @@
 """Per-site agreement of approximate posterior draws with a reference (draws or mean/sd).
 
 Every element of every site gets one row: the mean error in reference sds (``z``), the sd ratio,
-the fraction of the reference inside the approximation's central 90% interval (``covered90``) and,
+the fraction of the reference inside the approximation's central 90% interval (``coverage90``) and,
 with reference draws, the 1-Wasserstein distance of the two standardized samples (``w1``).
 :func:`summarize` pools the rows per level (global vs each plate level); :func:`format_table`
 prints them as a plain aligned table and :func:`to_markdown` as a Markdown table.
@@ -24,7 +24,18 @@ import torch
 
 from ..errors import DataError
 
-__all__ = ["ReferenceMoments", "compare", "summarize", "format_table", "to_markdown", "wasserstein1", "SUMMARY_COLUMNS"]
+__all__ = [
+    "ReferenceMoments",
+    "compare",
+    "element_name",
+    "summarize",
+    "format_table",
+    "to_markdown",
+    "wasserstein1",
+    "to_numpy",
+    "SUMMARY_COLUMNS",
+    "GLOBAL",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +67,8 @@ class ReferenceMoments:
     mean_mcse: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _np(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
+    """A tensor or array-like as a float64 numpy array (detached, on the CPU)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
     return np.asarray(x, dtype=np.float64)
@@ -66,21 +78,26 @@ def compare(
     draws: Mapping[str, torch.Tensor],
     reference: Mapping[str, torch.Tensor] | ReferenceMoments,
     levels: Mapping[str, str | None] | None = None,
+    labels: Mapping[str, Sequence[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per site and element comparing approximate draws with the reference.
 
     Args:
-        draws: site -> approximate draws ``[n, *shape]``.
+        draws: site -> approximate draws ``[n, *shape]``; a group-level site's first dim is its groups.
         reference: site -> reference draws ``[m, *shape]``, or :class:`ReferenceMoments`.
         levels: site -> plate level name (None for a global site); missing sites count as global.
+        labels: level -> group labels (``HierarchicalData.labels``); without them a group is its position.
 
     Returns:
-        Rows with keys ``site``, ``index`` (tuple), ``level``, ``z`` (|mean_q - mean_ref| / sd_ref),
-        ``sd_ratio`` (sd_q / sd_ref), ``covered90`` (fraction of the reference inside the central 90%
-        interval of ``draws``; normal approximation of the reference with moments) and ``w1``
-        (1-Wasserstein distance after standardizing both by the reference mean and sd; None with moments).
-        Sites present in only one of ``draws`` and ``reference`` are skipped (logged), and so are
-        elements the reference holds constant (sd 0: the fixed entries of a correlation factor).
+        Rows with keys ``site``, ``level`` (``"global"`` for a global site), ``group`` (the group's
+        label; None for a global site), ``element`` (tuple: the index within the site's event shape),
+        ``mean`` and ``sd`` of the draws, ``ref_mean`` and ``ref_sd`` of the reference, ``z``
+        (|mean - ref_mean| / ref_sd), ``sd_ratio`` (sd / ref_sd), ``coverage90`` (fraction of the
+        reference inside the central 90% interval of ``draws``; normal approximation of the reference
+        with moments) and ``w1`` (1-Wasserstein distance after standardizing both by the reference
+        mean and sd; None with moments). Sites present in only one of ``draws`` and ``reference`` are
+        skipped (logged), and so are elements the reference holds constant (sd 0: the fixed entries
+        of a correlation factor).
 
     Raises:
         DataError: no site in common, or a site whose shapes disagree (names the site).
@@ -95,50 +112,66 @@ def compare(
         logger.info("compare: sites in only one of draws and reference are skipped: %s", ", ".join(skipped))
     rows: list[dict[str, Any]] = []
     for site in common:
-        q = _np(draws[site])  # [n, *shape]
+        q = to_numpy(draws[site])  # [n, *shape]
         shape = q.shape[1:]
         q = q.reshape(q.shape[0], -1)  # [n, K]
         if moments:
-            m_ref = _np(reference.mean[site])
-            s_ref = _np(reference.sd[site])
+            m_ref = to_numpy(reference.mean[site])
+            s_ref = to_numpy(reference.sd[site])
             if m_ref.shape != shape or s_ref.shape != shape:
                 raise DataError(
                     f"compare: site '{site}': draws have shape {shape}, reference mean/sd {m_ref.shape}/{s_ref.shape}"
                 )
             m_ref, s_ref, r = m_ref.reshape(-1), s_ref.reshape(-1), None
         else:
-            r = _np(reference[site])
+            r = to_numpy(reference[site])
             if r.shape[1:] != shape:
                 raise DataError(f"compare: site '{site}': draws have shape {shape}, reference draws {r.shape[1:]}")
             r = r.reshape(r.shape[0], -1)  # [m, K]
             m_ref, s_ref = r.mean(0), r.std(0, ddof=1)
+        m_q, s_q = q.mean(0), q.std(0, ddof=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.abs(q.mean(0) - m_ref) / s_ref
-            ratio = q.std(0, ddof=1) / s_ref
+            z = np.abs(m_q - m_ref) / s_ref
+            ratio = s_q / s_ref
         lo, hi = np.quantile(q, [0.05, 0.95], axis=0)  # [K] each
         if r is None:
             cover = _normal_cdf((hi - m_ref) / s_ref) - _normal_cdf((lo - m_ref) / s_ref)
         else:
             cover = ((r >= lo) & (r <= hi)).mean(0)
         level = (levels or {}).get(site)
+        names = (labels or {}).get(level) if level is not None else None
         for k, idx in enumerate(np.ndindex(*shape)):
             if not s_ref[k] > 0:
                 continue
             w1 = None
             if r is not None:
                 w1 = wasserstein1((q[:, k] - m_ref[k]) / s_ref[k], (r[:, k] - m_ref[k]) / s_ref[k])
+            group, element = (None, idx) if level is None else (int(idx[0]), idx[1:])
+            if group is not None and names is not None and len(names) == shape[0]:
+                group = names[group]
             rows.append(
                 {
                     "site": site,
-                    "index": tuple(int(i) for i in idx),
-                    "level": level,
+                    "level": level or GLOBAL,
+                    "group": group,
+                    "element": tuple(int(i) for i in element),
+                    "mean": float(m_q[k]),
+                    "sd": float(s_q[k]),
+                    "ref_mean": float(m_ref[k]),
+                    "ref_sd": float(s_ref[k]),
                     "z": float(z[k]),
                     "sd_ratio": float(ratio[k]),
-                    "covered90": float(cover[k]),
+                    "coverage90": float(cover[k]),
                     "w1": w1,
                 }
             )
     return rows
+
+
+def element_name(row: Mapping[str, Any]) -> str:
+    """A comparison row's element as one name: ``mu``, ``weight[1]``, ``theta[north]``, ``beta[north,1]``."""
+    parts = ([] if row.get("group") is None else [row["group"]]) + list(row.get("element") or ())
+    return f"{row['site']}[{','.join(map(str, parts))}]" if parts else str(row["site"])
 
 
 def _normal_cdf(x: np.ndarray) -> np.ndarray:
@@ -173,7 +206,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], by: str = "level") -> list[dict
 
     Returns:
         One dict per group with ``by`` and :data:`SUMMARY_COLUMNS`: median and 90th percentile of ``z``,
-        median, 10th and 90th percentile of ``sd_ratio``, mean ``covered90`` (``coverage90``),
+        median, 10th and 90th percentile of ``sd_ratio``, mean ``coverage90``,
         median ``w1`` (None without reference draws) and the number of rows.
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -195,7 +228,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], by: str = "level") -> list[dict
                 "sd_ratio_median": float(np.median(ratio)),
                 "sd_ratio_p10": float(np.quantile(ratio, 0.1)),
                 "sd_ratio_p90": float(np.quantile(ratio, 0.9)),
-                "coverage90": float(np.mean([r["covered90"] for r in grp])),
+                "coverage90": float(np.mean([r["coverage90"] for r in grp])),
                 "w1_median": float(np.median(w1)) if w1 else None,
                 "count": len(grp),
             }

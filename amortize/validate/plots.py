@@ -4,7 +4,8 @@ Global sites get one panel per element: histograms of the amortized and the refe
 shared bins (or the reference's normal density when only its mean and sd are known). Group-level
 sites get two scatter panels over the groups: posterior means and posterior sds, amortized against
 the reference, with the identity line. :func:`to_rgb` renders a figure to an ``[H, W, 3]`` array
-(what ``SummaryWriter.add_image(..., dataformats="HWC")`` takes); :func:`write_tensorboard` does both.
+(what ``SummaryWriter.add_image(..., dataformats="HWC")`` takes); :func:`write_tensorboard` does both;
+:func:`save_png` writes a figure to a file.
 
 matplotlib is optional (``pip install 'amortize[arviz]'``): it is imported on first use, never
 through ``pyplot`` (no GUI backend, no global figure registry; figures render with Agg).
@@ -16,20 +17,30 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from .metrics import ReferenceMoments
+from .metrics import ReferenceMoments, to_numpy
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["available", "marginal_figures", "global_figure", "group_figure", "to_rgb", "read_png", "write_tensorboard"]
+__all__ = [
+    "available",
+    "new_figure",
+    "marginal_figures",
+    "global_figure",
+    "group_figure",
+    "to_rgb",
+    "save_png",
+    "write_tensorboard",
+]
 
 AMORTIZED, REFERENCE = "tab:blue", "tab:orange"
 MAX_PANELS = 12  # elements of one global site drawn (a site with more shows its first 12)
@@ -44,7 +55,8 @@ def available() -> bool:
     return True
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """An empty Agg figure of ``width`` x ``height`` inches, constrained layout (no pyplot, no GUI backend)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -53,12 +65,6 @@ def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), constrained_layout=True)
     FigureCanvasAgg(fig)
     return fig
-
-
-def _np(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-    return np.asarray(x, dtype=np.float64)
 
 
 def _index_name(idx: tuple[int, ...]) -> str:
@@ -81,19 +87,19 @@ def global_figure(
     Returns:
         A matplotlib ``Figure``.
     """
-    q = _np(draws)
+    q = to_numpy(draws)
     shape = q.shape[1:]
     q = q.reshape(q.shape[0], -1)  # [n, K]
     moments = ref_sd is not None
-    r = None if reference is None else _np(reference)
+    r = None if reference is None else to_numpy(reference)
     if r is not None and not moments:
         r = r.reshape(r.shape[0], -1)  # [m, K]
     elif r is not None:
-        r, s = r.reshape(-1), _np(ref_sd).reshape(-1)  # [K] each
+        r, s = r.reshape(-1), to_numpy(ref_sd).reshape(-1)  # [K] each
     elems = list(np.ndindex(*shape))[:MAX_PANELS]
     cols = min(4, len(elems))
     rows = math.ceil(len(elems) / cols)
-    fig = _figure(3.0 * cols, 2.4 * rows)
+    fig = new_figure(3.0 * cols, 2.4 * rows)
     for k, idx in enumerate(elems):
         ax = fig.add_subplot(rows, cols, k + 1)
         x = q[:, k]
@@ -148,20 +154,20 @@ def group_figure(
     Returns:
         A matplotlib ``Figure``.
     """
-    q = _np(draws)
+    q = to_numpy(draws)
     q = q.reshape(q.shape[0], -1)  # [n, G*E]
     qm, qs = q.mean(0), q.std(0, ddof=1)
     if reference is None:
         raise ValueError(f"group_figure: site '{site}' needs a reference")
     if ref_sd is not None:
-        rm, rs = _np(reference).reshape(-1), _np(ref_sd).reshape(-1)
+        rm, rs = to_numpy(reference).reshape(-1), to_numpy(ref_sd).reshape(-1)
     else:
-        r = _np(reference)
+        r = to_numpy(reference)
         r = r.reshape(r.shape[0], -1)  # [m, G*E]
         rm, rs = r.mean(0), r.std(0, ddof=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         z, ratio = np.abs(qm - rm) / rs, qs / rs  # [G*E] each; NaN or inf where the reference sd is 0
-    fig = _figure(6.4, 3.0)
+    fig = new_figure(6.4, 3.0)
     for k, (what, a, b) in enumerate((("mean", rm, qm), ("sd", rs, qs))):
         ax = fig.add_subplot(1, 2, k + 1)
         ax.scatter(a, b, s=10, alpha=0.7, color=AMORTIZED, lw=0)
@@ -228,14 +234,14 @@ def to_rgb(fig: Figure) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def read_png(path: str | os.PathLike) -> np.ndarray:
-    """A PNG file as ``uint8 [H, W, 3]`` (matplotlib reads it)."""
-    from matplotlib.image import imread
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Write a figure as a PNG file atomically (a reader sees the old file or the new one); returns the path."""
+    from ..checkpoint import atomic_write
 
-    img = imread(os.fspath(path))  # float in [0, 1] for PNG, [H, W, 3 or 4]
-    if img.dtype != np.uint8:
-        img = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
-    return img[..., :3] if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write(path, lambda fh: fh.write(buf.getvalue()))
+    return Path(path)
 
 
 def write_tensorboard(

@@ -21,13 +21,11 @@ so that a calibrated amortizer passes *all* of them with probability at least ``
 
 Example:
     >>> res = sbc(amortizer, num_datasets=200, num_samples=999, seed=0)  # doctest: +SKIP
-    >>> print(res.table()); res.plot("sbc_ecdf.png")  # doctest: +SKIP
+    >>> res.passed, res.plot("sbc_ecdf.png")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import os
@@ -40,17 +38,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write
 from ..errors import AmortizeError
+from . import plots
 from .ecdf import ECDFBand, ecdf_band, ecdf_test
 from .metrics import format_table
 
 if TYPE_CHECKING:
-    import argparse
+    from matplotlib.figure import Figure
 
     from ..amortizer import Amortizer
 
-__all__ = ["SBCResult", "sbc", "cli"]
+__all__ = ["SBCResult", "sbc"]
 
 log = logging.getLogger(__name__)
 RANDOM, MEAN = "random group", "group mean"
@@ -114,11 +112,10 @@ class SBCResult:
             "band": self.band.to_dict(),
         }
 
-    def plot(self, path: str | os.PathLike, kind: str = "ecdf", columns: int = 4) -> None:
-        """Write a PNG (atomically): one panel per quantity.
+    def figure(self, kind: str = "ecdf", columns: int = 4) -> Figure:
+        """One panel per quantity.
 
         Args:
-            path: the PNG file.
             kind: ``"ecdf"``: ECDF minus the uniform CDF with the simultaneous band (Säilynoja et al.);
                 ``"hist"``: rank histograms (20 bins) with a pointwise 99% band of the counts.
             columns: panels per row.
@@ -129,16 +126,10 @@ class SBCResult:
         """
         if kind not in ("ecdf", "hist"):
             raise ValueError(f"plot: kind must be 'ecdf' or 'hist', got {kind!r}")
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError as e:  # pragma: no cover - optional dependency
-            raise ImportError("SBC plots need matplotlib: pip install matplotlib") from e
         n = len(self.rows)
         cols = max(1, min(columns, n))
         rows = math.ceil(n / cols)
-        fig = Figure(figsize=(3.2 * cols, 2.6 * rows), constrained_layout=True)
-        FigureCanvasAgg(fig)
+        fig = plots.new_figure(3.2 * cols, 2.6 * rows)
         band, N = self.band, self.band.num
         for i, row in enumerate(self.rows):
             ax = fig.add_subplot(rows, cols, i + 1)
@@ -167,9 +158,11 @@ class SBCResult:
             ax.tick_params(labelsize=7)
         title = f"SBC: {N} datasets, {self.num_draws} draws; band {1 - self.alpha_per_quantity:.2%} per panel"
         fig.suptitle(title, fontsize=10)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        atomic_write(path, lambda fh: fh.write(buf.getvalue()))
+        return fig
+
+    def plot(self, path: str | os.PathLike, kind: str = "ecdf", columns: int = 4) -> Path:
+        """Write :meth:`figure` as a PNG file (atomically); returns the path."""
+        return plots.save_png(self.figure(kind, columns), path)
 
 
 def _rank(draws: torch.Tensor, truth: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
@@ -228,7 +221,7 @@ def sbc(
     meta: dict[str, tuple[str, str | None, str]] = {}
     done, empty, t0 = 0, 0, time.perf_counter()
     devices = [amortizer.device] if amortizer.device.type == "cuda" else []
-    bar = tqdm(total=num_datasets, disable=not progress, desc="sbc", leave=False)
+    bar = tqdm(total=num_datasets, disable=None if progress else True, desc="sbc", leave=False)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         while done < num_datasets:
@@ -297,34 +290,3 @@ def sbc(
     if not res.passed:
         log.warning("SBC: %s outside the %.1f%% band", ", ".join(res.failed()), 100 * (1 - alpha_q))
     return res
-
-
-def cli(args: argparse.Namespace) -> int:
-    """``amortize sbc RUN_DIR``: print the table, write ``sbc.json`` and PNG plots (exit 1 if a quantity fails)."""
-    from ..cli import load_run
-
-    cfg, _, amortizer = load_run(args.run_dir, args.overrides, device=args.device, with_sampler=True)
-    progress = not args.quiet and not os.environ.get("CI")
-    seed = cfg.seed + 200_003
-    res = sbc(amortizer, num_datasets=args.datasets, num_samples=args.num_samples, seed=seed, progress=progress)
-    print(
-        f"{args.run_dir}: SBC on {res.num_datasets} simulated datasets, {res.num_draws} draws each"
-        f" (seed {seed}); band {1 - res.alpha_per_quantity:.2%} per quantity"
-        f" ({'family-wise ' if res.settings['familywise'] else ''}alpha {res.alpha})"
-    )
-    print(res.table())
-    out = Path(args.json) if args.json else Path(args.run_dir) / "sbc.json"
-    payload = {"run_dir": str(args.run_dir), **res.to_dict()}
-    atomic_write(out, lambda fh: fh.write(json.dumps(payload, indent=1, allow_nan=False).encode()))
-    written = [out]
-    for kind in ("ecdf", "hist"):
-        png = out.with_name(f"{out.stem}_{kind}.png")
-        try:
-            res.plot(png, kind)
-            written.append(png)
-        except ImportError as e:
-            log.warning("no plots: %s", e)
-            break
-    print(f"{'passed' if res.passed else 'FAILED: ' + ', '.join(res.failed())}")
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 0 if res.passed else 1

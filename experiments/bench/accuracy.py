@@ -33,8 +33,8 @@ from pyro import poutine
 import amortize as am
 from amortize import models
 from amortize.validate import compare, summarize, to_markdown
-from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.nuts import cached_nuts
+from amortize.validate.results import machine_info, results_header, write_results
 
 CASES: dict[str, dict[str, Any]] = {
     "in range": {"condition": {}},
@@ -110,7 +110,7 @@ def run_case(name: str, case: dict[str, Any], a: am.Amortizer, args: argparse.Na
     return {
         "summary": table,
         "datasets": per,
-        "rows": [{**x, "index": list(x["index"])} for x in rows["amortized"]],
+        "rows": rows["amortized"],
     }, md
 
 

@@ -15,9 +15,9 @@ import time
 
 import amortize as am
 from amortize import models
-from amortize.validate import compare, reference, to_markdown
-from amortize.validate.bench import machine_info, results_header, write_results
+from amortize.validate import compare, element_name, reference, to_markdown
 from amortize.validate.heldout import against_nuts, heldout_datasets
+from amortize.validate.results import machine_info, results_header, write_results
 
 # NUTS settings beyond 2 chains x (500 warm-up + 1000 draws): the 3-level model's centered funnels
 # saturate trees of depth 10 (1023 leapfrog steps per draw); depth 8 keeps a reference to minutes,
@@ -50,7 +50,7 @@ def eight_schools_vs_reference(amortizer: am.Amortizer, draws: int) -> dict:
         row.update(z_corrected=c["z"], sd_ratio_corrected=c["sd_ratio"])
     diag = post.diagnostics(num_samples=draws)
     return {
-        "rows": [{**r, "index": list(r["index"])} for r in rows],
+        "rows": rows,
         "diagnostics": diag,
         "corrected": bool(corrected.corrected),
         "pareto_k_corrected": corrected.pareto_k,
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict = {"train_seconds": train_s, "steps": amortizer.step}
         if name == "eight_schools":
             entry.update(eight_schools_vs_reference(amortizer, 4000))
-            keys = ("z", "sd_ratio", "covered90", "w1", "z_corrected", "sd_ratio_corrected")
-            by_param = [{"level": f"{r['site']}{r['index'] or ''}", **{k: r[k] for k in keys}} for r in entry["rows"]]
+            keys = ("z", "sd_ratio", "coverage90", "w1", "z_corrected", "sd_ratio_corrected")
+            by_param = [{"level": element_name(r), **{k: r[k] for k in keys}} for r in entry["rows"]]
             table = to_markdown(by_param, ["level", *keys])
             head = (
                 f"### eight schools (real data) vs posteriordb reference draws (train {train_s:.0f} s); Pareto k "

@@ -23,8 +23,8 @@ from typing import Any
 import amortize as am
 from amortize import models
 from amortize.validate import sbc, to_markdown
-from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.heldout import against_nuts, heldout_datasets
+from amortize.validate.results import machine_info, results_header, write_results
 
 DEFAULT = ["poisson_3level", "logistic_3level", "gaussian_contextual", "varying_slopes", "gaussian_4level"]
 TARGETS = {"group": (0.2, 0.6), "global": (0.3, None)}  # (z median, z p90)

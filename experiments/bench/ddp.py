@@ -24,7 +24,7 @@ import amortize as am
 from amortize import models
 from amortize.checkpoint import atomic_write
 from amortize.distributed import fit_distributed, fit_sharded, init_process_group
-from amortize.validate.bench import machine_info, results_header, write_results
+from amortize.validate.results import machine_info, results_header, write_results
 
 
 def make_amortizer(args: argparse.Namespace) -> am.Amortizer:

@@ -34,7 +34,7 @@ import pyro.distributions as dist
 import torch
 
 import amortize as am
-from amortize.validate.bench import machine_info, results_header, write_results
+from amortize.validate.results import machine_info, results_header, write_results
 
 PRIOR_SD, GROUP_SD, NOISE_SD = 2.0, 1.0, 0.5
 

@@ -41,7 +41,8 @@ from numpyro.infer.util import log_density as _numpyro_log_density
 
 from amortize.data import HierarchicalData
 from amortize.errors import ConfigError, DataError
-from amortize.validate.nuts import NUTSResult, chain_diagnostics, checks_passed
+from amortize.validate.convergence import checks_passed, rhat_thresholds, worst_diagnostics
+from amortize.validate.nuts import NUTSResult
 
 __all__ = [
     "gaussian_2level",
@@ -548,7 +549,7 @@ def run_numpyro_nuts(
         max_tree_depth: NUTS maximum tree depth.
         chain_method: how chains run on one device.
         max_rhat: ``ok`` needs a one-element site's R-hat below this, a site of many elements its
-            largest below :func:`~amortize.validate.nuts.rhat_threshold` (the same rule as Pyro NUTS).
+            largest below :func:`~amortize.validate.convergence.rhat_threshold` (the same rule as Pyro NUTS).
         min_ess: ``ok`` needs every bulk ESS at least this.
 
     Raises:
@@ -617,17 +618,17 @@ def _result(
     r_hat: dict[str, float] = {}
     ess: dict[str, float] = {}
     for name, x in draws.items():
-        rh, es = chain_diagnostics(x)
-        r_hat[name] = float(rh.nan_to_num(nan=float("inf")).max())
-        ess[name] = float(es.nan_to_num(nan=0.0).min())
+        r_hat[name], ess[name] = worst_diagnostics(x)
     max_rhat, min_ess = thresholds
+    sizes = {k: math.prod(v.shape[2:]) for k, v in draws.items()}
+    num_draws = next(iter(draws.values())).shape[1]
     ok = checks_passed(
         r_hat,
         ess,
         divergences,
-        num_elements={k: math.prod(v.shape[2:]) for k, v in draws.items()},
+        num_elements=sizes,
         num_chains=num_chains,
-        num_draws=next(iter(draws.values())).shape[1],
+        num_draws=num_draws,
         max_rhat=max_rhat,
         min_ess=min_ess,
     )
@@ -641,6 +642,7 @@ def _result(
         parameterization="noncentered" if noncentered else "none",
         ok=ok,
         num_chains=num_chains,
+        r_hat_threshold=rhat_thresholds(sizes, num_chains, num_draws, max_rhat),
     )
 
 

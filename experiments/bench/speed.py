@@ -53,8 +53,8 @@ import amortize as am
 from amortize import models
 from amortize.structure import trace_structure
 from amortize.validate import compare, summarize, to_markdown
-from amortize.validate.bench import machine_info, results_header, write_results
 from amortize.validate.nuts import run_nuts
+from amortize.validate.results import machine_info, results_header, write_results
 
 MODEL = models.gaussian_2level
 SITES = ("mu", "tau", "sigma", "theta")

@@ -35,7 +35,7 @@ import torch
 
 import amortize as am
 from amortize.models import SAMPLERS, gaussian_2level
-from amortize.validate.bench import machine_info, results_header, write_results
+from amortize.validate.results import machine_info, results_header, write_results
 
 log = logging.getLogger("throughput")
 

@@ -32,10 +32,10 @@ import torch
 import amortize as am
 from amortize import models
 from amortize.models.radon import radon_contextual_effects, radon_minnesota_data, radon_sampler
-from amortize.validate import compare, reference, sbc, summarize, to_markdown
-from amortize.validate.bench import machine_info, results_header, write_results
+from amortize.validate import compare, element_name, reference, sbc, summarize, to_markdown
 from amortize.validate.heldout import heldout_datasets
 from amortize.validate.nuts import cached_nuts
+from amortize.validate.results import machine_info, results_header, write_results
 
 MODELS = {
     "gaussian_2level": (models.gaussian_2level, models.SAMPLERS["gaussian_2level"]),
@@ -131,10 +131,10 @@ def radon_section(a: am.Amortizer, args: argparse.Namespace) -> tuple[dict, str]
             "within": int(sum(ok)),
             "passed": all(ok),
             "z_max": worst_z["z"],
-            "z_max_at": f"{worst_z['site']}{list(worst_z['index']) or ''}",
+            "z_max_at": element_name(worst_z),
             "sd_ratio_min": min(ratios),
             "sd_ratio_max": max(ratios),
-            "rows": [{**r, "index": list(r["index"])} for r in rows],
+            "rows": rows,
             "summary": summarize(rows, by="site"),
         }
         md.append(

@@ -1,6 +1,6 @@
 """The ``amortize`` command line: ``train``, ``sample``, ``validate``, ``sbc``, ``bench``.
 
-Library code never prints; this module formats all output. Errors of the library (and missing
+Library code never prints; this package formats all output. Errors of the library (and missing
 files) end the command with one line ``amortize: error: ...`` and exit code 2; ``--debug`` adds
 the traceback.
 
@@ -11,46 +11,38 @@ Example:
     $ amortize bench checkpoints/radon_minnesota/20250101-120000 checkpoints/eight_schools/20250101-130000
 
 ``validate`` and ``sbc`` add figures to the run's TensorBoard folder (``RUN_DIR/tb``): amortized vs
-NUTS marginals per site (``validate/...``) and the SBC ECDF and rank plots (``sbc/ecdf``, ``sbc/hist``).
+NUTS marginals per site (``validate/<name>/...``, one name per validation) and the SBC ECDF and rank
+plots (``sbc/ecdf``, ``sbc/hist``).
+
+The package: this module parses, dispatches and holds ``train`` and ``sample``; :mod:`.common` what
+the commands share (``load_run``); :mod:`.checks` ``validate``, ``sbc`` and ``bench``, which call
+:mod:`amortize.validate` and format what it returns.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
-import math
-import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from . import __version__
-from .amortizer import Amortizer
-from .config import (
+from .. import __version__
+from ..amortizer import Amortizer
+from ..config import (
     Config,
     build_sampler,
     config_dir,
     config_source,
-    dataset_spec,
     load_config,
-    read_dataset,
     resolve_model,
     save_config,
     write_text,
 )
-from .data import HierarchicalData
-from .errors import AmortizeError, ConfigError, DataError
-from .posterior import K_THRESHOLD, Posterior
-from .rundir import (
+from ..errors import AmortizeError, ConfigError
+from ..rundir import (
     locked,
     make_dirs,
     present,
@@ -59,11 +51,10 @@ from .rundir import (
     refuse_changes,
     remove_half_made,
 )
-from .validate import plots
-
-if TYPE_CHECKING:
-    from .validate.heldout import Report
-    from .validate.nuts import NUTSResult
+from ..validate.bench import AGAINST
+from .checks import cmd_bench, cmd_sbc, cmd_validate
+from .common import _count, _data_flags, _device, _note, _positive, _progress, _read_data, _warn_diagnostics, load_run
+from .output import _draws_csv, _write_netcdf
 
 __all__ = ["main", "build_parser", "load_run"]
 
@@ -80,7 +71,9 @@ EXAMPLES = {
   amortize validate checkpoints/gaussian_2level/20250101-120000 --datasets 5 --json val.json
   amortize validate RUN_DIR --data experiments/data/eight_schools.csv validate.nuts.num_chains=4
 
-Figures (amortized vs NUTS per site) go to RUN_DIR/tb: tensorboard --logdir RUN_DIR""",
+The report goes to RUN_DIR/validate-NAME.json and the figures (amortized vs NUTS per site) to
+RUN_DIR/tb under validate/NAME/ (NAME: --name, else the data file's stem, or 'heldout'):
+tensorboard --logdir RUN_DIR""",
     "sbc": """example:
   amortize sbc checkpoints/gaussian_2level/20250101-120000 --datasets 200
 
@@ -92,7 +85,6 @@ The ECDF and rank-histogram plots also go to RUN_DIR/tb (tags sbc/ecdf, sbc/hist
 Runs of a model with a known reference posterior (radon Minnesota: Inference Gym; eight schools:
 posteriordb) are compared with it on the real data; other runs with NUTS on held-out simulations.""",
 }
-TABLE_COLUMNS = ("count", "z_median", "z_p90", "sd_ratio_median", "coverage90", "w1_median")
 
 
 class _StderrHandler(logging.Handler):
@@ -103,132 +95,6 @@ class _StderrHandler(logging.Handler):
 
 
 _HANDLER = _StderrHandler()
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _progress(args: argparse.Namespace) -> bool:
-    return not args.quiet and not os.environ.get("CI")
-
-
-def _note(args: argparse.Namespace, text: str) -> None:
-    """A progress line on stderr (stdout is kept for results)."""
-    if not args.quiet:
-        print(text, file=sys.stderr)
-
-
-def _warn(text: str) -> None:
-    print(f"amortize: warning: {text}", file=sys.stderr)
-
-
-def _device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"device: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{name}' was asked for but CUDA is not available")
-    return dev
-
-
-def load_run(
-    run_dir: str | os.PathLike, overrides: Sequence[str] = (), device: str | None = None, with_sampler: bool = False
-) -> tuple[Config, Callable, Amortizer]:
-    """Load a run directory written by ``amortize train``: its config, model and trained amortizer.
-
-    Args:
-        run_dir: the run directory (``config.yaml`` and ``checkpoint.pt`` inside).
-        overrides: ``key=value`` changes to the snapshotted config.
-        device: overrides the config's ``device``.
-        with_sampler: build the training structure sampler (needed to continue training).
-
-    Returns:
-        ``(config, model, amortizer)``.
-    """
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"{run}: not a run directory (no config.yaml; runs are made by 'amortize train')")
-    cfg = load_config(run / "config.yaml", recorded_overrides(run) + list(overrides))  # resumes' overrides first
-    model = resolve_model(cfg.model, config_dir(cfg), config_source(cfg))
-    sampler = build_sampler(cfg) if with_sampler else None
-    amortizer = Amortizer.load(run / "checkpoint.pt", model, sampler=sampler, device=_device(device or cfg.device))
-    return cfg, model, amortizer
-
-
-def _read_data(cfg: Config, args: argparse.Namespace) -> HierarchicalData:
-    """The ``--data`` CSV, read with the config's dataset spec, columns overridden by flags."""
-    spec = replace(dataset_spec(cfg))
-    if args.levels:
-        spec.levels = [s.strip() for s in args.levels.split(",") if s.strip()]
-    if args.response:
-        spec.response = args.response
-    if args.covariates is not None:
-        spec.covariates = {}
-        for item in args.covariates:
-            lvl, sep, cols = item.partition(":")
-            if not sep or not lvl or not cols:
-                raise ConfigError(f"--covariates: expected LEVEL:COL[,COL...], got '{item}'")
-            spec.covariates.setdefault(lvl, []).extend(c.strip() for c in cols.split(",") if c.strip())
-    if args.nested_ids:
-        spec.nested_ids = True
-    return read_dataset(spec, args.data, key="--data")
-
-
-def _diagnose(post: Posterior, num_samples: int, seed: int) -> dict[str, Any]:
-    """Posterior diagnostics, each problem printed as one warning line."""
-    diag = post.diagnostics(num_samples=num_samples, seed=seed)
-    for flag in diag["flags"]:
-        _warn(f"outside the training range: {flag}")
-    k = diag["pareto_k"]
-    if k > K_THRESHOLD:
-        _warn(f"Pareto k {k:.2f} > {K_THRESHOLD}: do not trust these draws; check with 'amortize validate --data'")
-    return diag
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (torch.Tensor, np.ndarray)):
-        return _json_safe(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def _draws_csv(draws: dict[str, torch.Tensor]) -> str:
-    """One row per draw, one column per site element: ``mu``, ``theta[3]``, ``beta[1,2]``."""
-    names, cols = ["draw"], []
-    n = next(iter(draws.values())).shape[0]
-    for site, v in draws.items():
-        flat = v.reshape(n, -1).double().cpu().numpy()
-        shape = tuple(v.shape[1:])
-        names += [site] if not shape else [f"{site}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
-        cols.append(flat)
-    table = np.concatenate([np.arange(n)[:, None].astype(float)] + cols, axis=1)
-    lines = [",".join(f'"{c}"' if "," in c else c for c in names)]
-    lines += [f"{int(row[0])}," + ",".join(f"{x:.9g}" for x in row[1:]) for row in table]
-    return "\n".join(lines) + "\n"
-
-
-def _write_netcdf(post: Posterior, path: Path, num_samples: int, seed: int) -> None:
-    """Write the draws as ArviZ NetCDF atomically; a failed write (disk full) names ``path`` and
-    leaves neither a temporary file nor the folders made for it."""
-    idata = post.to_arviz(num_samples, seed)
-    made = make_dirs(path.parent, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        idata.to_netcdf(str(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-        if not path.exists():
-            remove_half_made(path.parent, made, files=False)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -341,13 +207,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out is not None and out.suffix not in (".nc", ".csv"):
         raise ConfigError(f"--out {out}: the name must end in .nc (ArviZ NetCDF) or .csv")
     cfg, _, amortizer = load_run(args.run_dir, device=args.device)
-    data = _read_data(cfg, args)
-    try:
-        amortizer.structure.check_response(data)  # a Poisson -1 or a Bernoulli 0.5: named with its file
-    except DataError as e:
-        raise DataError(f"{args.data}: {e}") from None
-    post = amortizer.posterior(data)
-    diag = _diagnose(post, args.num_samples, args.seed)
+    post = amortizer.posterior(_read_data(cfg, args, amortizer))
+    diag = post.diagnostics(num_samples=args.num_samples, seed=args.seed)
+    _warn_diagnostics(diag)
     _note(args, f"pareto k {diag['pareto_k']:.2f}, importance ESS {diag['ess']:.0f}/{diag['num_samples']}")
     if out is None:
         print(post.summary(args.num_samples, args.seed))
@@ -365,148 +227,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    """``amortize validate``: amortized posterior vs NUTS, on ``--data`` or on held-out simulations."""
-    from .validate import format_table, summarize
-    from .validate.heldout import against_nuts, heldout_datasets
-
-    cfg, _, amortizer = load_run(args.run_dir, args.overrides, device=args.device, with_sampler=not args.data)
-    v = cfg.validate
-    n = args.datasets if args.datasets is not None else v.datasets
-    num_samples = args.num_samples or v.num_samples
-    seed = v.seed if v.seed is not None else cfg.seed + 100_003
-    if args.data:
-        source, datasets = str(args.data), [_read_data(cfg, args)]
-    else:
-        source, datasets = f"{n} held-out simulated dataset(s), seed {seed}", heldout_datasets(amortizer, n, seed)
-    nuts_settings = {**asdict(v.nuts), "progress": _progress(args)}
-    report = against_nuts(
-        amortizer,
-        datasets,
-        num_samples,
-        nuts=nuts_settings,
-        seed=seed,
-        progress=_progress(args),
-        keep_nuts=args.figures,
-    )
-    nuts_runs = report.nuts_results
-    for i, data in enumerate(datasets):
-        post = amortizer.posterior(data)
-        diag = _diagnose(post, num_samples, seed + i) if args.data else post.diagnostics(num_samples, seed + i)
-        report.diagnostics.append({"dataset": i, **diag})
-    nuts = f"NUTS ({v.nuts.num_chains}x{v.nuts.num_samples})"
-    print(f"{args.run_dir}: amortized ({num_samples} draws) vs {nuts} on {source}")
-    if not report.rows:
-        _warn("no dataset has a NUTS reference that passed its checks: nothing to compare (see the JSON report)")
-    elif args.by == "level":
-        print(report.table())
-    else:
-        times = {k: report.to_dict()[f"{k}_seconds_per_dataset"] for k in ("amortized", "nuts")}
-        rows = [
-            {**r, "amortized_s": times["amortized"], "nuts_s": times["nuts"], "speedup": report.speedup}
-            for r in summarize(report.rows, by="site")
-        ]
-        print(format_table(rows, ("site", *TABLE_COLUMNS, "amortized_s", "nuts_s", "speedup")))
-    settings = {"num_samples": num_samples, "seed": seed, "datasets": len(datasets), "nuts": asdict(v.nuts)}
-    result = {"run_dir": str(args.run_dir), "source": source, "settings": settings, **report.to_dict()}
-    out = Path(args.json) if args.json else Path(args.run_dir) / "validate.json"
-    write_text(out, json.dumps(_json_safe(result), indent=1, allow_nan=False))
-    print(f"wrote {out}")
-    tags = _validate_figures(Path(args.run_dir), amortizer, datasets, nuts_runs, report, num_samples, seed, args.data)
-    if tags:
-        print(f"wrote {len(tags)} figures to {Path(args.run_dir) / 'tb'} (tensorboard --logdir {args.run_dir})")
-    return 0
-
-
-def _validate_figures(
-    run: Path,
-    amortizer: Amortizer,
-    datasets: list[HierarchicalData],
-    nuts_runs: list[NUTSResult],
-    report: Report,
-    num_samples: int,
-    seed: int,
-    given: str | None,
-) -> list[str]:
-    """Per-site figures (amortized vs NUTS) and the per-level summary scalars, into ``run/tb``.
-
-    Tags: ``validate/<site>`` for ``--data``, ``validate/heldout_<i>/<site>`` for held-out datasets,
-    ``validate/<level>/<metric>`` scalars; the step is the training step of the checkpoint.
-    """
-    if nuts_runs and not plots.available():
-        _warn("no TensorBoard figures: matplotlib is not installed (pip install 'amortize[arviz]')")
-        nuts_runs = []
-    levels = {s.name: s.level for s in amortizer.structure.latents}
-    figures = {}
-    for i, res in enumerate(nuts_runs):  # against_nuts runs NUTS once per dataset, in order
-        draws = amortizer.posterior(datasets[i]).sample(num_samples, seed=seed + i)  # the draws it compared
-        label = "NUTS" if res.ok else "NUTS (failed its checks)"
-        where = "" if given else f"heldout_{i}/"
-        for site, fig in plots.marginal_figures(draws, res.samples, levels, datasets[i].labels, label).items():
-            figures[where + site] = fig
-    metrics = ("z_median", "z_p90", "sd_ratio_median", "coverage90")
-    scalars = {f"{row['level']}/{k}": row[k] for row in report.summary for k in metrics if row.get(k) is not None}
-    if not figures and not scalars:
-        return []
-    return plots.write_tensorboard(run / "tb", figures, step=amortizer.step, prefix="validate/", scalars=scalars)
-
-
-def cmd_sbc(args: argparse.Namespace) -> int:
-    """``amortize sbc``: :func:`amortize.validate.sbc.cli`, then its PNG plots into ``RUN_DIR/tb``."""
-    start = time.time()
-    code = cmd_delegate(args)
-    if code not in (0, 1):  # 1: SBC ran and some quantity failed; its plots matter most then
-        return code
-    out = Path(args.json) if args.json else Path(args.run_dir) / "sbc.json"
-    pngs = {kind: out.with_name(f"{out.stem}_{kind}.png") for kind in ("ecdf", "hist")}  # as sbc.cli names them
-    images = {k: plots.read_png(p) for k, p in pngs.items() if p.is_file() and p.stat().st_mtime >= start - 1}
-    if images:
-        from .checkpoint import load_checkpoint
-
-        step = int(load_checkpoint(args.run_dir).get("step", 0))
-        tb = Path(args.run_dir) / "tb"
-        tags = plots.write_tensorboard(tb, images, step=step, prefix="sbc/")
-        print(f"wrote {', '.join(tags)} to {tb}")
-    return code
-
-
-def cmd_delegate(args: argparse.Namespace) -> int:
-    """``sbc`` / ``bench``: run ``amortize.validate.<command>.cli(args)`` when that module provides it."""
-    name = f"amortize.validate.{args.command}"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name != name:
-            raise
-        module = None
-    fn = getattr(module, "cli", None)
-    if fn is None:
-        print(f"amortize: error: 'amortize {args.command}' is not available yet ({name}.cli)", file=sys.stderr)
-        return 2
-    return int(fn(args) or 0)
-
-
 # ---------------------------------------------------------------------------------------------- parser
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return int(text)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
-    return int(text)
-
-
-def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--data", required=required, metavar="CSV", help="long-format CSV, one row per observation")
-    p.add_argument("--levels", help="id columns, outermost first, comma-separated (default: from the config)")
-    p.add_argument("--response", help="response column (default: from the config)")
-    p.add_argument("--covariates", action="append", metavar="LEVEL:COL[,COL]", help="covariate columns (repeatable)")
-    p.add_argument("--nested-ids", action="store_true", help="ids repeat within parents")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``amortize`` command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -552,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=_positive, help="held-out datasets (default: validate.datasets)")
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--by", choices=("level", "site"), default="level", help="rows of the table")
-    p.add_argument("--json", help="JSON report (default: RUN_DIR/validate.json)")
+    p.add_argument(
+        "--name",
+        help="names this validation: RUN_DIR/validate-NAME.json, tags validate/NAME/... "
+        "(default: the --data file's stem, or 'heldout')",
+    )
+    p.add_argument("--json", help="JSON report (default: RUN_DIR/validate-NAME.json)")
     p.add_argument("--device", help="override the config's device")
     p.add_argument(
         "--figures", type=_count, default=3, metavar="N", help="datasets drawn as figures in RUN_DIR/tb (default 3)"
@@ -572,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument(
         "--against",
-        choices=("auto", "reference", "nuts"),
+        choices=AGAINST,
         default="auto",
         help="auto: the model's reference posterior when there is one, else NUTS on held-out simulations",
     )
@@ -580,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--json", help="one JSON report for all runs (default: RUN_DIR/bench.json per run)")
     p.add_argument("--device")
-    p.set_defaults(func=cmd_delegate)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
