@@ -20,7 +20,7 @@ import pyro.poutine as poutine
 import torch
 
 from .data import OBS, HierarchicalData, magnitude_limit
-from .errors import DataError
+from .errors import AmortizeError, DataError
 from .objectives import log_weights
 from .ranges import value_flags
 from .structure import ModelStructure, batched, drawing_data
@@ -125,6 +125,18 @@ def check_data(data: HierarchicalData, structure: ModelStructure, covariates: di
     structure.check_response(data)  # a response outside the likelihood's support (a Poisson -1, a Bernoulli 0.5)
 
 
+def check_finite(draws: dict[str, torch.Tensor]) -> None:
+    """Raise an :class:`AmortizeError` naming the site if any draw is NaN or infinite: no public call
+    returns a non-finite draw."""
+    for name, value in draws.items():
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            raise AmortizeError(
+                f"site '{name}': {int(bad.sum())} of {value.numel()} drawn values are not finite; the"
+                " posterior cannot be used for this dataset (see Posterior.range_flags())"
+            )
+
+
 class StructureBatch:
     """One dataset (``y [N]``) or B datasets sharing one structure (``y [B, N]``), on the guide's
     device and dtype: draws, log weights and log q, run in chunks of draws.
@@ -184,6 +196,7 @@ class StructureBatch:
                 for s in st.latents:
                     out[s.name].append(st.to_user(s, values[s.name]))  # [n, B, *site_shape]
         draws = {k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
+        check_finite(draws)
         return draws, (torch.cat(lws) if with_weights else None)
 
     @torch.no_grad()

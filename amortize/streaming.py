@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import pyro
 import torch
 
-from .batch import StructureBatch, check_data
+from .batch import StructureBatch, check_data, check_finite
 from .data import HierarchicalData
 from .errors import DataError
 from .subsample import FixedGlobals, GlobalGaussian, OuterGroupIndex, encode
@@ -154,6 +154,7 @@ class StreamedDataset:
                 at = pos[s.level][kept[s.level]]
                 keep = mine[s.level] & (at >= 0)
                 out[s.name][:, at[keep]] = v[:, keep.to(v.device)].cpu()
+        check_finite(out)
         if groups is None:
             return out
         res = GroupDraws(out)

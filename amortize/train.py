@@ -44,6 +44,7 @@ from .objectives import OBJECTIVES, batch_loss
 
 if TYPE_CHECKING:
     from .amortizer import Amortizer
+    from .simulate import Simulation
 
 __all__ = [
     "TrainConfig",

@@ -360,7 +360,10 @@ def test_sampler_with_other_covariates_is_refused(saved):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        ({"library_version": "0.2.3"}, "written by amortize 0.2.3, this is 0.3.0; retrain, or load it with amortize 0.2.x"),
+        (
+            {"library_version": "0.2.3"},
+            "written by amortize 0.2.3, this is 0.3.0; retrain, or load it with amortize 0.2.x",
+        ),
         ({"library_version": "1.1.0"}, "written by amortize 1.1.0"),
         ({"library_version": None}, "no library version"),
         ({"state_dict": None}, "lacks \\['state_dict'\\]"),

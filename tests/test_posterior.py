@@ -207,3 +207,32 @@ def test_predictive_replicates_the_data_scale(amortizer):
     assert amortizer.posterior([data, data]).predictive(3)[1].shape == (3, data.n_obs)
     batch = data.with_response(torch.stack([data.y, data.y]))
     assert amortizer.posterior(batch).predictive(3).shape == (3, 2, data.n_obs)
+
+
+def test_no_public_entry_point_returns_a_nan_draw(amortizer, monkeypatch, tmp_path):
+    """Every way to draws (one, batch, list, streamed, corrected, summary, save) refuses a non-finite
+    draw with an AmortizeError naming the site; the same calls are finite without the fault."""
+    data = frame_data()
+    batch = data.with_response(torch.stack([data.y, data.y + 1.0]))
+    posts = {
+        "one": amortizer.posterior(data),
+        "batch": amortizer.posterior(batch),
+        "list": amortizer.posterior([data, data]),
+        "streamed": amortizer.posterior(data, chunk_groups=2),
+    }
+    calls = {
+        "sample": lambda p: p.sample(20, seed=0),
+        "summary": lambda p: p.summary(num_samples=20, seed=0),
+        "save": lambda p: p.save(tmp_path / "d.pt", num_samples=20, seed=0),
+    }
+    for post in posts.values():
+        for call in calls.values():
+            call(post)  # finite: no error
+    assert torch.isfinite(posts["one"].sample(20, seed=0, correct=True)["theta"]).all()
+
+    kernel = amortizer.guide.draw_kernel
+    monkeypatch.setattr(amortizer.guide, "draw_kernel", lambda *a: kernel(*a) * float("nan"))
+    for post in posts.values():
+        for call in calls.values():
+            with pytest.raises(am.AmortizeError, match="site 'theta'.*not finite"):
+                call(post)
