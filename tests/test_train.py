@@ -11,6 +11,7 @@ from amortize.errors import ConfigError
 from amortize.objectives import log_weights
 
 from .conftest import normal_known
+from .test_cli import MODEL
 
 
 def heldout_nll(amortizer, sims):
@@ -189,18 +190,6 @@ network: {hidden: 8}
 structure: {levels: [group], groups: {group: [3, 5]}, obs: [2, 4]}
 train: {steps: 1000000, batch_size: 4, pilot_structures: 1, log_every: 1000, warmup: 2, checkpoint_every: 2}
 """
-SIGNAL_MODEL = """
-import pyro
-import pyro.distributions as dist
-
-
-def normal_known(data):
-    mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
-    with pyro.plate("group", data.size("group")):
-        theta = pyro.sample("theta", dist.Normal(mu, 1.0))
-    with pyro.plate("obs", data.n_obs):
-        pyro.sample("y", dist.Normal(theta[..., data.index("group")], 0.5), obs=data.y)
-"""
 
 
 @pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGHUP", 129)])
@@ -216,7 +205,7 @@ def test_signal_finishes_the_step_saves_and_exits_with_the_shells_code(tmp_path,
     from amortize.checkpoint import load_checkpoint
 
     (tmp_path / "c.yaml").write_text(SIGNAL_RUN)
-    (tmp_path / "model.py").write_text(SIGNAL_MODEL)
+    (tmp_path / "model.py").write_text(MODEL)
     cli = "import sys; from amortize.cli import main; sys.exit(main(sys.argv[1:]))"
     argv = [sys.executable, "-c", cli, "train", str(tmp_path / "c.yaml"), "--quiet", "--root", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
