@@ -177,10 +177,13 @@ def local_step(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> 
     takes the same arguments and leaves the same result: the gradients of this step's loss in
     ``amortizer.guide``'s parameters, and the loss as a float (not finite: the step is skipped).
     """
-    loss = _loss(amortizer, cfg, gen)
-    value = float(loss.detach())
     assert amortizer.optimizer is not None
     amortizer.optimizer.zero_grad(set_to_none=True)
+    backward = getattr(amortizer.source, "backward", None)
+    if backward is not None:  # the source accumulates the gradients itself, in pieces of the batch
+        return float(backward(amortizer, cfg, gen))
+    loss = _loss(amortizer, cfg, gen)
+    value = float(loss.detach())
     if math.isfinite(value):
         loss.backward()
     return value

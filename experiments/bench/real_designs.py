@@ -38,6 +38,11 @@ import amortize as am
 from amortize.checkpoint import atomic_write
 from amortize.models import gaussian_2level, gaussian_3level, logistic_3level, poisson_3level, varying_slopes
 from amortize.objectives import batch_loss
+
+try:  # the training step's pieces of the batch; without them (amortize 0.3.0) a step is one pass
+    from amortize.objectives import chunk_datasets
+except ImportError:  # pragma: no cover - timing the release before the pieces, for before/after ratios
+    chunk_datasets = None
 from amortize.simulate import simulate
 from amortize.train import TrainConfig
 from amortize.validate.results import machine_info, results_header, write_results
@@ -108,10 +113,16 @@ def sweep_data(groups: int, rows_per_group: int, seed: int) -> am.HierarchicalDa
 
 
 def time_step(
-    amortizer: am.Amortizer, data: am.HierarchicalData, batch: int, repeats: int, budget_s: float
+    amortizer: am.Amortizer,
+    data: am.HierarchicalData,
+    batch: int,
+    repeats: int,
+    budget_s: float,
+    chunked: bool = True,
 ) -> dict[str, float]:
     """Seconds per phase of one NPE step on ``data``'s structure, each the fastest of up to ``repeats``
-    steps after one warm-up step (fewer once ``budget_s`` is spent)."""
+    steps after one warm-up step (fewer once ``budget_s`` is spent). ``chunked``: the batch goes through
+    the networks in the training step's pieces (:func:`~amortize.objectives.chunk_datasets`), else whole."""
     cfg = TrainConfig(batch_size=batch)
     guide, structure = amortizer.guide, amortizer.structure
     opt = amortizer.optimizer or torch.optim.Adam(guide.parameters(), lr=1e-4)
@@ -122,20 +133,31 @@ def time_step(
     while done < repeats + 1:
         t0 = time.perf_counter()
         sim = simulate(amortizer.model, structure, data, batch)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            guide.encoder.statistics(sim.data)
-        t2 = time.perf_counter()
-        loss = batch_loss(amortizer, cfg, sim)
-        t3 = time.perf_counter()
+        took = dict.fromkeys(PHASES, 0.0)
+        took["simulate"] = time.perf_counter() - t0
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        B = sim.data.batch_size or 1
+        for piece in (
+            sim.split(chunk_datasets(sim.data)) if chunked and chunk_datasets else [sim]
+        ):  # as the training step does
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                guide.encoder.statistics(piece.data)
+            t2 = time.perf_counter()
+            loss = batch_loss(amortizer, cfg, piece) * ((piece.data.batch_size or 1) / B)
+            t3 = time.perf_counter()
+            loss.backward()
+            t4 = time.perf_counter()
+            took["statistics"] += t2 - t1
+            took["guide_loss"] += max((t3 - t2) - (t2 - t1), 0.0)
+            took["backward"] += t4 - t3
+        t5 = time.perf_counter()
         opt.step()
-        t4 = time.perf_counter()
-        kept = sim.data.batch_size or 0
+        took["backward"] += time.perf_counter() - t5
+        kept = B
         if done:  # the first step warms up
-            for k, v in zip(PHASES, (t1 - t0, t2 - t1, (t3 - t2) - (t2 - t1), t4 - t3)):
-                best[k] = min(best[k], max(v, 0.0))
+            for k in PHASES:
+                best[k] = min(best[k], took[k])
         done += 1
         if done > 1 and time.perf_counter() - start > budget_s:
             break
@@ -155,7 +177,7 @@ def measure(
     amortizer.fit(steps=1, batch_size=min(batches), pilot_structures=args.pilot, progress=False, stop_at=0)
     out = []
     for B in batches:
-        t = time_step(amortizer, data, B, args.repeats, args.budget)
+        t = time_step(amortizer, data, B, args.repeats, args.budget, not args.whole_batch)
         sizes = data.sizes
         row = {
             "design": label,
@@ -222,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=20.0, help="seconds of repeats per row, at most")
     p.add_argument("--pilot", type=int, default=1, help="pilot structures (x batch datasets) fitting the scalers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--whole-batch", action="store_true", help="one pass per step (how 0.3.0 ran), not pieces")
     p.add_argument("--out", default="checkpoints/bench-real-designs")
     p.add_argument("--copy-md", default=None, help="also write the markdown here (e.g. experiments/results/...)")
     args = p.parse_args(argv)
