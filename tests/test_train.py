@@ -147,23 +147,23 @@ def test_fit_posterior_and_sample_leave_the_callers_rng_alone(small_sampler, sma
 
 def _nan_guide_from(monkeypatch, bad):
     """Steps whose index is in ``bad`` run with NaN weights in the global head (restored after the step)."""
-    from amortize import train as train_mod
+    from amortize import sources
 
-    real, calls = train_mod._loss, []
+    real, calls = sources.batch_loss, []
 
-    def loss(a, cfg, gen):
+    def loss(a, cfg, sim):  # one piece per step for these small batches
         calls.append(1)
         if len(calls) - 1 not in bad:
-            return real(a, cfg, gen)
+            return real(a, cfg, sim)
         p = next(a.guide.global_head.parameters())
         saved = p.data.clone()
         p.data.fill_(float("nan"))
         try:
-            return real(a, cfg, gen)
+            return real(a, cfg, sim)
         finally:
             p.data.copy_(saved)
 
-    monkeypatch.setattr(train_mod, "_loss", loss)
+    monkeypatch.setattr(sources, "batch_loss", loss)
 
 
 def test_a_nan_inside_the_guide_is_a_bad_step_naming_the_site(small_sampler, monkeypatch, caplog):
