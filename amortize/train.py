@@ -149,12 +149,17 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> l
     stats = [guide.encoder.statistics(sim.data) for sim in sims]
     guide.encoder.fit(stats)
     if guide.global_head is not None:
-        u = torch.cat(
-            [torch.cat([s.unconstrain(sim.latents[s.name]) for s in structure.global_sites], -1) for sim in sims]
+        u = torch.cat(  # [datasets, D]: batches hold different numbers of datasets when some were dropped
+            [
+                torch.cat([s.unconstrain(sim.latents[s.name]) for s in structure.global_sites], -1).reshape(
+                    -1, structure.global_dim
+                )
+                for sim in sims
+            ]
         )
         guide.global_head.fit(
             torch.cat([s.location_scale() for s in stats]),
-            u.reshape(-1, structure.global_dim),
+            u,
             torch.cat([s.counts() for s in stats]),
             torch.cat([s.covariate_slopes() for s in stats]),
         )
