@@ -324,7 +324,8 @@ def train(
     end = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
     amortizer.source = source
     history: list[dict[str, float]] = []
-    bad = 0
+    bad = skipped = 0  # bad steps in a row, and in all of this call
+    sites: dict[str, int] = {}  # skipped steps per site named by the error
     running, writer = None, None
     try:
         with _deferred_interrupt() as interrupt:
@@ -339,7 +340,8 @@ def train(
                 writer = SummaryWriter(log_dir)
             t0, seen = time.perf_counter(), 0
             desc = f"train ({source.name})"
-            bar = tqdm(range(amortizer.step, end), disable=not progress or None, desc=desc, leave=False)
+            start = amortizer.step
+            bar = tqdm(range(start, end), disable=not progress or None, desc=desc, leave=False)
             for step in bar:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step, cfg)
@@ -354,9 +356,12 @@ def train(
                 finite = math.isfinite(value)
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm) if finite else torch.tensor(math.nan)
                 if not (finite and torch.isfinite(gnorm)):
-                    bad += 1
+                    bad, skipped = bad + 1, skipped + 1
                     why = why or ("non-finite gradient" if finite else f"non-finite loss ({value})")
-                    log.warning("step %d: %s; step skipped (%d in a row)", step, why, bad)
+                    named = re.match(r"non-finite value at site '([^']+)'", why)
+                    if named:
+                        sites[named.group(1)] = sites.get(named.group(1), 0) + 1
+                    log.warning("step %d: %s; step skipped (%d in a row, %d so far)", step, why, bad, skipped)
                     if bad >= cfg.max_bad_steps:
                         kept = f"; {checkpoint_path} was not overwritten" if checkpoint_path else ""
                         raise TrainingError(
@@ -379,6 +384,7 @@ def train(
                         rate = seen / (time.perf_counter() - t0)
                         rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"]}
                         rec.update(grad_norm=float(gnorm), datasets_per_s=rate, dropped=amortizer.drops.total)
+                        rec["skipped"] = skipped
                         history.append(rec)
                         amortizer.history.append(rec)
                         bar.set_postfix(loss=f"{running:.3f}")
@@ -400,6 +406,14 @@ def train(
     finally:
         if writer:
             writer.close()
+    if skipped:
+        where = ", ".join(f"site '{k}': {v}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1]))
+        log.warning(
+            "training: %d of %d steps left out for a non-finite loss, gradient or guide value%s",
+            skipped,
+            end - start,
+            f" ({where})" if where else "",
+        )
     if checkpoint_path:
         amortizer.save(checkpoint_path)
     return history

@@ -166,6 +166,19 @@ def _nan_guide_from(monkeypatch, bad):
     monkeypatch.setattr(sources, "batch_loss", loss)
 
 
+def test_skipped_steps_are_counted_in_the_history_and_reported_per_site(small_sampler, monkeypatch, caplog):
+    """Two steps with a NaN inside the guide: the history counts them, one warning at the end names the site."""
+    import logging
+
+    _nan_guide_from(monkeypatch, {1, 3})
+    a = am.Amortizer(normal_known, small_sampler, hidden=8, flow_bins=0)
+    with caplog.at_level(logging.WARNING, logger="amortize.train"):
+        hist = a.fit(steps=6, batch_size=8, pilot_structures=2, log_every=1, progress=False)
+    assert [h["skipped"] for h in hist] == [0, 1, 2, 2]  # logged after the good steps 0, 2, 4, 5
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training:")]
+    assert summary == ["training: 2 of 6 steps left out for a non-finite loss, gradient or guide value (site 'mu': 2)"]
+
+
 def test_a_nan_inside_the_guide_is_a_bad_step_naming_the_site(small_sampler, monkeypatch, caplog):
     """A distribution argument check failing on NaN inside the guide skips the step, it does not end training."""
     import logging
