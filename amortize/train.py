@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import signal
 import threading
 import time
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from .bad_steps import BadSteps, bad_step_error
 from .errors import ConfigError, TrainingError
 from .limits import Limit, check_limits
 from .nn.statistics import GroupStatistics
@@ -238,34 +238,6 @@ def _deferred_interrupt() -> Iterator[dict[str, Any]]:
             signal.signal(s, h if h is not None else fallback)
 
 
-_NON_FINITE = ("Expected parameter", "found invalid values", "to satisfy the constraint")
-
-
-def _guide_site(err: BaseException) -> str | None:
-    """The sample site a distribution argument error was raised at (the innermost Pyro message
-    on the traceback), or None."""
-    site, tb = None, err.__traceback__
-    named = re.search(r"at site '([^']+)'", str(err))  # Pyro's log_prob errors name it
-    if named:
-        return named.group(1)
-    while tb is not None:
-        msg = tb.tb_frame.f_locals.get("msg")
-        if isinstance(msg, dict) and msg.get("type") == "sample" and isinstance(msg.get("name"), str):
-            site = msg["name"]
-        tb = tb.tb_next
-    return site
-
-
-def _bad_step_error(err: BaseException) -> str | None:
-    """A description of ``err`` when it is a distribution argument check failing on non-finite values
-    (a NaN inside the guide or model: a bad step), else None (a real error, raised)."""
-    if not isinstance(err, ValueError) or not any(m in str(err) for m in _NON_FINITE):
-        return None
-    site = _guide_site(err)
-    first = str(err).splitlines()[0][:200]
-    return f"non-finite value at site '{site}' ({first})" if site else f"non-finite value ({first})"
-
-
 def _optimizer(amortizer: Amortizer, cfg: TrainConfig, extra: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """Adam over the guide's parameters (and a source's own, as a second group), with the saved state."""
     groups: list[dict[str, Any]] = [{"params": list(amortizer.guide.parameters())}]
@@ -324,8 +296,7 @@ def train(
     end = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
     amortizer.source = source
     history: list[dict[str, float]] = []
-    bad = skipped = 0  # bad steps in a row, and in all of this call
-    sites: dict[str, int] = {}  # skipped steps per site named by the error
+    bad = BadSteps(cfg.max_bad_steps)
     running, writer = None, None
     try:
         with _deferred_interrupt() as interrupt:
@@ -349,29 +320,21 @@ def train(
                 try:
                     value = step_fn(amortizer, cfg.at(step), gen)  # loss; its gradients are in the parameters
                 except ValueError as e:
-                    why = _bad_step_error(e)
+                    why = bad_step_error(e)
                     if why is None:
                         raise
                     value = float("nan")
                 finite = math.isfinite(value)
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm) if finite else torch.tensor(math.nan)
                 if not (finite and torch.isfinite(gnorm)):
-                    bad, skipped = bad + 1, skipped + 1
-                    why = why or ("non-finite gradient" if finite else f"non-finite loss ({value})")
-                    named = re.match(r"non-finite value at site '([^']+)'", why)
-                    if named:
-                        sites[named.group(1)] = sites.get(named.group(1), 0) + 1
-                    log.warning("step %d: %s; step skipped (%d in a row, %d so far)", step, why, bad, skipped)
-                    if bad >= cfg.max_bad_steps:
+                    bad.skip(step, why or ("non-finite gradient" if finite else f"non-finite loss ({value})"))
+                    if bad.in_a_row >= cfg.max_bad_steps:
                         kept = f"; {checkpoint_path} was not overwritten" if checkpoint_path else ""
-                        raise TrainingError(
-                            f"training stopped at step {step}: {bad} consecutive non-finite losses or gradients"
-                            f" (max_bad_steps={cfg.max_bad_steps}); last: {why}{kept}"
-                        )
+                        raise TrainingError(bad.message(step) + kept)
                     amortizer.step = step + 1
                     opt.zero_grad(set_to_none=True)
                 else:
-                    bad = 0
+                    bad.in_a_row = 0
                     interrupt["updating"] = True
                     opt.step()
                     amortizer.step = step + 1
@@ -384,7 +347,7 @@ def train(
                         rate = seen / (time.perf_counter() - t0)
                         rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"]}
                         rec.update(grad_norm=float(gnorm), datasets_per_s=rate, dropped=amortizer.drops.total)
-                        rec["skipped"] = skipped
+                        rec["skipped"] = bad.total
                         history.append(rec)
                         amortizer.history.append(rec)
                         bar.set_postfix(loss=f"{running:.3f}")
@@ -392,7 +355,7 @@ def train(
                             for k, v in rec.items():
                                 if k != "step":
                                     writer.add_scalar(f"train/{k}", v, step + 1)
-                if checkpoint_path and bad == 0 and (step + 1) % cfg.checkpoint_every == 0:
+                if checkpoint_path and bad.in_a_row == 0 and (step + 1) % cfg.checkpoint_every == 0:
                     amortizer.save(checkpoint_path)
                 if interrupt["stop"]:
                     raise Interrupted(interrupt["signum"])
@@ -406,14 +369,7 @@ def train(
     finally:
         if writer:
             writer.close()
-    if skipped:
-        where = ", ".join(f"site '{k}': {v}" for k, v in sorted(sites.items(), key=lambda kv: -kv[1]))
-        log.warning(
-            "training: %d of %d steps left out for a non-finite loss, gradient or guide value%s",
-            skipped,
-            end - start,
-            f" ({where})" if where else "",
-        )
+    bad.report(end - start)
     if checkpoint_path:
         amortizer.save(checkpoint_path)
     return history
