@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyro
+import pyro.distributions as dist
 import torch
 
 import amortize as am
@@ -95,6 +97,52 @@ DESIGNS: dict[str, tuple[Callable, Callable[[float], am.StructureSampler], str]]
         "3-level Gaussian: 131 / ~2,410 schools of 6-20 rows (~31,000 rows)",
     ),
 }
+
+
+def poisson_slope(data: am.HierarchicalData) -> None:
+    """Issue #19's absurd prior predictive: ``poisson_3level`` (one row per county) with a covariate slope
+    ``beta ~ Normal(0, 2)`` on a row covariate ``x`` of values up to 13, so ``exp(beta x)`` overflows for
+    a share of the prior."""
+    mu = pyro.sample("mu", dist.Normal(1.0, 1.0))
+    beta = pyro.sample("beta", dist.Normal(0.0, 2.0))
+    taus = [pyro.sample(f"tau_{lvl}", dist.HalfNormal(0.5)) for lvl in ("nation", "region", "county")]
+    with pyro.plate("nation", data.size("nation")):
+        a = pyro.sample("a_nation", dist.Normal(mu, taus[0]))
+    with pyro.plate("region", data.size("region")):
+        a = pyro.sample("a_region", dist.Normal(a[..., data.parent_index("region")], taus[1]))
+    with pyro.plate("county", data.size("county")):
+        a = pyro.sample("a_county", dist.Normal(a[..., data.parent_index("county")], taus[2]))
+    with pyro.plate("obs", data.n_obs):
+        pyro.sample("y", dist.Poisson((a[..., data.index("county")] + beta * data.x["x"]).exp()), obs=data.y)
+
+
+def prior_predictive(args: argparse.Namespace) -> dict[str, Any]:
+    """The usable share of :func:`poisson_slope`'s prior predictive on the one-row 3-level design (datasets
+    whose response is finite), and what training says of it."""
+    sampler = _sampler(
+        ["nation", "region", "county"],
+        {"nation": (_n(9, args.scale), _n(9, args.scale)), "region": (6, 11), "county": (2, 7)},
+        (1, 1),
+        {"obs": {"x": {"dist": "uniform", "low": 0.0, "high": 13.0}}},
+    )
+    data = sampler.sample(torch.Generator().manual_seed(args.seed))
+    amortizer = am.Amortizer(poisson_slope, data, seed=args.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        sim = simulate(poisson_slope, amortizer.structure, data, args.usable)
+    kept = sim.data.batch_size or 0
+    try:
+        amortizer.fit(steps=1, batch_size=min(args.batch_sizes), pilot_structures=1, progress=False, stop_at=0)
+        training = "the pilot ran"
+    except am.TrainingError as e:
+        training = f"TrainingError: {e}"
+    return {
+        "rows": data.n_obs,
+        "requested": args.usable,
+        "usable_share": kept / args.usable,
+        "dropped": sim.dropped,
+        "training": training,
+    }
 
 
 def _n(n: int, scale: float) -> int:
@@ -243,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--budget", type=float, default=20.0, help="seconds of repeats per row, at most")
     p.add_argument("--pilot", type=int, default=1, help="pilot structures (x batch datasets) fitting the scalers")
+    p.add_argument("--usable", type=int, default=2000, help="prior-predictive datasets of the absurd design")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--whole-batch", action="store_true", help="one pass per step (how 0.3.0 ran), not pieces")
     p.add_argument("--out", default="checkpoints/bench-real-designs")
@@ -272,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
         data = sweep_data(G, args.rows_per_group, args.seed)
         sweep += measure(f"gaussian_2level G={G}", gaussian_2level, data, [args.sweep_batch], args)
     fit, last = exponent(sweep, args.sweep_batch)
-    results.update(designs=designs, sweep=sweep, exponent_fit=fit, exponent_last_two=last)
+    pp = prior_predictive(args)
+    results.update(designs=designs, sweep=sweep, exponent_fit=fit, exponent_last_two=last, prior_predictive=pp)
     md = [
         results_header(results, "one NPE training step per row, best of the repeats"),
         "",
@@ -288,6 +338,11 @@ def run(args: argparse.Namespace) -> int:
         "",
         f"Growth exponent of step time in groups: {fit:.2f} (least squares over the sweep),"
         f" {last:.2f} (two largest sizes); 1 = linear.",
+        "### An absurd prior predictive: the one-row 3-level Poisson with `beta ~ Normal(0, 2)` on x in [0, 13]",
+        "",
+        f"{100 * pp['usable_share']:.1f}% of {pp['requested']} prior-predictive datasets ({pp['rows']} rows) are usable"
+        f" (finite responses; dropped: {pp['dropped'] or 'none'}). Training: {pp['training']}",
+        "",
         "Rows/s = batch x rows / seconds per step (simulate + statistics + guide+loss + backward with the"
         " Adam update). Guide+loss is the forward pass less the statistics it computes.",
     ]
