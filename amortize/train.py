@@ -176,7 +176,9 @@ def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch
 
 def local_step(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> float:
     """The default step computation: the loss of ``amortizer.source`` (simulated datasets from
-    ``gen``, or a subset of one large dataset), clear the gradients and back-propagate a finite loss.
+    ``gen``, or a subset of one large dataset), clear the gradients and back-propagate a finite loss
+    (a source with a ``backward`` method, :class:`~amortize.sources.PriorPredictive`, does the last two
+    itself, in pieces of the batch).
 
     A replacement (``step_fn`` of :func:`train`, e.g. :class:`amortize.distributed.ShardedStep`)
     takes the same arguments and leaves the same result: the gradients of this step's loss in

@@ -134,8 +134,8 @@ def prior_predictive(args: argparse.Namespace) -> dict[str, Any]:
     try:
         amortizer.fit(steps=1, batch_size=min(args.batch_sizes), pilot_structures=1, progress=False, stop_at=0)
         training = "the pilot ran"
-    except am.TrainingError as e:
-        training = f"TrainingError: {e}"
+    except (am.TrainingError, RuntimeError) as e:  # a RuntimeError: 0.3.0's pilot on batches that lost datasets
+        training = f"{type(e).__name__}: {e}"
     return {
         "rows": data.n_obs,
         "requested": args.usable,
