@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from .config import Config, write_text
+from .checkpoint import write_text
+from .config import Config
 from .errors import ConfigError
 
 __all__ = [

@@ -31,17 +31,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..amortizer import Amortizer
-from ..config import (
-    Config,
-    build_sampler,
-    config_dir,
-    config_source,
-    load_config,
-    resolve_model,
-    save_config,
-    write_text,
-)
+from ..checkpoint import write_text
+from ..config import Config, config_dir, config_source, load_config, save_config
 from ..errors import AmortizeError, ConfigError
+from ..experiment import build_sampler
+from ..modelspec import resolve_model
 from ..rundir import (
     locked,
     make_dirs,
@@ -336,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
         print(f"amortize: error: {'; '.join(s.strip() for s in text.splitlines() if s.strip())}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # sys.exit() inside the user's model (its import is caught in config.resolve_model)
+    except SystemExit as e:  # sys.exit() inside the user's model (its import is caught in modelspec.resolve_model)
         if args.debug:
             traceback.print_exc()
         tb = e.__traceback__

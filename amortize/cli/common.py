@@ -13,18 +13,11 @@ from typing import Any
 import torch
 
 from ..amortizer import Amortizer
-from ..config import (
-    Config,
-    build_sampler,
-    config_dir,
-    config_source,
-    dataset_spec,
-    load_config,
-    read_dataset,
-    resolve_model,
-)
+from ..config import Config, config_dir, config_source, load_config
 from ..data import HierarchicalData
 from ..errors import ConfigError, DataError
+from ..experiment import build_sampler, dataset_spec, read_dataset
+from ..modelspec import resolve_model
 from ..posterior import K_THRESHOLD
 from ..rundir import recorded_overrides
 

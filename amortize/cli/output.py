@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import write_text
+from ..checkpoint import write_text
 from ..posterior import Posterior
 from ..rundir import make_dirs, remove_half_made
 from ..validate.results import json_safe
