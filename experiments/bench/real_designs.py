@@ -338,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
         "",
         f"Growth exponent of step time in groups: {fit:.2f} (least squares over the sweep),"
         f" {last:.2f} (two largest sizes); 1 = linear.",
+        "",
         "### An absurd prior predictive: the one-row 3-level Poisson with `beta ~ Normal(0, 2)` on x in [0, 13]",
         "",
         f"{100 * pp['usable_share']:.1f}% of {pp['requested']} prior-predictive datasets ({pp['rows']} rows) are usable"
