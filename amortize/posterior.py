@@ -36,6 +36,7 @@ from .data import HierarchicalData
 from .errors import DataError
 from .export import inference_data, reasons, summary
 from .importance import K_THRESHOLD, CorrectedDraws, ImportanceSampledPosterior, psis
+from .predictive import PPCResult, ppc
 from .streaming import GroupDraws, Moments, StreamedDataset
 from .structure import seeded
 
@@ -240,6 +241,12 @@ class Posterior:
             ]
         out = self._arrange([{"y": y} for y in ys])
         return [d["y"] for d in out] if self.layout == "list" else out["y"]
+
+    def ppc(self, num_samples: int = 500, seed: int | None = None, statistics: Any = None) -> PPCResult:
+        """Posterior predictive check of one dataset: p-values of test statistics of the data against
+        ``num_samples`` replicated datasets (:func:`amortize.predictive.ppc`; default statistics per level)."""
+        self._one("ppc")
+        return ppc(self.data, self.predictive(num_samples, seed), statistics)
 
     def _by_part(self, values: Any) -> list[dict[str, torch.Tensor]]:
         """Draws in the layout of the input as ``{site: [n, B, ...]}`` per distinct structure."""

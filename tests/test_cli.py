@@ -218,7 +218,7 @@ def test_sample_and_validate_errors(trained, tmp_path):
         assert code == 2 and expect in err and err.count("\n") == 1, (argv, err)
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "validate", "sbc", "bench"])
+@pytest.mark.parametrize("command", ["train", "sample", "ppc", "validate", "sbc", "bench"])
 def test_help_shows_an_example(command):
     code, out, _ = run_cli(command, "--help")
     assert code == 0 and "example" in out and f"amortize {command}" in out
@@ -361,3 +361,81 @@ def test_validate_refuses_a_response_outside_the_support(tmp_path):
     code, out, err = run_cli("validate", tmp_path / "p", "--data", tmp_path / "d.csv", "--quiet")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert f"{tmp_path / 'd.csv'}: response 'y'" in err and "outside the support" in err
+
+
+def test_sample_correct_writes_k_its_spread_and_the_decision(trained, tmp_path):
+    """``--correct --num-samples --seed``: the .nc carries the full InferenceData and the command's
+    diagnostics (pooled k, one k per set, ok, reason); the same seed gives the same file; the .csv
+    gets a diagnostics JSON beside it; the printed summary ends with the k line."""
+    az = pytest.importorskip("arviz")
+    run, _, data = trained
+    argv = ("sample", run, "--data", data, "--num-samples", 60, "--seed", 3, "--correct", "--quiet")
+    for name in ("a.nc", "b.nc"):
+        code, out, err = run_cli(*argv, "--out", tmp_path / name)
+        assert code == 0, err
+        assert "wrote 60" in out and ("(ok)" in out or "NOT ok" in out)
+    a, b = az.from_netcdf(tmp_path / "a.nc"), az.from_netcdf(tmp_path / "b.nc")
+    assert {"posterior", "sample_stats", "log_likelihood", "posterior_predictive", "observed_data"} <= set(a.groups())
+    attrs = a.sample_stats.attrs
+    assert len(attrs["diagnostics_pareto_k_sets"]) == 4 and attrs["diagnostics_num_samples"] == 240
+    assert attrs["diagnostics_ok"] in (0, 1) and attrs["diagnostics_reason"] and "pareto_k" in attrs
+    assert (attrs["diagnostics_reason"] == "ok") == bool(attrs["diagnostics_ok"])
+    assert float(a.posterior["mu"].mean()) == float(b.posterior["mu"].mean())
+    code, _, err = run_cli(
+        "sample", run, "--data", data, "--num-samples", 40, "--k-sets", 2, "--out", tmp_path / "d.csv"
+    )
+    assert code == 0, err
+    record = json.loads((tmp_path / "d.diagnostics.json").read_text())
+    assert len(record["pareto_k_sets"]) == 2 and record["draws"] == 40 and record["corrected"] is False
+    assert "2 sets of 40 draws" in err
+    code, out, _ = run_cli("sample", run, "--data", data, "--num-samples", 40)
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["mean", "sd", "5%", "95%", "mcse_mean", "mcse_sd", "ess"]
+    assert lines[-1].startswith("pareto k ") and "4 sets of 40 draws" in lines[-1]
+
+
+def test_ppc_prints_p_values_per_level_and_writes_json_and_png(trained, tmp_path):
+    run, _, data = trained
+    code, out, err = run_cli("ppc", run, "--data", data, "--num-samples", 100, "--json", tmp_path / "p.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "p.json").read_text())
+    stats = [r["statistic"] for r in report["rows"]]
+    assert stats == [f"y: {s}" for s in ("mean", "sd", "min", "max")] + [
+        f"group means: {s}" for s in ("mean", "sd", "min", "max")
+    ]
+    assert all(0 <= r["p_value"] <= 1 for r in report["rows"]) and report["num_samples"] == 100
+    assert "group means: sd" in out and "p_value" in out
+    if (tmp_path / "p.png").exists() is False:
+        pytest.importorskip("matplotlib")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_validate_seed_and_num_samples_flags(trained, tmp_path):
+    run, _, data = trained
+    code, _, err = run_cli(
+        "validate", run, "--seed", 7, "--num-samples", 30, "--json", tmp_path / "v.json", "--quiet", "--figures", 0
+    )
+    assert code == 0, err
+    settings = json.loads((tmp_path / "v.json").read_text())["settings"]
+    assert settings["seed"] == 7 and settings["num_samples"] == 30
+
+
+def test_command_line_ux(trained, tmp_path):
+    """The run folder is printed once; no warning points at the command that prints it; a response or
+    level column missing from --data says it came from the config; every option has a help text."""
+    run, out, data = trained
+    code, out, err = run_cli("train", data.parent / "tiny.yaml", "--root", tmp_path)
+    assert code == 0 and (out + err).count("run: ") == 1
+    code, _, err = run_cli("validate", run, "--data", data, "--quiet", "--figures", 0, "--name", "ux")
+    assert code == 0 and "validate --data" not in err
+    (tmp_path / "r.csv").write_text(DATA.replace("group,y", "group,resp"))
+    code, _, err = run_cli("sample", run, "--data", tmp_path / "r.csv")
+    assert code == 2 and "column 'y' is not in the data" in err and "--response COLUMN" in err
+    (tmp_path / "l.csv").write_text(DATA.replace("group,y", "clinic,y"))
+    code, _, err = run_cli("sample", run, "--data", tmp_path / "l.csv")
+    assert code == 2 and "--levels" in err and err.count("\n") == 1
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help or action.dest == "help", (name, action.dest)

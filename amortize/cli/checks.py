@@ -85,7 +85,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     v = cfg.validate
     n = args.datasets if args.datasets is not None else v.datasets
     num_samples = args.num_samples or v.num_samples
-    seed = _validation_seed(cfg)
+    seed = _validation_seed(cfg) if args.seed is None else args.seed
     if args.data:
         source, datasets = str(args.data), [_read_data(cfg, args, amortizer)]
     else:
@@ -100,7 +100,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         amortizer, datasets, num_samples, nuts=nuts, seed=seed, progress=progress, keep=keep, diagnose=True
     )
     if args.data:
-        _warn_diagnostics(report.diagnostics[0])
+        _warn_diagnostics(report.diagnostics[0], hint="the table below compares them with NUTS")
     print(
         f"{args.run_dir}: validation '{name}': amortized ({num_samples} draws) vs"
         f" NUTS ({v.nuts.num_chains}x{v.nuts.num_samples}) on {source}"
