@@ -439,3 +439,12 @@ def test_command_line_ux(trained, tmp_path):
     for name, p in sub.choices.items():
         for action in p._actions:
             assert action.help or action.dest == "help", (name, action.dest)
+
+
+def test_a_plate_the_data_lacks_is_one_line_without_a_trace_dump(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL.replace('"group"', '"school"'))
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    code, out, err = run_cli("train", tmp_path / "tiny.yaml", "--root", tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "unknown level 'school'; levels are ['group']" in err and "Trace Shapes" not in err and "Sites" not in err
+    assert not (tmp_path / "checkpoints").exists()
