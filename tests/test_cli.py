@@ -275,14 +275,16 @@ def test_validate_writes_figures_and_shows_nuts_progress(trained, tmp_path, monk
     monkeypatch.delenv("CI", raising=False)
     code, out, err = run_cli("validate", run, "--data", data)
     assert code == 0, err
-    assert progress == [True] and f"wrote 2 figures to {run / 'tb'} under validate/d/" in out
+    assert progress == [True] and f"wrote 3 figures to {run / 'tb'} under validate/d/" in out
     tags = tensorboard_tags(run)
-    assert {"validate/d/mu", "validate/d/theta"} <= set(tags["images"])
+    assert {"validate/d/mu", "validate/d/theta", "validate/d/pairs"} <= set(tags["images"])
+    assert "validate/d/pareto_k_max" in tags["scalars"]
     assert {"validate/d/global/z_p90", "validate/d/group/sd_ratio_median", "train/loss"} <= set(tags["scalars"])
     code, out, err = run_cli("validate", run, "--quiet")  # held-out datasets: tagged per dataset, no progress
     assert code == 0 and progress == [True, False], err
     tags = tensorboard_tags(run)
     assert {"validate/heldout/dataset_0/mu", "validate/heldout/dataset_0/theta"} <= set(tags["images"])
+    assert {"validate/heldout/recovery", "validate/heldout/contraction"} <= set(tags["images"])
     assert {"validate/heldout/global/z_p90", "validate/d/global/z_p90"} <= set(tags["scalars"])  # both kept
     code, out, err = run_cli("validate", run, "--figures", "0", "--quiet")
     assert code == 0 and "figures to" not in out
@@ -294,7 +296,8 @@ def test_sbc_adds_its_plots_to_tensorboard(trained, tmp_path):
     shutil.copytree(trained[0], run)
     code, out, err = run_cli("sbc", run, "--datasets", 8, "--num-samples", 9, "--quiet")
     assert code in (0, 1), err  # 1: a quantity failed (6 training steps); the plots come either way
-    assert f"wrote sbc/ecdf, sbc/hist to {run / 'tb'}" in out
+    assert f"wrote sbc/ecdf, sbc/hist and 3 p-values (sbc/<quantity>/p_value) to {run / 'tb'}" in out
+    assert "sbc/mu/p_value" in tensorboard_tags(run)["scalars"]
     assert {"sbc/ecdf", "sbc/hist"} <= set(tensorboard_tags(run)["images"])
 
 

@@ -278,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--figures", type=_count, default=3, metavar="N", help="datasets drawn as figures in RUN_DIR/tb (default 3)"
     )
+    p.add_argument(
+        "--recovery",
+        type=_count,
+        default=20,
+        metavar="N",
+        help="held-out simulations (amortized only) in the recovery and z-vs-contraction figures (default 20; 0: none)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = add("sbc", "Simulation-based calibration of a trained run.")

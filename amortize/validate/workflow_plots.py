@@ -20,14 +20,27 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
+from ..plates import seeded
+from ..simulate import simulate
 from .metrics import to_numpy
 from .plots import AMORTIZED, REFERENCE, new_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["ppc_figure", "recovery_figure", "contraction_figure", "pair_figure", "elements"]
+    from ..amortizer import Amortizer
+
+__all__ = [
+    "ppc_figure",
+    "recovery_figure",
+    "contraction_figure",
+    "pair_figure",
+    "elements",
+    "recovery_draws",
+    "recovery_figures",
+]
 
 MAX_PAIRS = 8  # global elements in a pair plot (a model with more shows its first 8)
 
@@ -148,3 +161,35 @@ def pair_figure(draws: Mapping[str, Any], sites: Sequence[str], reference: Mappi
             if j == 0:
                 ax.set_ylabel(a, fontsize=7)
     return fig
+
+
+def recovery_draws(
+    amortizer: Amortizer, num_datasets: int, num_samples: int, seed: int
+) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """``(truths, draws)`` of the global sites on ``num_datasets`` prior-predictive simulations (structures
+    from the training sampler, seeded; the caller's RNG is left as it was)."""
+    st = amortizer.structure
+    sites = [s for s in st.latents if s.level is None]
+    gen = torch.Generator().manual_seed(seed)
+    truths, draws = [], []
+    with seeded(seed):
+        while len(truths) < num_datasets:
+            sim = simulate(amortizer.model, st, amortizer.sampler.sample(gen), 1)
+            if not sim.data.batch_size:
+                continue  # dropped (non-finite): draw another
+            truths.append({s.name: st.to_user(s, sim.latents[s.name])[0, 0] for s in sites})
+            post = amortizer.posterior(sim.data.with_response(sim.data.y[0]), seed=seed + len(truths))
+            draws.append({k: v for k, v in post.sample(num_samples).items() if k in truths[-1]})
+    return truths, draws
+
+
+def recovery_figures(amortizer: Amortizer, num_datasets: int, num_samples: int, seed: int) -> dict[str, Figure]:
+    """``{"recovery", "contraction"}`` figures of the global sites on held-out simulations (the prior
+    variance of the contraction from the simulations' own true values)."""
+    truths, draws = recovery_draws(amortizer, num_datasets, num_samples, seed)
+    sites = list(truths[0]) if truths else []
+    prior = {s: torch.stack([t[s] for t in truths]) for s in sites}
+    return {
+        "recovery": recovery_figure(truths, draws, sites),
+        "contraction": contraction_figure(truths, draws, prior, sites),
+    }
