@@ -451,3 +451,19 @@ def test_a_plate_the_data_lacks_is_one_line_without_a_trace_dump(tmp_path):
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "unknown level 'school'; levels are ['group']" in err and "Trace Shapes" not in err and "Sites" not in err
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_progress_bars_turn_off_off_a_terminal_and_leave_no_frame():
+    """Every tqdm bar of the package: ``disable=None`` when progress is on (tqdm turns itself off when
+    stderr is not a terminal: no bar frames in piped logs) and ``leave=False`` (never glued to the next line)."""
+    import ast
+
+    calls = []
+    for path in (Path(__file__).resolve().parents[1] / "amortize").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "tqdm":
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                calls.append((path.name, kw))
+    assert len(calls) >= 3
+    for name, kw in calls:
+        assert "None" in kw.get("disable", "") and kw.get("leave") == "False", (name, kw)
