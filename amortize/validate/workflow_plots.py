@@ -137,7 +137,7 @@ def pair_figure(draws: Mapping[str, Any], sites: Sequence[str], reference: Mappi
     """Pair plot of the global elements' draws (reference draws, when given, in the second colour)."""
     ours = elements(draws, sites)
     names = list(ours)[:MAX_PAIRS]
-    ref = elements(reference, sites) if reference is not None else {}
+    ref = elements(reference, [s for s in sites if s in reference]) if reference is not None else {}
     n = len(names)
     fig = new_figure(1.9 * n + 0.5, 1.9 * n + 0.3)
     axes = np.atleast_2d(fig.subplots(n, n, squeeze=False))
