@@ -467,3 +467,19 @@ def test_progress_bars_turn_off_off_a_terminal_and_leave_no_frame():
     assert len(calls) >= 3
     for name, kw in calls:
         assert "None" in kw.get("disable", "") and kw.get("leave") == "False", (name, kw)
+
+
+def test_main_job_help_documents_the_defaults_it_uses():
+    """``scripts/main.sh --help`` (experiments/main.py): each option's help states the default the parser
+    applies, and the usage line in the docstring quotes the same numbers."""
+    import re
+    import subprocess
+    import sys
+
+    main_py = EXPERIMENTS / "main.py"
+    out = subprocess.run([sys.executable, str(main_py), "--help"], capture_output=True, text=True, check=True).stdout
+    flat = " ".join(out.split())
+    for flag, default in (("--steps", 5000), ("--datasets", 10), ("--draws", 1000), ("--batch-size", 64)):
+        assert re.search(rf"{flag} \S+ [^()]*\(default: {default}\)", flat), flag
+    for flag, value in re.findall(r"\[(--[a-z-]+) (\d+)\]", flat):
+        assert re.search(rf"{flag} \S+ [^()]*\(default: {value}\)", flat), (flag, value)
