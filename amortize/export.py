@@ -86,11 +86,21 @@ def log_density(post: Posterior, draws: dict[str, torch.Tensor]) -> tuple[torch.
     return torch.cat(joint), torch.cat(rows)
 
 
+def _event_dims(site: str, rank: int) -> list[str]:
+    """Default names of a site's event dims: ``<site>_element`` (a vector), ``<site>_row``, ``<site>_col``
+    (a matrix, e.g. a Cholesky factor), ``<site>_dim_<i>`` beyond."""
+    if rank == 1:
+        return [f"{site}_element"]
+    if rank == 2:
+        return [f"{site}_row", f"{site}_col"]
+    return [f"{site}_dim_{i}" for i in range(rank)]
+
+
 def _dims(post: Posterior, dims: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
-    """Per site: its level (if any), then its event dims: the user's names, else ``<site>_dim_<i>``."""
+    """Per site: its level (if any), then its event dims: the user's names, else :func:`_event_dims`."""
     out = {}
     for s in post.structure.latents:
-        event = list((dims or {}).get(s.name, [f"{s.name}_dim_{i}" for i in range(len(s.event_shape))]))
+        event = list((dims or {}).get(s.name, _event_dims(s.name, len(s.event_shape))))
         if len(event) != len(s.event_shape):
             raise DataError(f"to_arviz: dims for site '{s.name}' name {len(event)} dims, its event has {s.event_shape}")
         out[s.name] = ([s.level] if s.level else []) + event
@@ -117,7 +127,8 @@ def inference_data(
         seed: seeds the draws and the posterior predictive.
         correct: PSIS-resampled draws (``Posterior.sample(correct=True)``); k and ESS are then those of
             the proposals.
-        dims: event dims per site, e.g. ``{"beta": ["coef"]}`` (default ``<site>_dim_<i>``).
+        dims: event dims per site, e.g. ``{"beta": ["coef"]}`` (default ``beta_element``; a matrix site
+            ``<site>_row``, ``<site>_col``).
         coords: coordinates of those event dims, e.g. ``{"coef": ["intercept", "slope"]}``.
 
     Raises:

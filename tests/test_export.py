@@ -88,6 +88,9 @@ def test_export_weights_and_log_likelihood_agree_with_the_posterior(clinic_amort
 
 
 def test_export_names_event_dims_and_refuses_a_batch(clinic_amortizer):
+    from amortize.export import _event_dims
+
+    assert _event_dims("weight", 1) == ["weight_element"] and _event_dims("L", 2) == ["L_row", "L_col"]
     data = clinics()
     with pytest.raises(am.DataError, match="one"):
         clinic_amortizer.posterior(data.with_response(torch.stack([data.y, data.y]))).to_arviz(10, seed=0)

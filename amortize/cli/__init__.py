@@ -6,7 +6,8 @@ the traceback.
 
 Example:
     $ amortize train experiments/gaussian_2level.yaml train.steps=500
-    $ amortize sample checkpoints/gaussian_2level/20250101-120000 --data my.csv --out draws.nc
+    $ amortize sample checkpoints/gaussian_2level/20250101-120000 --data my.csv --correct --out draws.nc
+    $ amortize ppc checkpoints/gaussian_2level/20250101-120000 --data my.csv
     $ amortize validate checkpoints/gaussian_2level/20250101-120000 --datasets 5
     $ amortize bench checkpoints/radon_minnesota/20250101-120000 checkpoints/eight_schools/20250101-130000
 
