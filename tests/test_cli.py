@@ -483,3 +483,15 @@ def test_main_job_help_documents_the_defaults_it_uses():
         assert re.search(rf"{flag} \S+ [^()]*\(default: {default}\)", flat), flag
     for flag, value in re.findall(r"\[(--[a-z-]+) (\d+)\]", flat):
         assert re.search(rf"{flag} \S+ [^()]*\(default: {value}\)", flat), (flag, value)
+
+
+def test_k_line_with_sets_too_small_to_estimate_k():
+    from amortize.cli.draws import k_line
+
+    nan = float("nan")
+    diag = {"pareto_k": 0.96, "pareto_k_sets": [nan] * 4, "ess": 5.6, "num_samples": 80, "ok": False, "reason": "r"}
+    assert k_line(diag) == (
+        "pareto k 0.96 (4 sets of 20 draws: too few draws per set to estimate), importance ESS 6/80: NOT ok (r)"
+    )
+    one = {**diag, "pareto_k_sets": [0.3], "pareto_k": 0.3, "ok": True}
+    assert k_line(one) == "pareto k 0.30, importance ESS 6/80: ok"

@@ -28,8 +28,10 @@ PPC_COLUMNS = ("statistic", "level", "observed", "replicated_mean", "replicated_
 
 def k_line(diag: dict[str, Any]) -> str:
     """``pareto k 0.42 (4 sets of 1000 draws: 0.38-0.47), importance ESS 2100/4000: ok``."""
-    sets = [k for k in diag.get("pareto_k_sets", []) if k == k]
-    spread = f" ({len(sets)} sets of {diag['num_samples'] // len(sets)} draws: {min(sets):.2f}-{max(sets):.2f})"
+    sets = diag.get("pareto_k_sets", [])
+    known = [k for k in sets if k == k]  # NaN: a set too small (< 25 draws) to estimate k
+    spread = f"{min(known):.2f}-{max(known):.2f}" if known else "too few draws per set to estimate"
+    spread = f" ({len(sets)} sets of {diag['num_samples'] // max(1, len(sets))} draws: {spread})"
     decision = "ok" if diag["ok"] else f"NOT ok ({diag['reason']})"
     return (
         f"pareto k {diag['pareto_k']:.2f}{spread if len(sets) > 1 else ''},"
