@@ -53,6 +53,8 @@ RESUMABLE = (
     "train.log_every",
     "train.checkpoint_every",
     "train.max_bad_steps",
+    "train.val_every",
+    "train.early_stop",
     "device",
     "validate",
 )

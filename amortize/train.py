@@ -77,6 +77,7 @@ TRAIN_LIMITS = {  # the range of every numeric option of TrainConfig (amortize.l
     "log_every": _AT_LEAST_ONE,
     "checkpoint_every": _AT_LEAST_ONE,
     "max_bad_steps": _AT_LEAST_ONE,
+    **{"val_every": _COUNT, "early_stop": _COUNT},
 }
 
 
@@ -101,6 +102,8 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 500
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    val_every: int = 0  # held-out loss every this many steps (amortize.heldout_loss); 0: never
+    early_stop: int = 0  # stop after this many held-out checks without a lower loss; 0: never
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -343,8 +346,8 @@ def train(
                     interrupt["updating"] = False
                     seen += source.datasets_per_step(cfg)
                     running = value if running is None else 0.95 * running + 0.05 * value
-                    if callback:
-                        callback(step, value)
+                    if callback and callback(step, value) is True:
+                        break  # the callback stops training (early stopping: amortize.heldout_loss)
                     if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.steps, cfg.total_steps):
                         rate = seen / (time.perf_counter() - t0)
                         rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"]}
