@@ -374,7 +374,7 @@ def train(
     finally:
         if writer:
             writer.close()
-    bad.report(end - start)
+    bad.report(amortizer.step - start)  # the steps this call ran (early stopping may end it before end)
     if checkpoint_path:
         amortizer.save(checkpoint_path)
     return history
