@@ -416,11 +416,25 @@ def test_ppc_prints_p_values_per_level_and_writes_json_and_png(trained, tmp_path
 def test_validate_seed_and_num_samples_flags(trained, tmp_path):
     run, _, data = trained
     code, _, err = run_cli(
-        "validate", run, "--seed", 7, "--num-samples", 30, "--json", tmp_path / "v.json", "--quiet", "--figures", 0
+        "validate",
+        run,
+        "--seed",
+        7,
+        "--num-samples",
+        30,
+        "--k-sets",
+        3,
+        "--json",
+        tmp_path / "v.json",
+        "--quiet",
+        "--figures",
+        0,
     )
     assert code == 0, err
-    settings = json.loads((tmp_path / "v.json").read_text())["settings"]
-    assert settings["seed"] == 7 and settings["num_samples"] == 30
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["settings"]["seed"] == 7 and report["settings"]["num_samples"] == 30
+    # Pareto k of every held-out dataset from 3 independent sets of 30 draws, pooled
+    assert all(len(d["pareto_k_sets"]) == 3 and d["num_samples"] == 90 for d in report["diagnostics"])
 
 
 def test_command_line_ux(trained, tmp_path):

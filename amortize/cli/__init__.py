@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seeds held-out datasets, draws and NUTS (default: validate.seed)")
     p.add_argument("--by", choices=("level", "site"), default="level", help="rows of the table")
     p.add_argument(
+        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
+    )
+    p.add_argument(
         "--name",
         help="names this validation: RUN_DIR/validate-NAME.json, tags validate/NAME/... "
         "(default: the --data file's stem, or 'heldout')",
@@ -308,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=_positive, help="held-out datasets for NUTS (default: validate.datasets)")
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--json", help="one JSON report for all runs (default: RUN_DIR/bench.json per run)")
+    p.add_argument(
+        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
+    )
     p.add_argument("--device", help="override the configs' device")
     p.set_defaults(func=cmd_bench)
     return parser

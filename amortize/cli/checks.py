@@ -103,7 +103,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     progress = _progress(args)
     nuts = {**asdict(v.nuts), "progress": progress}
     report = against_nuts(
-        amortizer, datasets, num_samples, nuts=nuts, seed=seed, progress=progress, keep=keep, diagnose=True
+        amortizer,
+        datasets,
+        num_samples,
+        nuts=nuts,
+        seed=seed,
+        progress=progress,
+        keep=keep,
+        diagnose=True,
+        k_sets=args.k_sets,
     )
     if args.data:
         _warn_diagnostics(report.diagnostics[0], hint="the table below compares them with NUTS")
@@ -182,7 +190,7 @@ def _bench_run(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
     seed = _validation_seed(cfg)
     settings: dict[str, Any] = {"num_samples": num_samples, "seed": seed, "step": amortizer.step}
     if ref is not None:
-        report, against = against_reference(amortizer, ref, num_samples, seed), ref.name
+        report, against = against_reference(amortizer, ref, num_samples, seed, args.k_sets), ref.name
         if plots.available():
             scalars = {f"{r['level']}/{k}": r[k] for r in report.summary for k in SCALARS if r.get(k) is not None}
             plots.write_tensorboard(
@@ -194,7 +202,9 @@ def _bench_run(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
         num, progress = args.datasets or v.datasets, _progress(args)
         sets = heldout_datasets(amortizer, num, seed)
         nuts = {**asdict(v.nuts), "progress": progress}
-        report = against_nuts(amortizer, sets, num_samples, nuts=nuts, seed=seed, progress=progress, diagnose=True)
+        report = against_nuts(
+            amortizer, sets, num_samples, nuts=nuts, seed=seed, progress=progress, diagnose=True, k_sets=args.k_sets
+        )
         against = f"NUTS, {num} held-out"
         settings.update(datasets=num, nuts=asdict(v.nuts))
         if not report.rows:
