@@ -23,6 +23,7 @@ from .checkpoint import check_amortizer_payload, load_checkpoint, save_checkpoin
 from .data import HierarchicalData
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError
 from .guide import AmortizedGuide
+from .heldout_loss import HeldOutLoss
 from .nn import STATISTICS_VERSION
 from .posterior import Posterior
 from .rng import get_rng, training_stream
@@ -143,7 +144,9 @@ class Amortizer:
                 passes one that shards the batch over processes.
             is_main: False in every process but one of a multi-process run: it writes no
                 checkpoint, TensorBoard scalars or progress bar.
-            callback: called as ``callback(step, loss)`` after every applied step.
+            callback: called as ``callback(step, loss)`` after every applied step; returning True stops
+                training. ``val_every`` adds :class:`~amortize.heldout_loss.HeldOutLoss` in front of it
+                (``self.held_out``: its history; ``early_stop``: stopping).
 
         Returns:
             The logged training history of this call.
@@ -176,6 +179,8 @@ class Amortizer:
             )
         if step_fn is not None and isinstance(source, Subsampled):
             raise ConfigError("fit: step_fn shards simulated batches; a Subsampled source runs with the default step")
+        if cfg.val_every:  # held-out loss checks (and early stopping) ride on the callback
+            self.held_out = callback = HeldOutLoss(self, log_dir if is_main else None, then=callback)
         with training_stream(self):
             self.guide.train()
             try:

@@ -38,6 +38,7 @@ __all__ = [
     "FORMAT_VERSION",
     "AMORTIZER_KEYS",
     "atomic_write",
+    "write_text",
     "check_amortizer_payload",
     "load_checkpoint",
     "payload_checksum",
@@ -81,6 +82,22 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     except OSError:
         pass
     _remove_stale_temporaries(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically, readable as the umask allows (``atomic_write`` alone leaves 0600).
+
+    Raises:
+        OSError: the write failed; its ``filename`` is ``path``, which is left as it was.
+    """
+    data = text.encode()
+    try:
+        atomic_write(path, lambda fh: fh.write(data))
+    except OSError as e:  # disk full, no permission: name the file (the previous one is intact)
+        raise OSError(e.errno, e.strerror or str(e), os.fspath(path)) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _remove_stale_temporaries(path: Path) -> None:

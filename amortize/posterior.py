@@ -34,7 +34,9 @@ from .batch import StructureBatch, check_data, check_list, group_by_structure, n
 from .checkpoint import atomic_write
 from .data import HierarchicalData
 from .errors import DataError
+from .export import inference_data, reasons, summary
 from .importance import K_THRESHOLD, CorrectedDraws, ImportanceSampledPosterior, psis
+from .predictive import PPCResult, ppc
 from .streaming import GroupDraws, Moments, StreamedDataset
 from .structure import seeded
 
@@ -225,15 +227,39 @@ class Posterior:
             return streamed.moments(int(num_draws), level)
 
     @torch.no_grad()
-    def predictive(self, num_samples: int = 100, seed: int | None = None) -> Any:
-        """Posterior predictive responses: the model run on each of ``num_samples`` joint draws,
-        ``[n, N]`` for one dataset, ``[n, B, N]`` for a batch, a list of ``[n, N_i]`` for a list."""
+    def predictive(self, num_samples: int = 100, seed: int | None = None, draws: Any = None) -> Any:
+        """Posterior predictive responses: the model run on each of ``num_samples`` joint draws (or on
+        ``draws``, in the layout :meth:`sample` returns), ``[n, N]`` for one dataset, ``[n, B, N]`` for
+        a batch, a list of ``[n, N_i]`` for a list. Checks on them: :mod:`amortize.predictive`."""
         if self.streamed is not None:
             raise DataError("predictive of a streamed dataset is not computed; draw chosen groups with sample(groups=)")
+        given = None if draws is None else self._by_part(draws)
         with self._seeded(seed):
-            ys = [part.predictive(part.draws(int(num_samples))[0]) for _, part in self.parts]
+            ys = [
+                part.predictive(part.draws(int(num_samples))[0] if given is None else given[i])
+                for i, (_, part) in enumerate(self.parts)
+            ]
         out = self._arrange([{"y": y} for y in ys])
         return [d["y"] for d in out] if self.layout == "list" else out["y"]
+
+    def ppc(self, num_samples: int = 500, seed: int | None = None, statistics: Any = None) -> PPCResult:
+        """Posterior predictive check of one dataset: p-values of test statistics of the data against
+        ``num_samples`` replicated datasets (:func:`amortize.predictive.ppc`; default statistics per level)."""
+        self._one("ppc")
+        return ppc(self.data, self.predictive(num_samples, seed), statistics)
+
+    def _by_part(self, values: Any) -> list[dict[str, torch.Tensor]]:
+        """Draws in the layout of the input as ``{site: [n, B, ...]}`` per distinct structure."""
+        if self.layout == "single":
+            return [{k: v.unsqueeze(1) for k, v in values.items()}]
+        if self.layout == "batch":
+            return [dict(values)]
+        if len(values) != len(self.datasets):
+            raise DataError(f"{len(values)} sets of draws for {len(self.datasets)} datasets")
+        return [
+            {k: torch.stack([values[i][k] for i in members], 1) for k in values[members[0]]}
+            for members, _ in self.parts
+        ]
 
     def proposals(self, num_samples: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         """Per distinct structure: draws ``{site: [n, B, ...]}`` with their log importance weights
@@ -252,15 +278,13 @@ class Posterior:
         a list of ``[n]`` (the same n for every dataset)."""
         if self.streamed is not None:
             raise DataError("log_prob of a streamed dataset is not computed (it needs every group at once)")
+        lps = [part.log_prob(v) for (_, part), v in zip(self.parts, self._by_part(values))]
         if self.layout == "single":
-            return self.parts[0][1].log_prob({k: v.unsqueeze(1) for k, v in values.items()})[:, 0]
+            return lps[0][:, 0]
         if self.layout == "batch":
-            return self.parts[0][1].log_prob(values)
-        if len(values) != len(self.datasets):
-            raise DataError(f"log_prob: {len(values)} sets of draws for {len(self.datasets)} datasets")
+            return lps[0]
         out: list[Any] = [None] * len(self.datasets)
-        for members, part in self.parts:
-            lp = part.log_prob({k: torch.stack([values[i][k] for i in members], 1) for k in values[members[0]]})
+        for (members, _), lp in zip(self.parts, lps):
             for j, i in enumerate(members):
                 out[i] = lp[:, j]
         return out
@@ -282,61 +306,58 @@ class Posterior:
         return out
 
     @torch.no_grad()
-    def diagnostics(self, num_samples: int = 1000, seed: int | None = 0) -> Any:
+    def diagnostics(self, num_samples: int = 1000, seed: int | None = 0, repeats: int = 1) -> Any:
         """Per-dataset trust: Pareto k of the weights p(y, z) / q(z | y), importance ESS, and flags
-        for data outside the training range; ``ok`` is False when k > 0.7 or a flag is raised. One
-        dict (lists of k and ESS for a batch), or a list of dicts for a list of datasets. A streamed
-        dataset gets its flags and k = NaN (its weights are not computed)."""
+        for data outside the training range; ``ok`` is False when k > 0.7 or a flag is raised, and
+        ``reason`` says why. One dict (lists of k and ESS for a batch), or a list of dicts for a list
+        of datasets. A streamed dataset gets its flags and k = NaN (its weights are not computed).
+
+        k is a Monte Carlo estimate: ``repeats`` independent sets of ``num_samples`` draws give its
+        spread (``pareto_k_sets``, one k per set), while ``pareto_k``, ``ess`` and ``ok`` come from all
+        ``repeats * num_samples`` draws pooled, so the decision varies less between seeds."""
         flags = self.range_flags()
         if self.streamed is not None:
-            nan = float("nan")
-            return {"pareto_k": nan, "ess": nan, "num_samples": 0, "flags": flags, "ok": not flags}
+            nan, why = float("nan"), "; ".join(reasons(float("nan"), flags, streamed=True)) or "ok"
+            return dict(pareto_k=nan, pareto_k_sets=[], ess=nan, num_samples=0, flags=flags, ok=not flags, reason=why)
+        repeats = max(1, int(repeats))
         with self._seeded(seed):
-            weights = [lw for _, lw in self.proposals(num_samples)]
-        per: list[tuple[float, float]] = [(0.0, 0.0)] * sum(len(m) for m, _ in self.parts)
-        for (members, _), lw in zip(self.parts, weights):
+            sets = [[lw for _, lw in self.proposals(num_samples)] for _ in range(repeats)]  # [repeat][part] [n, B]
+        per: list[tuple[float, float, list[float]]] = [(0.0, 0.0, [])] * sum(len(m) for m, _ in self.parts)
+        for p, (members, _) in enumerate(self.parts):
+            pooled = torch.cat([one[p] for one in sets])
             for j, i in enumerate(members):
-                res = psis(lw[:, j])
-                per[i] = (res.k, res.ess)
+                res = psis(pooled[:, j])
+                ks = [psis(one[p][:, j]).k for one in sets] if repeats > 1 else [res.k]
+                per[i] = (res.k, res.ess, ks)
+        total = repeats * int(num_samples)
         if self.layout == "list":
-            return [_verdict([per[i]], flags[i], num_samples) for i in range(len(self.datasets))]
-        return _verdict(per, flags, num_samples, batch=self.layout == "batch")
+            return [_verdict([per[i]], flags[i], total) for i in range(len(self.datasets))]
+        return _verdict(per, flags, total, batch=self.layout == "batch")
 
     # ------------------------------------------------------------------ exports
     def _one(self, what: str) -> None:
         if self.layout != "single":
             raise DataError(f"{what} takes one dataset; index the list (post[i]) or the batch first")
 
-    def to_arviz(self, num_samples: int = 1000, seed: int | None = None) -> Any:
-        """ArviZ InferenceData with dims named after the levels and coords from the data's group ids."""
-        try:
-            import arviz as az
-        except ImportError as e:  # pragma: no cover - optional dependency
-            raise ImportError("to_arviz needs ArviZ: pip install 'amortize[arviz]'") from e
-        self._one("to_arviz")
-        draws = self.sample(num_samples, seed)
-        dims, coords = {}, {}
-        for s in self.structure.latents:
-            dims[s.name] = ([s.level] if s.level else []) + [f"{s.name}_dim_{i}" for i in range(len(s.event_shape))]
-            if s.level:
-                coords[s.level] = self.data.labels.get(s.level, list(range(self.data.size(s.level))))
-        posterior = {k: v.unsqueeze(0).cpu().numpy() for k, v in draws.items()}  # one "chain"
-        return az.from_dict(posterior=posterior, dims=dims, coords=coords)
+    def to_arviz(self, num_samples: int = 1000, seed: int | None = None, correct: bool = False, **kw: Any) -> Any:
+        """A full ArviZ InferenceData (posterior, sample_stats with Pareto k and ``ok`` as attributes,
+        observed_data, log_likelihood, posterior_predictive, constant_data); ``dims=``, ``coords=`` name
+        event dims: :func:`amortize.export.inference_data`."""
+        return inference_data(self, num_samples, seed, correct=correct, **kw)
 
-    def summary(self, num_samples: int = 1000, seed: int | None = None, prob: float = 0.9) -> str:
-        """A plain table: one row per site and element with mean, sd and a central interval (one table
-        per dataset of a list or batch, headed ``dataset i``)."""
-        draws = self.sample(num_samples, seed)
-        if self.layout == "single":
-            return _table(draws, self.data, self.structure, prob)
-        if self.layout == "batch":
-            one = [{k: v[:, b] for k, v in draws.items()} for b in range(self.batch_size or 1)]
-            data = [self.data] * len(one)
-        else:
-            one, data = draws, self.datasets
-        return "\n\n".join(
-            f"dataset {i}\n{_table(d, x, self.structure, prob)}" for i, (d, x) in enumerate(zip(one, data))
-        )
+    def summary(
+        self,
+        num_samples: int = 1000,
+        seed: int | None = None,
+        prob: float = 0.9,
+        reference: Any = None,
+        correct: bool = False,
+    ) -> Any:
+        """A pandas DataFrame in ``az.summary`` layout per site element (``theta[a]``): mean, sd, the central
+        ``prob`` interval, mcse and ``ess`` from the importance ESS (a poor fit shows as a large mcse);
+        ``reference`` draws (``{site: [S, ...]}`` or an InferenceData) add ``ref_mean``, ``ref_sd``, ``z``.
+        Pareto k, ``ok`` and ``reason`` are in ``frame.attrs``; a batch or list gets a ``(dataset, row)`` index."""
+        return summary(self, num_samples, seed, prob, reference, correct)
 
     def save(self, path: str | os.PathLike, num_samples: int = 1000, seed: int | None = None) -> None:
         """Write draws (in the layout of :meth:`sample`, on the CPU) and the range flags atomically to
@@ -358,31 +379,20 @@ class Posterior:
         atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
-def _verdict(per: list[tuple[float, float]], flags: list[str], num_samples: int, batch: bool = False) -> dict[str, Any]:
-    ks, ess = [k for k, _ in per], [e for _, e in per]
+def _verdict(
+    per: list[tuple[float, float, list[float]]], flags: list[str], num_samples: int, batch: bool = False
+) -> dict[str, Any]:
+    ks, ess, sets = [k for k, _, _ in per], [e for _, e, _ in per], [s for _, _, s in per]
     worst = max((k for k in ks if not math.isnan(k)), default=float("nan"))
-    ok = not flags and not (worst > K_THRESHOLD)
-    if not ok:
-        log.warning("posterior may not be trustworthy: pareto k %.2f, flags %s", worst, flags)
+    why = reasons(worst, flags)
+    if why:
+        log.warning("posterior may not be trustworthy: %s", "; ".join(why))
     return {
         "pareto_k": ks if batch else ks[0],
+        "pareto_k_sets": sets if batch else sets[0],
         "ess": ess if batch else ess[0],
         "num_samples": num_samples,
         "flags": flags,
-        "ok": ok,
+        "ok": not why,
+        "reason": "; ".join(why) or "ok",
     }
-
-
-def _table(draws: dict[str, torch.Tensor], data: HierarchicalData, structure: Any, prob: float) -> str:
-    lo_q, hi_q = (1 - prob) / 2, 1 - (1 - prob) / 2
-    rows = [f"{'':>16} {'mean':>10} {'sd':>10} {f'{lo_q:.0%}':>10} {f'{hi_q:.0%}':>10}"]
-    for name, v in draws.items():
-        flat = v.reshape(v.shape[0], -1)
-        labels = data.labels.get(structure[name].level or "", None)
-        named = labels is not None and len(labels) == flat.shape[1]
-        for j in range(flat.shape[1]):
-            x = flat[:, j]
-            tag = name if flat.shape[1] == 1 else f"{name}[{labels[j] if named else j}]"
-            q = torch.quantile(x, torch.tensor([lo_q, hi_q], dtype=x.dtype, device=x.device))
-            rows.append(f"{tag:>16} {x.mean():>10.3f} {x.std():>10.3f} {q[0]:>10.3f} {q[1]:>10.3f}")
-    return "\n".join(rows)

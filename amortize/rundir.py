@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from .config import Config, write_text
+from .checkpoint import write_text
+from .config import Config
 from .errors import ConfigError
 
 __all__ = [
@@ -52,6 +53,8 @@ RESUMABLE = (
     "train.log_every",
     "train.checkpoint_every",
     "train.max_bad_steps",
+    "train.val_every",
+    "train.early_stop",
     "device",
     "validate",
 )

@@ -161,6 +161,25 @@ class Simulation:
         self.requested = int(requested if requested is not None else data.batch_size or 0)
         self.dropped = dict(dropped or {})
 
+    def split(self, size: int) -> list[Simulation]:
+        """The datasets in consecutive pieces of at most ``size`` (one piece: this simulation itself);
+        ``requested`` and ``dropped`` stay with the first piece, so the pieces add up to this one."""
+        B = self.data.batch_size or 1
+        if size >= B:
+            return [self]
+        out = []
+        for start in range(0, B, max(1, int(size))):
+            stop = min(B, start + max(1, int(size)))
+            y = self.data.y[start:stop]  # [b, N]
+            latents = {k: v[:, start:stop] for k, v in self.latents.items()}  # [1, b, *plates, *event]
+            first = start == 0
+            out.append(
+                Simulation(
+                    self.data.with_response(y), latents, self.requested if first else 0, self.dropped if first else {}
+                )
+            )
+        return out
+
 
 def simulate(model: Callable, structure: ModelStructure, data: HierarchicalData, num_datasets: int) -> Simulation:
     """Draw ``num_datasets`` datasets from the prior predictive on ``data``'s structure.

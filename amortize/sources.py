@@ -26,6 +26,7 @@ import torch
 from .batch import check_data
 from .data import HierarchicalData
 from .errors import DataError
+from .objectives import backward_in_chunks
 from .ranges import record_ranges
 from .simulate import Simulation, simulate_counted
 from .structure import ModelStructure
@@ -56,6 +57,11 @@ class PriorPredictive:
     def loss(self, amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
         """``cfg.objective`` on ``cfg.batch_size`` datasets simulated on one structure from ``gen``."""
         return batch_loss(amortizer, cfg, amortizer.simulate_batch(gen, cfg.batch_size))
+
+    def backward(self, amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> float:
+        """:meth:`loss` with its gradients accumulated in the guide, computed in pieces of the batch that
+        stay near the cache (:func:`~amortize.objectives.backward_in_chunks`); returns the loss."""
+        return backward_in_chunks(amortizer, cfg, amortizer.simulate_batch(gen, cfg.batch_size), batch_loss)
 
     def datasets_per_step(self, cfg: TrainConfig) -> int:
         return int(cfg.batch_size)

@@ -303,7 +303,8 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
     try:
         tr = poutine.trace(model).get_trace(probe)
     except Exception as e:  # the model itself failed: say so with the model's own message
-        raise ModelStructureError(f"the model failed on the data: {type(e).__name__}: {e}") from e
+        cause = e.__cause__ if type(e.__cause__) is type(e) else e  # without the trace-shapes dump Pyro appends
+        raise ModelStructureError(f"the model failed on the data: {type(cause).__name__}: {cause}") from e
     params = [name for name, site in tr.nodes.items() if site["type"] == "param"]
     if params:
         raise ModelStructureError(

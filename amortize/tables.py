@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -222,11 +223,18 @@ def _columns(frame: Any) -> dict[str, Any]:
 
 
 def _unique_in_order(keys: list[Any]) -> list[Any]:
+    """The distinct ids, sorted: numbers by value, text in natural order (clinic_2 before clinic_10);
+    ids of mixed kinds in the order they first appear."""
     seen: dict[Any, None] = {}
     for k in keys:
         seen.setdefault(k, None)
     uniq = list(seen)
     try:
-        return sorted(uniq)
+        return sorted(uniq, key=_natural) if all(isinstance(k, str) for k in uniq) else sorted(uniq)
     except TypeError:
         return uniq
+
+
+def _natural(text: str) -> tuple[tuple[int, Any], ...]:
+    """Sort key of an id: its runs of digits compared as numbers (``clinic_10`` after ``clinic_9``)."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part)

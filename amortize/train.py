@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import signal
 import threading
 import time
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from .bad_steps import BadSteps, bad_step_error
 from .errors import ConfigError, TrainingError
 from .limits import Limit, check_limits
 from .nn.statistics import GroupStatistics
@@ -77,6 +77,7 @@ TRAIN_LIMITS = {  # the range of every numeric option of TrainConfig (amortize.l
     "log_every": _AT_LEAST_ONE,
     "checkpoint_every": _AT_LEAST_ONE,
     "max_bad_steps": _AT_LEAST_ONE,
+    **{"val_every": _COUNT, "early_stop": _COUNT},
 }
 
 
@@ -101,6 +102,8 @@ class TrainConfig:
     log_every: int = 25
     checkpoint_every: int = 500
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    val_every: int = 0  # held-out loss every this many steps (amortize.heldout_loss); 0: never
+    early_stop: int = 0  # stop after this many held-out checks without a lower loss; 0: never
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -149,12 +152,17 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> l
     stats = [guide.encoder.statistics(sim.data) for sim in sims]
     guide.encoder.fit(stats)
     if guide.global_head is not None:
-        u = torch.cat(
-            [torch.cat([s.unconstrain(sim.latents[s.name]) for s in structure.global_sites], -1) for sim in sims]
+        u = torch.cat(  # [datasets, D]: batches hold different numbers of datasets when some were dropped
+            [
+                torch.cat([s.unconstrain(sim.latents[s.name]) for s in structure.global_sites], -1).reshape(
+                    -1, structure.global_dim
+                )
+                for sim in sims
+            ]
         )
         guide.global_head.fit(
             torch.cat([s.location_scale() for s in stats]),
-            u.reshape(-1, structure.global_dim),
+            u,
             torch.cat([s.counts() for s in stats]),
             torch.cat([s.covariate_slopes() for s in stats]),
         )
@@ -171,16 +179,21 @@ def _loss(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> torch
 
 def local_step(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> float:
     """The default step computation: the loss of ``amortizer.source`` (simulated datasets from
-    ``gen``, or a subset of one large dataset), clear the gradients and back-propagate a finite loss.
+    ``gen``, or a subset of one large dataset), clear the gradients and back-propagate a finite loss
+    (a source with a ``backward`` method, :class:`~amortize.sources.PriorPredictive`, does the last two
+    itself, in pieces of the batch).
 
     A replacement (``step_fn`` of :func:`train`, e.g. :class:`amortize.distributed.ShardedStep`)
     takes the same arguments and leaves the same result: the gradients of this step's loss in
     ``amortizer.guide``'s parameters, and the loss as a float (not finite: the step is skipped).
     """
-    loss = _loss(amortizer, cfg, gen)
-    value = float(loss.detach())
     assert amortizer.optimizer is not None
     amortizer.optimizer.zero_grad(set_to_none=True)
+    backward = getattr(amortizer.source, "backward", None)
+    if backward is not None:  # the source accumulates the gradients itself, in pieces of the batch
+        return float(backward(amortizer, cfg, gen))
+    loss = _loss(amortizer, cfg, gen)
+    value = float(loss.detach())
     if math.isfinite(value):
         loss.backward()
     return value
@@ -228,34 +241,6 @@ def _deferred_interrupt() -> Iterator[dict[str, Any]]:
         for s, h in previous.items():  # None: a handler set outside Python; Python's own default then
             fallback = signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL
             signal.signal(s, h if h is not None else fallback)
-
-
-_NON_FINITE = ("Expected parameter", "found invalid values", "to satisfy the constraint")
-
-
-def _guide_site(err: BaseException) -> str | None:
-    """The sample site a distribution argument error was raised at (the innermost Pyro message
-    on the traceback), or None."""
-    site, tb = None, err.__traceback__
-    named = re.search(r"at site '([^']+)'", str(err))  # Pyro's log_prob errors name it
-    if named:
-        return named.group(1)
-    while tb is not None:
-        msg = tb.tb_frame.f_locals.get("msg")
-        if isinstance(msg, dict) and msg.get("type") == "sample" and isinstance(msg.get("name"), str):
-            site = msg["name"]
-        tb = tb.tb_next
-    return site
-
-
-def _bad_step_error(err: BaseException) -> str | None:
-    """A description of ``err`` when it is a distribution argument check failing on non-finite values
-    (a NaN inside the guide or model: a bad step), else None (a real error, raised)."""
-    if not isinstance(err, ValueError) or not any(m in str(err) for m in _NON_FINITE):
-        return None
-    site = _guide_site(err)
-    first = str(err).splitlines()[0][:200]
-    return f"non-finite value at site '{site}' ({first})" if site else f"non-finite value ({first})"
 
 
 def _optimizer(amortizer: Amortizer, cfg: TrainConfig, extra: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -316,7 +301,7 @@ def train(
     end = cfg.total_steps if stop_at is None else min(int(stop_at), cfg.total_steps)
     amortizer.source = source
     history: list[dict[str, float]] = []
-    bad = 0
+    bad = BadSteps(cfg.max_bad_steps)
     running, writer = None, None
     try:
         with _deferred_interrupt() as interrupt:
@@ -331,7 +316,8 @@ def train(
                 writer = SummaryWriter(log_dir)
             t0, seen = time.perf_counter(), 0
             desc = f"train ({source.name})"
-            bar = tqdm(range(amortizer.step, end), disable=not progress or None, desc=desc, leave=False)
+            start = amortizer.step
+            bar = tqdm(range(start, end), disable=not progress or None, desc=desc, leave=False)
             for step in bar:
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr * lr_factor(step, cfg)
@@ -339,38 +325,34 @@ def train(
                 try:
                     value = step_fn(amortizer, cfg.at(step), gen)  # loss; its gradients are in the parameters
                 except ValueError as e:
-                    why = _bad_step_error(e)
+                    why = bad_step_error(e)
                     if why is None:
                         raise
                     value = float("nan")
                 finite = math.isfinite(value)
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm) if finite else torch.tensor(math.nan)
                 if not (finite and torch.isfinite(gnorm)):
-                    bad += 1
-                    why = why or ("non-finite gradient" if finite else f"non-finite loss ({value})")
-                    log.warning("step %d: %s; step skipped (%d in a row)", step, why, bad)
-                    if bad >= cfg.max_bad_steps:
+                    bad.skip(step, why or ("non-finite gradient" if finite else f"non-finite loss ({value})"))
+                    if bad.in_a_row >= cfg.max_bad_steps:
                         kept = f"; {checkpoint_path} was not overwritten" if checkpoint_path else ""
-                        raise TrainingError(
-                            f"training stopped at step {step}: {bad} consecutive non-finite losses or gradients"
-                            f" (max_bad_steps={cfg.max_bad_steps}); last: {why}{kept}"
-                        )
+                        raise TrainingError(bad.message(step) + kept)
                     amortizer.step = step + 1
                     opt.zero_grad(set_to_none=True)
                 else:
-                    bad = 0
+                    bad.in_a_row = 0
                     interrupt["updating"] = True
                     opt.step()
                     amortizer.step = step + 1
                     interrupt["updating"] = False
                     seen += source.datasets_per_step(cfg)
                     running = value if running is None else 0.95 * running + 0.05 * value
-                    if callback:
-                        callback(step, value)
+                    if callback and callback(step, value) is True:
+                        break  # the callback stops training (early stopping: amortize.heldout_loss)
                     if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.steps, cfg.total_steps):
                         rate = seen / (time.perf_counter() - t0)
                         rec = {"step": step + 1, "loss": running, "lr": opt.param_groups[0]["lr"]}
                         rec.update(grad_norm=float(gnorm), datasets_per_s=rate, dropped=amortizer.drops.total)
+                        rec["skipped"] = bad.total
                         history.append(rec)
                         amortizer.history.append(rec)
                         bar.set_postfix(loss=f"{running:.3f}")
@@ -378,7 +360,7 @@ def train(
                             for k, v in rec.items():
                                 if k != "step":
                                     writer.add_scalar(f"train/{k}", v, step + 1)
-                if checkpoint_path and bad == 0 and (step + 1) % cfg.checkpoint_every == 0:
+                if checkpoint_path and bad.in_a_row == 0 and (step + 1) % cfg.checkpoint_every == 0:
                     amortizer.save(checkpoint_path)
                 if interrupt["stop"]:
                     raise Interrupted(interrupt["signum"])
@@ -392,6 +374,7 @@ def train(
     finally:
         if writer:
             writer.close()
+    bad.report(amortizer.step - start)  # the steps this call ran (early stopping may end it before end)
     if checkpoint_path:
         amortizer.save(checkpoint_path)
     return history

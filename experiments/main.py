@@ -1,7 +1,9 @@
 """The README's main job: train an amortized posterior for an example model, then compare it with
 NUTS on held-out simulated datasets and print the table (also written as JSON in the run folder).
 
-    python experiments/main.py [--model gaussian_2level] [--steps 3000] [--datasets 10]
+    python experiments/main.py [--model gaussian_2level] [--steps 5000] [--datasets 10]
+
+(``bash scripts/main.sh --help`` lists the options with the defaults this script uses.)
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from amortize.validate.heldout import against_nuts, heldout_datasets
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gaussian_2level", choices=sorted(models.SAMPLERS))
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--datasets", type=int, default=10)
-    p.add_argument("--draws", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", default="checkpoints")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--model", default="gaussian_2level", choices=sorted(models.SAMPLERS), help="(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=5000, help="training steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="simulated datasets per step (default: %(default)s)")
+    p.add_argument("--hidden", type=int, default=64, help="network width (default: %(default)s)")
+    p.add_argument("--datasets", type=int, default=10, help="held-out datasets for NUTS (default: %(default)s)")
+    p.add_argument("--draws", type=int, default=1000, help="amortized draws per dataset (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    p.add_argument(
+        "--root", default="checkpoints", help="runs go to ROOT/main-MODEL/<timestamp> (default: %(default)s)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     progress = not args.quiet and not os.environ.get("CI")

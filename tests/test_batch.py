@@ -103,7 +103,7 @@ def test_indexing_gives_each_datasets_own_posterior(amortizer):
     post = amortizer.posterior([structure_a(0.0), structure_b(0.0)])
     one = post[1]
     assert isinstance(one, am.Posterior) and one.batch_size is None and one.data.size("group") == 4
-    assert "theta[a]" in post[0].summary(num_samples=20, seed=0)
+    assert "theta[a]" in post[0].summary(num_samples=20, seed=0).index
 
 
 def test_same_structure_compares_indices_and_covariate_values():

@@ -218,7 +218,7 @@ def test_sample_and_validate_errors(trained, tmp_path):
         assert code == 2 and expect in err and err.count("\n") == 1, (argv, err)
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "validate", "sbc", "bench"])
+@pytest.mark.parametrize("command", ["train", "sample", "ppc", "validate", "sbc", "bench"])
 def test_help_shows_an_example(command):
     code, out, _ = run_cli(command, "--help")
     assert code == 0 and "example" in out and f"amortize {command}" in out
@@ -275,14 +275,16 @@ def test_validate_writes_figures_and_shows_nuts_progress(trained, tmp_path, monk
     monkeypatch.delenv("CI", raising=False)
     code, out, err = run_cli("validate", run, "--data", data)
     assert code == 0, err
-    assert progress == [True] and f"wrote 2 figures to {run / 'tb'} under validate/d/" in out
+    assert progress == [True] and f"wrote 3 figures to {run / 'tb'} under validate/d/" in out
     tags = tensorboard_tags(run)
-    assert {"validate/d/mu", "validate/d/theta"} <= set(tags["images"])
+    assert {"validate/d/mu", "validate/d/theta", "validate/d/pairs"} <= set(tags["images"])
+    assert "validate/d/pareto_k_max" in tags["scalars"]
     assert {"validate/d/global/z_p90", "validate/d/group/sd_ratio_median", "train/loss"} <= set(tags["scalars"])
     code, out, err = run_cli("validate", run, "--quiet")  # held-out datasets: tagged per dataset, no progress
     assert code == 0 and progress == [True, False], err
     tags = tensorboard_tags(run)
     assert {"validate/heldout/dataset_0/mu", "validate/heldout/dataset_0/theta"} <= set(tags["images"])
+    assert {"validate/heldout/recovery", "validate/heldout/contraction"} <= set(tags["images"])
     assert {"validate/heldout/global/z_p90", "validate/d/global/z_p90"} <= set(tags["scalars"])  # both kept
     code, out, err = run_cli("validate", run, "--figures", "0", "--quiet")
     assert code == 0 and "figures to" not in out
@@ -294,7 +296,8 @@ def test_sbc_adds_its_plots_to_tensorboard(trained, tmp_path):
     shutil.copytree(trained[0], run)
     code, out, err = run_cli("sbc", run, "--datasets", 8, "--num-samples", 9, "--quiet")
     assert code in (0, 1), err  # 1: a quantity failed (6 training steps); the plots come either way
-    assert f"wrote sbc/ecdf, sbc/hist to {run / 'tb'}" in out
+    assert f"wrote sbc/ecdf, sbc/hist and 3 p-values (sbc/<quantity>/p_value) to {run / 'tb'}" in out
+    assert "sbc/mu/p_value" in tensorboard_tags(run)["scalars"]
     assert {"sbc/ecdf", "sbc/hist"} <= set(tensorboard_tags(run)["images"])
 
 
@@ -361,3 +364,148 @@ def test_validate_refuses_a_response_outside_the_support(tmp_path):
     code, out, err = run_cli("validate", tmp_path / "p", "--data", tmp_path / "d.csv", "--quiet")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert f"{tmp_path / 'd.csv'}: response 'y'" in err and "outside the support" in err
+
+
+def test_sample_correct_writes_k_its_spread_and_the_decision(trained, tmp_path):
+    """``--correct --num-samples --seed``: the .nc carries the full InferenceData and the command's
+    diagnostics (pooled k, one k per set, ok, reason); the same seed gives the same file; the .csv
+    gets a diagnostics JSON beside it; the printed summary ends with the k line."""
+    az = pytest.importorskip("arviz")
+    run, _, data = trained
+    argv = ("sample", run, "--data", data, "--num-samples", 60, "--seed", 3, "--correct", "--quiet")
+    for name in ("a.nc", "b.nc"):
+        code, out, err = run_cli(*argv, "--out", tmp_path / name)
+        assert code == 0, err
+        assert "wrote 60" in out and ("(ok)" in out or "NOT ok" in out)
+    a, b = az.from_netcdf(tmp_path / "a.nc"), az.from_netcdf(tmp_path / "b.nc")
+    assert {"posterior", "sample_stats", "log_likelihood", "posterior_predictive", "observed_data"} <= set(a.groups())
+    attrs = a.sample_stats.attrs
+    assert len(attrs["diagnostics_pareto_k_sets"]) == 4 and attrs["diagnostics_num_samples"] == 240
+    assert attrs["diagnostics_ok"] in (0, 1) and attrs["diagnostics_reason"] and "pareto_k" in attrs
+    assert (attrs["diagnostics_reason"] == "ok") == bool(attrs["diagnostics_ok"])
+    assert float(a.posterior["mu"].mean()) == float(b.posterior["mu"].mean())
+    code, _, err = run_cli(
+        "sample", run, "--data", data, "--num-samples", 40, "--k-sets", 2, "--out", tmp_path / "d.csv"
+    )
+    assert code == 0, err
+    record = json.loads((tmp_path / "d.diagnostics.json").read_text())
+    assert len(record["pareto_k_sets"]) == 2 and record["draws"] == 40 and record["corrected"] is False
+    assert "2 sets of 40 draws" in err
+    code, out, _ = run_cli("sample", run, "--data", data, "--num-samples", 40)
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["mean", "sd", "5%", "95%", "mcse_mean", "mcse_sd", "ess"]
+    assert lines[-1].startswith("pareto k ") and "4 sets of 40 draws" in lines[-1]
+
+
+def test_ppc_prints_p_values_per_level_and_writes_json_and_png(trained, tmp_path):
+    run, _, data = trained
+    code, out, err = run_cli("ppc", run, "--data", data, "--num-samples", 100, "--json", tmp_path / "p.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "p.json").read_text())
+    stats = [r["statistic"] for r in report["rows"]]
+    assert stats == [f"y: {s}" for s in ("mean", "sd", "min", "max")] + [
+        f"group means: {s}" for s in ("mean", "sd", "min", "max")
+    ]
+    assert all(0 <= r["p_value"] <= 1 for r in report["rows"]) and report["num_samples"] == 100
+    assert "group means: sd" in out and "p_value" in out
+    if (tmp_path / "p.png").exists() is False:
+        pytest.importorskip("matplotlib")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_validate_seed_and_num_samples_flags(trained, tmp_path):
+    run, _, data = trained
+    code, _, err = run_cli(
+        "validate",
+        run,
+        "--seed",
+        7,
+        "--num-samples",
+        30,
+        "--k-sets",
+        3,
+        "--json",
+        tmp_path / "v.json",
+        "--quiet",
+        "--figures",
+        0,
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["settings"]["seed"] == 7 and report["settings"]["num_samples"] == 30
+    # Pareto k of every held-out dataset from 3 independent sets of 30 draws, pooled
+    assert all(len(d["pareto_k_sets"]) == 3 and d["num_samples"] == 90 for d in report["diagnostics"])
+
+
+def test_command_line_ux(trained, tmp_path):
+    """The run folder is printed once; no warning points at the command that prints it; a response or
+    level column missing from --data says it came from the config; every option has a help text."""
+    run, out, data = trained
+    code, out, err = run_cli("train", data.parent / "tiny.yaml", "--root", tmp_path)
+    assert code == 0 and (out + err).count("run: ") == 1
+    code, _, err = run_cli("validate", run, "--data", data, "--quiet", "--figures", 0, "--name", "ux")
+    assert code == 0 and "validate --data" not in err
+    (tmp_path / "r.csv").write_text(DATA.replace("group,y", "group,resp"))
+    code, _, err = run_cli("sample", run, "--data", tmp_path / "r.csv")
+    assert code == 2 and "column 'y' is not in the data" in err and "--response COLUMN" in err
+    (tmp_path / "l.csv").write_text(DATA.replace("group,y", "clinic,y"))
+    code, _, err = run_cli("sample", run, "--data", tmp_path / "l.csv")
+    assert code == 2 and "--levels" in err and err.count("\n") == 1
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help or action.dest == "help", (name, action.dest)
+
+
+def test_a_plate_the_data_lacks_is_one_line_without_a_trace_dump(tmp_path):
+    (tmp_path / "model.py").write_text(MODEL.replace('"group"', '"school"'))
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    code, out, err = run_cli("train", tmp_path / "tiny.yaml", "--root", tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "unknown level 'school'; levels are ['group']" in err and "Trace Shapes" not in err and "Sites" not in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_progress_bars_turn_off_off_a_terminal_and_leave_no_frame():
+    """Every tqdm bar of the package: ``disable=None`` when progress is on (tqdm turns itself off when
+    stderr is not a terminal: no bar frames in piped logs) and ``leave=False`` (never glued to the next line)."""
+    import ast
+
+    calls = []
+    for path in (Path(__file__).resolve().parents[1] / "amortize").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "tqdm":
+                kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                calls.append((path.name, kw))
+    assert len(calls) >= 3
+    for name, kw in calls:
+        assert "None" in kw.get("disable", "") and kw.get("leave") == "False", (name, kw)
+
+
+def test_main_job_help_documents_the_defaults_it_uses():
+    """``scripts/main.sh --help`` (experiments/main.py): each option's help states the default the parser
+    applies, and the usage line in the docstring quotes the same numbers."""
+    import re
+    import subprocess
+    import sys
+
+    main_py = EXPERIMENTS / "main.py"
+    out = subprocess.run([sys.executable, str(main_py), "--help"], capture_output=True, text=True, check=True).stdout
+    flat = " ".join(out.split())
+    for flag, default in (("--steps", 5000), ("--datasets", 10), ("--draws", 1000), ("--batch-size", 64)):
+        assert re.search(rf"{flag} \S+ [^()]*\(default: {default}\)", flat), flag
+    for flag, value in re.findall(r"\[(--[a-z-]+) (\d+)\]", flat):
+        assert re.search(rf"{flag} \S+ [^()]*\(default: {value}\)", flat), (flag, value)
+
+
+def test_k_line_with_sets_too_small_to_estimate_k():
+    from amortize.cli.draws import k_line
+
+    nan = float("nan")
+    diag = {"pareto_k": 0.96, "pareto_k_sets": [nan] * 4, "ess": 5.6, "num_samples": 80, "ok": False, "reason": "r"}
+    assert k_line(diag) == (
+        "pareto k 0.96 (4 sets of 20 draws: too few draws per set to estimate), importance ESS 6/80: NOT ok (r)"
+    )
+    one = {**diag, "pareto_k_sets": [0.3], "pareto_k": 0.3, "ok": True}
+    assert k_line(one) == "pareto k 0.30, importance ESS 6/80: ok"

@@ -10,18 +10,10 @@ import torch
 import yaml
 
 import amortize.models as models
-from amortize.config import (
-    Config,
-    build_sampler,
-    config_dir,
-    config_source,
-    dataset_spec,
-    load_config,
-    load_dataset,
-    resolve_model,
-    save_config,
-)
+from amortize.config import Config, config_dir, config_source, load_config, save_config
 from amortize.errors import ConfigError, DataError
+from amortize.experiment import build_sampler, dataset_spec, load_dataset
+from amortize.modelspec import resolve_model
 from amortize.train import TrainConfig
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

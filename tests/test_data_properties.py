@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import amortize as am
-from amortize.config import build_sampler, load_config
+from amortize.config import load_config
 from amortize.errors import ConfigError, DataError
+from amortize.experiment import build_sampler
 
 from .conftest import normal_known
 

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import amortize as am
-import amortize.train as train_module
 from amortize.checkpoint import load_checkpoint, save_checkpoint
 from amortize.errors import AmortizeError, CheckpointError, TrainingError
 from amortize.models import gaussian_2level
@@ -67,14 +66,17 @@ def saved(small_sampler, tmp_path):
 
 
 def inject(monkeypatch, fault):
-    """Wrap the training loss: ``fault(call_index, loss)`` returns the loss to use."""
-    real, calls = train_module._loss, []
+    """Wrap the training loss (of each piece of a step's batch: one piece for these small batches):
+    ``fault(call_index, loss)`` returns the loss to use."""
+    from amortize import sources
 
-    def loss(amortizer, cfg, gen):
+    real, calls = sources.batch_loss, []
+
+    def loss(amortizer, cfg, sim):
         calls.append(None)
-        return fault(len(calls) - 1, real(amortizer, cfg, gen))
+        return fault(len(calls) - 1, real(amortizer, cfg, sim))
 
-    monkeypatch.setattr(train_module, "_loss", loss)
+    monkeypatch.setattr(sources, "batch_loss", loss)
 
 
 # ---------------------------------------------------------------------------------------------- exact resume

@@ -58,6 +58,15 @@ def test_rare_drops_are_counted_logged_and_carried_in_the_history(small_sampler,
     assert a.drops.total > 0 and "simulations: dropped" in caplog.text
 
 
+def test_the_pilot_takes_batches_that_lost_datasets(small_sampler):
+    """Pilot batches of 4 datasets, some of which lose one (a non-finite response): the pilot fits on the
+    datasets kept (batches of unequal sizes) and training goes on."""
+    a = am.Amortizer(infinite_above(1.5), small_sampler, hidden=8, seed=1)  # P = 6.7%: drops among 64 datasets
+    a.drops.limit = 0.2  # far above the rate: the run must go on
+    a.fit(**{**FAST, "steps": 2, "batch_size": 32, "pilot_structures": 2})
+    assert a.step == 2 and a.drops.total > 0 and a.drops.requested >= 64
+
+
 def sim(requested: int, dropped: int) -> Simulation:
     data = am.HierarchicalData(["g"], {}, torch.zeros(2, dtype=torch.long), y=torch.zeros(requested - dropped, 2))
     return Simulation(data, {}, requested, {"y": dropped} if dropped else {})

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import amortize as am
 from amortize.validate import ReferenceMoments, plots
 
 pytest.importorskip("matplotlib")
@@ -68,3 +69,27 @@ def test_available_without_matplotlib(monkeypatch):
     assert plots.available()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert not plots.available()
+
+
+def test_workflow_figures(amortizer):
+    """Recovery and z-vs-contraction on held-out simulations (seeded, RNG left alone), a pair plot of
+    the globals and a PPC figure: one panel per element, statistic or pair."""
+    pytest.importorskip("matplotlib")
+    from amortize.predictive import ppc
+    from amortize.validate.workflow_plots import pair_figure, ppc_figure, recovery_draws, recovery_figures
+
+    state = torch.get_rng_state()
+    truths, draws = recovery_draws(amortizer, 5, 40, seed=3)
+    assert torch.equal(state, torch.get_rng_state())
+    again, _ = recovery_draws(amortizer, 5, 40, seed=3)
+    assert [float(t["mu"]) for t in truths] == [float(t["mu"]) for t in again]
+    assert set(truths[0]) == {"mu"} and draws[0]["mu"].shape == (40,)
+    figs = recovery_figures(amortizer, 5, 40, seed=3)
+    (ax,) = [a for a in figs["recovery"].axes if a.get_visible()]
+    assert ax.get_title().startswith("mu: 90% intervals cover")
+    assert len(figs["contraction"].axes[0].collections) == 1  # one scatter: mu
+    pairs = pair_figure({"mu": torch.randn(50), "b": torch.randn(50, 2)}, ["mu", "b"], {"mu": torch.randn(30)})
+    assert len([a for a in pairs.axes if a.get_visible()]) == 6  # 3 elements: 3 diagonal + 3 below
+    data = am.HierarchicalData(["group"], {}, torch.tensor([0, 0, 1]), y=torch.tensor([0.0, 1.0, 2.0]))
+    fig = ppc_figure(ppc(data, torch.randn(20, 3)))
+    assert len([a for a in fig.axes if a.get_visible()]) == 8

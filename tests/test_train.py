@@ -147,23 +147,85 @@ def test_fit_posterior_and_sample_leave_the_callers_rng_alone(small_sampler, sma
 
 def _nan_guide_from(monkeypatch, bad):
     """Steps whose index is in ``bad`` run with NaN weights in the global head (restored after the step)."""
-    from amortize import train as train_mod
+    from amortize import sources
 
-    real, calls = train_mod._loss, []
+    real, calls = sources.batch_loss, []
 
-    def loss(a, cfg, gen):
+    def loss(a, cfg, sim):  # one piece per step for these small batches
         calls.append(1)
         if len(calls) - 1 not in bad:
-            return real(a, cfg, gen)
+            return real(a, cfg, sim)
         p = next(a.guide.global_head.parameters())
         saved = p.data.clone()
         p.data.fill_(float("nan"))
         try:
-            return real(a, cfg, gen)
+            return real(a, cfg, sim)
         finally:
             p.data.copy_(saved)
 
-    monkeypatch.setattr(train_mod, "_loss", loss)
+    monkeypatch.setattr(sources, "batch_loss", loss)
+
+
+def test_skipped_steps_are_counted_in_the_history_and_reported_per_site(small_sampler, monkeypatch, caplog):
+    """Two steps with a NaN inside the guide: the history counts them, one warning at the end names the site."""
+    import logging
+
+    _nan_guide_from(monkeypatch, {1, 3})
+    a = am.Amortizer(normal_known, small_sampler, hidden=8, flow_bins=0)
+    with caplog.at_level(logging.WARNING, logger="amortize.train"):
+        hist = a.fit(steps=6, batch_size=8, pilot_structures=2, log_every=1, progress=False)
+    assert [h["skipped"] for h in hist] == [0, 1, 2, 2]  # logged after the good steps 0, 2, 4, 5
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training:")]
+    assert summary == ["training: 2 of 6 steps left out for a non-finite loss, gradient or guide value (site 'mu': 2)"]
+
+
+def _one_row_poisson() -> am.Amortizer:
+    """Issue #19's 3-level Poisson with one row per innermost group (an observation-level effect), small."""
+    from amortize.models import poisson_3level
+
+    sampler = am.StructureSampler(
+        ["nation", "region", "county"],
+        groups={"nation": (2, 2), "region": (2, 3), "county": (2, 3)},
+        obs=(1, 1),
+        covariates={"obs": {"exposure": {"dist": "uniform", "low": 0.5, "high": 3.0}}},
+    )
+    return am.Amortizer(poisson_3level, sampler.sample(torch.Generator().manual_seed(0)), hidden=8, flow_bins=0)
+
+
+def test_a_nan_in_a_group_data_term_is_skipped_then_stops_naming_the_site(monkeypatch, caplog):
+    """The issue's failure, injected: an overflow (inf) in the county data term makes q at 'a_county' fail
+    a Real() check inside the guide ('Expected parameter ...'); such steps are skipped and counted, and a run
+    where every step fails ends with a TrainingError naming the site and the check that failed."""
+    import logging
+
+    from amortize import sources
+
+    real, calls, bad = sources.batch_loss, [], {1, 2}
+
+    def loss(a, cfg, sim):
+        calls.append(1)
+        if len(calls) - 1 not in bad:
+            return real(a, cfg, sim)
+        bias = a.guide.group_heads["a_county"].net[-1].bias
+        saved = bias.data.clone()
+        bias.data.fill_(float("inf"))
+        try:
+            return real(a, cfg, sim)
+        finally:
+            bias.data.copy_(saved)
+
+    monkeypatch.setattr(sources, "batch_loss", loss)
+    a = _one_row_poisson()
+    with caplog.at_level(logging.WARNING, logger="amortize.train"):
+        hist = a.fit(steps=5, batch_size=8, pilot_structures=2, log_every=1, progress=False)
+    skipped = [r.getMessage() for r in caplog.records if "step skipped" in r.getMessage()]
+    assert len(skipped) == 2 and all("site 'a_county' (Expected parameter" in m for m in skipped), skipped
+    assert hist[-1]["skipped"] == 2 and a.step == 5
+    assert all(bool(torch.isfinite(v).all()) for v in a.guide.state_dict().values())
+    calls.clear()
+    bad = set(range(100))
+    with pytest.raises(am.TrainingError, match=r"3 consecutive.*site 'a_county' \(Expected parameter"):
+        _one_row_poisson().fit(steps=9, batch_size=8, pilot_structures=2, max_bad_steps=3, progress=False)
 
 
 def test_a_nan_inside_the_guide_is_a_bad_step_naming_the_site(small_sampler, monkeypatch, caplog):

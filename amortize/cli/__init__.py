@@ -1,4 +1,4 @@
-"""The ``amortize`` command line: ``train``, ``sample``, ``validate``, ``sbc``, ``bench``.
+"""The ``amortize`` command line: ``train``, ``sample``, ``ppc``, ``validate``, ``sbc``, ``bench``.
 
 Library code never prints; this package formats all output. Errors of the library (and missing
 files) end the command with one line ``amortize: error: ...`` and exit code 2; ``--debug`` adds
@@ -6,7 +6,8 @@ the traceback.
 
 Example:
     $ amortize train experiments/gaussian_2level.yaml train.steps=500
-    $ amortize sample checkpoints/gaussian_2level/20250101-120000 --data my.csv --out draws.nc
+    $ amortize sample checkpoints/gaussian_2level/20250101-120000 --data my.csv --correct --out draws.nc
+    $ amortize ppc checkpoints/gaussian_2level/20250101-120000 --data my.csv
     $ amortize validate checkpoints/gaussian_2level/20250101-120000 --datasets 5
     $ amortize bench checkpoints/radon_minnesota/20250101-120000 checkpoints/eight_schools/20250101-130000
 
@@ -15,7 +16,8 @@ NUTS marginals per site (``validate/<name>/...``, one name per validation) and t
 plots (``sbc/ecdf``, ``sbc/hist``).
 
 The package: this module parses, dispatches and holds ``train`` and ``sample``; :mod:`.common` what
-the commands share (``load_run``); :mod:`.checks` ``validate``, ``sbc`` and ``bench``, which call
+the commands share (``load_run``); :mod:`.draws` ``sample`` and ``ppc``; :mod:`.checks` ``validate``,
+``sbc`` and ``bench``, which call
 :mod:`amortize.validate` and format what it returns.
 """
 
@@ -31,17 +33,10 @@ from pathlib import Path
 
 from .. import __version__
 from ..amortizer import Amortizer
-from ..config import (
-    Config,
-    build_sampler,
-    config_dir,
-    config_source,
-    load_config,
-    resolve_model,
-    save_config,
-    write_text,
-)
+from ..config import Config, config_dir, config_source, load_config, save_config
 from ..errors import AmortizeError, ConfigError
+from ..experiment import build_sampler
+from ..modelspec import resolve_model
 from ..rundir import (
     locked,
     make_dirs,
@@ -53,8 +48,8 @@ from ..rundir import (
 )
 from ..validate.bench import AGAINST
 from .checks import cmd_bench, cmd_sbc, cmd_validate
-from .common import _count, _data_flags, _device, _note, _positive, _progress, _read_data, _warn_diagnostics, load_run
-from .output import _draws_csv, _write_netcdf
+from .common import _count, _data_flags, _device, _note, _positive, _progress, load_run
+from .draws import cmd_ppc, cmd_sample
 
 __all__ = ["main", "build_parser", "load_run"]
 
@@ -66,7 +61,17 @@ EXAMPLES = {
   amortize train --resume checkpoints/gaussian_2level/20250101-120000 train.steps=6000""",
     "sample": """examples:
   amortize sample checkpoints/gaussian_2level/20250101-120000 --data my.csv --out draws.nc
-  amortize sample RUN_DIR --data my.csv --levels district,school --response y --covariates obs:x --out draws.csv""",
+  amortize sample RUN_DIR --data my.csv --levels district,school --response y --covariates obs:x --out draws.csv
+  amortize sample RUN_DIR --data my.csv --correct --num-samples 2000 --seed 1 --out draws.nc
+
+Pareto k is estimated on --k-sets independent sets of --num-samples draws: the pooled k, its range
+over the sets and the decision (ok, or why not) are printed and written into the output.""",
+    "ppc": """examples:
+  amortize ppc checkpoints/radon_minnesota/20250101-120000 --data experiments/data/radon_minnesota.csv
+  amortize ppc RUN_DIR --data my.csv --num-samples 1000 --json ppc.json
+
+Statistics per level: mean, sd, min and max of the response and of each level's group means; the
+p-value is P(T(y_rep) > T(y)) + P(T(y_rep) = T(y)) / 2 over the replicated datasets.""",
     "validate": """examples:
   amortize validate checkpoints/gaussian_2level/20250101-120000 --datasets 5 --json val.json
   amortize validate RUN_DIR --data experiments/data/eight_schools.csv validate.nuts.num_chains=4
@@ -85,6 +90,9 @@ The ECDF and rank-histogram plots also go to RUN_DIR/tb (tags sbc/ecdf, sbc/hist
 Runs of a model with a known reference posterior (radon Minnesota: Inference Gym; eight schools:
 posteriordb) are compared with it on the real data; other runs with NUTS on held-out simulations.""",
 }
+
+
+RUN_HELP = "a run folder written by 'amortize train' (checkpoints/<name>/<timestamp>)"
 
 
 class _StderrHandler(logging.Handler):
@@ -178,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _fit(args: argparse.Namespace, cfg: Config, amortizer: Amortizer, run: Path) -> int:
     """Train ``amortizer`` in ``run`` to ``cfg.train``'s end; print where and how it ended."""
-    _note(args, f"run: {run} ({amortizer!r})")
+    _note(args, f"training {amortizer!r}")
     start, t0 = amortizer.step, time.perf_counter()
     try:
         history = amortizer.fit(
@@ -198,32 +206,6 @@ def _fit(args: argparse.Namespace, cfg: Config, amortizer: Amortizer, run: Path)
         f"steps {start}->{amortizer.step} in {time.perf_counter() - t0:.1f} s; final loss {loss:.4f}"
         f"{'' if history else ' (no new log entry)'}{dropped}"
     )
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    """``amortize sample``: amortized posterior draws for one dataset."""
-    out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in (".nc", ".csv"):
-        raise ConfigError(f"--out {out}: the name must end in .nc (ArviZ NetCDF) or .csv")
-    cfg, _, amortizer = load_run(args.run_dir, device=args.device)
-    post = amortizer.posterior(_read_data(cfg, args, amortizer))
-    diag = post.diagnostics(num_samples=args.num_samples, seed=args.seed)
-    _warn_diagnostics(diag)
-    _note(args, f"pareto k {diag['pareto_k']:.2f}, importance ESS {diag['ess']:.0f}/{diag['num_samples']}")
-    if out is None:
-        print(post.summary(args.num_samples, args.seed))
-        return 0
-    if out.suffix == ".nc":
-        _write_netcdf(post, out, args.num_samples, args.seed)
-    else:
-        made = make_dirs(out.parent, exist_ok=True)
-        try:
-            write_text(out, _draws_csv(post.sample(args.num_samples, args.seed)))
-        except OSError:
-            remove_half_made(out.parent, made, files=False)
-            raise
-    print(f"wrote {args.num_samples} draws to {out}")
     return 0
 
 
@@ -258,21 +240,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = add("sample", "Draw from the amortized posterior of a dataset.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_HELP)
     _data_flags(p, required=True)
-    p.add_argument("--num-samples", type=_positive, default=1000)
-    p.add_argument("--out", help="draws.nc (ArviZ NetCDF) or draws.csv; default: print a summary")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=_positive, default=1000, help="draws (default 1000)")
+    p.add_argument("--correct", action="store_true", help="PSIS-resampled draws (applied where Pareto k <= 0.7)")
+    p.add_argument(
+        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
+    )
+    p.add_argument("--out", help="draws.nc (full ArviZ InferenceData) or draws.csv; default: print a summary")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draws and the diagnostics (default 0)")
     p.add_argument("--device", help="override the config's device")
     p.set_defaults(func=cmd_sample)
 
+    p = add("ppc", "Posterior predictive check of the model on a dataset (test statistics per level).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_HELP)
+    _data_flags(p, required=True)
+    p.add_argument("--num-samples", type=_positive, default=500, help="replicated datasets (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draws (default 0)")
+    p.add_argument("--json", help="report (default: RUN_DIR/ppc-<data stem>.json; the PNG beside it)")
+    p.add_argument("--device", help="override the config's device")
+    p.set_defaults(func=cmd_ppc)
+
     p = add("validate", "Compare the amortized posterior with NUTS (a dataset, or held-out simulations).")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. validate.nuts.num_samples=1000")
     _data_flags(p, required=False)
     p.add_argument("--datasets", type=_positive, help="held-out datasets (default: validate.datasets)")
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
+    p.add_argument("--seed", type=int, help="seeds held-out datasets, draws and NUTS (default: validate.seed)")
     p.add_argument("--by", choices=("level", "site"), default="level", help="rows of the table")
+    p.add_argument(
+        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
+    )
     p.add_argument(
         "--name",
         help="names this validation: RUN_DIR/validate-NAME.json, tags validate/NAME/... "
@@ -283,19 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--figures", type=_count, default=3, metavar="N", help="datasets drawn as figures in RUN_DIR/tb (default 3)"
     )
+    p.add_argument(
+        "--recovery",
+        type=_count,
+        default=20,
+        metavar="N",
+        help="held-out simulations (amortized only) in the recovery and z-vs-contraction figures (default 20; 0: none)",
+    )
     p.set_defaults(func=cmd_validate)
 
     p = add("sbc", "Simulation-based calibration of a trained run.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--datasets", type=_positive, default=200)
-    p.add_argument("--num-samples", type=_positive, default=1000)
-    p.add_argument("--json")
-    p.add_argument("--device")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. validate.seed=3")
+    p.add_argument("--datasets", type=_positive, default=200, help="simulated datasets ranked (default 200)")
+    p.add_argument("--num-samples", type=_positive, default=1000, help="posterior draws per dataset (default 1000)")
+    p.add_argument("--json", help="report (default: RUN_DIR/sbc.json; the PNG files beside it)")
+    p.add_argument("--device", help="override the config's device")
     p.set_defaults(func=cmd_sbc)
 
     p = add("bench", "Benchmark trained runs (accuracy against references, speed).")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by 'amortize train'")
     p.add_argument(
         "--against",
         choices=AGAINST,
@@ -305,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=_positive, help="held-out datasets for NUTS (default: validate.datasets)")
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--json", help="one JSON report for all runs (default: RUN_DIR/bench.json per run)")
-    p.add_argument("--device")
+    p.add_argument(
+        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
+    )
+    p.add_argument("--device", help="override the configs' device")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -336,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
         print(f"amortize: error: {'; '.join(s.strip() for s in text.splitlines() if s.strip())}", file=sys.stderr)
         return 2
-    except SystemExit as e:  # sys.exit() inside the user's model (its import is caught in config.resolve_model)
+    except SystemExit as e:  # sys.exit() inside the user's model (its import is caught in modelspec.resolve_model)
         if args.debug:
             traceback.print_exc()
         tb = e.__traceback__

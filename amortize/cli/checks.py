@@ -23,6 +23,7 @@ from ..validate.bench import against_reference, reference_for
 from ..validate.heldout import Report, against_nuts, heldout_datasets
 from ..validate.metrics import format_table
 from ..validate.sbc import sbc
+from ..validate.workflow_plots import pair_figure, recovery_figures
 from .common import (
     _progress,
     _read_data,
@@ -68,13 +69,18 @@ def _validation_name(args: argparse.Namespace) -> str:
 
 
 def _figures(amortizer: Amortizer, report: Report, per_dataset: bool) -> dict[str, Any]:
-    """The kept comparisons of ``report`` as figures: tag ``<site>``, or ``dataset_<i>/<site>``."""
+    """The kept comparisons of ``report`` as figures: tag ``<site>``, or ``dataset_<i>/<site>``, and
+    ``pairs``: the pair plot of the global sites against the reference draws."""
     levels = {s.name: s.level for s in amortizer.structure.latents}
+    globals_ = [s.name for s in amortizer.structure.latents if s.level is None]
     figures = {}
     for c in report.compared:
         where = f"dataset_{c.dataset}/" if per_dataset else ""
         for site, fig in plots.marginal_figures(c.draws, c.reference, levels, c.labels, c.name).items():
             figures[where + site] = fig
+        if globals_:
+            ref = c.reference if isinstance(c.reference, dict) else None
+            figures[where + "pairs"] = pair_figure(c.draws, globals_, ref)
     return figures
 
 
@@ -85,7 +91,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     v = cfg.validate
     n = args.datasets if args.datasets is not None else v.datasets
     num_samples = args.num_samples or v.num_samples
-    seed = _validation_seed(cfg)
+    seed = _validation_seed(cfg) if args.seed is None else args.seed
     if args.data:
         source, datasets = str(args.data), [_read_data(cfg, args, amortizer)]
     else:
@@ -97,10 +103,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     progress = _progress(args)
     nuts = {**asdict(v.nuts), "progress": progress}
     report = against_nuts(
-        amortizer, datasets, num_samples, nuts=nuts, seed=seed, progress=progress, keep=keep, diagnose=True
+        amortizer,
+        datasets,
+        num_samples,
+        nuts=nuts,
+        seed=seed,
+        progress=progress,
+        keep=keep,
+        diagnose=True,
+        k_sets=args.k_sets,
     )
     if args.data:
-        _warn_diagnostics(report.diagnostics[0])
+        _warn_diagnostics(report.diagnostics[0], hint="the table below compares them with NUTS")
     print(
         f"{args.run_dir}: validation '{name}': amortized ({num_samples} draws) vs"
         f" NUTS ({v.nuts.num_chains}x{v.nuts.num_samples}) on {source}"
@@ -115,7 +129,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     out = _write_json(Path(args.json) if args.json else run / f"validate-{name}.json", result)
     print(f"wrote {out}")
     figures = _figures(amortizer, report, per_dataset=not args.data)
+    if not args.data and keep and args.recovery:  # truth vs posterior on held-out simulations (no NUTS: cheap)
+        figures.update(recovery_figures(amortizer, args.recovery, num_samples, seed))
     scalars = {f"{row['level']}/{k}": row[k] for row in report.summary for k in SCALARS if row.get(k) is not None}
+    ks = [d["pareto_k"] for d in report.diagnostics if isinstance(d.get("pareto_k"), float)]
+    if ks:
+        scalars["pareto_k_max"] = max(ks)
     if figures or scalars:
         prefix = f"validate/{name}/"
         tags = plots.write_tensorboard(run / "tb", figures, step=amortizer.step, prefix=prefix, scalars=scalars)
@@ -147,9 +166,14 @@ def cmd_sbc(args: argparse.Namespace) -> int:
         _warn(NO_MATPLOTLIB)
     print("passed" if res.passed else "FAILED: " + ", ".join(res.failed()))
     print("wrote " + ", ".join(str(p) for p in written))
-    if figures:
-        tags = plots.write_tensorboard(run / "tb", figures, step=amortizer.step, prefix="sbc/")
-        print(f"wrote {', '.join(tags)} to {run / 'tb'}")
+    scalars = {
+        f"{re.sub(r'[^A-Za-z0-9_.]+', '_', r['quantity']).strip('_')}/p_value": r["p_value"]
+        for r in res.rows
+        if r.get("p_value") is not None
+    }
+    if figures or scalars:
+        tags = plots.write_tensorboard(run / "tb", figures, step=amortizer.step, prefix="sbc/", scalars=scalars)
+        print(f"wrote {', '.join(tags)} and {len(scalars)} p-values (sbc/<quantity>/p_value) to {run / 'tb'}")
     return 0 if res.passed else 1
 
 
@@ -166,10 +190,11 @@ def _bench_run(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
     seed = _validation_seed(cfg)
     settings: dict[str, Any] = {"num_samples": num_samples, "seed": seed, "step": amortizer.step}
     if ref is not None:
-        report, against = against_reference(amortizer, ref, num_samples, seed), ref.name
+        report, against = against_reference(amortizer, ref, num_samples, seed, args.k_sets), ref.name
         if plots.available():
+            scalars = {f"{r['level']}/{k}": r[k] for r in report.summary for k in SCALARS if r.get(k) is not None}
             plots.write_tensorboard(
-                run / "tb", _figures(amortizer, report, False), step=amortizer.step, prefix="bench/"
+                run / "tb", _figures(amortizer, report, False), step=amortizer.step, prefix="bench/", scalars=scalars
             )
         else:
             _warn(NO_MATPLOTLIB)
@@ -177,7 +202,9 @@ def _bench_run(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
         num, progress = args.datasets or v.datasets, _progress(args)
         sets = heldout_datasets(amortizer, num, seed)
         nuts = {**asdict(v.nuts), "progress": progress}
-        report = against_nuts(amortizer, sets, num_samples, nuts=nuts, seed=seed, progress=progress, diagnose=True)
+        report = against_nuts(
+            amortizer, sets, num_samples, nuts=nuts, seed=seed, progress=progress, diagnose=True, k_sets=args.k_sets
+        )
         against = f"NUTS, {num} held-out"
         settings.update(datasets=num, nuts=asdict(v.nuts))
         if not report.rows:

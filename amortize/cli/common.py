@@ -13,18 +13,11 @@ from typing import Any
 import torch
 
 from ..amortizer import Amortizer
-from ..config import (
-    Config,
-    build_sampler,
-    config_dir,
-    config_source,
-    dataset_spec,
-    load_config,
-    read_dataset,
-    resolve_model,
-)
+from ..config import Config, config_dir, config_source, load_config
 from ..data import HierarchicalData
 from ..errors import ConfigError, DataError
+from ..experiment import build_sampler, dataset_spec, read_dataset
+from ..modelspec import resolve_model
 from ..posterior import K_THRESHOLD
 from ..rundir import recorded_overrides
 
@@ -46,13 +39,13 @@ def _warn(text: str) -> None:
     print(f"amortize: warning: {text}", file=sys.stderr)
 
 
-def _warn_diagnostics(diag: dict[str, Any]) -> None:
-    """Each problem of a posterior's diagnostics as one warning line."""
+def _warn_diagnostics(diag: dict[str, Any], hint: str = "") -> None:
+    """Each problem of a posterior's diagnostics as one warning line (``hint``: what to do next)."""
     for flag in diag["flags"]:
         _warn(f"outside the training range: {flag}")
     k = diag["pareto_k"]
     if k > K_THRESHOLD:
-        _warn(f"Pareto k {k:.2f} > {K_THRESHOLD}: do not trust these draws; check with 'amortize validate --data'")
+        _warn(f"Pareto k {k:.2f} > {K_THRESHOLD}: do not trust these draws{'; ' + hint if hint else ''}")
 
 
 def _device(name: str) -> torch.device:
@@ -141,7 +134,17 @@ def _read_data(cfg: Config, args: argparse.Namespace, amortizer: Amortizer) -> H
             spec.covariates.setdefault(lvl, []).extend(c.strip() for c in cols.split(",") if c.strip())
     if args.nested_ids:
         spec.nested_ids = True
-    data = read_dataset(spec, args.data, key="--data")
+    try:
+        data = read_dataset(spec, args.data, key="--data")
+    except DataError as e:  # a column the config named and the flags did not override: say where it came from
+        hints = [f"the response '{spec.response}' comes from the config; name yours with --response COLUMN"]
+        hints = hints if not args.response and f"column '{spec.response}' is not" in str(e) else []
+        missing = [lvl for lvl in spec.levels if f"column '{lvl}' is not" in str(e)]
+        if missing and not args.levels:
+            hints.append(f"the levels {list(spec.levels)} come from the config; name yours with --levels A,B")
+        if not hints:
+            raise
+        raise DataError(f"{e} ({'; '.join(hints)})") from None
     try:
         amortizer.structure.check_response(data)
     except DataError as e:

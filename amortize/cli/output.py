@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import write_text
+from ..checkpoint import write_text
 from ..posterior import Posterior
 from ..rundir import make_dirs, remove_half_made
 from ..validate.results import json_safe
@@ -31,10 +31,20 @@ def _draws_csv(draws: dict[str, torch.Tensor]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_netcdf(post: Posterior, path: Path, num_samples: int, seed: int) -> None:
-    """Write the draws as ArviZ NetCDF atomically; a failed write (disk full) names ``path`` and
-    leaves neither a temporary file nor the folders made for it."""
-    idata = post.to_arviz(num_samples, seed)
+def _write_netcdf(
+    post: Posterior, path: Path, num_samples: int, seed: int, correct: bool = False, record: dict | None = None
+) -> None:
+    """Write the full InferenceData as ArviZ NetCDF atomically, the command's diagnostics ``record``
+    (pooled Pareto k, its sets, the decision) in ``sample_stats`` attributes as ``diagnostics_*``; a
+    failed write (disk full) names ``path`` and leaves neither a temporary file nor the folders made for it."""
+    idata = post.to_arviz(num_samples, seed, correct=correct)
+    for key, value in (record or {}).items():
+        if isinstance(value, bool):
+            value = int(value)  # NetCDF attributes hold numbers, strings and lists of them
+        if isinstance(value, list):
+            value = [v for v in value if isinstance(v, (int, float))] if key != "flags" else "; ".join(value)
+        if value is not None:
+            idata.sample_stats.attrs[f"diagnostics_{key}"] = value
     made = make_dirs(path.parent, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data import OBS, HierarchicalData
-from .least_squares import segment_mean
+from .least_squares import segment_mean, segment_sum
 from .statistics import STATISTICS_VERSION, DatasetStatistics, dataset_statistics
 
 __all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp"]
@@ -114,8 +114,10 @@ class HierarchicalEncoder(nn.Module):
         return 7 + self.obs_dim + len(self.cov_names.get(lvl, [])) + (0 if inner else 2)
 
     def statistics(self, data: HierarchicalData) -> DatasetStatistics:
-        """The statistics of ``data`` the networks and heads read (see :func:`dataset_statistics`)."""
-        return dataset_statistics(data, self.levels, self.cov_names)
+        """The statistics of ``data`` the networks and heads read (see :func:`dataset_statistics`), computed
+        without gradients: they are functions of the data alone."""
+        with torch.no_grad():
+            return dataset_statistics(data, self.levels, self.cov_names)
 
     @torch.no_grad()
     def fit(self, statistics: Sequence[DatasetStatistics]) -> None:
@@ -125,20 +127,33 @@ class HierarchicalEncoder(nn.Module):
         self.global_scaler.fit(torch.cat([s.features for s in statistics]))
 
     def forward(self, data: HierarchicalData) -> Encoding:
-        """Embed ``data`` bottom-up: per-observation features pooled into groups, groups into parents."""
+        """Embed ``data`` bottom-up: per-observation features pooled into groups, groups into parents.
+
+        The mean of ``phi`` over a group's rows is computed as ``phi``'s last (linear) layer applied to
+        the mean of its hidden activations: the same value, with the N-row work done at the hidden
+        width and the rows summed once, into the innermost groups, whose sums add up the levels."""
         stats = self.statistics(data)
-        h_obs = self.phi(stats.obs_features)  # [B, N, H]
+        hidden = self.phi[:-1](stats.obs_features)  # [B, N, 32]: phi before its last, linear, layer
+        last = self.phi[-1]
+        sums: dict[str, torch.Tensor] = {}  # per level: [B, G, 32] sums of the hidden rows
+        inner = self.levels[-1]
+        sums[inner] = segment_sum(hidden, data.index(inner), data.size(inner))
+        for i in reversed(range(len(self.levels) - 1)):
+            below = self.levels[i + 1]
+            sums[self.levels[i]] = segment_sum(sums[below], data.parent_index(below), data.size(self.levels[i]))
         groups: dict[str, torch.Tensor] = {}
         child: torch.Tensor | None = None
         for i in reversed(range(len(self.levels))):
             lvl = self.levels[i]
             G = data.size(lvl)
-            pooled = segment_mean(h_obs, data.index(lvl), G, data.counts(lvl))  # [B, G, H]
+            n = data.counts(lvl).to(hidden.dtype).unsqueeze(-1)  # [G, 1] rows per group
+            pooled = last(sums[lvl] / n)  # [B, G, H]: the mean of phi over the group's rows
             parts = [self.scalers[lvl](stats.levels[lvl].features), pooled]
             if child is not None:
                 cidx = data.parent_index(self.levels[i + 1])
                 parts.append(segment_mean(child, cidx, G, torch.bincount(cidx, minlength=G)))
             child = groups[lvl] = self.nets[lvl](torch.cat(parts, -1))  # [B, G, H]
         top = groups[self.levels[0]].mean(-2)  # [B, H]
-        dataset = self.global_net(torch.cat([self.global_scaler(stats.features), h_obs.mean(-2), top], -1))
+        rows_mean = last(sums[self.levels[0]].sum(-2) / data.n_obs)  # [B, H]: the mean of phi over all rows
+        dataset = self.global_net(torch.cat([self.global_scaler(stats.features), rows_mean, top], -1))
         return Encoding(dataset, groups, stats)

@@ -15,7 +15,7 @@ from pyro.distributions.transforms import AffineTransform, ConditionalSpline
 from pyro.nn import DenseNN
 from torch import nn
 from torch.distributions import Transform, constraints
-from torch.nn.functional import softplus
+from torch.nn.functional import linear, softplus
 
 from .encoder import mlp
 from .statistics import GroupStatistics
@@ -334,8 +334,15 @@ class GroupHead(nn.Module):
         """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, the level's :class:`GroupStatistics` ->
         ``loc, scale`` each ``[B, G, d]`` and the coupling ``[B, G, d, D]`` to the standardized
         globals (None without coupling): the data term's location is ``loc + coupling @ w``."""
-        features = torch.cat([group_emb, dataset_emb.unsqueeze(-2).expand_as(group_emb)], -1)
-        out = self.net(features)
+        # both networks read [group_emb, dataset_emb]: their first layers split into a per-group part
+        # (one matmul for both networks) and a per-dataset part, computed once per dataset
+        first = [self.net[0]] + ([] if self.coupling is None else [self.coupling[0]])
+        H = group_emb.shape[-1]
+        weight = torch.cat([f.weight for f in first])  # [(1 or 2) H, 2H]
+        bias = torch.cat([f.bias for f in first])
+        pre = linear(group_emb, weight[:, :H]) + linear(dataset_emb, weight[:, H:], bias).unsqueeze(-2)
+        pre = pre.split([f.out_features for f in first], -1)  # each [B, G, H]
+        out = self.net[1:](pre[0])
         log_unit = self.raw_scale(torch.stack([stats.unit_log_sd, stats.unit_log_n], -1))
         loc = self.raw(torch.stack([stats.mean, stats.dataset_mean], -1))
         if self.raw_slope is not None:
@@ -346,7 +353,7 @@ class GroupHead(nn.Module):
         scale = unit * (softplus(out[..., self.dim :] + _SOFTPLUS_ONE) + 1e-4)
         coupling = None
         if self.coupling is not None:
-            coupling = unit.unsqueeze(-1) * self.coupling(features).reshape(*loc.shape, self.global_dim)
+            coupling = unit.unsqueeze(-1) * self.coupling[1:](pre[1]).reshape(*loc.shape, self.global_dim)
         return loc, scale, coupling
 
 

@@ -111,8 +111,11 @@ def reference_for(model_spec: str, against: str = "auto") -> LoadedReference | N
     return LoadedReference(ref.name, data, posterior)
 
 
-def against_reference(amortizer: Amortizer, ref: LoadedReference, num_samples: int = 1000, seed: int = 0) -> Report:
-    """Compare the amortized posterior of ``ref.data`` with the reference posterior.
+def against_reference(
+    amortizer: Amortizer, ref: LoadedReference, num_samples: int = 1000, seed: int = 0, k_sets: int = 4
+) -> Report:
+    """Compare the amortized posterior of ``ref.data`` with the reference posterior (Pareto k from
+    ``k_sets`` independent sets of ``num_samples`` draws, pooled).
 
     Returns:
         A :class:`~amortize.validate.heldout.Report` of one dataset: rows, summary, the time of the
@@ -130,6 +133,6 @@ def against_reference(amortizer: Amortizer, ref: LoadedReference, num_samples: i
         rows=rows,
         summary=summarize(rows, by="level"),
         amortized_seconds=[seconds],
-        diagnostics=[{"dataset": 0, **post.diagnostics(num_samples, seed)}],
+        diagnostics=[{"dataset": 0, **post.diagnostics(num_samples, seed, k_sets)}],
         compared=[Compared(0, dict(draws), ref.posterior, ref.name, dict(ref.data.labels))],
     )

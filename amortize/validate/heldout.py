@@ -147,6 +147,7 @@ def against_nuts(
     cached_only: bool = False,
     reference: Callable[[HierarchicalData, int], NUTSResult] | None = None,
     diagnose: bool = False,
+    k_sets: int = 4,
 ) -> Report:
     """Compare the amortized posterior with NUTS on each dataset (same model, same data).
 
@@ -159,14 +160,16 @@ def against_nuts(
     replaces Pyro NUTS, e.g. NUTS on a NumPyro twin of the model (``run_numpyro_nuts`` in
     ``experiments/bench/numpyro_models.py``). ``diagnose``: add each dataset's posterior
     diagnostics (Pareto k, training-range flags; ``num_samples`` draws, seed ``seed + i``) to
-    ``report.diagnostics``.
+    ``report.diagnostics``; ``k_sets`` independent sets of draws give k's spread (the pooled k decides).
     """
     report = Report()
     levels = {s.name: s.level for s in amortizer.structure.latents}
     amortizer.posterior(datasets[0]).sample(10)  # warm-up: first-call overheads are not inference time
     for i, data in enumerate(tqdm(datasets, disable=None if progress else True, desc="validate", leave=False)):
         if diagnose:
-            report.diagnostics.append({"dataset": i, **amortizer.posterior(data).diagnostics(num_samples, seed + i)})
+            report.diagnostics.append(
+                {"dataset": i, **amortizer.posterior(data).diagnostics(num_samples, seed + i, k_sets)}
+            )
         if reference is not None:
             res = reference(data, seed + i)
         else:

@@ -140,7 +140,8 @@ def group_figure(
     label: str = "NUTS",
     labels: Sequence[Any] | None = None,
 ) -> Figure:
-    """Posterior means and sds of a group-level site over its groups: amortized (y) against the reference (x).
+    """Posterior means (with 90% intervals) and sds of a group-level site over its groups: amortized (y)
+    against the reference (x).
 
     Args:
         site: the site name.
@@ -168,8 +169,11 @@ def group_figure(
     with np.errstate(divide="ignore", invalid="ignore"):
         z, ratio = np.abs(qm - rm) / rs, qs / rs  # [G*E] each; NaN or inf where the reference sd is 0
     fig = new_figure(6.4, 3.0)
+    q_lo, q_hi = np.quantile(q, [0.05, 0.95], axis=0)  # [G*E] each: the amortized 90% intervals
     for k, (what, a, b) in enumerate((("mean", rm, qm), ("sd", rs, qs))):
         ax = fig.add_subplot(1, 2, k + 1)
+        if what == "mean":  # intervals: amortized 90% (vertical), reference mean +- 1.645 sd (horizontal)
+            ax.errorbar(a, b, yerr=[b - q_lo, q_hi - b], xerr=1.645 * rs, fmt="none", ecolor="0.75", lw=0.6)
         ax.scatter(a, b, s=10, alpha=0.7, color=AMORTIZED, lw=0)
         lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
         pad = 0.05 * (hi - lo or 1.0)
