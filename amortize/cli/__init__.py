@@ -210,6 +210,13 @@ def _fit(args: argparse.Namespace, cfg: Config, amortizer: Amortizer, run: Path)
 
 
 # ---------------------------------------------------------------------------------------------- parser
+def _k_sets_flag(p: argparse.ArgumentParser) -> None:
+    """``--k-sets``: Pareto k from this many independent sets of draws (pooled), with its spread."""
+    p.add_argument(
+        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``amortize`` command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -244,9 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p, required=True)
     p.add_argument("--num-samples", type=_positive, default=1000, help="draws (default 1000)")
     p.add_argument("--correct", action="store_true", help="PSIS-resampled draws (applied where Pareto k <= 0.7)")
-    p.add_argument(
-        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
-    )
+    _k_sets_flag(p)
     p.add_argument("--out", help="draws.nc (full ArviZ InferenceData) or draws.csv; default: print a summary")
     p.add_argument("--seed", type=int, default=0, help="seeds the draws and the diagnostics (default 0)")
     p.add_argument("--device", help="override the config's device")
@@ -269,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--seed", type=int, help="seeds held-out datasets, draws and NUTS (default: validate.seed)")
     p.add_argument("--by", choices=("level", "site"), default="level", help="rows of the table")
-    p.add_argument(
-        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
-    )
+    _k_sets_flag(p)
     p.add_argument(
         "--name",
         help="names this validation: RUN_DIR/validate-NAME.json, tags validate/NAME/... "
@@ -311,9 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=_positive, help="held-out datasets for NUTS (default: validate.datasets)")
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--json", help="one JSON report for all runs (default: RUN_DIR/bench.json per run)")
-    p.add_argument(
-        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
-    )
+    _k_sets_flag(p)
     p.add_argument("--device", help="override the configs' device")
     p.set_defaults(func=cmd_bench)
     return parser
