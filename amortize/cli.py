@@ -1,10 +1,9 @@
-"""The ``amortize`` command line: ``train``, ``sample``, ``ppc``, ``validate``, ``sbc``, ``bench``.
-
-Argument parsing, printing and exit codes only: :mod:`amortize.rundir` loads and trains runs,
-:mod:`amortize.export` writes draws, :mod:`amortize.validate.commands` computes the checks (and writes
-their reports and figures); this module prints what they return, and the library's log records as
-``amortize: warning: ...``. An error of the library (or a missing file) ends the command with one line
-``amortize: error: ...`` and exit code 2; ``--debug`` adds the traceback.
+"""The ``amortize`` command line (``train``, ``sample``, ``ppc``, ``validate``, ``sbc``, ``bench``): parsing,
+printing and exit codes only. :mod:`amortize.rundir` loads and trains runs, :mod:`amortize.export` writes
+draws, :mod:`amortize.validate.commands` and :mod:`amortize.validate.draw_checks` compute the checks (and
+write their reports and figures); this module prints what they return and the library's log records
+(``amortize: warning: ...``). A library error or a missing file ends a command with one line
+``amortize: error: ...`` and exit code 2 (``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from .amortizer import Amortizer
@@ -27,11 +25,11 @@ from .errors import AmortizeError, ConfigError
 from .export import write_draws
 from .files import write_json
 from .rundir import load_run, new_amortizer, new_run, read_data, record_resume, resumed
-from .validate import commands
+from .validate import commands, draw_checks
 from .validate.bench import AGAINST
 from .validate.metrics import format_table
 
-__all__ = ["main", "build_parser", "k_line"]
+__all__ = ["main", "build_parser"]
 
 RUN_HELP = "a run folder written by 'amortize train' (checkpoints/<name>/<timestamp>)"
 
@@ -43,10 +41,6 @@ class _StderrHandler(logging.Handler):
         print(f"amortize: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
-_HANDLER = _StderrHandler()
-
-
-# ---------------------------------------------------------------------------------------------- printing
 def _progress(args: argparse.Namespace) -> bool:
     """Progress bars: not with ``--quiet`` and not when ``CI`` is set."""
     return not args.quiet and not os.environ.get("CI")
@@ -56,33 +50,6 @@ def _note(args: argparse.Namespace, text: str) -> None:
     """A progress line on stderr (stdout is kept for results)."""
     if not args.quiet:
         print(text, file=sys.stderr)
-
-
-def k_line(diag: dict[str, Any]) -> str:
-    """``pareto k 0.42 (4 sets of 1000 draws: 0.38-0.47), importance ESS 2100/4000: ok``."""
-    sets = diag.get("pareto_k_sets", [])
-    known = [k for k in sets if k == k]  # NaN: a set too small (< 25 draws) to estimate k
-    spread = f"{min(known):.2f}-{max(known):.2f}" if known else "too few draws per set to estimate"
-    spread = f" ({len(sets)} sets of {diag['num_samples'] // max(1, len(sets))} draws: {spread})"
-    decision = "ok" if diag["ok"] else f"NOT ok ({diag['reason']})"
-    return (
-        f"pareto k {diag['pareto_k']:.2f}{spread if len(sets) > 1 else ''},"
-        f" importance ESS {diag['ess']:.0f}/{diag['num_samples']}: {decision}"
-    )
-
-
-def _read_data(cfg: Config, args: argparse.Namespace, amortizer: Amortizer) -> Any:
-    """The ``--data`` CSV, its columns as the flags name them (else as the config does)."""
-    covariates = None
-    if args.covariates is not None:
-        covariates = {}
-        for item in args.covariates:
-            lvl, sep, cols = item.partition(":")
-            if not sep or not lvl or not cols:
-                raise ConfigError(f"--covariates: expected LEVEL:COL[,COL...], got '{item}'")
-            covariates.setdefault(lvl, []).extend(c.strip() for c in cols.split(",") if c.strip())
-    levels = [s.strip() for s in args.levels.split(",") if s.strip()] if args.levels else None
-    return read_data(cfg, amortizer, args.data, levels, args.response, covariates, args.nested_ids)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -153,8 +120,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out is not None and out.suffix not in (".nc", ".csv"):
         raise ConfigError(f"--out {out}: the name must end in .nc (ArviZ NetCDF) or .csv")
     cfg, _, amortizer = load_run(args.run_dir, device=args.device)
-    post = amortizer.posterior(_read_data(cfg, args, amortizer))
-    drawn = commands.draw_sample(post, args.num_samples, args.seed, args.k_sets, args.correct)
+    data = read_data(cfg, amortizer, args.data, args.levels, args.response, args.covariates, args.nested_ids)
+    post = amortizer.posterior(data)
+    drawn = draw_checks.draw_sample(post, args.num_samples, args.seed, args.k_sets, args.correct)
     diag, draws = drawn.diagnostics, drawn.draws
     what = "draws"
     if drawn.corrected:
@@ -162,9 +130,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out is None:
         frame = post.summary(args.num_samples, args.seed, correct=args.correct)
         print(frame.to_string(float_format=lambda x: f"{x:.3f}"))
-        print(k_line(diag))
+        print(draw_checks.k_line(diag))
         return 0
-    _note(args, k_line(diag))
+    _note(args, draw_checks.k_line(diag))
     write_draws(post, out, args.num_samples, args.seed, correct=args.correct, record=drawn.record, draws=draws)
     print(f"wrote {args.num_samples} {what} to {out} ({'ok' if diag['ok'] else 'NOT ok: ' + diag['reason']})")
     if draws is not None and not drawn.corrected:
@@ -183,11 +151,11 @@ def cmd_ppc(args: argparse.Namespace) -> int:
     p-value is P(T(y_rep) > T(y)) + P(T(y_rep) = T(y)) / 2 over the replicated datasets.
     """
     cfg, _, amortizer = load_run(args.run_dir, device=args.device)
-    data = _read_data(cfg, args, amortizer)
-    ppc = commands.ppc_run(amortizer, data, args.run_dir, args.data, args.num_samples, args.seed, args.json)
+    data = read_data(cfg, amortizer, args.data, args.levels, args.response, args.covariates, args.nested_ids)
+    ppc = draw_checks.ppc_run(amortizer, data, args.run_dir, args.data, args.num_samples, args.seed, args.json)
     res = ppc.result
     print(f"{args.run_dir}: posterior predictive check on {args.data} ({res.num_samples} replicated datasets)")
-    print(format_table(res.rows, commands.PPC_COLUMNS))
+    print(format_table(res.rows, draw_checks.PPC_COLUMNS))
     if res.extreme:
         print(f"p-value below 0.05 or above 0.95: {', '.join(res.extreme)}")
     else:
@@ -209,7 +177,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """
     name = commands.validation_name(args.name, args.data)
     cfg, _, amortizer = load_run(args.run_dir, args.overrides, device=args.device, with_sampler=not args.data)
-    data = _read_data(cfg, args, amortizer) if args.data else None
+    data = None
+    if args.data:
+        data = read_data(cfg, amortizer, args.data, args.levels, args.response, args.covariates, args.nested_ids)
     val = commands.validate_run(
         cfg, amortizer, args.run_dir, name, data, args.data, args.datasets, args.num_samples, args.seed,
         keep=args.figures, k_sets=args.k_sets, progress=_progress(args),
@@ -278,20 +248,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------- parser
-def _whole(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``minimum``."""
-    what = "a positive integer" if minimum == 1 else f"a whole number >= {minimum}"
-
-    def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'")
-        return int(text)
-
-    return parse
+def _count(text: str, minimum: int = 0) -> int:
+    if not text.isdigit() or int(text) < minimum:
+        what = "a positive integer" if minimum == 1 else f"a whole number >= {minimum}"
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'")
+    return int(text)
 
 
-_positive, _count = _whole(1), _whole(0)
+def _positive(text: str) -> int:
+    return _count(text, 1)
+
+
+K_SETS = {"type": _positive, "default": 4, "help": "independent sets of draws for Pareto k and its spread (default 4)"}
 
 
 def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -300,13 +268,6 @@ def _data_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--response", help="response column (default: from the config)")
     p.add_argument("--covariates", action="append", metavar="LEVEL:COL[,COL]", help="covariate columns (repeatable)")
     p.add_argument("--nested-ids", action="store_true", help="ids repeat within parents")
-
-
-def _k_sets_flag(p: argparse.ArgumentParser) -> None:
-    """``--k-sets``: Pareto k from this many independent sets of draws (pooled), with its spread."""
-    p.add_argument(
-        "--k-sets", type=_positive, default=4, help="independent sets of draws for Pareto k and its spread (default 4)"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,8 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], run: bool = True) -> argparse.ArgumentParser:
-        """The subcommand ``name``: its help the first line of ``func``'s docstring, its epilog the rest;
-        with ``run``, its first argument a run folder and an option ``--device``."""
+        """Subcommand ``name``: help, epilog from ``func``'s docstring; with ``run``, RUN_DIR and ``--device``."""
         help, _, epilog = inspect.cleandoc(func.__doc__ or "").partition("\n\n")
         kind = argparse.RawDescriptionHelpFormatter
         p = sub.add_parser(name, help=help, description=help, parents=[common], epilog=epilog, formatter_class=kind)
@@ -343,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(p, required=True)
     p.add_argument("--num-samples", type=_positive, default=1000, help="draws (default 1000)")
     p.add_argument("--correct", action="store_true", help="PSIS-resampled draws (applied where Pareto k <= 0.7)")
-    _k_sets_flag(p)
+    p.add_argument("--k-sets", **K_SETS)
     p.add_argument("--out", help="draws.nc (full ArviZ InferenceData) or draws.csv; default: print a summary")
     p.add_argument("--seed", type=int, default=0, help="seeds the draws and the diagnostics (default 0)")
 
@@ -360,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--seed", type=int, help="seeds held-out datasets, draws and NUTS (default: validate.seed)")
     p.add_argument("--by", choices=("level", "site"), default="level", help="rows of the table")
-    _k_sets_flag(p)
+    p.add_argument("--k-sets", **K_SETS)
     p.add_argument(
         "--name",
         help="names this validation: RUN_DIR/validate-NAME.json, tags validate/NAME/... "
@@ -395,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=_positive, help="held-out datasets for NUTS (default: validate.datasets)")
     p.add_argument("--num-samples", type=_positive, help="amortized draws (default: validate.num_samples)")
     p.add_argument("--json", help="one JSON report for all runs (default: RUN_DIR/bench.json per run)")
-    _k_sets_flag(p)
+    p.add_argument("--k-sets", **K_SETS)
     p.add_argument("--device", help="override the configs' device")
     return parser
 
@@ -411,13 +371,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    quiet = {"amortize.posterior": logging.ERROR, "amortize.validate.nuts": logging.ERROR}  # the CLI prints these
-    levels = {"amortize": logging.DEBUG if args.debug else logging.WARNING}
-    levels.update({name: logging.DEBUG for name in quiet} if args.debug else quiet)
+    quiet = logging.DEBUG if args.debug else logging.ERROR  # the commands say these, with what to do next
+    levels = {"amortize": min(quiet, logging.WARNING), "amortize.posterior": quiet, "amortize.validate.nuts": quiet}
     saved = {name: logging.getLogger(name).level for name in levels}
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-    logging.getLogger("amortize").addHandler(_HANDLER)
+    handler = _StderrHandler()
+    logging.getLogger("amortize").addHandler(handler)
     try:
         return args.func(args)
     except (AmortizeError, OSError) as e:
@@ -429,13 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # sys.exit() inside the user's model (its import is caught in modelspec.resolve_model)
         if args.debug:
             traceback.print_exc()
-        tb = e.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        where = f" at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        last = traceback.extract_tb(e.__traceback__)[-1:]
+        where = f" at {last[0].filename}:{last[0].lineno}" if last else ""
         print(f"amortize: error: {args.command}: SystemExit({e.code}) was raised{where}", file=sys.stderr)
         return 2
     finally:  # leave logging as it was (main may be called from Python, e.g. in tests)
-        logging.getLogger("amortize").removeHandler(_HANDLER)
+        logging.getLogger("amortize").removeHandler(handler)
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)

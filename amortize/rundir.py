@@ -241,23 +241,32 @@ def read_data(
     cfg: Config,
     amortizer: Amortizer,
     path: str | os.PathLike,
-    levels: Sequence[str] | None = None,
+    levels: str | None = None,
     response: str | None = None,
-    covariates: dict[str, list[str]] | None = None,
+    covariates: Sequence[str] | None = None,
     nested_ids: bool = False,
 ) -> HierarchicalData:
-    """The CSV at ``path``, read with the config's dataset spec (``levels``, ``response``, ``covariates``,
-    ``nested_ids`` override it), its response checked against the model's likelihood.
+    """The CSV at ``path``, read with the config's dataset spec, its response checked against the model's
+    likelihood. ``levels`` (id columns, outermost first, comma-separated), ``response``, ``covariates``
+    (items ``LEVEL:COL[,COL...]``) and ``nested_ids`` override the spec (the ``--data`` flags of ``amortize``).
 
     Raises:
+        ConfigError: a ``covariates`` item without ``LEVEL:``.
         DataError: a column missing (saying which came from the config, and the flag that names
             another), or a response the likelihood cannot give (a Poisson -1, a Bernoulli 0.5), named with
             ``path``.
     """
     spec = replace(dataset_spec(cfg))
-    spec.levels = list(levels) if levels is not None else spec.levels
+    if levels:
+        spec.levels = [s.strip() for s in levels.split(",") if s.strip()]
     spec.response = response or spec.response
-    spec.covariates = covariates if covariates is not None else spec.covariates
+    if covariates is not None:
+        spec.covariates = {}
+        for item in covariates:
+            lvl, sep, cols = item.partition(":")
+            if not sep or not lvl or not cols:
+                raise ConfigError(f"--covariates: expected LEVEL:COL[,COL...], got '{item}'")
+            spec.covariates.setdefault(lvl, []).extend(c.strip() for c in cols.split(",") if c.strip())
     spec.nested_ids = spec.nested_ids or nested_ids
     try:
         data = read_dataset(spec, path, key="--data")
@@ -265,7 +274,7 @@ def read_data(
         hints = [f"the response '{spec.response}' comes from the config; name yours with --response COLUMN"]
         hints = hints if not response and f"column '{spec.response}' is not" in str(e) else []
         missing = [lvl for lvl in spec.levels if f"column '{lvl}' is not" in str(e)]
-        if missing and levels is None:
+        if missing and not levels:
             hints.append(f"the levels {list(spec.levels)} come from the config; name yours with --levels A,B")
         if not hints:
             raise

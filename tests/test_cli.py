@@ -500,7 +500,7 @@ def test_main_job_help_documents_the_defaults_it_uses():
 
 
 def test_k_line_with_sets_too_small_to_estimate_k():
-    from amortize.cli import k_line
+    from amortize.validate.draw_checks import k_line
 
     nan = float("nan")
     diag = {"pareto_k": 0.96, "pareto_k_sets": [nan] * 4, "ess": 5.6, "num_samples": 80, "ok": False, "reason": "r"}

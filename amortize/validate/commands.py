@@ -1,4 +1,4 @@
-"""What ``amortize validate``, ``sbc``, ``bench``, ``ppc`` and ``sample`` compute and write: values, never prints.
+"""What ``amortize validate``, ``sbc`` and ``bench`` compute and write: values, never prints.
 
 Each function takes a loaded run (:func:`amortize.rundir.load_run`) and returns what the command
 prints from (reports, tables' rows, the paths it wrote); the JSON reports, PNG files and TensorBoard
@@ -6,7 +6,8 @@ figures are written here, atomically. Each validation has a name (:func:`validat
 is ``RUN_DIR/validate-<name>.json`` and its TensorBoard tags ``validate/<name>/...``, so a held-out
 validation and one on a dataset never overwrite each other. SBC writes ``sbc.json``, two PNG files
 beside it and the tags ``sbc/ecdf``, ``sbc/hist``; ``bench`` returns one JSON entry per run and, against
-a published reference, writes the tags ``bench/<site>``.
+a published reference, writes the tags ``bench/<site>``. (``ppc`` and ``sample``:
+:mod:`amortize.validate.draw_checks`.)
 
 Example:
     >>> cfg, _, amortizer = load_run(run)  # doctest: +SKIP
@@ -28,25 +29,20 @@ from ..config import Config
 from ..data import HierarchicalData
 from ..errors import ConfigError
 from ..files import write_json
-from ..importance import K_THRESHOLD
 from ..rundir import load_run, run_config
 from . import plots
 from .bench import against_reference, reference_for
+from .draw_checks import warn_diagnostics
 from .heldout import Report, against_nuts, heldout_datasets
 from .sbc import SBCResult, sbc
-from .workflow_plots import pair_figure, ppc_figure, recovery_figures
+from .workflow_plots import pair_figure, recovery_figures
 
 if TYPE_CHECKING:
     from ..amortizer import Amortizer
-    from ..posterior import Posterior
-    from ..predictive import PPCResult
 
 __all__ = [
     "Validation",
     "SBCRun",
-    "PPCRun",
-    "Drawn",
-    "warn_diagnostics",
     "validation_seed",
     "validation_name",
     "validate_run",
@@ -54,10 +50,7 @@ __all__ = [
     "sbc_run",
     "bench_run",
     "bench_rows",
-    "ppc_run",
-    "draw_sample",
     "BENCH_COLUMNS",
-    "PPC_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,7 +68,6 @@ BENCH_COLUMNS = (
     "nuts_s",
     "speedup",
 )
-PPC_COLUMNS = ("statistic", "level", "observed", "replicated_mean", "replicated_5%", "replicated_95%", "p_value")
 SCALARS = ("z_median", "z_p90", "sd_ratio_median", "coverage90")  # per level, into TensorBoard
 NO_MATPLOTLIB = "no figures: matplotlib is not installed (pip install 'amortize[arviz]')"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -100,15 +92,6 @@ def validation_name(name: str | None, data: str | os.PathLike | None) -> str:
     if data:
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(data).stem).strip("_.-") or "data"
     return "heldout"
-
-
-def warn_diagnostics(diag: dict[str, Any], hint: str = "") -> None:
-    """Each problem of a posterior's diagnostics as one logged warning (``hint``: what to do next)."""
-    for flag in diag["flags"]:
-        log.warning(f"outside the training range: {flag}")
-    k = diag["pareto_k"]
-    if k > K_THRESHOLD:
-        log.warning(f"Pareto k {k:.2f} > {K_THRESHOLD}: do not trust these draws{'; ' + hint if hint else ''}")
 
 
 def _figures(amortizer: Amortizer, report: Report, per_dataset: bool) -> dict[str, Any]:
@@ -319,70 +302,3 @@ def bench_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         rows += [{**extra, **s} for s in e["summary"]] or [{**extra, "level": "(no comparison)"}]
     return rows
-
-
-# ------------------------------------------------------------------------------------------- ppc, sample
-@dataclass
-class PPCRun:
-    """A posterior predictive check: the draws' diagnostics, the result and the files written."""
-
-    diagnostics: dict[str, Any]
-    result: PPCResult
-    written: list[Path]
-
-
-def ppc_run(
-    amortizer: Amortizer,
-    data: HierarchicalData,
-    run_dir: str | os.PathLike,
-    data_path: str | os.PathLike,
-    num_samples: int = 500,
-    seed: int = 0,
-    json_path: str | os.PathLike | None = None,
-) -> PPCRun:
-    """Posterior predictive p-values of test statistics per level; writes ``json_path`` (default
-    ``RUN_DIR/ppc-<data stem>.json``) and the figure beside it as PNG."""
-    post = amortizer.posterior(data)
-    diag = post.diagnostics(num_samples=1000, seed=seed, repeats=1)
-    warn_diagnostics(diag, hint="the replicated data come from draws that may be off")
-    res = post.ppc(num_samples, seed=seed)
-    run = Path(run_dir)
-    out = Path(json_path) if json_path else run / f"ppc-{Path(data_path).stem}.json"
-    written = [write_json(out, {"run_dir": str(run), "data": str(data_path), "seed": seed, **res.to_dict()})]
-    if plots.available():
-        written.append(plots.save_png(ppc_figure(res), out.with_suffix(".png")))
-    else:
-        log.warning("no figure: matplotlib is not installed (pip install 'amortize[arviz]')")
-    return PPCRun(diag, res, written)
-
-
-@dataclass
-class Drawn:
-    """Draws of one dataset's posterior for ``amortize sample``: the diagnostics, the corrected draws
-    (None: not asked for), whether the correction applied, and the ``record`` written with the draws."""
-
-    diagnostics: dict[str, Any]
-    draws: Any
-    corrected: bool
-    record: dict[str, Any]
-
-
-def draw_sample(post: Posterior, num_samples: int, seed: int = 0, k_sets: int = 4, correct: bool = False) -> Drawn:
-    """Pareto k from ``k_sets`` independent sets of ``num_samples`` draws, and with ``correct`` the
-    PSIS-resampled draws (applied where the proposals' k <= 0.7); problems are logged as warnings."""
-    diag = post.diagnostics(num_samples=num_samples, seed=seed, repeats=k_sets)
-    warn_diagnostics(diag, hint="check with 'amortize validate RUN_DIR --data' (NUTS) or 'amortize ppc'")
-    draws = post.sample(num_samples, seed, correct=True) if correct else None
-    corrected = bool(draws.corrected) if draws is not None else False
-    if draws is not None and not corrected:
-        log.warning(
-            f"--correct: not applied, Pareto k {draws.pareto_k:.2f} of the proposals > 0.7; draws are uncorrected"
-        )
-    record = {
-        **diag,
-        "corrected": corrected,
-        "correction_pareto_k": draws.pareto_k if draws is not None else None,
-        "seed": seed,
-        "draws": num_samples,
-    }
-    return Drawn(diag, draws, corrected, record)
