@@ -42,7 +42,6 @@ __all__ = [
     "HISTORY",
     "RESUMABLE",
     "locked",
-    "make_dirs",
     "present",
     "remove_half_made",
     "recorded_overrides",
