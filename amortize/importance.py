@@ -34,7 +34,16 @@ import torch
 if TYPE_CHECKING:
     from .posterior import Posterior
 
-__all__ = ["PSISResult", "psis", "gpd_fit", "CorrectedDraws", "ImportanceSampledPosterior", "K_THRESHOLD", "MIN_DRAWS"]
+__all__ = [
+    "PSISResult",
+    "psis",
+    "pareto_k_columns",
+    "gpd_fit",
+    "CorrectedDraws",
+    "ImportanceSampledPosterior",
+    "K_THRESHOLD",
+    "MIN_DRAWS",
+]
 
 log = logging.getLogger("amortize.posterior")  # the posterior's warnings, wherever they are raised
 
@@ -109,6 +118,41 @@ def _gpd_quantile(p: np.ndarray, k: float, sigma: float) -> np.ndarray:
     return sigma * np.expm1(-k * np.log1p(-p)) / k
 
 
+def pareto_k_columns(log_weights: torch.Tensor) -> np.ndarray:
+    """Pareto k of each column of ``[S, C]`` log weights at once (the k of :func:`psis`, vectorized over
+    columns, for thousands of groups): NaN with S < :data:`MIN_DRAWS`, ``-inf`` for a flat tail.
+    Non-finite weights count as weight 0 among the S."""
+    lw = log_weights.detach().to("cpu", torch.float64).numpy()
+    S, C = lw.shape
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    m = int(math.ceil(min(0.2 * S, 3.0 * math.sqrt(S))))
+    out = np.full(C, np.nan)
+    if S < MIN_DRAWS or m < 5 or C == 0:
+        return out
+    srt = np.sort(lw, 0)  # [S, C] ascending
+    top = srt[-1]
+    good = np.isfinite(top)
+    srt = srt[:, good] - top[good]
+    x = np.exp(srt[-m:]) - np.exp(srt[-m - 1])  # [m, c] ascending exceedances
+    flat = ~(x[-1] > 0)
+    x = np.maximum(x, np.finfo(np.float64).tiny).T  # [c, m]
+    grid = 30 + int(math.sqrt(m))
+    j = np.arange(1, grid + 1, dtype=np.float64)
+    quartile = x[:, max(0, int(m / 4 + 0.5) - 1)]
+    b = 1.0 / x[:, -1:] + (1.0 - np.sqrt(grid / (j - 0.5)))[None] / (3.0 * quartile[:, None])  # [c, grid]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        k = np.log1p(-b[:, :, None] * x[:, None, :]).mean(-1)  # [c, grid]
+        profile = m * (np.log(-b / k) - k - 1.0)
+    profile = np.where(np.isfinite(profile), profile, -np.inf)
+    post = np.exp(profile - profile.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    b_hat = (b * post).sum(1)
+    k_hat = np.log1p(-b_hat[:, None] * x).mean(1)
+    k_hat = (m * k_hat + _PRIOR_K_WEIGHT * 0.5) / (m + _PRIOR_K_WEIGHT)
+    out[good] = np.where(flat, -np.inf, k_hat)
+    return out
+
+
 def psis(log_weights: torch.Tensor) -> PSISResult:
     """Pareto-smooth one set of log importance weights.
 
@@ -160,14 +204,19 @@ class CorrectedDraws(dict):
     Attributes:
         pareto_k: PSIS k of the proposals' weights.
         ess: importance ESS of the smoothed weights (out of ``num_proposals``).
-        corrected: True where the draws are PSIS-resampled; False where k > 0.7 (or NaN) and the
-            draws are the uncorrected proposals (a warning is logged).
-        num_proposals: proposals drawn per dataset.
+        corrected: True where the globals are PSIS-resampled; False where their k > 0.7 (or NaN) and
+            they are the uncorrected proposals (a warning is logged).
+        parts: which parts were corrected, ``{"globals": bool, "groups": bool}`` (groups: each outermost
+            group's subtree resampled given the globals, where every level's p90 per-group k <= 0.7).
+        level_k: per level, the p90 of the per-group k behind the groups' correction.
+        num_proposals: global proposals (joint ones for a model without globals) drawn per dataset.
     """
 
     pareto_k: float | list[float]
     ess: float | list[float]
     corrected: bool | list[bool]
+    parts: Any
+    level_k: Any
     num_proposals: int
 
 
@@ -196,19 +245,44 @@ class ImportanceSampledPosterior:
 
     @torch.no_grad()
     def sample(self, num_samples: int = 1000, seed: int | None = None) -> Any:
-        """PSIS-resampled draws in the layout of ``Posterior.sample``: a :class:`CorrectedDraws` (one
-        per dataset, in input order, for a list); the caller's RNG is left as it was."""
+        """Corrected draws in the layout of ``Posterior.sample``: a :class:`CorrectedDraws` (one per dataset,
+        in input order, for a list); the caller's RNG is left as it was. With global latents the
+        correction is hierarchical (:func:`~amortize.hierarchical_is.hierarchical_resample`: the globals
+        by PSIS of ``max(100, oversample * n / 8)`` pseudo-marginal weights, then each outermost group's
+        subtree given them); without, PSIS of ``oversample * n`` joint proposals."""
+        from .hierarchical_is import GROUP_DRAWS, hierarchical_resample  # it builds on this module
+
         post, n = self.posterior, int(num_samples)
-        S = self.oversample * n
+        hierarchical = bool(post.structure.global_sites)
+        S = max(100, self.oversample * n // 8) if hierarchical else self.oversample * n
         per_dataset: dict[int, CorrectedDraws] = {}
         with post._seeded(seed):
-            for (members, _), (draws, lw) in zip(post.parts, post.proposals(S)):
-                for j, i in enumerate(members):
-                    res = psis(lw[:, j])
-                    idx = torch.multinomial(res.weights, n, replacement=True) if res.ok else torch.arange(n)
-                    one = CorrectedDraws({k: v[idx.to(v.device), j] for k, v in draws.items()})
-                    one.pareto_k, one.ess, one.corrected, one.num_proposals = res.k, res.ess, res.ok, S
-                    per_dataset[i] = one
+            if hierarchical:
+                if post.streamed is not None:
+                    post.proposals(1)  # raises: a streamed dataset's full log density is not computed
+                for members, part in post.parts:
+                    draws, infos = hierarchical_resample(part, n, S, GROUP_DRAWS)
+                    for j, i in enumerate(members):
+                        one = CorrectedDraws(draws[j])
+                        info = infos[j]
+                        one.pareto_k, one.ess, one.corrected, one.num_proposals = (
+                            info["pareto_k"],
+                            info["ess"],
+                            info["globals"],
+                            S,
+                        )
+                        one.parts = {"globals": info["globals"], "groups": info["groups"]}
+                        one.level_k = info["levels"]
+                        per_dataset[i] = one
+            else:
+                for (members, _), (draws, lw) in zip(post.parts, post.proposals(S)):
+                    for j, i in enumerate(members):
+                        res = psis(lw[:, j])
+                        idx = torch.multinomial(res.weights, n, replacement=True) if res.ok else torch.arange(n)
+                        one = CorrectedDraws({k: v[idx.to(v.device), j] for k, v in draws.items()})
+                        one.pareto_k, one.ess, one.corrected, one.num_proposals = res.k, res.ess, res.ok, S
+                        one.parts, one.level_k = {"globals": res.ok, "groups": res.ok}, {}
+                        per_dataset[i] = one
         bad = [i for i, c in sorted(per_dataset.items()) if not c.corrected]
         if bad:
             log.warning(
@@ -226,6 +300,8 @@ class ImportanceSampledPosterior:
         out.pareto_k = [c.pareto_k for c in ordered]
         out.ess = [c.ess for c in ordered]
         out.corrected = [c.corrected for c in ordered]
+        out.parts = [c.parts for c in ordered]
+        out.level_k = [c.level_k for c in ordered]
         out.num_proposals = S
         return out
 
