@@ -6,6 +6,8 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
   repeat, the Monte Carlo spread; the pooled value decides), with its importance ``ess``;
 * ``levels``: per level with latent sites, the per-group k's worst and p90 (``k_worst``, ``k_p90``),
   the sites and the number of groups;
+* ``group_draws``, ``noise_sd``: draws per outermost group behind the globals' weights and the sd of
+  their noise (raised until it is below 0.5, or 256 draws);
 * ``joint_pareto_k``: the k of the joint weights over every latent (reported, not deciding: it
   degenerates with the number of groups even for a good q);
 * ``flags``: data outside the training range;
@@ -87,7 +89,8 @@ def diagnose(post: Posterior, num_samples: int, seed: int | None, repeats: int, 
                     "levels": levels,
                     "joint_pareto_k": psis(joint[:, j]).k,
                     "num_samples": S * repeats,
-                    "group_draws": GROUP_DRAWS,
+                    "group_draws": max(hw.group_draws for hw in sets),
+                    "noise_sd": max(float(hw.noise_sd[j]) for hw in sets if hw.noise_sd is not None),
                     "flags": f,
                     "ok": not why,
                     "reason": "; ".join(why) or "ok",
