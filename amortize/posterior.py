@@ -44,7 +44,15 @@ __all__ = ["Posterior", "CorrectedDraws", "GroupDraws", "Moments", "psis_k", "K_
 
 log = logging.getLogger(__name__)
 
-_PER_DATASET = ("pareto_k", "pareto_k_sets", "ess", "levels", "joint_pareto_k")  # a batch: lists of these
+_PER_DATASET = (
+    "pareto_k",
+    "pareto_k_sets",
+    "ess",
+    "ess_ratio",
+    "correctable",
+    "levels",
+    "joint_pareto_k",
+)  # a batch: lists of these
 
 
 def psis_k(log_weights: torch.Tensor) -> float:
@@ -312,9 +320,10 @@ class Posterior:
         """Per-dataset trust from hierarchical importance weights (:mod:`amortize.verdict`): the globals'
         Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k (``levels``), the
         joint k over every latent (``joint_pareto_k``, reported only), flags for data outside the training
-        range, ``ok`` (globals' k and every level's p90 k <= 0.7, no flag) and ``reason``. One dict (lists
-        per dataset for a batch), or a list of dicts for a list. A streamed dataset gets its flags and
-        k = NaN (its weights are not computed).
+        range, ``ok`` (globals' k and every level's p90 k <= 0.7, the globals' ESS >= 30% of the draws, no
+        flag), ``correctable`` (the same without the ESS condition: the corrected draws apply) and
+        ``reason``. One dict (lists per dataset for a batch), or a list of dicts for a list. A streamed
+        dataset gets its flags and k = NaN (its weights are not computed).
 
         ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
         repeat; ``repeats`` independent sets give the globals' k spread (``pareto_k_sets``) while the

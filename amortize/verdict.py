@@ -11,8 +11,10 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
 * ``joint_pareto_k``: the k of the joint weights over every latent (reported, not deciding: it
   degenerates with the number of groups even for a good q);
 * ``flags``: data outside the training range;
-* ``ok`` is True when the globals' k <= 0.7, every level's p90 k <= 0.7 and no flag is raised;
-  ``reason`` says why not.
+* ``ok`` is True when the globals' k <= 0.7 and their importance ESS is at least 30% of the draws
+  (``ess_ratio``; a q much wider than the posterior has a small k but a small ESS), every level's p90
+  k <= 0.7 and no flag is raised; ``reason`` says why not. ``correctable``: the same without the ESS
+  condition, i.e. the corrected draws (``sample(n, correct=True)``) can be trusted.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from .importance import K_THRESHOLD, psis
 if TYPE_CHECKING:
     from .posterior import Posterior
 
-__all__ = ["diagnose", "joint_diagnose", "level_reasons", "globals_proposals"]
+__all__ = ["ESS_RATIO_MIN", "diagnose", "joint_diagnose", "level_reasons", "globals_proposals"]
 
 log = logging.getLogger("amortize.posterior")
+
+ESS_RATIO_MIN = 0.3  # globals' importance ESS per draw below which q is too wide or off to use uncorrected
 
 
 def globals_proposals(num_samples: int) -> int:
@@ -79,13 +83,23 @@ def diagnose(post: Posterior, num_samples: int, seed: int | None, repeats: int, 
                     f = [x for x in f if not x.startswith("dataset ")] + [
                         x.split(": ", 1)[1] for x in f if x.startswith(f"dataset {j}: ")
                     ]
+                ratio = res.ess / max(1, pooled.shape[0])
                 why = [f"globals' {r}" for r in reasons(res.k, [])] + level_reasons(levels) + reasons(0.0, f)
+                correctable = not why
+                if res.k <= K_THRESHOLD and ratio < ESS_RATIO_MIN:
+                    why.insert(
+                        0,
+                        f"globals' importance ESS {ratio:.0%} of the draws < {ESS_RATIO_MIN:.0%}: q is too"
+                        " wide or off (sample(correct=True) applies)",
+                    )
                 if why:
                     log.warning("posterior may not be trustworthy: %s", "; ".join(why))
                 out[i] = {
                     "pareto_k": res.k,
                     "pareto_k_sets": ks,
                     "ess": res.ess,
+                    "ess_ratio": ratio,
+                    "correctable": correctable,
                     "levels": levels,
                     "joint_pareto_k": psis(joint[:, j]).k,
                     "num_samples": S * repeats,
