@@ -38,7 +38,7 @@ from pyro.poutine.messenger import Messenger
 from .batch import CHUNK_ELEMENTS
 from .data import HierarchicalData
 from .errors import ModelStructureError
-from .importance import K_THRESHOLD, pareto_k_columns, psis
+from .importance import pareto_k_columns
 
 __all__ = [
     "GROUP_DRAWS",
@@ -49,7 +49,6 @@ __all__ = [
     "HierarchicalWeights",
     "group_log_weights",
     "hierarchical_weights",
-    "hierarchical_resample",
 ]
 
 GROUP_DRAWS = 32  # M: draws per group given its parents (a PSIS tail of 7; per-group k is the median over parents)
@@ -301,65 +300,3 @@ def hierarchical_weights(part: Any, num_globals: int, group_draws: int = GROUP_D
         for lvl in lvls:
             out.levels[lvl] = _level_summary([s.name for s in st.sites_at(lvl)], _level_k(trees[lvl]))
     return out
-
-
-@torch.no_grad()
-def hierarchical_resample(
-    part: Any, num_samples: int, num_globals: int, group_draws: int = GROUP_DRAWS
-) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
-    """Corrected draws for each dataset of a :class:`~amortize.batch.StructureBatch`: the globals resampled
-    by PSIS of their pseudo-marginal weights (where their k <= 0.7), then, given each resampled global
-    draw, each outermost group's subtree resampled among M fresh draws by its weights (where the levels'
-    p90 k <= 0.7). Returns per dataset ``{site: [n, ...]}`` and what was corrected
-    (``{"pareto_k", "ess", "globals", "groups", "levels"}``)."""
-    st, data = part.structure, part.data
-    B = data.batch_size or 1
-    n = int(num_samples)
-    hw = hierarchical_weights(part, num_globals, group_draws)
-    top = data.levels[0]
-    ancestor = {lvl: data.index(top, at=lvl) if lvl != top else torch.arange(data.size(top)) for lvl in data.levels}
-    glob_sites = [s.name for s in st.global_sites]
-    group_ok = all(v <= K_THRESHOLD for lk in hw.levels.values() for v in lk.k_p90)
-    draws, infos = [], []
-    for b in range(B):
-        res = psis(hw.global_log_weights[:, b])
-        idx = torch.multinomial(res.weights, n, replacement=True) if res.ok else torch.arange(n) % res.weights.numel()
-        held = {k: hw.globals_draws[k][idx, b : b + 1] for k in glob_sites}  # [n, 1, ...]
-        one: dict[str, list[torch.Tensor]] = {s.name: [] for s in st.latents if s.level is not None}
-        M = int(group_draws) if group_ok and one else 1
-        sub_part = part if B == 1 else _one_dataset(part, b)
-        encoded = sub_part.guide.encode(sub_part.data)
-        chunk = _chunk(sub_part, M)
-        for start in range(0, n, chunk):
-            sub = {k: v[start : start + chunk] for k, v in held.items()}
-            (_, tree), drawn = _held_call(sub_part, sub, M, encoded)
-            w = tree[top][:, :, 0]  # [c, M, G0]
-            c, _, G0 = w.shape
-            probs = torch.softmax(w.permute(0, 2, 1).reshape(-1, M), -1)
-            pick = torch.multinomial(probs, 1).reshape(c, G0)  # [c, G0] chosen draw per outermost group
-            for s in st.latents:
-                if s.level is None:
-                    continue
-                v = drawn[s.name][:, :, 0]  # [c, M, G, ...]
-                m = pick[:, ancestor[s.level].to(pick.device)]  # [c, G]
-                m = m.reshape(c, 1, -1, *[1] * (v.dim() - 3)).expand(c, 1, *v.shape[2:])
-                one[s.name].append(v.gather(1, m).squeeze(1))
-        out = {k: hw.globals_draws[k][idx, b] for k in glob_sites}
-        out.update({k: torch.cat(v) for k, v in one.items()})
-        draws.append(out)
-        infos.append(
-            {
-                "pareto_k": res.k,
-                "ess": res.ess,
-                "globals": res.ok,
-                "groups": group_ok and bool(one),
-                "levels": {lvl: lk.k_p90[b] for lvl, lk in hw.levels.items()},
-                "num_proposals": int(num_globals),
-            }
-        )
-    return draws, infos
-
-
-def _one_dataset(part: Any, b: int) -> Any:
-    """A :class:`~amortize.batch.StructureBatch` of dataset ``b`` of a batch alone."""
-    return type(part)(part.guide, part.model, part.data.with_response(part.data.y[b]), part.device)

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,8 +43,6 @@ __all__ = [
     "K_THRESHOLD",
     "MIN_DRAWS",
 ]
-
-log = logging.getLogger("amortize.posterior")  # the posterior's warnings, wherever they are raised
 
 K_THRESHOLD = 0.7  # above this, the weights (and usually the proposal) are not to be trusted
 MIN_DRAWS = 25  # fewer draws leave too short a tail (M < 5) to estimate k: k is NaN then
@@ -243,67 +240,11 @@ class ImportanceSampledPosterior:
     def __repr__(self) -> str:
         return f"ImportanceSampledPosterior({self.posterior!r}, oversample={self.oversample})"
 
-    @torch.no_grad()
     def sample(self, num_samples: int = 1000, seed: int | None = None) -> Any:
         """Corrected draws in the layout of ``Posterior.sample``: a :class:`CorrectedDraws` (one per dataset,
-        in input order, for a list); the caller's RNG is left as it was. With global latents the
-        correction is hierarchical (:func:`~amortize.hierarchical_is.hierarchical_resample`: the globals
-        by PSIS of ``max(100, oversample * n / 8)`` pseudo-marginal weights, then each outermost group's
-        subtree given them); without, PSIS of ``oversample * n`` joint proposals."""
-        from .hierarchical_is import GROUP_DRAWS, hierarchical_resample  # it builds on this module
-
-        post, n = self.posterior, int(num_samples)
-        hierarchical = bool(post.structure.global_sites)
-        S = max(100, self.oversample * n // 8) if hierarchical else self.oversample * n
-        per_dataset: dict[int, CorrectedDraws] = {}
-        with post._seeded(seed):
-            if hierarchical:
-                if post.streamed is not None:
-                    post.proposals(1)  # raises: a streamed dataset's full log density is not computed
-                for members, part in post.parts:
-                    draws, infos = hierarchical_resample(part, n, S, GROUP_DRAWS)
-                    for j, i in enumerate(members):
-                        one = CorrectedDraws(draws[j])
-                        info = infos[j]
-                        one.pareto_k, one.ess, one.corrected, one.num_proposals = (
-                            info["pareto_k"],
-                            info["ess"],
-                            info["globals"],
-                            S,
-                        )
-                        one.parts = {"globals": info["globals"], "groups": info["groups"]}
-                        one.level_k = info["levels"]
-                        per_dataset[i] = one
-            else:
-                for (members, _), (draws, lw) in zip(post.parts, post.proposals(S)):
-                    for j, i in enumerate(members):
-                        res = psis(lw[:, j])
-                        idx = torch.multinomial(res.weights, n, replacement=True) if res.ok else torch.arange(n)
-                        one = CorrectedDraws({k: v[idx.to(v.device), j] for k, v in draws.items()})
-                        one.pareto_k, one.ess, one.corrected, one.num_proposals = res.k, res.ess, res.ok, S
-                        one.parts, one.level_k = {"globals": res.ok, "groups": res.ok}, {}
-                        per_dataset[i] = one
-        bad = [i for i, c in sorted(per_dataset.items()) if not c.corrected]
-        if bad:
-            log.warning(
-                "PSIS correction not applied to %s: Pareto k %s > %s; returning uncorrected draws",
-                "this dataset" if post.layout == "single" else f"datasets {bad}",
-                ", ".join(f"{per_dataset[i].pareto_k:.2f}" for i in bad),
-                K_THRESHOLD,
-            )
-        ordered = [per_dataset[i] for i in range(len(per_dataset))]
-        if post.layout == "single":
-            return ordered[0]
-        if post.layout == "list":
-            return ordered
-        out = CorrectedDraws({k: torch.stack([c[k] for c in ordered], 1) for k in ordered[0]})  # [n, B, ...]
-        out.pareto_k = [c.pareto_k for c in ordered]
-        out.ess = [c.ess for c in ordered]
-        out.corrected = [c.corrected for c in ordered]
-        out.parts = [c.parts for c in ordered]
-        out.level_k = [c.level_k for c in ordered]
-        out.num_proposals = S
-        return out
+        in input order, for a list); the caller's RNG is left as it was
+        (:func:`amortize.hierarchical_resample.corrected_sample`)."""
+        return self.posterior.sample(num_samples, seed, correct=True, oversample=self.oversample)
 
     def diagnostics(self, num_samples: int = 1000, seed: int | None = 0) -> Any:
         """The wrapped posterior's diagnostics (the Pareto k and ESS are those of these weights)."""

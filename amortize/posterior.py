@@ -34,7 +34,8 @@ from .checkpoint import atomic_write
 from .data import HierarchicalData
 from .errors import DataError
 from .export import inference_data, reasons, summary
-from .importance import K_THRESHOLD, CorrectedDraws, ImportanceSampledPosterior, psis
+from .hierarchical_resample import corrected_sample
+from .importance import K_THRESHOLD, CorrectedDraws, psis
 from .predictive import PPCResult, ppc
 from .streaming import GroupDraws, Moments, StreamedDataset
 from .structure import seeded
@@ -212,7 +213,7 @@ class Posterior:
                 a :class:`GroupDraws` whose ``index`` holds their original ids.
         """
         if correct:
-            return ImportanceSampledPosterior(self, oversample).sample(num_samples, seed)
+            return corrected_sample(self, num_samples, seed, oversample)
         with self._seeded(seed):
             if self.streamed is not None:
                 return self.streamed.sample(int(num_samples), groups)
