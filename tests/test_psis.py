@@ -201,14 +201,13 @@ def test_fixed_three_level_structure_is_in_range_on_its_own_data():
         y=torch.zeros(fixed.n_obs + 7),
     )
     assert any("level 'school'" in f for f in a.posterior(more).range_flags())
-    # and 4x the groups (the design tiled four times) raises the outermost level's flag alone
+    # and 4x the groups (the design and its data tiled four times) raises the outermost level's flag alone
     G, S = fixed.size("district"), fixed.size("school")
     tiled = am.HierarchicalData(
         ["district", "school"],
         {"school": torch.cat([fixed.parents["school"] + r * G for r in range(4)])},
         torch.cat([fixed.group + r * S for r in range(4)]),
-        y=torch.zeros(4 * fixed.n_obs),
-    )
+    ).with_response(own.y.repeat(4))
     assert a.posterior(tiled).range_flags() == ["level 'district': 20 groups, trained on 5-5"]
 
 
