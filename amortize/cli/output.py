@@ -43,6 +43,8 @@ def _write_netcdf(
             value = int(value)  # NetCDF attributes hold numbers, strings and lists of them
         if isinstance(value, list):
             value = [v for v in value if isinstance(v, (int, float))] if key != "flags" else "; ".join(value)
+        if isinstance(value, dict):
+            value = json.dumps(value)  # per-level k: a JSON string
         if value is not None:
             idata.sample_stats.attrs[f"diagnostics_{key}"] = value
     made = make_dirs(path.parent, exist_ok=True)
