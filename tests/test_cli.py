@@ -380,7 +380,7 @@ def test_sample_correct_writes_k_its_spread_and_the_decision(trained, tmp_path):
     a, b = az.from_netcdf(tmp_path / "a.nc"), az.from_netcdf(tmp_path / "b.nc")
     assert {"posterior", "sample_stats", "log_likelihood", "posterior_predictive", "observed_data"} <= set(a.groups())
     attrs = a.sample_stats.attrs
-    assert len(attrs["diagnostics_pareto_k_sets"]) == 4 and attrs["diagnostics_num_samples"] == 400  # 4 x 100 global draws
+    assert len(attrs["diagnostics_pareto_k_sets"]) == 4 and attrs["diagnostics_num_samples"] == 400  # 4 x 100
     assert attrs["diagnostics_ok"] in (0, 1) and attrs["diagnostics_reason"] and "pareto_k" in attrs
     assert (attrs["diagnostics_reason"] == "ok") == bool(attrs["diagnostics_ok"])
     assert float(a.posterior["mu"].mean()) == float(b.posterior["mu"].mean())
