@@ -394,7 +394,7 @@ def test_sample_correct_writes_k_its_spread_and_the_decision(trained, tmp_path):
     code, out, _ = run_cli("sample", run, "--data", data, "--num-samples", 40)
     lines = out.strip().splitlines()
     assert lines[0].split() == ["mean", "sd", "5%", "95%", "mcse_mean", "mcse_sd", "ess"]
-    assert lines[-1].startswith("pareto k ") and "4 sets of 40 draws" in lines[-1]
+    assert lines[-1].startswith("pareto k ") and "4 sets of 100 draws" in lines[-1]
 
 
 def test_ppc_prints_p_values_per_level_and_writes_json_and_png(trained, tmp_path):
