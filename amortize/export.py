@@ -20,6 +20,7 @@ diagnostics in ``sample_stats`` attributes) or CSV (one row per draw; the diagno
 from __future__ import annotations
 
 import math
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -356,6 +357,8 @@ def write_draws(
             value = int(value)  # NetCDF attributes hold numbers, strings and lists of them
         if isinstance(value, list):
             value = [v for v in value if isinstance(v, (int, float))] if key != "flags" else "; ".join(value)
+        if isinstance(value, dict):
+            value = json.dumps(value)  # per-level k: a JSON string
         if value is not None:
             idata.sample_stats.attrs[f"diagnostics_{key}"] = value
     made = make_dirs(path.parent, exist_ok=True)

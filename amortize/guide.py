@@ -325,6 +325,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         except KeyError:
             raise ModelStructureError(f"site '{name}' was not in the model when it was traced") from None
         truth = st["truth"]
+        if truth is not None and name not in truth:  # a partial truth holds some sites and draws the rest
+            truth = None
         if site.level is None:
             return self._global_posterior(site, prior, st, truth)
         loc, scale, coupling = st["terms"][name]
