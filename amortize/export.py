@@ -19,8 +19,8 @@ diagnostics in ``sample_stats`` attributes) or CSV (one row per draw; the diagno
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
