@@ -6,10 +6,21 @@ latent site it sees the model's prior given the parents already drawn from the g
 * for global sites: one joint draw ``u ~ q(u_globals | dataset)`` on the unconstrained scale,
   handed out site by site through the site's bijection (the joint log density rides on the first
   global site);
-* for a group site: ``q(u_g | parents, data) ∝ prior(u_g | parents) x N(u_g; m_g, s_g)``, the
+* for a group site: ``q(u_g | parents, data) ∝ prior(u_g | parents) x N(u_g; m_g, S_g)``, the
   model's own conditional prior times a learned Gaussian data term of the group (exact when the
   prior is Gaussian on the unconstrained scale, with full covariance for a MultivariateNormal prior;
   for any other prior, the product with a Gaussian stand-in of it, :func:`prior_surrogate`).
+
+Several latent sites of one plate share ONE data term: a joint Gaussian over the stacked unconstrained
+vector of the plate's sites (model order, then each site's coordinates), location ``m`` and covariance
+``L L^T`` with ``L = diag(s) T``, ``s`` the per-coordinate scales and ``T`` unit lower triangular (its
+strictly-lower entries from the sites' heads, starting at 0: independent coordinates). Pyro's guide
+meets the sites one by one and a later sibling's prior is only known when the model reaches it (it may
+depend on the earlier siblings), so the draw is sequential: site ``k``'s q is its prior times the data
+term's CONDITIONAL given the siblings already drawn, ``N(m_k + diag(s_k) T_k,<k e_<k, diag(s_k) T_kk
+T_kk^T diag(s_k))`` with ``e`` the siblings' standardized residuals (the first site takes the data term's
+marginal). Each factor is normalized exactly, so ``log q`` of the draw is the sum of the sites' log
+densities, per group. A one-site scalar plate has no entries in ``T``: it computes what it always did.
 
 The same pass scores given values (``truth``): :mod:`amortize.objectives` turns its traces into the
 NPE objective and, with the model's log density, the importance weights behind the ELBO, the IW
