@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default=am.__version__)
     args = p.parse_args(argv)
     data = design(args.seed)
-    ref = cached_nuts(sleepstudy_two_sites, data, "checkpoints/nuts_cache", num_warmup=400, num_samples=500)
     t0 = time.perf_counter()
     amortizer = am.Amortizer(sleepstudy_two_sites, data, seed=args.seed)
     amortizer.fit(steps=args.steps, progress=False)
     train_s = time.perf_counter() - t0
+    ref = cached_nuts(sleepstudy_two_sites, data, "checkpoints/nuts_cache", num_warmup=400, num_samples=500)
     post = amortizer.posterior(data)
     draws = {k: v.detach().numpy() for k, v in post.sample(args.draws, seed=1).items()}
     nuts = {k: v.detach().numpy() for k, v in ref.samples.items()}
