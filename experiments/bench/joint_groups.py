@@ -3,7 +3,7 @@ x days 0..9, not centred; intercept and slope as two sites of one plate, experim
 train with library defaults, then compare with NUTS on the same data: the per-subject posterior
 correlation of (intercept, slope), the marginals (mean error in NUTS sds, sd ratio), Pareto k.
 
-Prints a table; writes ``results.json`` under ``--out`` and, with ``--md``, a markdown summary.
+Prints a table; writes ``results.json`` and ``results.md`` under ``--out`` and, with ``--md``, the markdown there too.
 
     python experiments/bench/joint_groups.py [--steps 2000] [--out checkpoints/joint_groups] [--md FILE]
 """
@@ -11,7 +11,6 @@ Prints a table; writes ``results.json`` under ``--out`` and, with ``--md``, a ma
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 import amortize as am
 from amortize.checkpoint import atomic_write
 from amortize.validate.nuts import cached_nuts
+from amortize.validate.results import machine_info, results_header, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sleepstudy_slopes import sleepstudy_two_sites  # noqa: E402
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         "nuts_ok": bool(ref.ok),
     }
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(row, indent=2).encode()
-    atomic_write(out / f"results_{args.label}.json", lambda fh: fh.write(text))
+    info = machine_info()
     lines = [
+        results_header(info, f"NUTS {ref.seconds:.0f} s, ok {ref.ok}"),
+        "",
         "| build | steps | train s | corr NUTS (median) | corr amortized | abs error median / max | "
         "z a / b median (max) | sd ratio a / b | last-day sd ratio | Pareto k |",
         "|---|---:|---:|---:|---:|---|---|---|---:|---:|",
@@ -103,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{row['sd_ratio_median']['a']:.2f} / {row['sd_ratio_median']['b']:.2f} | "
         f"{row['last_day_sd_ratio_median']:.2f} | {row['pareto_k']:.2f} |",
     ]
-    print("\n".join(lines))
+    markdown = "\n".join(lines) + "\n"
+    write_results(out / args.label, {**info, **row}, markdown)
+    print(markdown, end="")
     if args.md:
         Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        md = ("\n".join(lines) + "\n").encode()
-        atomic_write(Path(args.md), lambda fh: fh.write(md))
+        atomic_write(Path(args.md), lambda fh: fh.write(markdown.encode()))
     return 0
 
 
