@@ -166,6 +166,9 @@ class ModelStructure:
         response_support: the response distribution's support (checked by :meth:`check_response`).
         plates: ``(name, dim)`` of every plate the model opens, the observation plate included.
         covariates: ``{level: [names]}`` of the covariates the model reads.
+        row_level: the observation plate's name where latent sites live in it (one effect per row):
+            then the last of ``levels``, an implicit level whose groups are the rows (see
+            :meth:`HierarchicalData.rows_as_level`); None otherwise.
     """
 
     levels: tuple[str, ...]
@@ -176,6 +179,16 @@ class ModelStructure:
     response_support: Any = None
     plates: tuple[tuple[str, int], ...] = ()
     covariates: dict[str, list[str]] = field(default_factory=dict)
+    row_level: str | None = None
+
+    @property
+    def data_levels(self) -> tuple[str, ...]:
+        """The levels a dataset declares (its id columns): :attr:`levels` without the implicit row level."""
+        return self.levels[:-1] if self.row_level is not None else self.levels
+
+    def complete(self, data: HierarchicalData) -> HierarchicalData:
+        """``data`` with the model's levels: the implicit row level added where the model has one."""
+        return data.as_levels(self.levels) if self.row_level is not None else data
 
     @property
     def global_sites(self) -> list[LatentSite]:
@@ -321,6 +334,8 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         raise ModelStructureError(nothing_observed(sites, data))
     if len(observed) > 1:
         raise ModelStructureError(f"the model observes several sites {observed}; amortize supports one response site")
+    row_level = _row_plate(sites, observed[0], data)
+    levels_data = data if row_level is None else data.rows_as_level(row_level)
     latents: list[LatentSite] = []
     plates: dict[str, int] = {}
     nesting = 0
@@ -333,8 +348,8 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         fn = site["fn"]
         if fn.support.is_discrete:
             raise ModelStructureError(f"site '{name}': discrete latent ({type(fn).__name__}); marginalize it out")
-        check_plates(name, fn, frames, data)
-        level_frames = [f for f in frames if f.name in data.levels]
+        check_plates(name, fn, frames, levels_data)
+        level_frames = [f for f in frames if f.name in levels_data.levels]
         level = level_frames[0].name if level_frames else None
         try:
             t = biject_to(fn.support)
@@ -351,7 +366,7 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         raise ModelStructureError("the model has no latent sites")
     fn = tr.nodes[observed[0]]["fn"]
     structure = ModelStructure(
-        tuple(data.levels),
+        tuple(levels_data.levels),
         latents,
         observed[0],
         max(nesting, 1),
@@ -359,10 +374,33 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         response_support=fn.support,
         plates=tuple(sorted(plates.items())),
         covariates={lvl: sorted(names) for lvl, names in sorted(read.items()) if names},
+        row_level=row_level,
     )
     check_global_shapes(model, structure, data.with_response(probe.y))
     check_batch_safe(model, structure, probe)
     return structure
+
+
+def _row_plate(sites: list[tuple[str, dict[str, Any]]], response: str, data: HierarchicalData) -> str | None:
+    """The observation plate's name where a latent site lives in it (one value per row), else None.
+
+    The observation plate is the response site's plate over the N rows that is not a level; a latent
+    inside it is a group latent of an implicit innermost level whose groups are the rows.
+    """
+    node = dict(sites)[response]
+    rows = [
+        f.name
+        for f in node["cond_indep_stack"]
+        if f.vectorized and f.size == data.n_obs and f.name not in data.levels and f.dim is not None
+    ]
+    if len(rows) != 1:
+        return None
+    for _, site in sites:
+        if site["is_observed"] or (site.get("infer") or {}).get("is_auxiliary"):
+            continue
+        if any(f.name == rows[0] for f in site["cond_indep_stack"] if f.vectorized):
+            return rows[0]
+    return None
 
 
 def drawing_data(model: Callable, data: HierarchicalData) -> HierarchicalData:
