@@ -348,6 +348,7 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         fn = site["fn"]
         if fn.support.is_discrete:
             raise ModelStructureError(f"site '{name}': discrete latent ({type(fn).__name__}); marginalize it out")
+        _check_row_plate(name, frames, row_level, observed[0], levels_data)
         check_plates(name, fn, frames, levels_data)
         level_frames = [f for f in frames if f.name in levels_data.levels]
         level = level_frames[0].name if level_frames else None
@@ -401,6 +402,21 @@ def _row_plate(sites: list[tuple[str, dict[str, Any]]], response: str, data: Hie
         if any(f.name == rows[0] for f in site["cond_indep_stack"] if f.vectorized):
             return rows[0]
     return None
+
+
+def _check_row_plate(
+    name: str, frames: list[Any], row_level: str | None, response: str, data: HierarchicalData
+) -> None:
+    """A latent in a plate over the rows that is not the response's (observation) plate is refused."""
+    for f in frames:
+        if f.size == data.n_obs and f.name not in data.levels:
+            where = (
+                f"the observation plate '{row_level}'" if row_level else f"the plate of the response site '{response}'"
+            )
+            raise ModelStructureError(
+                f"site '{name}' is in plate '{f.name}' over the {data.n_obs} rows, which is not the plate of the"
+                f" response site '{response}': a latent with one value per row must be sampled in {where}"
+            )
 
 
 def drawing_data(model: Callable, data: HierarchicalData) -> HierarchicalData:
