@@ -202,3 +202,9 @@ def in_a_plate_of_no_level(data):
 def test_what_stays_unsupported_is_refused_naming_site_and_plate(model, words):
     with pytest.raises(ModelStructureError, match=words):
         trace_structure(model, dataset())
+
+
+def test_subsampled_training_of_row_latents_is_refused_naming_the_sites(trained):
+    big = dataset(seed=7)
+    with pytest.raises(ModelStructureError, match=r"Subsampled: sites \['e'\] have one value per row \(plate 'obs'\)"):
+        trained.fit(source=am.Subsampled(big, groups_per_step=2), steps=1, progress=False)
