@@ -21,6 +21,7 @@ from amortize.config import config_dir, config_source, load_config
 from amortize.experiment import build_sampler
 from amortize.modelspec import resolve_model
 from amortize.validate.heldout import against_nuts, heldout_datasets
+from amortize.validate.nuts import cached_nuts
 
 HERE = Path(__file__).parent
 
@@ -34,12 +35,21 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--out", default=str(HERE / "results" / "poisson_olre"))
     p.add_argument("--checkpoint", default=None, help="reuse a trained checkpoint instead of training")
+    p.add_argument("--nuts-cache", default=None, help="folder of NUTS results to reuse (amortize.validate.nuts)")
+    p.add_argument("--nuts-only", action="store_true", help="only run (and cache) NUTS on the held-out datasets")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     overrides = [f"train.steps={args.steps}"] if args.steps else []
     cfg = load_config(args.config, overrides)
     model = resolve_model(cfg.model, config_dir(cfg), config_source(cfg))
     sampler = build_sampler(cfg)
+    nuts = {"num_warmup": args.warmup, "num_samples": args.samples, "num_chains": 2}
+    if args.nuts_only:  # the held-out datasets do not depend on the weights: NUTS can run beside training
+        amortizer = am.Amortizer(model, sampler, hidden=cfg.network.hidden, seed=cfg.seed)
+        for i, d in enumerate(heldout_datasets(amortizer, args.datasets)):
+            res = cached_nuts(model, d, args.nuts_cache, seed=1 + i, **nuts)
+            print(f"dataset {i}: NUTS ok={res.ok} {res.seconds:.0f} s", flush=True)
+        return
     if args.checkpoint and Path(args.checkpoint).exists():
         amortizer, seconds = am.Amortizer.load(args.checkpoint, model, sampler=sampler), float("nan")
     else:
@@ -52,8 +62,9 @@ def main() -> None:
     losses = [h["loss"] for h in amortizer.history]
     finite = all(math.isfinite(x) for x in losses)
     data = heldout_datasets(amortizer, args.datasets)
-    nuts = {"num_warmup": args.warmup, "num_samples": args.samples, "num_chains": 2}
-    report = against_nuts(amortizer, data, num_samples=1000, nuts=nuts, seed=1, diagnose=True)
+    report = against_nuts(
+        amortizer, data, num_samples=1000, nuts=nuts, seed=1, diagnose=True, nuts_cache=args.nuts_cache
+    )
     ok_nuts = sum(1 for n in report.nuts if n.get("ok"))
     skipped = amortizer.history[-1].get("skipped", 0) if amortizer.history else 0
     head = (

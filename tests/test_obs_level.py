@@ -208,3 +208,12 @@ def test_subsampled_training_of_row_latents_is_refused_naming_the_sites(trained)
     big = dataset(seed=7)
     with pytest.raises(ModelStructureError, match=r"Subsampled: sites \['e'\] have one value per row \(plate 'obs'\)"):
         trained.fit(source=am.Subsampled(big, groups_per_step=2), steps=1, progress=False)
+
+
+def test_sbc_ranks_the_row_effects(trained):
+    from amortize.validate.sbc import sbc
+
+    res = sbc(trained, num_datasets=6, num_samples=9, datasets_per_structure=3)
+    names = [r["quantity"] for r in res.rows]
+    assert {"e (random group)", "e (group mean)", "a (random group)"} <= set(names)
+    assert all(len(r) == 6 for r in res.ranks.values())
