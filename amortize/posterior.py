@@ -96,8 +96,7 @@ class Posterior:
         self.streamed: StreamedDataset | None = None
         complete = self.structure.complete  # a model with latents per row: the rows as its innermost level
         if isinstance(data, (list, tuple)):
-            self.layout = "list"
-            data = [complete(d) if isinstance(d, HierarchicalData) else d for d in data]
+            self.layout, data = "list", [complete(d) if isinstance(d, HierarchicalData) else d for d in data]
             self.datasets = check_list(data, self.structure, covariates, self.dtype)
             self.parts = []
             for members in group_by_structure(self.datasets):

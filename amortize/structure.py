@@ -23,7 +23,15 @@ from torch.distributions.transforms import Transform
 
 from .data import HierarchicalData
 from .errors import DataError, ModelStructureError
-from .model_checks import check_batch_safe, check_global_shapes, check_plates, is_deterministic, nothing_observed
+from .model_checks import (
+    check_batch_safe,
+    check_global_shapes,
+    check_plates,
+    check_row_plate,
+    is_deterministic,
+    nothing_observed,
+    row_plate,
+)
 from .plates import DATASETS, DRAWS, batched, seeded
 
 __all__ = [
@@ -181,11 +189,6 @@ class ModelStructure:
     covariates: dict[str, list[str]] = field(default_factory=dict)
     row_level: str | None = None
 
-    @property
-    def data_levels(self) -> tuple[str, ...]:
-        """The levels a dataset declares (its id columns): :attr:`levels` without the implicit row level."""
-        return self.levels[:-1] if self.row_level is not None else self.levels
-
     def complete(self, data: HierarchicalData) -> HierarchicalData:
         """``data`` with the model's levels: the implicit row level added where the model has one."""
         return data.as_levels(self.levels) if self.row_level is not None else data
@@ -334,7 +337,7 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         raise ModelStructureError(nothing_observed(sites, data))
     if len(observed) > 1:
         raise ModelStructureError(f"the model observes several sites {observed}; amortize supports one response site")
-    row_level = _row_plate(sites, observed[0], data)
+    row_level = row_plate(sites, observed[0], data)  # latents per row: the rows as an innermost level
     levels_data = data if row_level is None else data.rows_as_level(row_level)
     latents: list[LatentSite] = []
     plates: dict[str, int] = {}
@@ -348,7 +351,7 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         fn = site["fn"]
         if fn.support.is_discrete:
             raise ModelStructureError(f"site '{name}': discrete latent ({type(fn).__name__}); marginalize it out")
-        _check_row_plate(name, frames, row_level, observed[0], levels_data)
+        check_row_plate(name, frames, row_level, observed[0], levels_data)
         check_plates(name, fn, frames, levels_data)
         level_frames = [f for f in frames if f.name in levels_data.levels]
         level = level_frames[0].name if level_frames else None
@@ -380,43 +383,6 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
     check_global_shapes(model, structure, data.with_response(probe.y))
     check_batch_safe(model, structure, probe)
     return structure
-
-
-def _row_plate(sites: list[tuple[str, dict[str, Any]]], response: str, data: HierarchicalData) -> str | None:
-    """The observation plate's name where a latent site lives in it (one value per row), else None.
-
-    The observation plate is the response site's plate over the N rows that is not a level; a latent
-    inside it is a group latent of an implicit innermost level whose groups are the rows.
-    """
-    node = dict(sites)[response]
-    rows = [
-        f.name
-        for f in node["cond_indep_stack"]
-        if f.vectorized and f.size == data.n_obs and f.name not in data.levels and f.dim is not None
-    ]
-    if len(rows) != 1:
-        return None
-    for _, site in sites:
-        if site["is_observed"] or (site.get("infer") or {}).get("is_auxiliary"):
-            continue
-        if any(f.name == rows[0] for f in site["cond_indep_stack"] if f.vectorized):
-            return rows[0]
-    return None
-
-
-def _check_row_plate(
-    name: str, frames: list[Any], row_level: str | None, response: str, data: HierarchicalData
-) -> None:
-    """A latent in a plate over the rows that is not the response's (observation) plate is refused."""
-    for f in frames:
-        if f.size == data.n_obs and f.name not in data.levels:
-            where = (
-                f"the observation plate '{row_level}'" if row_level else f"the plate of the response site '{response}'"
-            )
-            raise ModelStructureError(
-                f"site '{name}' is in plate '{f.name}' over the {data.n_obs} rows, which is not the plate of the"
-                f" response site '{response}': a latent with one value per row must be sampled in {where}"
-            )
 
 
 def drawing_data(model: Callable, data: HierarchicalData) -> HierarchicalData:

@@ -68,7 +68,7 @@ def dataset(seed=3, model=olre, sampler=SAMPLER):
 def test_tracing_adds_the_rows_as_an_implicit_level_named_after_the_plate():
     d = dataset()
     st = trace_structure(olre, d)
-    assert st.levels == ("county", "obs") and st.row_level == "obs" and st.data_levels == ("county",)
+    assert st.levels == ("county", "obs") and st.row_level == "obs"
     assert st["e"].level == "obs" and st["a"].level == "county" and st["mu"].level is None
     st_row = trace_structure(olre_row, d)
     assert st_row.levels == ("county", "row") and st_row["e"].level == "row"
