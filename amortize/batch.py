@@ -227,7 +227,7 @@ class StructureBatch:
         (those of one dataset of a batch start with ``dataset b:``)."""
         d = self.data
         flags = []
-        levels = list(d.levels)
+        levels = list(d.declared_levels)  # the ranges are of the declared levels (not the rows as a level)
         if levels[0] in ranges:
             lo, hi = ranges[levels[0]]
             if not lo <= d.size(levels[0]) <= hi:

@@ -101,6 +101,7 @@ class HierarchicalData:
         if y is not None:
             self.y = self._check_response(as_float(y, f"response '{response}'", dtype))
         self._index_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.row_level: str | None = None  # an innermost level whose groups are the rows (see rows_as_level)
 
     # ------------------------------------------------------------------ validation
     def _check_response(self, y: torch.Tensor) -> torch.Tensor:
@@ -200,6 +201,8 @@ class HierarchicalData:
         ``theta[..., data.index("school")]`` (the ``...`` keeps the model batch-safe).
         """
         key = (level, at)
+        if level == self.row_level and at in (OBS, level):
+            return self.group  # the rows are that level's groups: [N] = arange(N)
         if key not in self._index_cache:
             order = list(self.levels) + [OBS]
             if level not in self.levels or at not in order or order.index(at) <= order.index(level):
@@ -270,6 +273,53 @@ class HierarchicalData:
         }
         new._index_cache = {}
         return new
+
+    def rows_as_level(self, name: str) -> HierarchicalData:
+        """The same dataset with one more, innermost, level ``name`` whose groups are the rows (one row
+        each; its parents are the rows' innermost groups): the level of a model's latent sites that live
+        in the observation plate (one effect per row). ``name`` is the plate's name and may be ``"obs"``.
+
+        Raises:
+            DataError: ``name`` is already a level of the data.
+        """
+        if self.row_level == name:
+            return self
+        if name in self.levels:
+            raise DataError(f"level '{name}': the rows cannot be a level of that name, the data has one already")
+        new = self.with_response(self.y)
+        new.levels = (*self.levels, name)
+        new.parents = {**self.parents, name: self.group}
+        new.group = torch.arange(self.n_obs, device=self.group.device)
+        new._sizes = {**self._sizes, name: self.n_obs}
+        new.row_level = name
+        new._index_cache = {}
+        return new
+
+    def as_levels(self, levels: Sequence[str]) -> HierarchicalData:
+        """This dataset seen through a model's ``levels``: with the implicit row level (see
+        :meth:`rows_as_level`) where ``levels`` are the data's own plus one; else the dataset itself."""
+        levels = tuple(levels)
+        if self.row_level is None and len(levels) == len(self.levels) + 1 and levels[:-1] == self.levels:
+            return self.rows_as_level(levels[-1])
+        return self
+
+    def declared(self) -> HierarchicalData:
+        """The dataset without its implicit row level (the inverse of :meth:`rows_as_level`)."""
+        if self.row_level is None:
+            return self
+        new = self.with_response(self.y)
+        new.levels = self.levels[:-1]
+        new.group = self.parents[self.row_level]
+        new.parents = {k: v for k, v in self.parents.items() if k != self.row_level}
+        new._sizes = {k: v for k, v in self._sizes.items() if k != self.row_level}
+        new.row_level = None
+        new._index_cache = {}
+        return new
+
+    @property
+    def declared_levels(self) -> tuple[str, ...]:
+        """The levels the data declares (its id columns): :attr:`levels` without an implicit row level."""
+        return self.levels[:-1] if self.row_level is not None else self.levels
 
     def structure_signature(self) -> dict[str, Any]:
         """What a model needs of a dataset: levels and covariate names per level."""

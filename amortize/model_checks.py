@@ -22,7 +22,15 @@ from .plates import batched, seeded
 if TYPE_CHECKING:
     from .structure import ModelStructure
 
-__all__ = ["is_deterministic", "nothing_observed", "check_plates", "check_batch_safe", "check_global_shapes"]
+__all__ = [
+    "is_deterministic",
+    "nothing_observed",
+    "check_plates",
+    "check_batch_safe",
+    "check_global_shapes",
+    "row_plate",
+    "check_row_plate",
+]
 
 
 def is_deterministic(site: dict[str, Any]) -> bool:
@@ -186,3 +194,38 @@ def _doubled(data: HierarchicalData) -> HierarchicalData:
         response=data.response,
         dtype=data.y.dtype,
     )
+
+
+def row_plate(sites: list[tuple[str, dict[str, Any]]], response: str, data: HierarchicalData) -> str | None:
+    """The observation plate's name where a latent site lives in it (one value per row), else None.
+
+    The observation plate is the response site's plate over the N rows that is not a level; a latent
+    inside it is a group latent of an implicit innermost level whose groups are the rows.
+    """
+    node = dict(sites)[response]
+    rows = [
+        f.name
+        for f in node["cond_indep_stack"]
+        if f.vectorized and f.size == data.n_obs and f.name not in data.levels and f.dim is not None
+    ]
+    if len(rows) != 1:
+        return None
+    for _, site in sites:
+        if site["is_observed"] or (site.get("infer") or {}).get("is_auxiliary"):
+            continue
+        if any(f.name == rows[0] for f in site["cond_indep_stack"] if f.vectorized):
+            return rows[0]
+    return None
+
+
+def check_row_plate(name: str, frames: list[Any], row_level: str | None, response: str, data: HierarchicalData) -> None:
+    """A latent in a plate over the rows that is not the response's (observation) plate is refused."""
+    for f in frames:
+        if f.size == data.n_obs and f.name not in data.levels:
+            where = (
+                f"the observation plate '{row_level}'" if row_level else f"the plate of the response site '{response}'"
+            )
+            raise ModelStructureError(
+                f"site '{name}' is in plate '{f.name}' over the {data.n_obs} rows, which is not the plate of the"
+                f" response site '{response}': a latent with one value per row must be sampled in {where}"
+            )

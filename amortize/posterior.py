@@ -105,8 +105,9 @@ class Posterior:
             seed = int(torch.randint(2**62, (), generator=stream))
         self._stream = torch.Generator().manual_seed(int(seed))
         self.streamed: StreamedDataset | None = None
+        complete = self.structure.complete  # a model with latents per row: the rows as its innermost level
         if isinstance(data, (list, tuple)):
-            self.layout = "list"
+            self.layout, data = "list", [complete(d) if isinstance(d, HierarchicalData) else d for d in data]
             self.datasets = check_list(data, self.structure, covariates, self.dtype)
             self.parts = []
             for members in group_by_structure(self.datasets):
@@ -121,6 +122,7 @@ class Posterior:
             if not isinstance(data, HierarchicalData):
                 raise DataError(f"posterior: expected a HierarchicalData or a list of them, got {type(data).__name__}")
             self.layout = "single" if data.batch_size is None else "batch"
+            data = complete(data)
             if chunk_groups is not None or q_globals is not None:
                 if data.batch_size is not None:
                     raise DataError("posterior: a streamed dataset is one dataset (y [N]), not a batch")

@@ -211,7 +211,8 @@ def simulate(model: Callable, structure: ModelStructure, data: HierarchicalData,
         keep = torch.nonzero(ok).squeeze(-1)
         y = y[keep]
         latents = {k: v.index_select(1, keep) for k, v in latents.items()}
-    return Simulation(data.with_response(y.detach()), latents, num_datasets, dropped)
+    # a model with latents per row: the datasets carry the rows as its innermost level (structure.complete)
+    return Simulation(structure.complete(data).with_response(y.detach()), latents, num_datasets, dropped)
 
 
 class DropTally:

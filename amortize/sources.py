@@ -25,7 +25,7 @@ import torch
 
 from .batch import check_data
 from .data import HierarchicalData
-from .errors import DataError
+from .errors import DataError, ModelStructureError
 from .objectives import backward_in_chunks
 from .ranges import record_ranges
 from .simulate import Simulation, simulate_counted
@@ -126,6 +126,13 @@ class Subsampled:
 
     def setup(self, amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> None:
         """Check the data, run the pilot on subsets when needed, and give the amortizer its q(globals)."""
+        row = amortizer.structure.row_level
+        if row is not None:
+            sites = [x.name for x in amortizer.structure.sites_at(row)]
+            raise ModelStructureError(
+                f"Subsampled: sites {sites} have one value per row (plate '{row}'); subsampled training of a"
+                " model with latents per row is not supported: train on simulations (PriorPredictive)"
+            )
         dtype = next(amortizer.guide.parameters()).dtype
         probe, _ = self.index.restrict(torch.arange(min(self.groups_per_step, 4)))
         check_data(probe, amortizer.structure, amortizer.guide.encoder.cov_names, dtype)

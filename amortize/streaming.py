@@ -74,7 +74,7 @@ class StreamedDataset:
         self.dtype = next(guide.parameters()).dtype
         self.q_globals = q_globals
         self.index = OuterGroupIndex(data)
-        self.data = self.index.data
+        self.data = self.structure.complete(self.index.data)  # the index keeps the declared levels
         G = self.index.num_groups
         self.chunk = max(1, min(G, int(chunk_groups or G)))
         sample, _ = self.index.restrict(torch.arange(min(G, 4)))

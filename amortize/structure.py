@@ -23,7 +23,15 @@ from torch.distributions.transforms import Transform
 
 from .data import HierarchicalData
 from .errors import DataError, ModelStructureError
-from .model_checks import check_batch_safe, check_global_shapes, check_plates, is_deterministic, nothing_observed
+from .model_checks import (
+    check_batch_safe,
+    check_global_shapes,
+    check_plates,
+    check_row_plate,
+    is_deterministic,
+    nothing_observed,
+    row_plate,
+)
 from .plates import DATASETS, DRAWS, batched, seeded
 
 __all__ = [
@@ -166,6 +174,9 @@ class ModelStructure:
         response_support: the response distribution's support (checked by :meth:`check_response`).
         plates: ``(name, dim)`` of every plate the model opens, the observation plate included.
         covariates: ``{level: [names]}`` of the covariates the model reads.
+        row_level: the observation plate's name where latent sites live in it (one effect per row):
+            then the last of ``levels``, an implicit level whose groups are the rows (see
+            :meth:`HierarchicalData.rows_as_level`); None otherwise.
     """
 
     levels: tuple[str, ...]
@@ -176,6 +187,11 @@ class ModelStructure:
     response_support: Any = None
     plates: tuple[tuple[str, int], ...] = ()
     covariates: dict[str, list[str]] = field(default_factory=dict)
+    row_level: str | None = None
+
+    def complete(self, data: HierarchicalData) -> HierarchicalData:
+        """``data`` with the model's levels: the implicit row level added where the model has one."""
+        return data.as_levels(self.levels) if self.row_level is not None else data
 
     @property
     def global_sites(self) -> list[LatentSite]:
@@ -321,6 +337,8 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         raise ModelStructureError(nothing_observed(sites, data))
     if len(observed) > 1:
         raise ModelStructureError(f"the model observes several sites {observed}; amortize supports one response site")
+    row_level = row_plate(sites, observed[0], data)  # latents per row: the rows as an innermost level
+    levels_data = data if row_level is None else data.rows_as_level(row_level)
     latents: list[LatentSite] = []
     plates: dict[str, int] = {}
     nesting = 0
@@ -333,8 +351,9 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         fn = site["fn"]
         if fn.support.is_discrete:
             raise ModelStructureError(f"site '{name}': discrete latent ({type(fn).__name__}); marginalize it out")
-        check_plates(name, fn, frames, data)
-        level_frames = [f for f in frames if f.name in data.levels]
+        check_row_plate(name, frames, row_level, observed[0], levels_data)
+        check_plates(name, fn, frames, levels_data)
+        level_frames = [f for f in frames if f.name in levels_data.levels]
         level = level_frames[0].name if level_frames else None
         try:
             t = biject_to(fn.support)
@@ -351,7 +370,7 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         raise ModelStructureError("the model has no latent sites")
     fn = tr.nodes[observed[0]]["fn"]
     structure = ModelStructure(
-        tuple(data.levels),
+        tuple(levels_data.levels),
         latents,
         observed[0],
         max(nesting, 1),
@@ -359,6 +378,7 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         response_support=fn.support,
         plates=tuple(sorted(plates.items())),
         covariates={lvl: sorted(names) for lvl, names in sorted(read.items()) if names},
+        row_level=row_level,
     )
     check_global_shapes(model, structure, data.with_response(probe.y))
     check_batch_safe(model, structure, probe)

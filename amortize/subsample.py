@@ -69,6 +69,8 @@ class OuterGroupIndex:
     def __init__(self, data: HierarchicalData) -> None:
         if data.group.device.type != "cpu":
             data = data.to("cpu")
+        self.row_level = data.row_level  # the rows as a level: restricted as rows, then made a level again
+        data = data.declared()
         self.data = data
         self.top = data.levels[0]
         self.num_groups = data.size(self.top)
@@ -159,6 +161,8 @@ class OuterGroupIndex:
         sub = HierarchicalData(
             d.levels, parents, group, y=y, covariates=cov, labels=labels, response=d.response, dtype=dtype
         )
+        if self.row_level is not None:
+            sub, kept[self.row_level] = sub.rows_as_level(self.row_level), rows
         return sub, kept
 
 

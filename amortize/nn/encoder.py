@@ -117,7 +117,7 @@ class HierarchicalEncoder(nn.Module):
         """The statistics of ``data`` the networks and heads read (see :func:`dataset_statistics`), computed
         without gradients: they are functions of the data alone."""
         with torch.no_grad():
-            return dataset_statistics(data, self.levels, self.cov_names)
+            return dataset_statistics(data.as_levels(self.levels), self.levels, self.cov_names)
 
     @torch.no_grad()
     def fit(self, statistics: Sequence[DatasetStatistics]) -> None:
@@ -132,6 +132,7 @@ class HierarchicalEncoder(nn.Module):
         The mean of ``phi`` over a group's rows is computed as ``phi``'s last (linear) layer applied to
         the mean of its hidden activations: the same value, with the N-row work done at the hidden
         width and the rows summed once, into the innermost groups, whose sums add up the levels."""
+        data = data.as_levels(self.levels)  # a model with latents per row: the rows as its innermost level
         stats = self.statistics(data)
         hidden = self.phi[:-1](stats.obs_features)  # [B, N, 32]: phi before its last, linear, layer
         last = self.phi[-1]
