@@ -32,6 +32,7 @@ from ..structure import LatentSite, ModelStructure
 __all__ = ["DataTerm", "reference_point", "data_terms"]
 
 FLOOR = 1e-6  # information below this (a latent the data cannot see) is read as this
+MAX_STEP = 2.0  # the largest move of one Newton step towards the mode, per unconstrained coordinate
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,22 @@ class DataTerm:
     @property
     def precision(self) -> torch.Tensor:
         """The information made positive definite (eigenvalues floored at ``FLOOR``) ``[B, G, D, D]``."""
+        if self.information.shape[-1] == 1:
+            return self.information.clamp_min(FLOOR)
         vals, vecs = torch.linalg.eigh(self.information)
         return (vecs * vals.clamp_min(FLOOR).unsqueeze(-2)) @ vecs.transpose(-1, -2)
 
     @property
     def location(self) -> torch.Tensor:
         """One Newton step from the reference ``[B, G, D]``: where the likelihood alone puts the group."""
-        step = torch.linalg.solve(self.precision, self.score.unsqueeze(-1)).squeeze(-1)
-        return self.reference + step
+        return self.reference + _solve(self.precision, self.score)
+
+
+def _solve(precision: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """``precision^-1 score`` per group (a division for one coordinate)."""
+    if precision.shape[-1] == 1:
+        return score / precision[..., 0]
+    return torch.linalg.solve(precision, score.unsqueeze(-1)).squeeze(-1)
 
 
 class _Fix(Messenger):
@@ -98,34 +107,64 @@ def data_terms(
     structure: ModelStructure,
     data: HierarchicalData,
     reference: dict[str, torch.Tensor] | None = None,
+    iterations: int = 0,
+    globals_too: bool = True,
 ) -> dict[str | None, DataTerm]:
     """``{level: DataTerm}`` (``None``: the globals) of log p(y | latents) for a dataset or a batch
-    sharing one structure, at ``reference`` (default :func:`reference_point`). No gradient flows
-    out: the terms are statistics of the data."""
+    sharing one structure. The terms are taken at ``reference`` (default :func:`reference_point`)
+    moved by ``iterations`` Newton steps of every level's group latents towards the mode of
+    log p(y, groups | globals at the reference) (block by block, each step at most ``MAX_STEP``
+    unconstrained units per coordinate): a point near where the posterior puts each group, so that
+    one Newton step of the likelihood alone from there is a good location for any likelihood. No
+    gradient flows out: the terms are statistics of the data. ``globals_too=False``: the group
+    levels' terms only (the globals' Hessian costs one more backward pass per global coordinate)."""
     reference = reference_point(model, structure, data) if reference is None else reference
+    u = {s.name: s.transform.inv(reference[s.name]).detach() for s in structure.latents}
+    for _ in range(iterations):
+        for level, term in _terms_at(model, structure, data, u, with_priors=True, globals_too=False).items():
+            step = _solve(term.precision, term.score).clamp(-MAX_STEP, MAX_STEP)
+            offset = 0
+            for site in structure.sites_at(level):
+                part = step[..., offset : offset + site.dim]
+                u[site.name] = u[site.name] + part.reshape(u[site.name].shape).to(u[site.name].dtype)
+                offset += site.dim
+    return _terms_at(model, structure, data, u, with_priors=False, globals_too=globals_too)
+
+
+def _terms_at(
+    model: Callable,
+    structure: ModelStructure,
+    data: HierarchicalData,
+    u: dict[str, torch.Tensor],
+    with_priors: bool,
+    globals_too: bool,
+) -> dict[str | None, DataTerm]:
+    """The terms of log p(y | latents) (``with_priors``: plus log p(groups | parents), the group
+    sites' own priors) at the unconstrained values ``u``."""
     B = data.batch_size or 1
-    leaves = {s.name: s.transform.inv(reference[s.name]).detach().requires_grad_(True) for s in structure.latents}
+    leaves = {name: value.detach().requires_grad_(True) for name, value in u.items()}
+    latent = {s.name for s in structure.latents}  # conditioned, so observed too
+    groups = {s.name for s in structure.latents if s.level is not None}
+
+    def counted(name: str, site: dict) -> bool:
+        return site["is_observed"] and (name not in latent or (with_priors and name in groups))
+
     with torch.enable_grad():
-        values = {s.name: structure[s.name].transform(leaves[s.name]) for s in structure.latents}
+        values = {s.name: s.transform(leaves[s.name]) for s in structure.latents}
         fn = poutine.condition(batched(model, structure.max_plate_nesting), data=values)
         with pyro.validation_enabled(False):
             tr = poutine.trace(fn).get_trace(data, 1)
-        latent = {s.name for s in structure.latents}  # conditioned, so observed too: not the likelihood
-
-        def likelihood(name: str, site: dict) -> bool:
-            return site["is_observed"] and name not in latent
-
-        tr.compute_log_prob(site_filter=likelihood)
-        loglik = sum(
+        tr.compute_log_prob(site_filter=counted)
+        objective = sum(
             site["log_prob"].sum()
             for name, site in tr.nodes.items()
-            if site["type"] == "sample" and likelihood(name, site)
+            if site["type"] == "sample" and counted(name, site)
         )
         names = [s.name for s in structure.latents]
-        grads = torch.autograd.grad(loglik, [leaves[n] for n in names], create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(objective, [leaves[n] for n in names], create_graph=True, allow_unused=True)
         score = {n: (g if g is not None else torch.zeros_like(leaves[n])) for n, g in zip(names, grads)}
         out: dict[str | None, DataTerm] = {}
-        for level in (None, *structure.levels):
+        for level in ((None,) if globals_too else ()) + tuple(structure.levels):
             sites = structure.global_sites if level is None else structure.sites_at(level)
             if sites:
                 out[level] = _level_term(sites, leaves, score, B)
