@@ -110,3 +110,24 @@ def test_heavy_tailed_prior_gets_a_finite_reference():
     assert all(torch.isfinite(t.location).all() for t in terms.values())
     with pytest.raises(AssertionError):  # Student-t: the Newton step is not the group mean
         torch.testing.assert_close(terms["group"].location[..., 0], group_means(d, "group"))
+
+
+def test_mode_iterations_bring_the_poisson_location_to_the_group_mle_and_leave_gaussian_terms_exact():
+    d = simulated(poisson_3level, SAMPLERS["poisson_3level"](), seed=2)
+    st = trace_structure(poisson_3level, d)
+    county = d.index("county")
+    expo = torch.zeros(d.size("county")).index_add_(0, county, d.x["exposure"])
+    counts = torch.zeros(d.size("county")).index_add_(0, county, d.y)
+    has = counts > 0
+    mle = (counts[has] / expo[has]).log()
+    errors = []
+    for it in (0, 6):
+        loc = data_terms(poisson_3level, st, d, iterations=it)["county"].location[0, has, 0]
+        errors.append((loc - mle).abs().max())
+    assert errors[1] < 0.1 * errors[0] and errors[1] < 0.05
+    sampler = am.StructureSampler(["group"], groups={"group": (5, 9)}, obs=(1, 12))
+    g = simulated(gaussian_2level, sampler, batch=2)
+    st = trace_structure(gaussian_2level, g)
+    torch.testing.assert_close(
+        data_terms(gaussian_2level, st, g, iterations=3)["group"].location[..., 0], group_means(g, "group")
+    )
