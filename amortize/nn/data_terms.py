@@ -17,7 +17,7 @@ and a product with a vector of ones per coordinate gives every group's block at 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyro
 import torch
@@ -32,6 +32,7 @@ from ..structure import LatentSite, ModelStructure
 __all__ = ["DataTerm", "reference_point", "data_terms"]
 
 FLOOR = 1e-6  # information below this (a latent the data cannot see) is read as this
+TRUST = 0.05  # the likelihood's information is taken as at least this share of the posterior's (given the reference)
 MAX_STEP = 2.0  # the largest move of one Newton step towards the mode, per unconstrained coordinate
 
 
@@ -44,20 +45,28 @@ class DataTerm:
         reference: the point the terms are taken at ``[B, G, D]`` (G = 1 for the globals).
         score: the gradient of log p(y | latents) there ``[B, G, D]``.
         information: minus its Hessian within a group ``[B, G, D, D]``, symmetrized.
+        floor: the least information :attr:`precision` allows ``[B, G]`` (a share of the posterior's
+            information where it is known: a trust region for the Newton step where the likelihood
+            is not log-concave); ``FLOOR`` when None.
     """
 
     sites: tuple[str, ...]
     reference: torch.Tensor
     score: torch.Tensor
     information: torch.Tensor
+    floor: torch.Tensor | None = None
 
     @property
     def precision(self) -> torch.Tensor:
         """The information made positive definite (eigenvalues floored at ``FLOOR``) ``[B, G, D, D]``."""
+        floor = FLOOR if self.floor is None else self.floor.clamp_min(FLOOR)
         if self.information.shape[-1] == 1:
-            return self.information.clamp_min(FLOOR)
+            return torch.maximum(
+                self.information, floor[..., None, None] if self.floor is not None else torch.tensor(floor)
+            )
         vals, vecs = torch.linalg.eigh(self.information)
-        return (vecs * vals.clamp_min(FLOOR).unsqueeze(-2)) @ vecs.transpose(-1, -2)
+        vals = torch.maximum(vals, floor[..., None] if self.floor is not None else torch.tensor(floor))
+        return (vecs * vals.unsqueeze(-2)) @ vecs.transpose(-1, -2)
 
     @property
     def location(self) -> torch.Tensor:
@@ -120,15 +129,18 @@ def data_terms(
     levels' terms only (the globals' Hessian costs one more backward pass per global coordinate)."""
     reference = reference_point(model, structure, data) if reference is None else reference
     u = {s.name: s.transform.inv(reference[s.name]).detach() for s in structure.latents}
+    floors: dict[str, torch.Tensor] = {}
     for _ in range(iterations):
         for level, term in _terms_at(model, structure, data, u, with_priors=True, globals_too=False).items():
+            floors[level] = TRUST * torch.linalg.eigvalsh(term.precision)[..., 0]  # [B, G]
             step = _solve(term.precision, term.score).clamp(-MAX_STEP, MAX_STEP)
             offset = 0
             for site in structure.sites_at(level):
                 part = step[..., offset : offset + site.dim]
                 u[site.name] = u[site.name] + part.reshape(u[site.name].shape).to(u[site.name].dtype)
                 offset += site.dim
-    return _terms_at(model, structure, data, u, with_priors=False, globals_too=globals_too)
+    out = _terms_at(model, structure, data, u, with_priors=False, globals_too=globals_too)
+    return {level: replace(term, floor=floors.get(level)) for level, term in out.items()}
 
 
 def _terms_at(
