@@ -18,6 +18,7 @@ bound and PSIS.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from torch.distributions.transforms import IndependentTransform, Transform
 from .data import HierarchicalData
 from .errors import ModelStructureError
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
+from .nn.data_terms import data_terms
 from .structure import LatentSite, ModelStructure, batched
 
 __all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
@@ -236,7 +238,15 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         nn.Module.__init__(self)
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
         self.structure = structure
-        self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden)
+        self.user_model = model
+        arm = int(os.environ.get("AMORTIZE_TERMS", "0"))  # experiment switch (branch only): 0 off, k: k - 1 iterations
+        self.likelihood_terms, self.term_iterations = arm > 0, max(0, arm - 1)
+        term_dims = (
+            {lvl: sum(s.dim for s in structure.sites_at(lvl)) for lvl in structure.levels if structure.sites_at(lvl)}
+            if self.likelihood_terms
+            else {}
+        )
+        self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden, term_dims)
         self.global_head = None
         if structure.global_dim:
             enc = self.encoder
@@ -246,7 +256,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         D = structure.global_dim if global_coupling else 0
         self.group_heads = nn.ModuleDict(
             {
-                s.name: GroupHead(hidden, s.dim, D, self.encoder.group_slope_dim[s.level])
+                s.name: GroupHead(hidden, s.dim, D, self.encoder.group_slope_dim[s.level], self.likelihood_terms)
                 for s in structure.latents
                 if s.level is not None
             }
@@ -294,7 +304,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         """The per-dataset and per-group work of a call, independent of the draws: q(globals) and
         each group site's data term ``(loc, scale)`` in the batched layout."""
         K = self.structure.max_plate_nesting
-        enc = self.encoder(data)
+        terms = self.data_terms(data)
+        enc = self.encoder(data, terms)
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"terms": {}}
         if self.global_head is not None:
@@ -307,7 +318,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         for name, head in self.group_heads.items():
             site = self.structure[name]
             group_stats = enc.statistics.levels[site.level].groups
-            loc, scale, coupling = head(enc.groups[site.level], enc.dataset, group_stats)  # [B, G, d]
+            term = None if terms is None else self.site_term(terms, site)
+            loc, scale, coupling = head(enc.groups[site.level], enc.dataset, group_stats, term)  # [B, G, d]
             G = loc.shape[-2]
             state["terms"][name] = (
                 loc.reshape(B, *[1] * (K - 1), G, -1),
@@ -315,6 +327,25 @@ class AmortizedGuide(GuideMessenger, nn.Module):
                 None if coupling is None else coupling.reshape(B, *[1] * (K - 1), G, *coupling.shape[-2:]),
             )
         return state
+
+    def data_terms(self, data: HierarchicalData) -> dict | None:
+        """The likelihood's data terms per level (:func:`~amortize.nn.data_terms.data_terms`), or None."""
+        if not self.likelihood_terms:
+            return None
+        return data_terms(self.user_model, self.structure, data, iterations=self.term_iterations, globals_too=False)
+
+    def site_term(self, terms: dict, site: LatentSite) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(location, log precision)`` ``[B, G, d]`` of one site's coordinates in its level's data term."""
+        term = terms[site.level]
+        offset = 0
+        for s in self.structure.sites_at(site.level):
+            if s.name == site.name:
+                break
+            offset += s.dim
+        cov = torch.linalg.inv(term.precision)
+        log_prec = -torch.diagonal(cov, dim1=-2, dim2=-1).log()
+        sl = slice(offset, offset + site.dim)
+        return term.location[..., sl], log_prec[..., sl]
 
     def get_posterior(self, name: str, prior: Any) -> Any:
         st = self._state

@@ -250,8 +250,11 @@ class GroupHead(nn.Module):
     the likelihood's own scale, not the posterior's shrinkage, which the model's prior supplies.
     """
 
-    def __init__(self, hidden: int, dim: int, global_dim: int = 0, slope_dim: int = 0) -> None:
+    def __init__(self, hidden: int, dim: int, global_dim: int = 0, slope_dim: int = 0, term: bool = False) -> None:
         super().__init__()
+        self.term = term
+        self.raw_term = _zero_linear(dim, dim) if term else None  # the likelihood's Newton location -> location
+        self.raw_term_scale = _zero_linear(dim, dim) if term else None  # its log precision -> log unit
         self.net = mlp(2 * hidden, hidden, 2 * dim)
         with torch.no_grad():
             self.net[-1].weight.mul_(0.1)  # start at the fitted skip paths
@@ -273,7 +276,7 @@ class GroupHead(nn.Module):
                 self.coupling[-1].bias.zero_()
 
     @torch.no_grad()
-    def fit(self, stats: GroupStatistics, u: torch.Tensor) -> None:
+    def fit(self, stats: GroupStatistics, u: torch.Tensor, term: tuple | None = None) -> None:
         """Least-squares skip paths from simulated groups: their statistics as rows
         (:meth:`GroupStatistics.rows`, ``[M]`` each) and the latent's unconstrained values ``[M, dim]``.
         Each coordinate takes the statistic it is most correlated with (the group mean or one of the
@@ -283,6 +286,12 @@ class GroupHead(nn.Module):
         # candidates: group mean, slopes, intercepts; their log n / log precisions; the unit's log sd
         cand = [stats.mean.unsqueeze(-1)] + ([stats.measurements()] if k else [])
         prec = [stats.unit_log_n.unsqueeze(-1)] + ([stats.measurement_log_precisions()] if k else [])
+        if self.term:  # the likelihood's Newton location per coordinate, its log precision
+            cand.append(term[0].reshape(-1, self.dim))
+            prec.append(term[1].reshape(-1, self.dim))
+            k_all = k + self.dim
+        else:
+            k_all = k
         cand, prec = torch.cat(cand, -1).double()[:200_000], torch.cat(prec, -1).double()[:200_000]
         log_sd = stats.unit_log_sd.double()[:200_000]
         u = u.reshape(-1, self.dim).double()[:200_000]
@@ -291,7 +300,10 @@ class GroupHead(nn.Module):
         cand, counts, log_sd, u = cand[ok], prec[ok], log_sd[ok], u[ok]
         w_loc, b_loc = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
         w_scale, b_scale = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
-        w_slope, w_slope_scale = torch.zeros(self.dim, k, dtype=u.dtype), torch.zeros(self.dim, k, dtype=u.dtype)
+        w_slope, w_slope_scale = (
+            torch.zeros(self.dim, k_all, dtype=u.dtype),
+            torch.zeros(self.dim, k_all, dtype=u.dtype),
+        )
         # a slope of a group whose covariate (nearly) does not vary is no measurement: left out of the fits
         valid = counts > counts.median(0).values - math.log(1e6)  # [M, 1 + k]
         for j in range(self.dim):
@@ -325,11 +337,14 @@ class GroupHead(nn.Module):
         self.raw_scale.weight.copy_(w_scale)
         self.raw_scale.bias.copy_(b_scale)
         if k:
-            self.raw_slope.weight.copy_(w_slope)
-            self.raw_slope_scale.weight.copy_(w_slope_scale)
+            self.raw_slope.weight.copy_(w_slope[:, :k])
+            self.raw_slope_scale.weight.copy_(w_slope_scale[:, :k])
+        if self.term:
+            self.raw_term.weight.copy_(w_slope[:, k:])
+            self.raw_term_scale.weight.copy_(w_slope_scale[:, k:])
 
     def forward(
-        self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, stats: GroupStatistics
+        self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, stats: GroupStatistics, term: tuple | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, the level's :class:`GroupStatistics` ->
         ``loc, scale`` each ``[B, G, d]`` and the coupling ``[B, G, d, D]`` to the standardized
@@ -348,6 +363,9 @@ class GroupHead(nn.Module):
         if self.raw_slope is not None:
             log_unit = log_unit + self.raw_slope_scale(stats.measurement_log_precisions())
             loc = loc + self.raw_slope(stats.measurements())
+        if self.term:
+            log_unit = log_unit + self.raw_term_scale(term[1].to(loc.dtype))
+            loc = loc + self.raw_term(term[0].to(loc.dtype))
         unit = log_unit.clamp(-30.0, 30.0).exp()
         loc = loc + unit * out[..., : self.dim]
         scale = unit * (softplus(out[..., self.dim :] + _SOFTPLUS_ONE) + 1e-4)
