@@ -18,7 +18,6 @@ bound and PSIS.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +32,7 @@ from torch.distributions.transforms import IndependentTransform, Transform
 from .data import HierarchicalData
 from .errors import ModelStructureError
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
-from .nn.data_terms import data_terms
+from .nn.data_terms import MODE_ITERATIONS, DataTerm, data_terms
 from .structure import LatentSite, ModelStructure, batched
 
 __all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
@@ -239,13 +238,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
         self.structure = structure
         self.user_model = model
-        arm = int(os.environ.get("AMORTIZE_TERMS", "0"))  # experiment switch (branch only): 0 off, k: k - 1 iterations
-        self.likelihood_terms, self.term_iterations = arm > 0, max(0, arm - 1)
-        term_dims = (
-            {lvl: sum(s.dim for s in structure.sites_at(lvl)) for lvl in structure.levels if structure.sites_at(lvl)}
-            if self.likelihood_terms
-            else {}
-        )
+        term_dims = {lvl: sum(s.dim for s in structure.sites_at(lvl)) for lvl in structure.levels}
+        term_dims = {lvl: d for lvl, d in term_dims.items() if d}
         self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden, term_dims)
         self.global_head = None
         if structure.global_dim:
@@ -256,7 +250,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         D = structure.global_dim if global_coupling else 0
         self.group_heads = nn.ModuleDict(
             {
-                s.name: GroupHead(hidden, s.dim, D, self.encoder.group_slope_dim[s.level], self.likelihood_terms)
+                s.name: GroupHead(hidden, s.dim, D, self.encoder.group_slope_dim[s.level])
                 for s in structure.latents
                 if s.level is not None
             }
@@ -318,7 +312,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         for name, head in self.group_heads.items():
             site = self.structure[name]
             group_stats = enc.statistics.levels[site.level].groups
-            term = None if terms is None else self.site_term(terms, site)
+            term = self.site_term(terms, site)
             loc, scale, coupling = head(enc.groups[site.level], enc.dataset, group_stats, term)  # [B, G, d]
             G = loc.shape[-2]
             state["terms"][name] = (
@@ -328,13 +322,12 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             )
         return state
 
-    def data_terms(self, data: HierarchicalData) -> dict | None:
-        """The likelihood's data terms per level (:func:`~amortize.nn.data_terms.data_terms`), or None."""
-        if not self.likelihood_terms:
-            return None
-        return data_terms(self.user_model, self.structure, data, iterations=self.term_iterations, globals_too=False)
+    def data_terms(self, data: HierarchicalData) -> dict[str, DataTerm]:
+        """The likelihood's data terms of every group level (:func:`~amortize.nn.data_terms.data_terms`
+        after ``MODE_ITERATIONS`` steps towards the groups' mode)."""
+        return data_terms(self.user_model, self.structure, data, iterations=MODE_ITERATIONS, globals_too=False)
 
-    def site_term(self, terms: dict, site: LatentSite) -> tuple[torch.Tensor, torch.Tensor]:
+    def site_term(self, terms: dict[str, DataTerm], site: LatentSite) -> tuple[torch.Tensor, torch.Tensor]:
         """``(location, log precision)`` ``[B, G, d]`` of one site's coordinates in its level's data term."""
         term = terms[site.level]
         offset = 0
@@ -342,7 +335,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             if s.name == site.name:
                 break
             offset += s.dim
-        cov = torch.linalg.inv(term.precision)
+        cov = term.covariance
         log_prec = -torch.diagonal(cov, dim1=-2, dim2=-1).log()
         sl = slice(offset, offset + site.dim)
         return term.location[..., sl], log_prec[..., sl]

@@ -150,7 +150,7 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> l
     per = max(1, cfg.batch_size // 8)
     sims = [amortizer.simulate_batch(gen, per) for _ in range(cfg.pilot_structures * cfg.batch_size // per)]
     stats = [guide.encoder.statistics(sim.data) for sim in sims]
-    terms = [guide.data_terms(sim.data) for sim in sims] if guide.likelihood_terms else None
+    terms = [guide.data_terms(sim.data) for sim in sims]
     guide.encoder.fit(stats, terms)
     if guide.global_head is not None:
         u = torch.cat(  # [datasets, D]: batches hold different numbers of datasets when some were dropped
@@ -170,10 +170,8 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> l
     for name, head in guide.group_heads.items():
         site = structure[name]
         groups = GroupStatistics.cat([s.levels[site.level].groups.rows() for s in stats])
-        term = None
-        if terms is not None:
-            parts = [guide.site_term(t, site) for t in terms]
-            term = tuple(torch.cat([p[i].reshape(-1, site.dim) for p in parts]) for i in range(2))
+        parts = [guide.site_term(t, site) for t in terms]
+        term = tuple(torch.cat([p[i].reshape(-1, site.dim) for p in parts]) for i in range(2))
         head.fit(groups, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]), term)
     return sims
 

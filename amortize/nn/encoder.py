@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from ..data import OBS, HierarchicalData
+from .data_terms import DataTerm
 from .least_squares import segment_mean, segment_sum
 from .statistics import STATISTICS_VERSION, DatasetStatistics, dataset_statistics
 
-__all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp"]
+__all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp", "term_features"]
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, layers: int = 2) -> nn.Sequential:
@@ -32,10 +33,11 @@ def mlp(d_in: int, d_hidden: int, d_out: int, layers: int = 2) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-def term_features(term) -> torch.Tensor:
-    """``[B, G, 2D]``: a level's data term as features: the Newton location and half the log diagonal of the precision."""
+def term_features(term: DataTerm) -> torch.Tensor:
+    """``[B, G, 2D]``: a level's data term as features, the location and half the log diagonal of the
+    precision (NaN read as 0, infinities as the largest float: the :class:`RobustScaler` bounds them)."""
     prec = torch.diagonal(term.precision, dim1=-2, dim2=-1)
-    return torch.cat([term.location, 0.5 * prec.log()], -1)
+    return torch.nan_to_num(torch.cat([term.location, 0.5 * prec.log()], -1), nan=0.0)
 
 
 class RobustScaler(nn.Module):
@@ -80,6 +82,8 @@ class HierarchicalEncoder(nn.Module):
         levels: level names, outermost first.
         covariates: ``{level or "obs": [names]}`` the model's data carries.
         hidden: embedding width H.
+        term_dims: ``{level: D}`` the width of each level's likelihood data term
+            (:func:`~amortize.nn.data_terms.data_terms`), read as features beside the statistics.
 
     Attributes:
         statistics_version: the statistics the encoder computes (:data:`STATISTICS_VERSION`);

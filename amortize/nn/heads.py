@@ -250,11 +250,12 @@ class GroupHead(nn.Module):
     the likelihood's own scale, not the posterior's shrinkage, which the model's prior supplies.
     """
 
-    def __init__(self, hidden: int, dim: int, global_dim: int = 0, slope_dim: int = 0, term: bool = False) -> None:
+    def __init__(self, hidden: int, dim: int, global_dim: int = 0, slope_dim: int = 0) -> None:
         super().__init__()
-        self.term = term
-        self.raw_term = _zero_linear(dim, dim) if term else None  # the likelihood's Newton location -> location
-        self.raw_term_scale = _zero_linear(dim, dim) if term else None  # its log precision -> log unit
+        self.raw_term = _zero_linear(dim, dim)  # the likelihood's data term location -> location
+        self.raw_term_scale = _zero_linear(dim, dim)  # its log precision -> log unit
+        # the range of the data term (location, log precision) seen in prior simulations: [2 (lo, hi), 2, dim]
+        self.register_buffer("term_range", torch.tensor([-math.inf, math.inf]).reshape(2, 1, 1).repeat(1, 2, dim))
         self.net = mlp(2 * hidden, hidden, 2 * dim)
         with torch.no_grad():
             self.net[-1].weight.mul_(0.1)  # start at the fitted skip paths
@@ -276,22 +277,29 @@ class GroupHead(nn.Module):
                 self.coupling[-1].bias.zero_()
 
     @torch.no_grad()
-    def fit(self, stats: GroupStatistics, u: torch.Tensor, term: tuple | None = None) -> None:
+    def fit(self, stats: GroupStatistics, u: torch.Tensor, term: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Least-squares skip paths from simulated groups: their statistics as rows
         (:meth:`GroupStatistics.rows`, ``[M]`` each) and the latent's unconstrained values ``[M, dim]``.
         Each coordinate takes the statistic it is most correlated with (the group mean or one of the
         k = ``slope_dim`` measurements: slopes and intercepts); one none informs (|correlation| < 0.1)
-        gets location = its typical value, unit = its spread."""
+        gets location = its typical value, unit = its spread. ``term``: the site's likelihood data term
+        ``(location, log precision)`` ``[M, dim]`` each, a candidate like the statistics; its range in
+        these simulations bounds what :meth:`forward` reads (:meth:`bounded_term`)."""
         k = self.slope_dim
         # candidates: group mean, slopes, intercepts; their log n / log precisions; the unit's log sd
         cand = [stats.mean.unsqueeze(-1)] + ([stats.measurements()] if k else [])
         prec = [stats.unit_log_n.unsqueeze(-1)] + ([stats.measurement_log_precisions()] if k else [])
-        if self.term:  # the likelihood's Newton location per coordinate, its log precision
-            cand.append(term[0].reshape(-1, self.dim))
-            prec.append(term[1].reshape(-1, self.dim))
-            k_all = k + self.dim
-        else:
-            k_all = k
+        term = tuple(t.reshape(-1, self.dim)[:200_000] for t in term)
+        for i, t in enumerate(term):  # the central 99.8% of the finite values, per coordinate
+            for j in range(self.dim):
+                col = t[:, j][torch.isfinite(t[:, j])].double()
+                if col.numel():
+                    q = torch.quantile(col, torch.tensor([0.001, 0.999], dtype=col.dtype))
+                    self.term_range[:, i, j] = q.to(self.term_range.dtype)
+        loc_t, prec_t = self.bounded_term(term)
+        cand.append(loc_t)  # the likelihood's data term location per coordinate, its log precision
+        prec.append(prec_t)
+        k_all = k + self.dim
         cand, prec = torch.cat(cand, -1).double()[:200_000], torch.cat(prec, -1).double()[:200_000]
         log_sd = stats.unit_log_sd.double()[:200_000]
         u = u.reshape(-1, self.dim).double()[:200_000]
@@ -339,14 +347,30 @@ class GroupHead(nn.Module):
         if k:
             self.raw_slope.weight.copy_(w_slope[:, :k])
             self.raw_slope_scale.weight.copy_(w_slope_scale[:, :k])
-        if self.term:
-            self.raw_term.weight.copy_(w_slope[:, k:])
-            self.raw_term_scale.weight.copy_(w_slope_scale[:, k:])
+        self.raw_term.weight.copy_(w_slope[:, k:])
+        self.raw_term_scale.weight.copy_(w_slope_scale[:, k:])
+
+    def bounded_term(self, term: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The data term ``(location, log precision)`` ``[..., dim]`` clamped to the range :meth:`fit` saw
+        (NaN read as the range's middle): a dataset more extreme than the prior simulations (a Cauchy-like
+        response, a likelihood the Newton step does not fit) moves the skip path no further than they did."""
+        out = []
+        for i, t in enumerate(term):
+            lo, hi = self.term_range[0, i], self.term_range[1, i]
+            mid = torch.where(torch.isfinite(lo + hi), 0.5 * (lo + hi), torch.zeros_like(lo))
+            t = torch.where(torch.isnan(t), mid.to(t.dtype), t)
+            out.append(torch.maximum(torch.minimum(t, hi.to(t.dtype)), lo.to(t.dtype)))
+        return out[0], out[1]
 
     def forward(
-        self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, stats: GroupStatistics, term: tuple | None = None
+        self,
+        group_emb: torch.Tensor,
+        dataset_emb: torch.Tensor,
+        stats: GroupStatistics,
+        term: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, the level's :class:`GroupStatistics` ->
+        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, the level's :class:`GroupStatistics`, the
+        site's data term ``(location, log precision)`` ``[B, G, d]`` each ->
         ``loc, scale`` each ``[B, G, d]`` and the coupling ``[B, G, d, D]`` to the standardized
         globals (None without coupling): the data term's location is ``loc + coupling @ w``."""
         # both networks read [group_emb, dataset_emb]: their first layers split into a per-group part
@@ -363,9 +387,9 @@ class GroupHead(nn.Module):
         if self.raw_slope is not None:
             log_unit = log_unit + self.raw_slope_scale(stats.measurement_log_precisions())
             loc = loc + self.raw_slope(stats.measurements())
-        if self.term:
-            log_unit = log_unit + self.raw_term_scale(term[1].to(loc.dtype))
-            loc = loc + self.raw_term(term[0].to(loc.dtype))
+        loc_t, prec_t = self.bounded_term(term)
+        log_unit = log_unit + self.raw_term_scale(prec_t.to(loc.dtype))
+        loc = loc + self.raw_term(loc_t.to(loc.dtype))
         unit = log_unit.clamp(-30.0, 30.0).exp()
         loc = loc + unit * out[..., : self.dim]
         scale = unit * (softplus(out[..., self.dim :] + _SOFTPLUS_ONE) + 1e-4)
