@@ -131,3 +131,46 @@ def test_mode_iterations_bring_the_poisson_location_to_the_group_mle_and_leave_g
     torch.testing.assert_close(
         data_terms(gaussian_2level, st, g, iterations=3)["group"].location[..., 0], group_means(g, "group")
     )
+
+
+def test_singular_information_gives_a_finite_newton_step():
+    """A group whose covariate does not vary sees its intercept and slope only in one direction: the
+    information is singular, the covariance floored (relative to its largest eigenvalue), the location finite."""
+    from amortize.nn.data_terms import DataTerm
+
+    x = torch.tensor([1.0, 2.0])
+    info = 40.0 * torch.outer(x, x).reshape(1, 1, 2, 2)  # rank one
+    term = DataTerm(("b",), torch.zeros(1, 1, 2), torch.tensor([[[3.0, 6.0]]]), info)
+    assert torch.isfinite(term.covariance).all() and torch.isfinite(term.location).all()
+    vals = torch.linalg.eigvalsh(term.precision.double())
+    assert vals.min() > 0 and abs(float(vals.max()) - 200.0) < 1e-3  # the seen direction kept exactly
+    # along the seen direction (x, eigenvalue 200) the step is x . score / 200; float32 rounding of the
+    # unseen direction (~1e-7 of the score) is divided by the floor (1e-6 x 200): a 1e-3 tolerance
+    assert abs(float(term.location[0, 0] @ x) - 15.0 / 200.0) < 1e-3
+
+
+def test_group_head_reads_the_term_within_the_range_of_its_prior_simulations():
+    """GroupHead.fit saves the central 99.8% of the simulated terms; a term beyond (or NaN) is read at
+    that range's edge (middle), so an extreme dataset moves the skip path no further than the simulations."""
+    from amortize.nn import GroupHead
+    from amortize.nn.statistics import GroupStatistics
+
+    gen = torch.Generator().manual_seed(0)
+    M = 4000
+    u = torch.randn(M, 1, generator=gen)
+    loc = u + 0.3 * torch.randn(M, 1, generator=gen)
+    log_prec = torch.full((M, 1), 2.4)
+    mean = u + torch.randn(M, 1, generator=gen)
+    zeros = torch.zeros(M)
+    stats = GroupStatistics(mean=mean[:, 0], dataset_mean=zeros, unit_log_sd=zeros, unit_log_n=zeros + 1.0)
+    head = GroupHead(8, 1)
+    head.fit(stats, u, (loc, log_prec))
+    lo, hi = torch.quantile(loc[:, 0], torch.tensor([0.001, 0.999]))
+    assert abs(float(head.term_range[0, 0, 0] - lo)) < 1e-5 and abs(float(head.term_range[1, 0, 0] - hi)) < 1e-5
+    assert (
+        float(head.raw_term.weight.detach()[0, 0]) > 0.8
+    )  # the term, the best-correlated candidate, is the location's path
+    far = torch.tensor([[1e9], [-1e9], [float("nan")]])
+    b_loc, b_prec = head.bounded_term((far, torch.full((3, 1), 2.4)))
+    torch.testing.assert_close(b_loc[:, 0], torch.stack([hi, lo, 0.5 * (lo + hi)]))
+    assert torch.isfinite(b_prec).all()
