@@ -254,6 +254,34 @@ def test_cached_nuts_reuses_a_stored_run_and_recovers_from_a_corrupted_entry(tmp
     assert len(calls) == 4 and any("unusable NUTS cache" in r.getMessage() for r in caplog.records)
 
 
+def test_cached_reference_keeps_a_subclass_and_keys_by_source(tmp_path) -> None:
+    """Another sampler's result (a NUTSResult subclass) is stored and rebuilt as its class; another
+    source name over the same data and settings is another entry."""
+    from dataclasses import dataclass
+
+    from amortize.validate import nuts
+
+    @dataclass
+    class Timed(nuts.NUTSResult):
+        compile_seconds: float = 0.0
+
+    data = conjugate_data()
+    base = nuts.run_nuts(conjugate_model, data, num_warmup=30, num_samples=30, num_chains=1, seed=3)
+    calls = []
+
+    def compute() -> Timed:
+        calls.append(1)
+        return Timed(**vars(base), compile_seconds=1.5)
+
+    first = nuts.cached_reference(compute, "twin a", data, tmp_path, settings={"seed": 1}, cls=Timed)
+    again = nuts.cached_reference(compute, "twin a", data, tmp_path, settings={"seed": 1}, cls=Timed)
+    assert len(calls) == 1 and isinstance(again, Timed) and again.compile_seconds == 1.5
+    assert torch.equal(first.samples["theta"], again.samples["theta"])
+    assert nuts.cached_reference(compute, "twin b", data, tmp_path, run=False, settings={"seed": 1}) is None
+    nuts.cached_reference(compute, "twin a", data, tmp_path, settings={"seed": 2}, cls=Timed)
+    assert len(calls) == 2 and len(list(tmp_path.glob("nuts-*.pt"))) == 2
+
+
 # --------------------------------------------------------------------------- reference loaders
 
 needs_reference = pytest.mark.skipif(

@@ -40,7 +40,7 @@ from ..data import HierarchicalData
 from ..errors import ConfigError, DataError, ModelStructureError
 from .convergence import MAX_RHAT, MIN_ESS, checks_passed, rhat_thresholds, worst_diagnostics
 
-__all__ = ["NUTSResult", "run_nuts", "cached_nuts"]
+__all__ = ["NUTSResult", "run_nuts", "cached_nuts", "cached_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -318,19 +318,33 @@ def cached_nuts(
     **kwargs,
 ) -> NUTSResult | None:
     """:func:`run_nuts`, reusing a result stored in ``cache_dir`` for the same model source, data and
-    settings (``None``: no cache). Results are stored atomically with a checksum, so an interrupted
-    benchmark never leaves a half-written reference behind. ``run=False``: only a stored result,
-    else None. A stored result's ``ok`` is decided again by :func:`checks_passed` from its stored
-    diagnostics, so entries written under an older rule are judged by the current one."""
-    if cache_dir is None:
-        return run_nuts(model, data, **kwargs)
-    from ..checkpoint import load_checkpoint, payload_checksum, save_checkpoint
-    from ..errors import CheckpointError
-
+    settings (``None``: no cache); see :func:`cached_reference`."""
     try:
         source = inspect.getsource(model)
     except (OSError, TypeError):
         source = getattr(model, "__qualname__", repr(model))
+    return cached_reference(lambda: run_nuts(model, data, **kwargs), source, data, cache_dir, run, kwargs)
+
+
+def cached_reference(
+    compute: Callable[[], NUTSResult],
+    source: str,
+    data: HierarchicalData,
+    cache_dir: str | os.PathLike | None,
+    run: bool = True,
+    settings: dict[str, Any] | None = None,
+    cls: type[NUTSResult] = NUTSResult,
+) -> NUTSResult | None:
+    """``compute()`` (a reference run on ``data``), reused from ``cache_dir`` (``None``: no cache) under a key
+    of ``source`` (model source or sampler name), the data and ``settings``; stored atomically with a
+    checksum, rebuilt as ``cls``. ``run=False``: only a stored result, else None. A stored ``ok`` is
+    decided again by :func:`checks_passed`, so entries written under an older rule meet the current one."""
+    settings = dict(settings or {})
+    if cache_dir is None:
+        return compute()
+    from ..checkpoint import load_checkpoint, payload_checksum, save_checkpoint
+    from ..errors import CheckpointError
+
     key = payload_checksum(
         {
             "model": source,
@@ -338,20 +352,20 @@ def cached_nuts(
             "group": data.group,
             "parents": dict(data.parents),
             "covariates": {lvl: dict(cols) for lvl, cols in data.covariates.items()},
-            "settings": sorted((k, v) for k, v in kwargs.items() if k != "progress"),
+            "settings": sorted((k, v) for k, v in settings.items() if k != "progress"),
         }
     )[:24]
     path = Path(cache_dir) / f"nuts-{key}.pt"
     if path.exists():
         try:
             ck = load_checkpoint(path)
-            res = NUTSResult(**{k: v for k, v in ck.items() if k != "format_version"})
-            return _rejudged(res, kwargs.get("max_rhat", MAX_RHAT), kwargs.get("min_ess", MIN_ESS))
+            res = cls(**{k: v for k, v in ck.items() if k != "format_version"})
+            return _rejudged(res, settings.get("max_rhat", MAX_RHAT), settings.get("min_ess", MIN_ESS))
         except (CheckpointError, TypeError) as e:
             logger.warning("%s: unusable NUTS cache entry (%s); running NUTS again", path, e)
     if not run:
         return None
-    res = run_nuts(model, data, **kwargs)
+    res = compute()
     save_checkpoint(path, dict(vars(res)))
     return res
 

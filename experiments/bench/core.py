@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in args.numpyro:  # NUTS on the NumPyro twin of the same model (the bench extra)
                 from numpyro_models import twin_reference
 
-                ref_fn = twin_reference(name)
+                ref_fn = twin_reference(name, cache_dir=args.nuts_cache or None)
 
             report = against_nuts(
                 amortizer,

@@ -65,7 +65,9 @@ def run_model(name: str, args: argparse.Namespace, progress: bool) -> tuple[dict
         if name in args.numpyro:  # NUTS on the tested NumPyro twin of the same model (the bench extra)
             from numpyro_models import twin_reference
 
-            ref_fn = twin_reference(name, num_warmup=2 * args.nuts_warmup, num_samples=args.nuts_samples)
+            ref_fn = twin_reference(
+                name, num_warmup=2 * args.nuts_warmup, num_samples=args.nuts_samples, cache_dir=args.nuts_cache or None
+            )
 
         report = against_nuts(
             a,

@@ -42,7 +42,7 @@ from numpyro.infer.util import log_density as _numpyro_log_density
 from amortize.data import HierarchicalData
 from amortize.errors import ConfigError, DataError
 from amortize.validate.convergence import checks_passed, rhat_thresholds, worst_diagnostics
-from amortize.validate.nuts import NUTSResult
+from amortize.validate.nuts import NUTSResult, cached_reference
 
 __all__ = [
     "gaussian_2level",
@@ -647,16 +647,27 @@ def _result(
 
 
 def twin_reference(
-    model: str, num_warmup: int = 1000, num_samples: int = 1000, target_accept: float = 0.99
+    model: str,
+    num_warmup: int = 1000,
+    num_samples: int = 1000,
+    target_accept: float = 0.99,
+    cache_dir: str | None = None,
 ) -> Callable[[HierarchicalData, int], NumPyroNUTSResult]:
     """A reference for :func:`amortize.validate.heldout.against_nuts` (``reference=``): NUTS on the
     NumPyro twin of ``model``, ``(data, seed) -> result``, with long warm-up and a high target
-    acceptance (the centered funnels of the shipped models)."""
+    acceptance (the centered funnels of the shipped models); results kept in ``cache_dir`` (None: not
+    kept) under the twin's name, the data, the seed and these settings."""
     _model(model)  # an unknown model fails here, not on the first dataset
+    settings = {"num_warmup": num_warmup, "num_samples": num_samples, "target_accept": target_accept}
 
     def run(data: HierarchicalData, seed: int) -> NumPyroNUTSResult:
-        return run_numpyro_nuts(
-            data, model, seed=seed, num_warmup=num_warmup, num_samples=num_samples, target_accept=target_accept
+        return cached_reference(
+            lambda: run_numpyro_nuts(data, model, seed=seed, **settings),
+            f"numpyro twin {model}",
+            data,
+            cache_dir,
+            settings={**settings, "seed": seed},
+            cls=NumPyroNUTSResult,
         )
 
     return run
