@@ -32,7 +32,7 @@ from torch.distributions.transforms import IndependentTransform, Transform
 from .data import HierarchicalData
 from .errors import ModelStructureError
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
-from .nn.data_terms import MODE_ITERATIONS, DataTerm, data_terms
+from .nn.data_terms import group_terms, level_dims, site_term
 from .structure import LatentSite, ModelStructure, batched
 
 __all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
@@ -238,9 +238,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
         self.structure = structure
         self.user_model = model
-        term_dims = {lvl: sum(s.dim for s in structure.sites_at(lvl)) for lvl in structure.levels}
-        term_dims = {lvl: d for lvl, d in term_dims.items() if d}
-        self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden, term_dims)
+        self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden, level_dims(structure))
         self.global_head = None
         if structure.global_dim:
             enc = self.encoder
@@ -298,7 +296,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         """The per-dataset and per-group work of a call, independent of the draws: q(globals) and
         each group site's data term ``(loc, scale)`` in the batched layout."""
         K = self.structure.max_plate_nesting
-        terms = self.data_terms(data)
+        terms = group_terms(self.user_model, self.structure, data)
         enc = self.encoder(data, terms)
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"terms": {}}
@@ -312,7 +310,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         for name, head in self.group_heads.items():
             site = self.structure[name]
             group_stats = enc.statistics.levels[site.level].groups
-            term = self.site_term(terms, site)
+            term = site_term(terms[site.level], self.structure.sites_at(site.level), name)
             loc, scale, coupling = head(enc.groups[site.level], enc.dataset, group_stats, term)  # [B, G, d]
             G = loc.shape[-2]
             state["terms"][name] = (
@@ -321,24 +319,6 @@ class AmortizedGuide(GuideMessenger, nn.Module):
                 None if coupling is None else coupling.reshape(B, *[1] * (K - 1), G, *coupling.shape[-2:]),
             )
         return state
-
-    def data_terms(self, data: HierarchicalData) -> dict[str, DataTerm]:
-        """The likelihood's data terms of every group level (:func:`~amortize.nn.data_terms.data_terms`
-        after ``MODE_ITERATIONS`` steps towards the groups' mode)."""
-        return data_terms(self.user_model, self.structure, data, iterations=MODE_ITERATIONS, globals_too=False)
-
-    def site_term(self, terms: dict[str, DataTerm], site: LatentSite) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(location, log precision)`` ``[B, G, d]`` of one site's coordinates in its level's data term."""
-        term = terms[site.level]
-        offset = 0
-        for s in self.structure.sites_at(site.level):
-            if s.name == site.name:
-                break
-            offset += s.dim
-        cov = term.covariance
-        log_prec = -torch.diagonal(cov, dim1=-2, dim2=-1).log()
-        sl = slice(offset, offset + site.dim)
-        return term.location[..., sl], log_prec[..., sl]
 
     def get_posterior(self, name: str, prior: Any) -> Any:
         st = self._state

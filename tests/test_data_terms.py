@@ -150,7 +150,7 @@ def test_singular_information_gives_a_finite_newton_step():
 
 
 def test_group_head_reads_the_term_within_the_range_of_its_prior_simulations():
-    """GroupHead.fit saves the central 99.8% of the simulated terms; a term beyond (or NaN) is read at
+    """GroupHead.fit saves (TermRange) the central 99.8% of the simulated terms; a term beyond (or NaN) is read at
     that range's edge (middle), so an extreme dataset moves the skip path no further than the simulations."""
     from amortize.nn import GroupHead
     from amortize.nn.statistics import GroupStatistics
@@ -166,11 +166,14 @@ def test_group_head_reads_the_term_within_the_range_of_its_prior_simulations():
     head = GroupHead(8, 1)
     head.fit(stats, u, (loc, log_prec))
     lo, hi = torch.quantile(loc[:, 0], torch.tensor([0.001, 0.999]))
-    assert abs(float(head.term_range[0, 0, 0] - lo)) < 1e-5 and abs(float(head.term_range[1, 0, 0] - hi)) < 1e-5
+    assert (
+        abs(float(head.term_range.bounds[0, 0, 0] - lo)) < 1e-5
+        and abs(float(head.term_range.bounds[1, 0, 0] - hi)) < 1e-5
+    )
     assert (
         float(head.raw_term.weight.detach()[0, 0]) > 0.8
     )  # the term, the best-correlated candidate, is the location's path
     far = torch.tensor([[1e9], [-1e9], [float("nan")]])
-    b_loc, b_prec = head.bounded_term((far, torch.full((3, 1), 2.4)))
+    b_loc, b_prec = head.term_range((far, torch.full((3, 1), 2.4)))
     torch.testing.assert_close(b_loc[:, 0], torch.stack([hi, lo, 0.5 * (lo + hi)]))
     assert torch.isfinite(b_prec).all()

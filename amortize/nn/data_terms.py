@@ -16,7 +16,8 @@ and a product with a vector of ones per coordinate gives every group's block at 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import pyro
@@ -24,12 +25,22 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
+from torch import nn
 
 from ..data import HierarchicalData
 from ..plates import batched
 from ..structure import LatentSite, ModelStructure
 
-__all__ = ["DataTerm", "MODE_ITERATIONS", "reference_point", "data_terms"]
+__all__ = [
+    "DataTerm",
+    "MODE_ITERATIONS",
+    "TermRange",
+    "data_terms",
+    "group_terms",
+    "level_dims",
+    "reference_point",
+    "site_term",
+]
 
 FLOOR = 1e-6  # information below this (a latent the data cannot see) is read as this
 RELATIVE = 1e-6  # and below this share of a group's largest eigenvalue (a direction it cannot see)
@@ -229,3 +240,57 @@ def _level_term(
             )
     hess = torch.stack(cols, -1)  # [B, G, D, D]: column c = d score / d coordinate c
     return DataTerm(tuple(s.name for s in sites), ref, sc, -0.5 * (hess + hess.transpose(-1, -2)))
+
+
+def site_term(term: DataTerm, sites: Sequence[LatentSite], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(location, log marginal precision)`` ``[B, G, d]`` of site ``name``'s coordinates in a level's
+    term (``sites``: the level's sites in stacking order)."""
+    offset = 0
+    for s in sites:
+        if s.name == name:
+            break
+        offset += s.dim
+    sl = slice(offset, offset + s.dim)
+    log_prec = -torch.diagonal(term.covariance, dim1=-2, dim2=-1).log()
+    return term.location[..., sl], log_prec[..., sl]
+
+
+class TermRange(nn.Module):
+    """The range of one site's data term ``(location, log precision)`` in prior simulations (the central
+    99.8% per coordinate, :meth:`fit`); :meth:`forward` clamps a term into it (NaN read as its middle), so
+    a dataset more extreme than the simulations (a Cauchy-like response, a likelihood the Newton step does
+    not fit) moves what reads the term no further than they did."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("bounds", torch.tensor([-math.inf, math.inf]).reshape(2, 1, 1).repeat(1, 2, dim))
+
+    @torch.no_grad()
+    def fit(self, term: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """``term``: simulated ``(location, log precision)`` ``[M, dim]`` each."""
+        for i, t in enumerate(term):
+            for j in range(t.shape[-1]):
+                col = t[:, j][torch.isfinite(t[:, j])].double()
+                if col.numel():
+                    q = torch.quantile(col, torch.tensor([0.001, 0.999], dtype=col.dtype))
+                    self.bounds[:, i, j] = q.to(self.bounds.dtype)
+
+    def forward(self, term: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(location, log precision)`` ``[..., dim]`` each, clamped into the fitted range."""
+        out = []
+        for i, t in enumerate(term):
+            lo, hi = self.bounds[0, i].to(t.dtype), self.bounds[1, i].to(t.dtype)
+            mid = torch.where(torch.isfinite(lo + hi), 0.5 * (lo + hi), torch.zeros_like(lo))
+            out.append(torch.maximum(torch.minimum(torch.where(torch.isnan(t), mid, t), hi), lo))
+        return out[0], out[1]
+
+
+def group_terms(model: Callable, structure: ModelStructure, data: HierarchicalData) -> dict[str | None, DataTerm]:
+    """The terms the guide reads: every group level's, after ``MODE_ITERATIONS`` steps towards the mode."""
+    return data_terms(model, structure, data, iterations=MODE_ITERATIONS, globals_too=False)
+
+
+def level_dims(structure: ModelStructure) -> dict[str, int]:
+    """``{level: D}``: the width of each group level's stacked term (levels without latent sites left out)."""
+    dims = {lvl: sum(s.dim for s in structure.sites_at(lvl)) for lvl in structure.levels}
+    return {lvl: d for lvl, d in dims.items() if d}

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributions import Transform, constraints
 from torch.nn.functional import linear, softplus
 
+from .data_terms import TermRange
 from .encoder import mlp
 from .statistics import GroupStatistics
 
@@ -254,8 +255,7 @@ class GroupHead(nn.Module):
         super().__init__()
         self.raw_term = _zero_linear(dim, dim)  # the likelihood's data term location -> location
         self.raw_term_scale = _zero_linear(dim, dim)  # its log precision -> log unit
-        # the range of the data term (location, log precision) seen in prior simulations: [2 (lo, hi), 2, dim]
-        self.register_buffer("term_range", torch.tensor([-math.inf, math.inf]).reshape(2, 1, 1).repeat(1, 2, dim))
+        self.term_range = TermRange(dim)  # the range of the data term seen in prior simulations
         self.net = mlp(2 * hidden, hidden, 2 * dim)
         with torch.no_grad():
             self.net[-1].weight.mul_(0.1)  # start at the fitted skip paths
@@ -284,19 +284,14 @@ class GroupHead(nn.Module):
         k = ``slope_dim`` measurements: slopes and intercepts); one none informs (|correlation| < 0.1)
         gets location = its typical value, unit = its spread. ``term``: the site's likelihood data term
         ``(location, log precision)`` ``[M, dim]`` each, a candidate like the statistics; its range in
-        these simulations bounds what :meth:`forward` reads (:meth:`bounded_term`)."""
+        these simulations bounds what :meth:`forward` reads (:class:`TermRange`)."""
         k = self.slope_dim
         # candidates: group mean, slopes, intercepts; their log n / log precisions; the unit's log sd
         cand = [stats.mean.unsqueeze(-1)] + ([stats.measurements()] if k else [])
         prec = [stats.unit_log_n.unsqueeze(-1)] + ([stats.measurement_log_precisions()] if k else [])
         term = tuple(t.reshape(-1, self.dim)[:200_000] for t in term)
-        for i, t in enumerate(term):  # the central 99.8% of the finite values, per coordinate
-            for j in range(self.dim):
-                col = t[:, j][torch.isfinite(t[:, j])].double()
-                if col.numel():
-                    q = torch.quantile(col, torch.tensor([0.001, 0.999], dtype=col.dtype))
-                    self.term_range[:, i, j] = q.to(self.term_range.dtype)
-        loc_t, prec_t = self.bounded_term(term)
+        self.term_range.fit(term)
+        loc_t, prec_t = self.term_range(term)
         cand.append(loc_t)  # the likelihood's data term location per coordinate, its log precision
         prec.append(prec_t)
         k_all = k + self.dim
@@ -350,18 +345,6 @@ class GroupHead(nn.Module):
         self.raw_term.weight.copy_(w_slope[:, k:])
         self.raw_term_scale.weight.copy_(w_slope_scale[:, k:])
 
-    def bounded_term(self, term: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The data term ``(location, log precision)`` ``[..., dim]`` clamped to the range :meth:`fit` saw
-        (NaN read as the range's middle): a dataset more extreme than the prior simulations (a Cauchy-like
-        response, a likelihood the Newton step does not fit) moves the skip path no further than they did."""
-        out = []
-        for i, t in enumerate(term):
-            lo, hi = self.term_range[0, i], self.term_range[1, i]
-            mid = torch.where(torch.isfinite(lo + hi), 0.5 * (lo + hi), torch.zeros_like(lo))
-            t = torch.where(torch.isnan(t), mid.to(t.dtype), t)
-            out.append(torch.maximum(torch.minimum(t, hi.to(t.dtype)), lo.to(t.dtype)))
-        return out[0], out[1]
-
     def forward(
         self,
         group_emb: torch.Tensor,
@@ -387,7 +370,7 @@ class GroupHead(nn.Module):
         if self.raw_slope is not None:
             log_unit = log_unit + self.raw_slope_scale(stats.measurement_log_precisions())
             loc = loc + self.raw_slope(stats.measurements())
-        loc_t, prec_t = self.bounded_term(term)
+        loc_t, prec_t = self.term_range(term)
         log_unit = log_unit + self.raw_term_scale(prec_t.to(loc.dtype))
         loc = loc + self.raw_term(loc_t.to(loc.dtype))
         unit = log_unit.clamp(-30.0, 30.0).exp()
