@@ -4,7 +4,7 @@ held-out prior simulations per site: the absolute error of the posterior mean ag
 90% quantile, mean; RMSE: a better posterior has lower ones, the median and quantile robust to a few
 extreme datasets) and the share of truths in the central 90% interval.
 
-    python experiments/bench/terms_ab.py MODEL STEPS BATCH NAME=SOURCE_TREE [NAME=SOURCE_TREE ...]
+    python experiments/terms_ab.py MODEL STEPS BATCH NAME=SOURCE_TREE [NAME=SOURCE_TREE ...]
 """
 
 from __future__ import annotations
