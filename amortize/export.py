@@ -11,19 +11,28 @@ importance ESS in ``sample_stats.attrs`` is the one that says how far the draws 
 :func:`summary_frame` is the table of ``Posterior.summary``: ArviZ's ``az.summary`` layout (mean, sd,
 a central interval, mcse, ess) with the importance ESS in place of the chains' ESS, and z against a
 reference when one is given.
+
+:func:`write_draws` writes one dataset's draws as a file: ArviZ NetCDF (the full InferenceData, the
+diagnostics in ``sample_stats`` attributes) or CSV (one row per draw; the diagnostics in
+``NAME.diagnostics.json`` beside it).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from pyro import poutine
 
+from .checkpoint import write_text
 from .errors import DataError
+from .files import make_dirs, remove_empty, write_json
 from .importance import K_THRESHOLD, psis
 from .plates import batched
 from .values import OBS
@@ -31,7 +40,17 @@ from .values import OBS
 if TYPE_CHECKING:
     from .posterior import Posterior
 
-__all__ = ["inference_data", "summary", "summary_frame", "element_labels", "reasons", "trust", "log_density"]
+__all__ = [
+    "inference_data",
+    "summary",
+    "summary_frame",
+    "element_labels",
+    "reasons",
+    "trust",
+    "log_density",
+    "draws_csv",
+    "write_draws",
+]
 
 CHUNK_ELEMENTS = 2**22  # draws x rows traced at once for the log likelihood
 
@@ -288,3 +307,70 @@ def _ess(draws: Any, diag: dict[str, Any]) -> float:
     """The ESS a summary's mcse uses: of the corrected draws' weights, else of the diagnostics' weights."""
     ess = getattr(draws, "ess", None)
     return float(ess if ess is not None and not isinstance(ess, list) else diag["ess"])
+
+
+def draws_csv(draws: Mapping[str, torch.Tensor]) -> str:
+    """One row per draw, one column per site element: ``mu``, ``theta[3]``, ``beta[1,2]``."""
+    names, cols = ["draw"], []
+    n = next(iter(draws.values())).shape[0]
+    for site, v in draws.items():
+        flat = v.reshape(n, -1).double().cpu().numpy()
+        shape = tuple(v.shape[1:])
+        names += [site] if not shape else [f"{site}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
+        cols.append(flat)
+    table = np.concatenate([np.arange(n)[:, None].astype(float)] + cols, axis=1)
+    lines = [",".join(f'"{c}"' if "," in c else c for c in names)]
+    lines += [f"{int(row[0])}," + ",".join(f"{x:.9g}" for x in row[1:]) for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_draws(
+    post: Posterior,
+    path: str | os.PathLike,
+    num_samples: int,
+    seed: int,
+    correct: bool = False,
+    record: Mapping[str, Any] | None = None,
+    draws: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``num_samples`` draws of ``post`` to ``path``, atomically: ``.nc``, the full InferenceData with
+    ``record`` (the diagnostics: pooled Pareto k, its sets, the decision) in ``sample_stats`` attributes as
+    ``diagnostics_*``; any other name, CSV of ``draws`` (else fresh draws), ``record`` as ``NAME.diagnostics.json``.
+
+    Raises:
+        OSError: a write failed (disk full): names the file, and leaves neither a temporary file nor the
+            folders made for it.
+    """
+    path = Path(path)
+    if path.suffix != ".nc":
+        made = make_dirs(path.parent, exist_ok=True)
+        try:
+            write_text(path, draws_csv(draws if draws is not None else post.sample(num_samples, seed)))
+            write_json(path.with_suffix(".diagnostics.json"), dict(record or {}))
+        except OSError:
+            remove_empty(made)
+            raise
+        return path
+    idata = post.to_arviz(num_samples, seed, correct=correct)
+    for key, value in (record or {}).items():
+        if isinstance(value, bool):
+            value = int(value)  # NetCDF attributes hold numbers, strings and lists of them
+        if isinstance(value, list):
+            value = [v for v in value if isinstance(v, (int, float))] if key != "flags" else "; ".join(value)
+        if isinstance(value, dict):
+            value = json.dumps(value)  # per-level k: a JSON string
+        if value is not None:
+            idata.sample_stats.attrs[f"diagnostics_{key}"] = value
+    made = make_dirs(path.parent, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        idata.to_netcdf(str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        if not path.exists():
+            remove_empty(made)
+    return path

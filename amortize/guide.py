@@ -6,10 +6,21 @@ latent site it sees the model's prior given the parents already drawn from the g
 * for global sites: one joint draw ``u ~ q(u_globals | dataset)`` on the unconstrained scale,
   handed out site by site through the site's bijection (the joint log density rides on the first
   global site);
-* for a group site: ``q(u_g | parents, data) ∝ prior(u_g | parents) x N(u_g; m_g, s_g)``, the
+* for a group site: ``q(u_g | parents, data) ∝ prior(u_g | parents) x N(u_g; m_g, S_g)``, the
   model's own conditional prior times a learned Gaussian data term of the group (exact when the
   prior is Gaussian on the unconstrained scale, with full covariance for a MultivariateNormal prior;
   for any other prior, the product with a Gaussian stand-in of it, :func:`prior_surrogate`).
+
+Several latent sites of one plate share ONE data term: a joint Gaussian over the stacked unconstrained
+vector of the plate's sites (model order, then each site's coordinates), location ``m`` and covariance
+``L L^T`` with ``L = diag(s) T``, ``s`` the per-coordinate scales and ``T`` unit lower triangular (its
+strictly-lower entries from the sites' heads, starting at 0: independent coordinates). Pyro's guide
+meets the sites one by one and a later sibling's prior is only known when the model reaches it (it may
+depend on the earlier siblings), so the draw is sequential: site ``k``'s q is its prior times the data
+term's CONDITIONAL given the siblings already drawn, ``N(m_k + diag(s_k) T_k,<k e_<k, diag(s_k) T_kk
+T_kk^T diag(s_k))`` with ``e`` the siblings' standardized residuals (the first site takes the data term's
+marginal). Each factor is normalized exactly, so ``log q`` of the draw is the sum of the sites' log
+densities, per group. A one-site scalar plate has no entries in ``T``: it computes what it always did.
 
 The same pass scores given values (``truth``): :mod:`amortize.objectives` turns its traces into the
 NPE objective and, with the model's log density, the importance weights behind the ELBO, the IW
@@ -19,192 +30,29 @@ bound and PSIS.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.guide import GuideMessenger
 from torch import nn
-from torch.distributions import constraints
-from torch.distributions.transforms import IndependentTransform, Transform
 
 from .data import HierarchicalData
 from .errors import ModelStructureError
+from .gaussian_terms import (
+    _compact,
+    _real,
+    gaussian_prior,
+    gaussian_product,
+    prior_surrogate,
+    product_draw,
+)
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
 from .nn.data_terms import group_terms, level_dims, site_term
 from .structure import LatentSite, ModelStructure, batched
 
 __all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
-
-
-def _base(fn: Any) -> Any:
-    while isinstance(fn, (dist.Independent, torch.distributions.Independent, ExpandedDistribution, MaskedDistribution)):
-        fn = fn.base_dist
-    return fn
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without its broadcast copies: every expanded (stride 0) dim cut to size 1, a view that
-    broadcasts back to ``t``, so elementwise work on it runs once per distinct value."""
-    return t[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None) for n, st in zip(t.shape, t.stride()))]
-
-
-def _real(c: Any) -> bool:
-    while isinstance(c, constraints.independent):
-        c = c.base_constraint
-    return c is constraints.real
-
-
-def gaussian_prior(fn: Any, site: LatentSite) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The prior of a site as ``(loc, scale)`` on its unconstrained scale when it is exactly Gaussian
-    there; None otherwise. ``loc`` is ``[*batch, dim]``; ``scale`` is ``[*batch, dim]`` (independent
-    coordinates: Normal on R, LogNormal on R+) or a lower Cholesky factor of the covariance
-    ``[*batch, dim, dim]`` (MultivariateNormal on R^d)."""
-    base = _base(fn)
-    if isinstance(base, torch.distributions.MultivariateNormal) and _real(site.support):
-        if fn.event_shape != base.event_shape:  # MVN blocks reinterpreted as one event: not handled
-            return None
-        d = site.dim
-        return base.loc.expand(*fn.batch_shape, d), base.scale_tril.expand(*fn.batch_shape, d, d)
-    if isinstance(base, torch.distributions.LogNormal) and site.support is constraints.positive:
-        loc, scale = base.loc, base.scale
-    elif isinstance(base, torch.distributions.Normal) and _real(site.support):
-        loc, scale = base.loc, base.scale
-    else:
-        return None
-    shape = fn.batch_shape + fn.event_shape
-    return loc.expand(shape).reshape(*fn.batch_shape, site.dim), scale.expand(shape).reshape(*fn.batch_shape, site.dim)
-
-
-def _elementwise(t: Transform) -> Transform | None:
-    """The per-coordinate bijection under ``IndependentTransform`` wrappers; None for one that mixes
-    coordinates (stick-breaking onto a simplex, a Cholesky factor)."""
-    while isinstance(t, IndependentTransform):
-        t = t.base_transform
-    return t if t.domain.event_dim == 0 else None
-
-
-def _moments(base: Any, t: Transform) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``T^-1(mean)`` and the sd mapped by the bijection's slope there (delta method); inf where the
-    moments are not finite, None without them."""
-    try:
-        mean, var = base.mean, base.variance
-    except NotImplementedError:
-        return None, None
-    ok = torch.isfinite(mean) & torch.isfinite(var) & (var > 0)  # where not: no stand-in
-    mean, var = torch.where(ok, mean, torch.ones_like(mean)), torch.where(ok, var, torch.ones_like(var))
-    u = t.inv(mean)
-    slope = t.log_abs_det_jacobian(u, mean).neg().exp()  # du / dx at the mean
-    return torch.where(ok, u, 0.0), torch.where(ok, var.sqrt() * slope, torch.inf)
-
-
-_QUANTILES = 32  # quantile levels of the prior's moment matching on the unconstrained scale
-
-
-def prior_surrogate(
-    fn: Any, site: LatentSite, data_loc: torch.Tensor | None = None, data_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Gaussian stand-in ``(loc, scale)``, each ``[*batch, dim]``, for a prior that is not Gaussian on
-    the site's unconstrained scale, so that q keeps the prior's information for any prior (as Pyro's
-    ``AutoHierarchicalNormalMessenger`` keeps an affine of it): the group posterior is then
-    ``lerp(loc, m, w)``, an affine of the prior's location with the data term's weight ``w``.
-
-    By the first rule that applies, per coordinate:
-
-    * a Student-t (a Cauchy is df 1), given the data term ``N(m, s)`` ``[*batch, dim]``: a scale
-      mixture of normals, so the stand-in is ``N(loc, scale^2 (df + z^2) / (df + 1))`` with
-      ``z^2 = (m - loc)^2 / (scale^2 + s^2)``, the mixture's expected precision at the data (one
-      EM step): a typical group is shrunk as by the prior's curvature, an outlying one is left to
-      its data, as the heavy tails do (a fixed Gaussian pulled outliers to the centre);
-    * otherwise the Gaussian matching the mean and sd of ``u = T^-1(x)`` (the one closest to the prior
-      in the forward KL that NPE minimizes):
-
-      - with an inverse CDF (Laplace, half-normal, half-Cauchy, exponential, Weibull, ...): mean and
-        sd of ``u`` at 32 mid-quantile levels (quantiles pass exactly through the monotone bijection
-        ``T``), the sd divided by that of a standard normal's same levels (exact for a Gaussian ``u``);
-      - with a finite mean and variance (gamma, beta, inverse gamma, ...): ``T^-1(mean)`` and the sd
-        mapped by the bijection's slope there (delta method);
-    * none of these (no finite moments, or a bijection that mixes coordinates): scale ``inf``, loc 0,
-      and q is the data term alone for that coordinate.
-    """
-    base = _base(fn)
-    shape = fn.batch_shape + fn.event_shape
-    out_shape = (*fn.batch_shape, site.dim)
-    t = _elementwise(site.transform)
-    params = [getattr(base, k, None) for k in getattr(base, "arg_constraints", {})]
-    ref = next((v for v in params if isinstance(v, torch.Tensor)), torch.zeros(()))  # dtype and device
-    loc = scale = None
-    if _real(site.support) and isinstance(base, (torch.distributions.StudentT, torch.distributions.Cauchy)):
-        df = base.df if isinstance(base, torch.distributions.StudentT) else torch.ones_like(base.loc)
-        loc, scale = base.loc.expand(shape).reshape(out_shape), base.scale.expand(shape).reshape(out_shape)
-        if data_loc is None or data_scale is None:  # no data term: the prior's curvature at its centre
-            z2 = torch.zeros_like(loc)
-        else:
-            z2 = (data_loc - loc).pow(2) / (scale.pow(2) + data_scale.pow(2))
-        df = df.expand(shape).reshape(out_shape)
-        return loc, scale * ((df + z2) / (df + 1)).sqrt()
-    if t is not None:
-        try:
-            p = (torch.arange(_QUANTILES, dtype=ref.dtype, device=ref.device) + 0.5) / _QUANTILES
-            u = t.inv(base.icdf(p.reshape(-1, *[1] * len(base.batch_shape + base.event_shape))))  # [K, *shape]
-            unit = torch.special.ndtri(p).std(unbiased=False)
-            loc, scale = u.mean(0), u.std(0, unbiased=False) / unit
-        except NotImplementedError:
-            loc, scale = _moments(base, t)
-    if loc is None:
-        return ref.new_zeros(out_shape), ref.new_full(out_shape, torch.inf)
-    finite = torch.isfinite(loc) & torch.isfinite(scale) & (scale > 0)
-    loc = torch.where(finite, loc, torch.zeros_like(loc))
-    scale = torch.where(finite, scale, torch.full_like(scale, torch.inf))
-    return loc.expand(shape).reshape(out_shape), scale.expand(shape).reshape(out_shape)
-
-
-def gaussian_product(
-    prior_loc: torch.Tensor, prior_tril: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
-) -> dist.MultivariateNormal:
-    """N(m0, L0 L0^T) x N(m, diag(s^2)), normalized: the exact Gaussian with covariance
-    ``C = ((L0 L0^T)^-1 + diag(s^-2))^-1`` and mean ``m0 + C diag(s^-2) (m - m0)``.
-
-    Computed in square-root form, without inverting the prior covariance (which is near singular
-    when a group scale is near 0): with ``A = diag(1/s) L0``, ``QR([A; I]) -> U`` gives
-    ``U^T U = I + A^T A``, so ``C = R R^T`` with ``R = L0 U^-1``; a second QR turns ``R`` into the
-    lower Cholesky factor of ``C``. Neither step can fail for s > 0.
-
-    Args:
-        prior_loc: ``m0 [*batch, d]``.
-        prior_tril: ``L0 [*batch, d, d]``, a lower Cholesky factor of the prior covariance.
-        loc: the data term's location ``m [*batch, d]``.
-        scale: the data term's scale ``s [*batch, d]`` (all four broadcast against each other).
-    """
-    d = loc.shape[-1]
-    batch = torch.broadcast_shapes(prior_loc.shape[:-1], prior_tril.shape[:-2], loc.shape[:-1], scale.shape[:-1])
-    L0 = prior_tril.expand(*batch, d, d)
-    eye = torch.eye(d, dtype=L0.dtype, device=L0.device).expand(*batch, d, d)
-    U = torch.linalg.qr(torch.cat([L0 / scale.unsqueeze(-1), eye], -2)).R  # [*batch, d, d], upper
-    R = torch.linalg.solve_triangular(U, L0, upper=True, left=False)  # L0 U^-1
-    tril = torch.linalg.qr(R.mT).R.mT  # lower, tril tril^T = R R^T
-    sign = torch.where(torch.diagonal(tril, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(tril.dtype)
-    tril = tril * sign.unsqueeze(-2)  # flip columns: positive diagonal
-    pull = ((loc - prior_loc) / scale.pow(2)).unsqueeze(-1)
-    mean = prior_loc + (R @ (R.mT @ pull)).squeeze(-1)
-    return dist.MultivariateNormal(mean, scale_tril=tril)
-
-
-def product_draw(
-    prior_loc: torch.Tensor,
-    log_prior_var: torch.Tensor,
-    loc: torch.Tensor,
-    log_var: torch.Tensor,
-    scale: torch.Tensor,
-    eps: torch.Tensor,
-) -> torch.Tensor:
-    """One draw of N(prior_loc, prior_sd) x N(loc, scale), normalized, from standard normals ``eps``
-    (elementwise, broadcasting): ``lerp(prior_loc, loc, w) + scale sqrt(w) eps`` with the data term's
-    weight ``w = sigmoid(log_prior_var - log_var)``. The drawing kernel of :class:`AmortizedGuide`
-    (:meth:`amortize.Amortizer.compile` compiles it into one loop)."""
-    w = torch.sigmoid(log_prior_var - log_var)
-    return torch.lerp(prior_loc, loc, w) + scale * w.sqrt() * eps
 
 
 class _LatentsDrawn(Exception):
@@ -246,9 +94,12 @@ class AmortizedGuide(GuideMessenger, nn.Module):
                 hidden, structure.global_dim, flow_bins, enc.raw_dataset_dim, enc.count_dim, enc.slope_dim
             )
         D = structure.global_dim if global_coupling else 0
+        self._joint = _plate_joints(structure)
         self.group_heads = nn.ModuleDict(
             {
-                s.name: GroupHead(hidden, s.dim, D, self.encoder.group_slope_dim[s.level])
+                s.name: GroupHead(
+                    hidden, s.dim, D, self.encoder.group_slope_dim[s.level], self._joint[s.name].lower_dim
+                )
                 for s in structure.latents
                 if s.level is not None
             }
@@ -299,7 +150,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         terms = group_terms(self.user_model, self.structure, data)
         enc = self.encoder(data, terms)
         B = enc.dataset.shape[0]
-        state: dict[str, Any] = {"terms": {}}
+        state: dict[str, Any] = {"terms": {}, "lower": {}}
         if self.global_head is not None:
             stats = enc.statistics
             std = self.global_head.standardizer(
@@ -311,13 +162,15 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             site = self.structure[name]
             group_stats = enc.statistics.levels[site.level].groups
             term = site_term(terms[site.level], self.structure.sites_at(site.level), name)
-            loc, scale, coupling = head(enc.groups[site.level], enc.dataset, group_stats, term)  # [B, G, d]
+            loc, scale, coupling, lower = head(enc.groups[site.level], enc.dataset, group_stats, term)  # [B, G, d]
             G = loc.shape[-2]
             state["terms"][name] = (
                 loc.reshape(B, *[1] * (K - 1), G, -1),
                 scale.reshape(B, *[1] * (K - 1), G, -1),
                 None if coupling is None else coupling.reshape(B, *[1] * (K - 1), G, *coupling.shape[-2:]),
             )
+            if lower is not None:  # [B, 1.., G, lower_dim]
+                state["lower"][name] = lower.reshape(B, *[1] * (K - 1), G, -1)
         return state
 
     def get_posterior(self, name: str, prior: Any) -> Any:
@@ -329,6 +182,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         except KeyError:
             raise ModelStructureError(f"site '{name}' was not in the model when it was traced") from None
         truth = st["truth"]
+        if truth is not None and name not in truth:  # a partial truth holds some sites and draws the rest
+            truth = None
         if site.level is None:
             return self._global_posterior(site, prior, st, truth)
         loc, scale, coupling = st["terms"][name]
@@ -339,13 +194,22 @@ class AmortizedGuide(GuideMessenger, nn.Module):
             S, B, D = w.shape[0], coupling.shape[0], w.shape[-1]
             shifted = torch.einsum("bnk,sbk->sbn", coupling.reshape(B, -1, D), w.reshape(S, -1, D).expand(S, B, D))
             loc = loc + shifted.reshape(S, *loc.shape)  # [S, B, 1.., G, d]
+        loc, tril = self._conditional(site, loc, scale, st)
         g = gaussian_prior(prior, site)
-        if g is not None and g[1].dim() > g[0].dim():  # correlated Gaussian prior on R^d: full product
-            q = gaussian_product(g[0], g[1], loc, scale)
+        ushape = site.unconstrained_shape
+        if tril is not None or (g is not None and g[1].dim() > g[0].dim()):  # correlated: full product
+            if g is None:  # not Gaussian on the unconstrained scale: the product with a Gaussian stand-in
+                g = prior_surrogate(prior, site, loc, scale)
+            g0, g1 = (t.to(loc.dtype) for t in g)
+            if g1.dim() == g0.dim():  # independent coordinates; one without a stand-in: 1e4 x the data term
+                wide = 1e4 * torch.diagonal(tril, dim1=-2, dim2=-1).amax(-1, keepdim=True)
+                g1 = torch.diag_embed(torch.where(torch.isfinite(g1), g1, wide))
+            q = gaussian_product(g0, g1, loc, scale, tril)
+            if not _real(site.support):
+                q = dist.TransformedDistribution(q, [site.transform])
             if truth is None:
                 return q
-            return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=1)
-        ushape = site.unconstrained_shape
+            return dist.Delta(truth[name], log_density=q.log_prob(truth[name]), event_dim=len(site.event_shape))
         if g is None:  # not Gaussian on the unconstrained scale: the product with a Gaussian stand-in
             g = prior_surrogate(prior, site, loc, scale)
         # precision-weighted product of prior (or its stand-in) and data term
@@ -374,6 +238,41 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         value = truth[name]
         return dist.Delta(value, log_density=q.log_prob(value), event_dim=len(site.event_shape))
 
+    def _conditional(
+        self, site: LatentSite, loc: torch.Tensor, scale: torch.Tensor, st: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The plate's joint data term conditioned on the siblings already drawn: ``(loc, tril)`` of
+        this site's block, ``tril`` None where its coordinates stay independent given the siblings."""
+        joint = self._joint[site.name]
+        lower = st["lower"].get(site.name)
+        d, o = site.dim, joint.offset
+        T = None
+        if (
+            lower is not None and o
+        ):  # m_k + diag(s_k) T_k,<k e_<k, with e the siblings' standardized residuals [S?, B, 1.., G, o]
+            cross = lower[..., : d * o].reshape(*lower.shape[:-1], d, o)
+            e = torch.cat([self._residual(name, st) for name in joint.before], -1)
+            loc = loc + scale * (cross @ e.unsqueeze(-1)).squeeze(-1)
+        if lower is not None and joint.within:  # T_kk: unit lower triangle [B, 1.., G, d, d]
+            T = torch.diag_embed(torch.ones_like(lower[..., :1]).expand(*lower.shape[:-1], d)).clone()
+            T[..., joint.tril_index[0], joint.tril_index[1]] = lower[..., d * o :]
+        if joint.later:
+            st.setdefault("cond", {})[site.name] = (loc, scale, T)
+        return loc, None if T is None else scale.unsqueeze(-1) * T
+
+    def _residual(self, name: str, st: dict[str, Any]) -> torch.Tensor:
+        """A drawn sibling's standardized residual ``e = T^-1 (u - m) / s`` under its conditional data term."""
+        cache = st.setdefault("residuals", {})
+        if name not in cache:
+            site = self.structure[name]
+            value = st["truth"][name] if st["truth"] is not None else self.upstream_value(name)
+            loc, scale, T = st["cond"][name]
+            z = (site.unconstrain(value) - loc) / scale
+            if T is not None:
+                z = torch.linalg.solve_triangular(T, z.unsqueeze(-1), upper=False, unitriangular=True).squeeze(-1)
+            cache[name] = z
+        return cache[name]
+
     def _global_posterior(self, site: LatentSite, prior: Any, st: dict[str, Any], truth: Any) -> Any:
         q = st["q_globals"]
         first = st["u"] is None
@@ -394,3 +293,36 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         if truth is not None:
             value = truth[site.name]
         return dist.Delta(value, log_density=log_density, event_dim=len(site.event_shape))
+
+
+@dataclass(frozen=True)
+class _Joint:
+    """A group site's place in its plate's joint data term (coordinates stacked in model order)."""
+
+    dim: int  # the site's coordinates
+    offset: int  # coordinates of the plate's earlier sites
+    before: tuple[str, ...]  # those sites
+    later: bool  # a later site of the plate conditions on this one
+    within: bool  # the site's own coordinates are correlated (a vector site)
+    tril_index: tuple[torch.Tensor, torch.Tensor]  # strictly-lower entries of its d x d block
+
+    @property
+    def lower_dim(self) -> int:
+        """The head's outputs for the site's rows of ``T``: ``d * offset`` cross entries, then its block."""
+        return self.dim * self.offset + self.tril_index[0].numel()
+
+
+def _plate_joints(structure: ModelStructure) -> dict[str, _Joint]:
+    """Each group site's :class:`_Joint`: the sites of one level form one joint data term."""
+    out: dict[str, _Joint] = {}
+    for level in structure.levels:
+        sites = [s for s in structure.latents if s.level == level]
+        offset = 0
+        for k, s in enumerate(sites):
+            within = len(s.unconstrained_shape) == 1 and s.dim > 1
+            idx = torch.tril_indices(s.dim, s.dim, offset=-1) if within else torch.zeros(2, 0, dtype=torch.long)
+            out[s.name] = _Joint(
+                s.dim, offset, tuple(t.name for t in sites[:k]), k + 1 < len(sites), within, (idx[0], idx[1])
+            )
+            offset += s.dim
+    return out

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,9 +33,16 @@ import torch
 if TYPE_CHECKING:
     from .posterior import Posterior
 
-__all__ = ["PSISResult", "psis", "gpd_fit", "CorrectedDraws", "ImportanceSampledPosterior", "K_THRESHOLD", "MIN_DRAWS"]
-
-log = logging.getLogger("amortize.posterior")  # the posterior's warnings, wherever they are raised
+__all__ = [
+    "PSISResult",
+    "psis",
+    "pareto_k_columns",
+    "gpd_fit",
+    "CorrectedDraws",
+    "ImportanceSampledPosterior",
+    "K_THRESHOLD",
+    "MIN_DRAWS",
+]
 
 K_THRESHOLD = 0.7  # above this, the weights (and usually the proposal) are not to be trusted
 MIN_DRAWS = 25  # fewer draws leave too short a tail (M < 5) to estimate k: k is NaN then
@@ -109,6 +115,41 @@ def _gpd_quantile(p: np.ndarray, k: float, sigma: float) -> np.ndarray:
     return sigma * np.expm1(-k * np.log1p(-p)) / k
 
 
+def pareto_k_columns(log_weights: torch.Tensor) -> np.ndarray:
+    """Pareto k of each column of ``[S, C]`` log weights at once (the k of :func:`psis`, vectorized over
+    columns, for thousands of groups): NaN with S < :data:`MIN_DRAWS`, ``-inf`` for a flat tail.
+    Non-finite weights count as weight 0 among the S."""
+    lw = log_weights.detach().to("cpu", torch.float64).numpy()
+    S, C = lw.shape
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    m = int(math.ceil(min(0.2 * S, 3.0 * math.sqrt(S))))
+    out = np.full(C, np.nan)
+    if S < MIN_DRAWS or m < 5 or C == 0:
+        return out
+    srt = np.sort(lw, 0)  # [S, C] ascending
+    top = srt[-1]
+    good = np.isfinite(top)
+    srt = srt[:, good] - top[good]
+    x = np.exp(srt[-m:]) - np.exp(srt[-m - 1])  # [m, c] ascending exceedances
+    flat = ~(x[-1] > 0)
+    x = np.maximum(x, np.finfo(np.float64).tiny).T  # [c, m]
+    grid = 30 + int(math.sqrt(m))
+    j = np.arange(1, grid + 1, dtype=np.float64)
+    quartile = x[:, max(0, int(m / 4 + 0.5) - 1)]
+    b = 1.0 / x[:, -1:] + (1.0 - np.sqrt(grid / (j - 0.5)))[None] / (3.0 * quartile[:, None])  # [c, grid]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        k = np.log1p(-b[:, :, None] * x[:, None, :]).mean(-1)  # [c, grid]
+        profile = m * (np.log(-b / k) - k - 1.0)
+    profile = np.where(np.isfinite(profile), profile, -np.inf)
+    post = np.exp(profile - profile.max(1, keepdims=True))
+    post /= post.sum(1, keepdims=True)
+    b_hat = (b * post).sum(1)
+    k_hat = np.log1p(-b_hat[:, None] * x).mean(1)
+    k_hat = (m * k_hat + _PRIOR_K_WEIGHT * 0.5) / (m + _PRIOR_K_WEIGHT)
+    out[good] = np.where(flat, -np.inf, k_hat)
+    return out
+
+
 def psis(log_weights: torch.Tensor) -> PSISResult:
     """Pareto-smooth one set of log importance weights.
 
@@ -160,14 +201,19 @@ class CorrectedDraws(dict):
     Attributes:
         pareto_k: PSIS k of the proposals' weights.
         ess: importance ESS of the smoothed weights (out of ``num_proposals``).
-        corrected: True where the draws are PSIS-resampled; False where k > 0.7 (or NaN) and the
-            draws are the uncorrected proposals (a warning is logged).
-        num_proposals: proposals drawn per dataset.
+        corrected: True where the globals are PSIS-resampled; False where their k > 0.7 (or NaN) and
+            they are the uncorrected proposals (a warning is logged).
+        parts: which parts were corrected, ``{"globals": bool, "groups": bool}`` (groups: each outermost
+            group's subtree resampled given the globals, where every level's p90 per-group k <= 0.7).
+        level_k: per level, the p90 of the per-group k behind the groups' correction.
+        num_proposals: global proposals (joint ones for a model without globals) drawn per dataset.
     """
 
     pareto_k: float | list[float]
     ess: float | list[float]
     corrected: bool | list[bool]
+    parts: Any
+    level_k: Any
     num_proposals: int
 
 
@@ -194,40 +240,11 @@ class ImportanceSampledPosterior:
     def __repr__(self) -> str:
         return f"ImportanceSampledPosterior({self.posterior!r}, oversample={self.oversample})"
 
-    @torch.no_grad()
     def sample(self, num_samples: int = 1000, seed: int | None = None) -> Any:
-        """PSIS-resampled draws in the layout of ``Posterior.sample``: a :class:`CorrectedDraws` (one
-        per dataset, in input order, for a list); the caller's RNG is left as it was."""
-        post, n = self.posterior, int(num_samples)
-        S = self.oversample * n
-        per_dataset: dict[int, CorrectedDraws] = {}
-        with post._seeded(seed):
-            for (members, _), (draws, lw) in zip(post.parts, post.proposals(S)):
-                for j, i in enumerate(members):
-                    res = psis(lw[:, j])
-                    idx = torch.multinomial(res.weights, n, replacement=True) if res.ok else torch.arange(n)
-                    one = CorrectedDraws({k: v[idx.to(v.device), j] for k, v in draws.items()})
-                    one.pareto_k, one.ess, one.corrected, one.num_proposals = res.k, res.ess, res.ok, S
-                    per_dataset[i] = one
-        bad = [i for i, c in sorted(per_dataset.items()) if not c.corrected]
-        if bad:
-            log.warning(
-                "PSIS correction not applied to %s: Pareto k %s > %s; returning uncorrected draws",
-                "this dataset" if post.layout == "single" else f"datasets {bad}",
-                ", ".join(f"{per_dataset[i].pareto_k:.2f}" for i in bad),
-                K_THRESHOLD,
-            )
-        ordered = [per_dataset[i] for i in range(len(per_dataset))]
-        if post.layout == "single":
-            return ordered[0]
-        if post.layout == "list":
-            return ordered
-        out = CorrectedDraws({k: torch.stack([c[k] for c in ordered], 1) for k in ordered[0]})  # [n, B, ...]
-        out.pareto_k = [c.pareto_k for c in ordered]
-        out.ess = [c.ess for c in ordered]
-        out.corrected = [c.corrected for c in ordered]
-        out.num_proposals = S
-        return out
+        """Corrected draws in the layout of ``Posterior.sample``: a :class:`CorrectedDraws` (one per dataset,
+        in input order, for a list); the caller's RNG is left as it was
+        (:func:`amortize.hierarchical_resample.corrected_sample`)."""
+        return self.posterior.sample(num_samples, seed, correct=True, oversample=self.oversample)
 
     def diagnostics(self, num_samples: int = 1000, seed: int | None = 0) -> Any:
         """The wrapped posterior's diagnostics (the Pareto k and ESS are those of these weights)."""

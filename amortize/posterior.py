@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,14 +34,26 @@ from .checkpoint import atomic_write
 from .data import HierarchicalData
 from .errors import DataError
 from .export import inference_data, reasons, summary
-from .importance import K_THRESHOLD, CorrectedDraws, ImportanceSampledPosterior, psis
+from .hierarchical_resample import corrected_sample
+from .importance import K_THRESHOLD, CorrectedDraws, psis
 from .predictive import PPCResult, ppc
 from .streaming import GroupDraws, Moments, StreamedDataset
 from .structure import seeded
+from .verdict import diagnose, joint_diagnose
 
 __all__ = ["Posterior", "CorrectedDraws", "GroupDraws", "Moments", "psis_k", "K_THRESHOLD"]
 
 log = logging.getLogger(__name__)
+
+_PER_DATASET = (
+    "pareto_k",
+    "pareto_k_sets",
+    "ess",
+    "ess_ratio",
+    "correctable",
+    "levels",
+    "joint_pareto_k",
+)  # a batch: lists of these
 
 
 def psis_k(log_weights: torch.Tensor) -> float:
@@ -202,7 +213,7 @@ class Posterior:
                 a :class:`GroupDraws` whose ``index`` holds their original ids.
         """
         if correct:
-            return ImportanceSampledPosterior(self, oversample).sample(num_samples, seed)
+            return corrected_sample(self, num_samples, seed, oversample)
         with self._seeded(seed):
             if self.streamed is not None:
                 return self.streamed.sample(int(num_samples), groups)
@@ -307,32 +318,32 @@ class Posterior:
 
     @torch.no_grad()
     def diagnostics(self, num_samples: int = 1000, seed: int | None = 0, repeats: int = 1) -> Any:
-        """Per-dataset trust: Pareto k of the weights p(y, z) / q(z | y), importance ESS, and flags
-        for data outside the training range; ``ok`` is False when k > 0.7 or a flag is raised, and
-        ``reason`` says why. One dict (lists of k and ESS for a batch), or a list of dicts for a list
-        of datasets. A streamed dataset gets its flags and k = NaN (its weights are not computed).
+        """Per-dataset trust from hierarchical importance weights (:mod:`amortize.verdict`): the globals'
+        Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k (``levels``), the
+        joint k over every latent (``joint_pareto_k``, reported only), flags for data outside the training
+        range, ``ok`` (globals' k and every level's p90 k <= 0.7, the globals' ESS >= 30% of the draws, no
+        flag), ``correctable`` (the same without the ESS condition: the corrected draws apply) and
+        ``reason``. One dict (lists per dataset for a batch), or a list of dicts for a list. A streamed
+        dataset gets its flags and k = NaN (its weights are not computed).
 
-        k is a Monte Carlo estimate: ``repeats`` independent sets of ``num_samples`` draws give its
-        spread (``pareto_k_sets``, one k per set), while ``pareto_k``, ``ess`` and ``ok`` come from all
-        ``repeats * num_samples`` draws pooled, so the decision varies less between seeds."""
+        ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
+        repeat; ``repeats`` independent sets give the globals' k spread (``pareto_k_sets``) while the
+        decision pools them."""
         flags = self.range_flags()
         if self.streamed is not None:
             nan, why = float("nan"), "; ".join(reasons(float("nan"), flags, streamed=True)) or "ok"
             return dict(pareto_k=nan, pareto_k_sets=[], ess=nan, num_samples=0, flags=flags, ok=not flags, reason=why)
-        repeats = max(1, int(repeats))
-        with self._seeded(seed):
-            sets = [[lw for _, lw in self.proposals(num_samples)] for _ in range(repeats)]  # [repeat][part] [n, B]
-        per: list[tuple[float, float, list[float]]] = [(0.0, 0.0, [])] * sum(len(m) for m, _ in self.parts)
-        for p, (members, _) in enumerate(self.parts):
-            pooled = torch.cat([one[p] for one in sets])
-            for j, i in enumerate(members):
-                res = psis(pooled[:, j])
-                ks = [psis(one[p][:, j]).k for one in sets] if repeats > 1 else [res.k]
-                per[i] = (res.k, res.ess, ks)
-        total = repeats * int(num_samples)
+        if not self.structure.global_sites:
+            return joint_diagnose(self, num_samples, seed, repeats, flags)
+        per = diagnose(self, num_samples, seed, repeats, flags)
         if self.layout == "list":
-            return [_verdict([per[i]], flags[i], total) for i in range(len(self.datasets))]
-        return _verdict(per, flags, total, batch=self.layout == "batch")
+            return per
+        if self.layout == "single":
+            return per[0]
+        out: dict[str, Any] = {k: [d[k] for d in per] for k in _PER_DATASET}
+        bad = [f"dataset {j}: {d['reason']}" for j, d in enumerate(per) if not d["ok"]]
+        out.update(num_samples=per[0]["num_samples"], group_draws=per[0]["group_draws"], flags=flags)
+        return {**out, "ok": not bad, "reason": "; ".join(bad) or "ok"}
 
     # ------------------------------------------------------------------ exports
     def _one(self, what: str) -> None:
@@ -377,22 +388,3 @@ class Posterior:
         payload = {"draws": cpu, "flags": self.range_flags(), "levels": list(self.structure.levels), "labels": labels}
         payload["seed"] = seed
         atomic_write(path, lambda fh: torch.save(payload, fh))
-
-
-def _verdict(
-    per: list[tuple[float, float, list[float]]], flags: list[str], num_samples: int, batch: bool = False
-) -> dict[str, Any]:
-    ks, ess, sets = [k for k, _, _ in per], [e for _, e, _ in per], [s for _, _, s in per]
-    worst = max((k for k in ks if not math.isnan(k)), default=float("nan"))
-    why = reasons(worst, flags)
-    if why:
-        log.warning("posterior may not be trustworthy: %s", "; ".join(why))
-    return {
-        "pareto_k": ks if batch else ks[0],
-        "pareto_k_sets": sets if batch else sets[0],
-        "ess": ess if batch else ess[0],
-        "num_samples": num_samples,
-        "flags": flags,
-        "ok": not why,
-        "reason": "; ".join(why) or "ok",
-    }

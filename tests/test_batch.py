@@ -90,7 +90,7 @@ def test_corrected_diagnostics_and_flags_are_per_dataset(amortizer):
     corrected = post.sample(30, seed=0, correct=True, oversample=4)
     for c, d in zip(corrected, datasets):
         assert isinstance(c, CorrectedDraws) and c["theta"].shape == (30, d.size("group"))
-        assert isinstance(c.pareto_k, float) and isinstance(c.corrected, bool) and c.num_proposals == 120
+        assert isinstance(c.pareto_k, float) and isinstance(c.corrected, bool) and c.num_proposals == 100
     diag = post.diagnostics(num_samples=100)
     assert [isinstance(d["pareto_k"], float) for d in diag] == [True] * 3
     assert any("group" in f for f in diag[1]["flags"]) and not diag[1]["ok"]

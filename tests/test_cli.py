@@ -380,7 +380,7 @@ def test_sample_correct_writes_k_its_spread_and_the_decision(trained, tmp_path):
     a, b = az.from_netcdf(tmp_path / "a.nc"), az.from_netcdf(tmp_path / "b.nc")
     assert {"posterior", "sample_stats", "log_likelihood", "posterior_predictive", "observed_data"} <= set(a.groups())
     attrs = a.sample_stats.attrs
-    assert len(attrs["diagnostics_pareto_k_sets"]) == 4 and attrs["diagnostics_num_samples"] == 240
+    assert len(attrs["diagnostics_pareto_k_sets"]) == 4 and attrs["diagnostics_num_samples"] == 400  # 4 x 100
     assert attrs["diagnostics_ok"] in (0, 1) and attrs["diagnostics_reason"] and "pareto_k" in attrs
     assert (attrs["diagnostics_reason"] == "ok") == bool(attrs["diagnostics_ok"])
     assert float(a.posterior["mu"].mean()) == float(b.posterior["mu"].mean())
@@ -390,11 +390,11 @@ def test_sample_correct_writes_k_its_spread_and_the_decision(trained, tmp_path):
     assert code == 0, err
     record = json.loads((tmp_path / "d.diagnostics.json").read_text())
     assert len(record["pareto_k_sets"]) == 2 and record["draws"] == 40 and record["corrected"] is False
-    assert "2 sets of 40 draws" in err
+    assert "2 sets of 100 draws" in err  # global draws: at least 100 per set
     code, out, _ = run_cli("sample", run, "--data", data, "--num-samples", 40)
     lines = out.strip().splitlines()
     assert lines[0].split() == ["mean", "sd", "5%", "95%", "mcse_mean", "mcse_sd", "ess"]
-    assert lines[-1].startswith("pareto k ") and "4 sets of 40 draws" in lines[-1]
+    assert lines[-1].startswith("pareto k ") and "4 sets of 100 draws" in lines[-1]
 
 
 def test_ppc_prints_p_values_per_level_and_writes_json_and_png(trained, tmp_path):
@@ -434,7 +434,7 @@ def test_validate_seed_and_num_samples_flags(trained, tmp_path):
     report = json.loads((tmp_path / "v.json").read_text())
     assert report["settings"]["seed"] == 7 and report["settings"]["num_samples"] == 30
     # Pareto k of every held-out dataset from 3 independent sets of 30 draws, pooled
-    assert all(len(d["pareto_k_sets"]) == 3 and d["num_samples"] == 90 for d in report["diagnostics"])
+    assert all(len(d["pareto_k_sets"]) == 3 and d["num_samples"] == 300 for d in report["diagnostics"])  # 3 x 100
 
 
 def test_command_line_ux(trained, tmp_path):
@@ -500,7 +500,7 @@ def test_main_job_help_documents_the_defaults_it_uses():
 
 
 def test_k_line_with_sets_too_small_to_estimate_k():
-    from amortize.cli.draws import k_line
+    from amortize.validate.draw_checks import k_line
 
     nan = float("nan")
     diag = {"pareto_k": 0.96, "pareto_k_sets": [nan] * 4, "ess": 5.6, "num_samples": 80, "ok": False, "reason": "r"}

@@ -1,6 +1,7 @@
 """Layers point one way: the import graph of the package, read with ``ast`` (nothing is imported).
 
-Core modules (everything in ``amortize/`` except ``amortize/validate/`` and ``amortize/cli/``) import
+The CLI layer is exactly the module ``amortize.cli`` (one file, ``amortize/cli.py``: parsing, printing,
+exit codes); core modules (everything else in ``amortize/`` except ``amortize/validate/``) import
 nothing from ``validate`` or ``cli`` (imports under ``if TYPE_CHECKING:`` and inside functions count);
 ``validate`` imports nothing from ``cli``; runtime imports (module- and function-level, not those
 under ``if TYPE_CHECKING:``) have no cycle; no module is over 400 lines; library code never prints.
@@ -86,9 +87,12 @@ def imports(root: Path) -> list[Import]:
 
 
 def layer(module: str) -> str:
-    """``"cli"``, ``"validate"`` or ``"core"``."""
+    """``"cli"`` (the module ``amortize.cli`` only), ``"validate"`` or ``"core"`` (a submodule of a package
+    ``amortize.cli`` would be core, and its imports of validate upward)."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 and parts[1] in ("cli", "validate") else "core"
+    if module == "amortize.cli":
+        return "cli"
+    return "validate" if len(parts) > 1 and parts[1] == "validate" else "core"
 
 
 def upward_imports(root: Path) -> list[str]:
@@ -171,6 +175,12 @@ def test_core_never_imports_validate_or_cli_and_validate_never_imports_cli() -> 
     assert upward_imports(PACKAGE) == []
 
 
+def test_the_cli_is_one_module() -> None:
+    mods = modules(PACKAGE)
+    assert (PACKAGE / "cli.py").is_file() and not (PACKAGE / "cli").exists()
+    assert [m for m in mods if m.startswith("amortize.cli.")] == []
+
+
 def test_runtime_imports_have_no_new_cycle() -> None:
     edges = cycle_edges(PACKAGE)
     new = sorted(set(edges) - KNOWN)
@@ -203,7 +213,9 @@ def test_the_checks_find_upward_imports_wherever_they_stand(tmp_path: Path) -> N
             "data.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .validate.sbc import SBCResult\n",
             "train.py": "def f():\n    from amortize.cli import load_run\n",
             "posterior.py": "from . import data\nfrom .validate import plots\n",
-            "cli/__init__.py": "from ..validate import sbc\nfrom .. import train\n",
+            "cli.py": "from .validate import sbc\nfrom . import train\n",
+            "tools/__init__.py": "",
+            "tools/checks.py": "from ..validate import sbc\n",
             "validate/__init__.py": "from . import sbc, plots\n",
             "validate/sbc.py": "import amortize.cli\nfrom ..data import x\n",
             "validate/plots.py": "",
@@ -213,6 +225,7 @@ def test_the_checks_find_upward_imports_wherever_they_stand(tmp_path: Path) -> N
     assert found == [
         "amortize.data (line 3, TYPE_CHECKING) imports amortize.validate.sbc",
         "amortize.posterior (line 2) imports amortize.validate.plots",
+        "amortize.tools.checks (line 1) imports amortize.validate.sbc",
         "amortize.train (line 2) imports amortize.cli",
         "amortize.validate.sbc (line 1) imports amortize.cli",
     ]
@@ -227,7 +240,7 @@ def test_the_checks_find_runtime_cycles_long_modules_and_prints(tmp_path: Path) 
             "b.py": "def f():\n    from . import a\n    print(a)\n",
             "c.py": "from typing import TYPE_CHECKING\nfrom .a import x\nif TYPE_CHECKING:\n    from .d import w\n",
             "d.py": "from .c import v\n",
-            "cli/__init__.py": "print('fine here')\n",
+            "cli.py": "print('fine here')\n",
         },
     )
     edges = cycle_edges(root)
@@ -237,6 +250,25 @@ def test_the_checks_find_runtime_cycles_long_modules_and_prints(tmp_path: Path) 
     assert prints(root) == ["amortize.b line 3"]
 
 
-@pytest.mark.parametrize("module, expect", [("amortize.cli", "cli"), ("amortize.validate.nuts", "validate")])
+@pytest.mark.parametrize(
+    "module, expect",
+    [("amortize.cli", "cli"), ("amortize.validate.nuts", "validate"), ("amortize.cli.checks", "core")],
+)
 def test_layers_by_name(module: str, expect: str) -> None:
     assert layer(module) == expect and layer("amortize.models.radon") == "core" and layer("amortize") == "core"
+
+
+def test_a_cli_package_is_found(tmp_path: Path) -> None:
+    """``amortize/cli/`` as a package: its submodules are core, so their imports of validate are upward."""
+    root = _tree(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "cli/__init__.py": "from .checks import run\n",
+            "cli/checks.py": "from ..validate.sbc import sbc\nprint('x')\n",
+            "validate/__init__.py": "",
+            "validate/sbc.py": "",
+        },
+    )
+    assert upward_imports(root) == ["amortize.cli.checks (line 1) imports amortize.validate.sbc"]
+    assert prints(root) == ["amortize.cli.checks line 2"]

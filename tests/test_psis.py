@@ -126,7 +126,7 @@ def test_correct_cuts_the_mean_error(amortizer):
         post = amortizer.posterior(data)
         plain = post.sample(n, seed=seed)
         fixed = post.sample(n, seed=seed, correct=True)
-        assert isinstance(fixed, CorrectedDraws) and fixed.num_proposals == 4 * n
+        assert isinstance(fixed, CorrectedDraws) and fixed.num_proposals == 4 * n // 8
         assert fixed.corrected == (fixed.pareto_k <= K_THRESHOLD)
         if not fixed.corrected:
             continue
@@ -201,13 +201,21 @@ def test_fixed_three_level_structure_is_in_range_on_its_own_data():
         y=torch.zeros(fixed.n_obs + 7),
     )
     assert any("level 'school'" in f for f in a.posterior(more).range_flags())
+    # and 4x the groups (the design and its data tiled four times) raises the outermost level's flag alone
+    G, S = fixed.size("district"), fixed.size("school")
+    tiled = am.HierarchicalData(
+        ["district", "school"],
+        {"school": torch.cat([fixed.parents["school"] + r * G for r in range(4)])},
+        torch.cat([fixed.group + r * S for r in range(4)]),
+    ).with_response(own.y.repeat(4))
+    assert a.posterior(tiled).range_flags() == ["level 'district': 20 groups, trained on 5-5"]
 
 
 def test_wrapper_is_the_one_line_correction(amortizer):
     post = amortizer.posterior(_dataset(7))
     wrapped = ImportanceSampledPosterior(post, oversample=3)
     a, b = wrapped.sample(100, seed=2), post.sample(100, seed=2, correct=True, oversample=3)
-    assert isinstance(a, CorrectedDraws) and a.num_proposals == 300
+    assert isinstance(a, CorrectedDraws) and a.num_proposals == 100
     assert all(torch.equal(a[k], b[k]) for k in a) and a.pareto_k == b.pareto_k
     lists = ImportanceSampledPosterior(amortizer.posterior([_dataset(7), _dataset(8)])).sample(50, seed=0)
     assert len(lists) == 2 and all(isinstance(c.pareto_k, float) for c in lists)

@@ -95,7 +95,7 @@ def test_group_head_split_first_layers_equal_the_concatenated_networks():
         # the head's outputs are affine in its networks' outputs: recompute them from the plain networks
         stats = enc.statistics.levels[level].groups
         term = site_term(terms[level], a.structure.sites_at(level), name)
-        loc, scale, coup = head(g, d, stats, term)
+        loc, scale, coup, _ = head(g, d, stats, term)
         log_unit = head.raw_scale(torch.stack([stats.unit_log_sd, stats.unit_log_n], -1))
         base = head.raw(torch.stack([stats.mean, stats.dataset_mean], -1))
         if head.raw_slope is not None:

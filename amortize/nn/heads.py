@@ -249,17 +249,22 @@ class GroupHead(nn.Module):
     whose covariate does not vary gets a data term too wide to matter. :meth:`fit` sets the paths
     from prior simulations by calibrating the statistic against the latent (``stat = c + d u``):
     the likelihood's own scale, not the posterior's shrinkage, which the model's prior supplies.
+
+    ``lower_dim``: the site's rows of the strictly-lower part of the unit-diagonal factor ``T`` of the
+    joint data term of its plate (``AmortizedGuide`` says which entries), unit-free, starting at 0.
     """
 
-    def __init__(self, hidden: int, dim: int, global_dim: int = 0, slope_dim: int = 0) -> None:
+    def __init__(self, hidden: int, dim: int, global_dim: int = 0, slope_dim: int = 0, lower_dim: int = 0) -> None:
         super().__init__()
         self.raw_term = _zero_linear(dim, dim)  # the likelihood's data term location -> location
         self.raw_term_scale = _zero_linear(dim, dim)  # its log precision -> log unit
         self.term_range = TermRange(dim)  # the range of the data term seen in prior simulations
-        self.net = mlp(2 * hidden, hidden, 2 * dim)
+        self.net = mlp(2 * hidden, hidden, 2 * dim + lower_dim)
         with torch.no_grad():
             self.net[-1].weight.mul_(0.1)  # start at the fitted skip paths
             self.net[-1].bias.zero_()
+            self.net[-1].weight[2 * dim :].zero_()  # the joint's off-diagonals start at 0: independent
+        self.lower_dim = lower_dim
         self.raw = _zero_linear(2, dim)  # group mean, dataset mean -> location
         self.raw_scale = _zero_linear(2, dim)  # pooled within-group log sd, log n -> log unit
         self.slope_dim = slope_dim
@@ -351,11 +356,12 @@ class GroupHead(nn.Module):
         dataset_emb: torch.Tensor,
         stats: GroupStatistics,
         term: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, the level's :class:`GroupStatistics`, the
-        site's data term ``(location, log precision)`` ``[B, G, d]`` each ->
-        ``loc, scale`` each ``[B, G, d]`` and the coupling ``[B, G, d, D]`` to the standardized
-        globals (None without coupling): the data term's location is ``loc + coupling @ w``."""
+        site's data term ``(location, log precision)`` ``[B, G, d]`` each -> ``loc, scale`` each
+        ``[B, G, d]``, the coupling ``[B, G, d, D]`` to the standardized globals (None without
+        coupling): the data term's location is ``loc + coupling @ w``, and the joint's lower entries
+        ``[B, G, lower_dim]`` (None without)."""
         # both networks read [group_emb, dataset_emb]: their first layers split into a per-group part
         # (one matmul for both networks) and a per-dataset part, computed once per dataset
         first = [self.net[0]] + ([] if self.coupling is None else [self.coupling[0]])
@@ -375,11 +381,12 @@ class GroupHead(nn.Module):
         loc = loc + self.raw_term(loc_t.to(loc.dtype))
         unit = log_unit.clamp(-30.0, 30.0).exp()
         loc = loc + unit * out[..., : self.dim]
-        scale = unit * (softplus(out[..., self.dim :] + _SOFTPLUS_ONE) + 1e-4)
+        scale = unit * (softplus(out[..., self.dim : 2 * self.dim] + _SOFTPLUS_ONE) + 1e-4)
         coupling = None
         if self.coupling is not None:
             coupling = unit.unsqueeze(-1) * self.coupling[1:](pre[1]).reshape(*loc.shape, self.global_dim)
-        return loc, scale, coupling
+        lower = out[..., 2 * self.dim :] if self.lower_dim else None
+        return loc, scale, coupling, lower
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,8 +2,9 @@
 simulation-based calibration and Pareto-smoothed importance sampling.
 
 Functions here take objects (an amortizer, datasets, settings as values) and return results
-(dataclasses, dicts, and the paths of the files they wrote); they never print and never read a run
-folder. The ``amortize`` command line (:mod:`amortize.cli`) loads runs, calls them and formats.
+(dataclasses, dicts, and the paths of the files they wrote); they never print. :mod:`.commands` and
+:mod:`.draw_checks` assemble what the ``amortize`` commands compute (``bench_run`` loads its runs
+through :mod:`amortize.rundir`); the command line (:mod:`amortize.cli`) parses, calls them and prints.
 """
 
 from ..importance import PSISResult, psis

@@ -1,7 +1,8 @@
 """Result files: JSON-safe values and the results of the ``experiments/bench`` scripts.
 
-:func:`json_safe` turns tensors, arrays and numpy scalars into plain lists and numbers (non-finite
-floats into ``null``), so that ``json.dumps(..., allow_nan=False)`` takes any result. The benchmark
+:func:`json_safe` (from :mod:`amortize.files`, where the core writes its JSON files) turns tensors,
+arrays and numpy scalars into plain lists and numbers (non-finite floats into ``null``), so that
+``json.dumps(..., allow_nan=False)`` takes any result. The benchmark
 scripts write ``results.json`` and ``results.md`` through :func:`write_results`, headed by
 :func:`results_header` and :func:`machine_info`.
 
@@ -13,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -21,28 +21,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..checkpoint import atomic_write
+from ..files import json_safe
 
 __all__ = ["json_safe", "machine_description", "machine_info", "results_header", "write_results"]
-
-
-def json_safe(x: Any) -> Any:
-    """``x`` with tensors and arrays as lists, numpy scalars as Python numbers, tuples as lists and
-    non-finite floats as None (JSON ``null``), dict keys as strings."""
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (torch.Tensor, np.ndarray)):
-        return json_safe(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def machine_description(device: str | torch.device | None = None, *, threads: bool = False, extra: str = "") -> str:

@@ -1,0 +1,302 @@
+"""Hierarchical importance weights: a verdict and a correction in the dimensions where errors live.
+
+The joint weight ``p(y, z) / q(z | y)`` over every latent degenerates with the number of groups even
+when q is good (its log variance adds up over groups). The guide factorizes as
+``q(globals | y) x prod_g q(z_g | parents, y)``, and so do the weights:
+
+* hold the globals (and the latents of the levels above ``L``) at S draws of q, draw the latents of
+  ``L`` and below M times each; per group g of ``L`` the subtree weight
+  ``log w_g = log p(y_g, z_g, z_desc | parents) - log q(z_g, z_desc | parents, y)`` (descendants drawn
+  once per draw: an unbiased estimate of their evidence) gives a per-group Pareto k (PSIS over the M
+  draws of each group, the median over the S parent draws);
+* ``log p_hat(y_g | globals) = logmeanexp_m log w_g`` for the outermost groups weighs the globals:
+  ``log p(globals) + sum_g log p_hat(y_g | globals) - log q(globals | y)``, a pseudo-marginal weight in
+  the globals' dimension whose Pareto k judges (and whose PSIS corrects) q of the globals.
+
+Densities come from the Pyro traces of one guide call (``compute_log_prob``: masks and scales as in
+:mod:`amortize.objectives`); each site's log density keeps its plate dim, rows map to their innermost
+group through the data's index and groups to their parents through the parent index, all vectorized
+over groups (no loop over groups).
+
+Example:
+    >>> hw = hierarchical_weights(part, num_globals=200, group_draws=32)  # doctest: +SKIP
+    >>> hw.global_k, hw.levels["group"].k_p90  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyro.distributions as dist
+import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution
+from pyro.poutine.messenger import Messenger
+
+from .batch import CHUNK_ELEMENTS
+from .data import HierarchicalData
+from .errors import ModelStructureError
+from .importance import pareto_k_columns
+
+__all__ = [
+    "GROUP_DRAWS",
+    "MAX_GROUP_DRAWS",
+    "NOISE_SD_TARGET",
+    "PARENT_DRAWS_FOR_K",
+    "LevelK",
+    "HierarchicalWeights",
+    "group_log_weights",
+    "hierarchical_weights",
+]
+
+GROUP_DRAWS = 32  # M: draws per group given its parents (a PSIS tail of 7; per-group k is the median over parents)
+MAX_GROUP_DRAWS = 256  # the most draws per group the globals' pass is rerun with to tame its noise
+NOISE_SD_TARGET = 0.5  # sd of the globals' log weights from the per-group estimates that the pass aims below
+PARENT_DRAWS_FOR_K = 25  # per-group k from at most this many parent draws (its median is stable by then)
+GROUP_QUANTILE = 0.9  # the per-group k quantile that decides (the worst of thousands of groups grows by chance)
+
+
+@dataclass
+class LevelK:
+    """Per-group Pareto k of one level, per dataset: ``k [B, G]``, its worst and p90 ``[B]``, the sites."""
+
+    sites: list[str]
+    k: torch.Tensor
+    k_worst: list[float]
+    k_p90: list[float]
+
+
+@dataclass
+class HierarchicalWeights:
+    """What :func:`hierarchical_weights` computed for B datasets sharing one structure.
+
+    Attributes:
+        global_log_weights: ``[S, B]`` pseudo-marginal log weights of the S held global draws.
+        globals_draws: ``{site: [S, B, ...]}`` the held draws (user layout), every latent site.
+        levels: per level with latent sites, its :class:`LevelK`.
+        num_draws: model evaluations spent (draws x passes).
+        group_draws: draws per group behind the globals' weights (raised where their noise was high).
+        noise_sd: ``[B]`` median over the global draws of the sd of their log weights' noise
+            (delta method, ignoring the common noise's correlation: an upper bound).
+    """
+
+    global_log_weights: torch.Tensor
+    globals_draws: dict[str, torch.Tensor]
+    levels: dict[str, LevelK] = field(default_factory=dict)
+    num_draws: int = 0
+    group_draws: int = GROUP_DRAWS
+    noise_sd: torch.Tensor | None = None
+
+
+class _CommonNoise(Messenger):
+    """Draw every group site of a held call from shared noise: the M draws given each of the S held global
+    draws use the same standard normals (common random numbers), so that the noise of
+    ``sum_g log p_hat(y_g | globals)`` (sd ~ sqrt(G / M), which alone would degenerate the globals' weights
+    with thousands of groups) is nearly the same for every global draw and cancels in their normalized
+    weights (the correlated pseudo-marginal of Deligiannidis, Doucet and Pitt 2018). Each draw is still an
+    exact draw of q given its globals. A q that is not Gaussian on its unconstrained scale draws as usual."""
+
+    def __init__(self, S: int, M: int, noise: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.S, self.M, self.noise = S, M, noise
+
+    def _pyro_sample(self, msg: Any) -> None:
+        fn = msg["fn"]
+        if msg["is_observed"] or msg["value"] is not None or not isinstance(fn, dist.TorchDistribution):
+            return
+        transforms: list[Any] = []
+        base = fn
+        if isinstance(base, dist.TransformedDistribution):
+            transforms, base = list(base.transforms), base.base_dist
+        shape = base.batch_shape + base.event_shape
+        while isinstance(base, (dist.Independent, ExpandedDistribution)):
+            base = base.base_dist
+        if not isinstance(base, (dist.Normal, dist.MultivariateNormal)) or shape[0] != self.S * self.M:
+            return
+        name = msg["name"]
+        if name not in self.noise or self.noise[name].shape[1:] != shape[1:]:
+            self.noise[name] = torch.randn(self.M, *shape[1:], dtype=base.loc.dtype, device=base.loc.device)
+        eps = self.noise[name].repeat(self.S, *[1] * (len(shape) - 1))  # [S * M, ...]: the same M for every s
+        if isinstance(base, dist.Normal):
+            u = base.loc + base.scale * eps
+        else:
+            u = base.loc + (base.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        for t in transforms:
+            u = t(u)
+        msg["value"] = u
+
+
+def _site_home(site: dict[str, Any], data: HierarchicalData) -> tuple[str | None, int | None]:
+    """``(home, dim)``: the level whose plate holds the site (``"obs"`` for a row plate), None for a global."""
+    frames = [f for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+    level_frames = [f for f in frames if f.name in data.levels]
+    rows = [f for f in frames if f.name not in data.levels and f.size == data.n_obs and not f.name.startswith("_")]
+    if rows:
+        return "obs", rows[0].dim
+    if level_frames:
+        inner = max(level_frames, key=lambda f: data.levels.index(f.name))
+        return inner.name, inner.dim
+    return None, None
+
+
+def group_log_weights(
+    model_trace: Any, guide_trace: Any, data: HierarchicalData, nesting: int, D: int, B: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``log p - log q`` of one guide call split by home: ``([D, B] globals, {level: [D, B, G_level]})``,
+    each level's entry its own sites plus the rows of an innermost group (not yet the children).
+
+    Args:
+        model_trace, guide_trace: the traces of the call (``compute_log_prob`` is applied here).
+        data: the data the model ran on.
+        nesting: the model's ``max_plate_nesting`` (sites carry ``[D, B]`` left of it).
+        D, B: draws and datasets of the call.
+    """
+    dev = data.group.device
+    glob = torch.zeros(D, B, dtype=torch.float64, device=dev)
+    per = {lvl: torch.zeros(D, B, data.size(lvl), dtype=torch.float64, device=dev) for lvl in data.levels}
+    inner = data.levels[-1]
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        trace.compute_log_prob()
+        for site in trace.nodes.values():
+            if site["type"] != "sample":
+                continue
+            lp = torch.as_tensor(site["log_prob"]).double()
+            lp = lp.reshape(*[1] * (nesting + 2 - lp.dim()), *lp.shape)  # [D?, B?, *plates]
+            home, dim = _site_home(site, data)
+            keep = [0, 1] + ([] if home is None else [nesting + 2 + dim])
+            drop = tuple(i for i in range(lp.dim()) if i not in keep)
+            lp = lp.sum(drop) if drop else lp
+            if home is None:
+                glob += sign * lp.expand(D, B)
+            elif home == "obs":
+                per[inner].index_add_(-1, data.index(inner).to(lp.device), sign * lp.expand(D, B, data.n_obs))
+            else:
+                per[home] += sign * lp.expand(D, B, data.size(home))
+    return glob, per
+
+
+def _subtree(per: dict[str, torch.Tensor], data: HierarchicalData) -> dict[str, torch.Tensor]:
+    """Each group's own terms plus its descendants' (bottom-up sums through the parent index)."""
+    out: dict[str, torch.Tensor] = {}
+    below: torch.Tensor | None = None
+    for i in range(len(data.levels) - 1, -1, -1):
+        lvl = data.levels[i]
+        w = per[lvl] if below is None else per[lvl] + below
+        out[lvl] = w
+        if i > 0:
+            above = data.levels[i - 1]
+            below = torch.zeros(*w.shape[:-1], data.size(above), dtype=w.dtype, device=w.device)
+            below.index_add_(-1, data.parent_index(lvl).to(w.device), w)
+    return out
+
+
+def _held_call(
+    part: Any, held: dict[str, torch.Tensor], M: int, encoded: Any, noise: dict[str, torch.Tensor] | None = None
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """One guide call holding ``held`` (user layout ``[S, B, ...]``) M times each, drawing the rest (from
+    the common ``noise`` of :class:`_CommonNoise` when given): ``((glob, subtree) log weights with
+    D = S x M, the drawn values in user layout [S, M, B, ...])``."""
+    guide, st, data = part.guide, part.structure, part.data
+    S = next(iter(held.values())).shape[0]
+    B = data.batch_size or 1
+    truth = {k: st.from_user(st[k], v.repeat_interleave(M, 0)) for k, v in held.items()}
+    if noise is None:
+        values = guide(data, S * M, truth, encoded)
+    else:
+        with _CommonNoise(S, M, noise):
+            values = guide(data, S * M, truth, encoded)
+    model_trace, guide_trace = guide.get_traces()
+    glob, per = group_log_weights(model_trace, guide_trace, data, st.max_plate_nesting, S * M, B)
+    drawn = {}
+    for s in st.latents:
+        v = st.to_user(s, values[s.name])
+        drawn[s.name] = v.reshape(S, M, *v.shape[1:])
+    return (glob.reshape(S, M, B), {k: v.reshape(S, M, B, -1) for k, v in _subtree(per, data).items()}), drawn
+
+
+def _chunk(part: Any, M: int) -> int:
+    d = part.data
+    width = (d.batch_size or 1) * (d.n_obs + sum(d.sizes.values()))
+    return max(1, int(CHUNK_ELEMENTS // max(1, M * width)))
+
+
+def _level_k(w: torch.Tensor) -> torch.Tensor:
+    """Per-group k ``[B, G]`` from subtree log weights ``[S, M, B, G]``: PSIS k over the M draws given
+    each of the first :data:`PARENT_DRAWS_FOR_K` parent draws, then the median over them."""
+    w = w[:PARENT_DRAWS_FOR_K]
+    S, M, B, G = w.shape
+    k = pareto_k_columns(w.permute(1, 0, 2, 3).reshape(M, -1)).reshape(S, B, G)
+    return torch.from_numpy(np.nanmedian(np.where(np.isinf(k), np.nan, k), axis=0) if S > 1 else k[0])
+
+
+def _level_summary(sites: list[str], k: torch.Tensor) -> LevelK:
+    worst = [float(np.nanmax(r)) if np.isfinite(r).any() else float("nan") for r in k.numpy()]
+    p90 = [float(np.nanquantile(r, GROUP_QUANTILE)) if np.isfinite(r).any() else float("nan") for r in k.numpy()]
+    return LevelK(sites, k, worst, p90)
+
+
+def _pass(
+    part: Any, held: dict[str, torch.Tensor], names: tuple[str, ...], M: int, encoded: Any, globals_pass: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """One pass holding the sites ``names`` of ``held`` (S draws), M draws of the rest given each:
+    ``(globals' log weights [S, B], their noise sd [S, B], subtree log weights of the first
+    PARENT_DRAWS_FOR_K parent draws {level: [s, M, B, G]})``; weights and noise only in the globals' pass."""
+    data = part.data
+    S = next(iter(held.values())).shape[0]
+    chunk = _chunk(part, M)
+    glob_w, noise_sd, trees = [], [], []
+    noise: dict[str, torch.Tensor] = {}  # common noise across the chunks of the globals' pass
+    for start in range(0, S, chunk):
+        sub = {k: held[k][start : start + chunk] for k in names}
+        (glob, tree), _ = _held_call(part, sub, M, encoded, noise if globals_pass else None)
+        if globals_pass:
+            outer = tree[data.levels[0]]  # [s, M, B, G0]
+            lse = torch.logsumexp(outer, 1)
+            glob_w.append(glob[:, 0] + (lse - math.log(M)).sum(-1))
+            # delta method: Var log p_hat_g = (E w^2 / (E w)^2 - 1) / M, summed over the groups
+            rel = (torch.logsumexp(2 * outer, 1) + math.log(M) - 2 * lse).exp() - 1.0
+            noise_sd.append((rel.clamp_min(0) / M).sum(-1).sqrt())
+        if start < PARENT_DRAWS_FOR_K:
+            trees.append(tree)
+    joined = {lvl: torch.cat([t[lvl] for t in trees]) for lvl in trees[0]}
+    if not globals_pass:
+        return None, None, joined
+    return torch.cat(glob_w), torch.cat(noise_sd), joined
+
+
+@torch.no_grad()
+def hierarchical_weights(part: Any, num_globals: int, group_draws: int = GROUP_DRAWS) -> HierarchicalWeights:
+    """The globals' pseudo-marginal log weights and every latent level's per-group k (module docstring)
+    for one :class:`~amortize.batch.StructureBatch`, on torch's RNG as it is (the caller seeds). Where the
+    noise of the globals' log weights (delta method) exceeds :data:`NOISE_SD_TARGET`, their pass is run
+    again with more draws per group (up to :data:`MAX_GROUP_DRAWS`)."""
+    st, data = part.structure, part.data
+    latent_levels = [lvl for lvl in data.levels if st.sites_at(lvl)]
+    M = int(group_draws) if latent_levels else 1
+    S = int(num_globals)
+    encoded = part.guide.encode(data)
+    held, _ = part.draws(S, encoded=encoded)  # every latent, user layout [S, B, ...]
+    glob_sites = tuple(s.name for s in st.global_sites)
+    if not glob_sites:
+        raise ModelStructureError("hierarchical weights: the model has no global latent site to hold")
+    passes: dict[tuple[str, ...], list[str]] = {glob_sites: []}
+    for lvl in latent_levels:
+        above = glob_sites + tuple(s.name for s in st.latents if s.level in data.levels[: data.levels.index(lvl)])
+        passes.setdefault(above, []).append(lvl)
+    out = HierarchicalWeights(torch.zeros(0), dict(held), group_draws=M)
+    for names, lvls in passes.items():
+        lw, sd, trees = _pass(part, held, names, M, encoded, names == glob_sites)
+        out.num_draws += S * M
+        if lw is not None and sd is not None:
+            noise = float(sd.median(0).values.max())
+            if latent_levels and noise > NOISE_SD_TARGET and M < MAX_GROUP_DRAWS:
+                more = min(MAX_GROUP_DRAWS, int(math.ceil(M * (noise / NOISE_SD_TARGET) ** 2)))
+                lw, sd, _ = _pass(part, held, names, more, encoded, True)
+                out.num_draws += S * more
+                out.group_draws = more
+            out.global_log_weights, out.noise_sd = lw, sd.median(0).values
+        for lvl in lvls:
+            out.levels[lvl] = _level_summary([s.name for s in st.sites_at(lvl)], _level_k(trees[lvl]))
+    return out

@@ -1,0 +1,192 @@
+"""Does the per-dataset verdict (``post.diagnostics()``) tell good posteriors from bad ones (issue #20)?
+
+Per model (the shipped 2-level and 3-level Gaussians, trained here with ``--steps``):
+
+* good rows: held-out prior-predictive datasets where the amortized posterior agrees with NUTS
+  (globals' z p90 <= 0.3 and group z p90 <= 0.3); rows that disagree are counted apart ("unclear");
+* bad rows, by construction: the same datasets under an amortizer trained for 5% of the steps, data
+  with 5x the noise, with Student-t (df 2) noise added, a design with 4x the trained groups, responses
+  x 100;
+* for each row the verdict (``ok``, ``reason``), the globals' k, the per-group k p90, the joint k;
+  its cost in ms per dataset next to drawing 1000 draws; on good rows the globals' z p90 of the
+  hierarchically corrected draws next to the uncorrected ones.
+
+Prints the confusion table (good/bad x ok/not ok) per model and writes ``results.json`` and
+``results.md`` (atomically) to ``--out``.
+
+    python experiments/bench/verdict.py                                   # the full run (hours on 2 CPUs)
+    python experiments/bench/verdict.py --steps 300 --heldout 2 --nuts-samples 200   # a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import amortize as am
+from amortize import models
+from amortize.validate import compare, to_markdown
+from amortize.validate.heldout import heldout_datasets
+from amortize.validate.nuts import cached_nuts
+from amortize.validate.results import machine_info, results_header, write_results
+
+MODELS = {"gaussian_2level": models.gaussian_2level, "gaussian_3level": models.gaussian_3level}
+GOOD_Z = 0.3
+
+
+def _z_p90(draws: Any, ref: Any, levels: dict[str, str | None]) -> tuple[float, float]:
+    rows = compare(draws, ref.samples, levels)
+    glob = [r["z"] for r in rows if levels.get(r["site"]) is None]
+    group = [r["z"] for r in rows if levels.get(r["site"]) is not None]
+    return float(np.quantile(glob, 0.9)), float(np.quantile(group, 0.9)) if group else 0.0
+
+
+def _variant(a: am.Amortizer, data: am.HierarchicalData, kind: str, seed: int) -> am.HierarchicalData:
+    """A deliberately wrong dataset for ``a``: more noise, heavy-tailed noise, 4x groups, x 100."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "groups_x4":
+        top = data.levels[0]
+        hi = a.ranges.get(top, [data.size(top)] * 2)[1]
+        design = a.sampler.sample(gen)  # tiled to 4x the trained maximum of the outermost groups
+        reps = max(1, int(np.ceil(4 * hi / design.size(top))))
+        return _sim(a, _tile(design, reps), seed)
+    sim = am.simulate(a.model, a.structure, data.with_response(None), 1)
+    y, sigma = sim.data.y[0], float(sim.latents["sigma"].reshape(-1)[0])
+    if kind == "noise_x5":
+        return data.with_response(y + (24**0.5) * sigma * torch.randn(y.shape, generator=gen))
+    if kind == "student_t":
+        t = torch.distributions.StudentT(2.0).sample(y.shape)
+        return data.with_response(y + sigma * t)
+    if kind == "response_x100":
+        return data.with_response(100.0 * y)
+    raise ValueError(kind)
+
+
+def _tile(design: am.HierarchicalData, reps: int) -> am.HierarchicalData:
+    """``reps`` copies of a design side by side (the outermost groups repeated)."""
+    levels = list(design.levels)
+    parents, offsets = {}, {lvl: design.size(lvl) for lvl in levels}
+    for lvl in levels[1:]:
+        above = levels[levels.index(lvl) - 1]
+        p = design.parents[lvl]
+        parents[lvl] = torch.cat([p + r * offsets[above] for r in range(reps)])
+    group = torch.cat([design.group + r * offsets[levels[-1]] for r in range(reps)])
+    return am.HierarchicalData(levels, parents, group)
+
+
+def _sim(a: am.Amortizer, design: am.HierarchicalData, seed: int) -> am.HierarchicalData:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sim = am.simulate(a.model, a.structure, design, 1)
+    return sim.data.with_response(sim.data.y[0])
+
+
+def _row(post: am.Posterior, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    post.sample(1000, seed=seed)
+    t1 = time.perf_counter()
+    diag = post.diagnostics(args.verdict_draws, seed=seed)
+    t2 = time.perf_counter()
+    worst_p90 = max((v["k_p90"] for v in diag["levels"].values()), default=float("nan"))
+    return {
+        "ok": diag["ok"],
+        "reason": diag["reason"],
+        "globals_k": diag["pareto_k"],
+        "ess_ratio": diag["ess_ratio"],
+        "group_k_p90": worst_p90,
+        "joint_k": diag["joint_pareto_k"],
+        "group_draws": diag["group_draws"],
+        "verdict_ms": 1e3 * (t2 - t1),
+        "draw_ms": 1e3 * (t1 - t0),
+    }
+
+
+def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
+    model = MODELS[name]
+    sampler = models.SAMPLERS[name]()
+    good = am.Amortizer(model, sampler, seed=args.seed)
+    good.fit(steps=args.steps, batch_size=args.batch_size, progress=False)
+    under = am.Amortizer(model, sampler, seed=args.seed)
+    under.fit(steps=max(1, args.steps // 20), batch_size=args.batch_size, progress=False)
+    levels = {s.name: s.level for s in good.structure.latents}
+    nuts_cfg = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 2}
+    rows: list[dict[str, Any]] = []
+    for i, data in enumerate(heldout_datasets(good, args.heldout, seed=args.seed + 10_000)):
+        post = good.posterior(data)
+        ref = cached_nuts(model, data, args.nuts_cache or None, seed=i, **nuts_cfg)
+        entry = {"model": name, "dataset": i, "case": "held-out", **_row(post, args, i)}
+        if ref is not None and ref.ok:
+            zg, zgroup = _z_p90(post.sample(1000, seed=i), ref, levels)
+            zc, _ = _z_p90(post.sample(1000, seed=i, correct=True), ref, levels)
+            entry.update(truth="good" if max(zg, zgroup) <= GOOD_Z else "unclear", z_globals=zg, z_groups=zgroup)
+            entry["z_globals_corrected"] = zc
+        else:
+            entry["truth"] = "no reference"
+        rows.append(entry)
+        rows.append(
+            {
+                "model": name,
+                "dataset": i,
+                "case": "undertrained 5%",
+                "truth": "bad",
+                **_row(under.posterior(data), args, i),
+            }
+        )
+        for kind in ("noise_x5", "student_t", "groups_x4", "response_x100"):
+            bad = _variant(good, data, kind, seed=1000 * i + 7)
+            rows.append(
+                {"model": name, "dataset": i, "case": kind, "truth": "bad", **_row(good.posterior(bad), args, i)}
+            )
+    confusion = {t: {"ok": 0, "not ok": 0} for t in ("good", "bad", "unclear", "no reference")}
+    for r in rows:
+        confusion[r["truth"]]["ok" if r["ok"] else "not ok"] += 1
+    cost = {
+        "verdict_ms_median": float(np.median([r["verdict_ms"] for r in rows])),
+        "draw_ms_median": float(np.median([r["draw_ms"] for r in rows])),
+    }
+    table = [{"truth": t, **c} for t, c in confusion.items() if c["ok"] + c["not ok"]]
+    md = [f"### {name}: {args.heldout} held-out datasets ({args.steps} steps), 5 wrong cases each\n"]
+    md.append(to_markdown(table, ["truth", "ok", "not ok"]))
+    md.append(
+        f"\nverdict {cost['verdict_ms_median']:.0f} ms per dataset (median), drawing 1000 draws "
+        f"{cost['draw_ms_median']:.0f} ms\n"
+    )
+    cols = ["case", "dataset", "truth", "ok", "globals_k", "ess_ratio", "group_k_p90", "joint_k", "group_draws"]
+    cols += ["z_globals", "z_globals_corrected", "verdict_ms", "reason"]
+    md.append(to_markdown(rows, cols))
+    return {"rows": rows, "confusion": confusion, **cost}, "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--steps", type=int, default=3000, help="training steps of the good amortizers (5%% undertrained)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--heldout", type=int, default=20)
+    p.add_argument("--verdict-draws", type=int, default=1000, help="num_samples of diagnostics()")
+    p.add_argument("--nuts-warmup", type=int, default=500)
+    p.add_argument("--nuts-samples", type=int, default=1000)
+    p.add_argument("--nuts-cache", default="checkpoints/nuts-cache", help="reuse NUTS references ('' : never)")
+    p.add_argument("--out", default="checkpoints/bench-verdict")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    results: dict[str, Any] = {**machine_info(), "args": vars(args)}
+    md = [results_header(results, f"settings: {' '.join(sys.argv[1:]) or 'defaults'}") + "\n"]
+    for name in args.models:
+        results[name], text = run_model(name, args)
+        md.append(text)
+        print(text, flush=True)
+        write_results(args.out, results, "\n".join(md), safe=True)
+    print(f"\nwritten: {args.out}/results.json, {args.out}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
