@@ -49,6 +49,7 @@ from .gaussian_terms import (
     product_draw,
 )
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
+from .nn.data_terms import group_terms, level_dims, site_term
 from .structure import LatentSite, ModelStructure, batched
 
 __all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
@@ -84,7 +85,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         nn.Module.__init__(self)
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
         self.structure = structure
-        self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden)
+        self.user_model = model
+        self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden, level_dims(structure))
         self.global_head = None
         if structure.global_dim:
             enc = self.encoder
@@ -145,7 +147,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         """The per-dataset and per-group work of a call, independent of the draws: q(globals) and
         each group site's data term ``(loc, scale)`` in the batched layout."""
         K = self.structure.max_plate_nesting
-        enc = self.encoder(data)
+        terms = group_terms(self.user_model, self.structure, data)
+        enc = self.encoder(data, terms)
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"terms": {}, "lower": {}}
         if self.global_head is not None:
@@ -158,7 +161,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         for name, head in self.group_heads.items():
             site = self.structure[name]
             group_stats = enc.statistics.levels[site.level].groups
-            loc, scale, coupling, lower = head(enc.groups[site.level], enc.dataset, group_stats)  # [B, G, d]
+            term = site_term(terms[site.level], self.structure.sites_at(site.level), name)
+            loc, scale, coupling, lower = head(enc.groups[site.level], enc.dataset, group_stats, term)  # [B, G, d]
             G = loc.shape[-2]
             state["terms"][name] = (
                 loc.reshape(B, *[1] * (K - 1), G, -1),

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .bad_steps import BadSteps, bad_step_error
 from .errors import ConfigError, TrainingError
 from .limits import Limit, check_limits
+from .nn.data_terms import group_terms, site_term
 from .nn.statistics import GroupStatistics
 from .objectives import OBJECTIVES, batch_loss
 
@@ -150,7 +151,8 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> l
     per = max(1, cfg.batch_size // 8)
     sims = [amortizer.simulate_batch(gen, per) for _ in range(cfg.pilot_structures * cfg.batch_size // per)]
     stats = [guide.encoder.statistics(sim.data) for sim in sims]
-    guide.encoder.fit(stats)
+    terms = [group_terms(guide.user_model, structure, sim.data) for sim in sims]
+    guide.encoder.fit(stats, terms)
     if guide.global_head is not None:
         u = torch.cat(  # [datasets, D]: batches hold different numbers of datasets when some were dropped
             [
@@ -169,7 +171,9 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> l
     for name, head in guide.group_heads.items():
         site = structure[name]
         groups = GroupStatistics.cat([s.levels[site.level].groups.rows() for s in stats])
-        head.fit(groups, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]))
+        parts = [site_term(t[site.level], structure.sites_at(site.level), name) for t in terms]
+        term = tuple(torch.cat([p[i].reshape(-1, site.dim) for p in parts]) for i in range(2))
+        head.fit(groups, torch.cat([site.unconstrain(sim.latents[name]).reshape(-1, site.dim) for sim in sims]), term)
     return sims
 
 

@@ -195,7 +195,8 @@ def test_slope_spread_statistics_read_the_slopes_scale_and_correlation():
 
 def test_latents_only_draws_the_same_values_without_running_the_likelihood(small_sampler):
     """Drawing alone stops the model at its last latent site: the same values for the same seed, and
-    nothing after that site (the likelihood) is computed."""
+    nothing after that site (the likelihood) is computed by the draws (the encoding, computed once,
+    reads the likelihood's data terms)."""
     calls = []
 
     def counting_model(data):
@@ -212,11 +213,12 @@ def test_latents_only_draws_the_same_values_without_running_the_likelihood(small
     sim = am.simulate(counting_model, st, data, 2)
     guide = AmortizedGuide(counting_model, st, {}, hidden=16)
     with torch.no_grad():
+        encoded = guide.encode(sim.data)
         torch.manual_seed(5)
-        full = guide(sim.data, 6)
+        full = guide(sim.data, 6, encoded=encoded)
         calls.clear()
         torch.manual_seed(5)
-        only = guide(sim.data, 6, latents_only=True)
+        only = guide(sim.data, 6, encoded=encoded, latents_only=True)
     assert calls == [] and set(only) == {"mu", "tau", "theta"}
     for name in only:
         assert torch.allclose(full[name], only[name], rtol=1e-5, atol=1e-6)

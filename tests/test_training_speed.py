@@ -16,6 +16,8 @@ import torch
 
 import amortize as am
 from amortize.models import SAMPLERS, gaussian_3level, logistic_3level
+from amortize.nn.data_terms import group_terms, site_term
+from amortize.nn.encoder import term_features
 from amortize.nn.least_squares import segment_mean
 from amortize.objectives import backward_in_chunks, batch_loss, chunk_datasets
 
@@ -31,7 +33,7 @@ def _fitted(model, name: str, seed: int = 0) -> am.Amortizer:
     return a
 
 
-def _plain_encoder(enc, data):
+def _plain_encoder(enc, data, terms):
     """The encoder as the plain formulas write it: phi on every row, its mean per group of each level."""
     stats = enc.statistics(data)
     h_obs = enc.phi(stats.obs_features)  # [B, N, H]
@@ -43,6 +45,8 @@ def _plain_encoder(enc, data):
             enc.scalers[lvl](stats.levels[lvl].features),
             segment_mean(h_obs, data.index(lvl), G, data.counts(lvl)),
         ]
+        if lvl in enc.term_dims:
+            parts.append(enc.term_scalers[lvl](term_features(terms[lvl])))
         if child is not None:
             cidx = data.parent_index(enc.levels[i + 1])
             parts.append(segment_mean(child, cidx, G, torch.bincount(cidx, minlength=G)))
@@ -68,36 +72,41 @@ def test_encoder_pools_phi_as_the_plain_formula(model, name):
     a = _fitted(model, name)
     enc = a.guide.encoder
     sim = a.simulate_batch(torch.Generator().manual_seed(1), 5)
-    fast = enc(sim.data)
-    dataset, groups = _plain_encoder(enc, sim.data)
+    terms = group_terms(a.guide.user_model, a.structure, sim.data)
+    fast = enc(sim.data, terms)
+    dataset, groups = _plain_encoder(enc, sim.data, terms)
     assert _close(fast.dataset, dataset) < 1e-5
     for lvl in enc.levels:
         assert _close(fast.groups[lvl], groups[lvl]) < 1e-5
     y = sim.data.y.clone()
     y[0, 0] += 1.0  # one row changed: the embedding moves far beyond the tolerance
-    assert _close(enc(sim.data.with_response(y)).dataset[0], dataset[0]) > 1e-3
+    assert _close(enc(sim.data.with_response(y), terms).dataset[0], dataset[0]) > 1e-3
 
 
 def test_group_head_split_first_layers_equal_the_concatenated_networks():
     a = _fitted(logistic_3level, "logistic_3level")
     sim = a.simulate_batch(torch.Generator().manual_seed(2), 4)
-    enc = a.guide.encoder(sim.data)
+    terms = group_terms(a.guide.user_model, a.structure, sim.data)
+    enc = a.guide.encoder(sim.data, terms)
     for name, head in a.guide.group_heads.items():
         level = a.structure[name].level
         g, d = enc.groups[level], enc.dataset
         out, coupling = _plain_head(head, g, d)
         # the head's outputs are affine in its networks' outputs: recompute them from the plain networks
         stats = enc.statistics.levels[level].groups
-        loc, scale, coup, _ = head(g, d, stats)
+        term = site_term(terms[level], a.structure.sites_at(level), name)
+        loc, scale, coup, _ = head(g, d, stats, term)
         log_unit = head.raw_scale(torch.stack([stats.unit_log_sd, stats.unit_log_n], -1))
         base = head.raw(torch.stack([stats.mean, stats.dataset_mean], -1))
         if head.raw_slope is not None:
             log_unit = log_unit + head.raw_slope_scale(stats.measurement_log_precisions())
             base = base + head.raw_slope(stats.measurements())
+        loc_t, prec_t = head.term_range(term)
+        log_unit, base = log_unit + head.raw_term_scale(prec_t), base + head.raw_term(loc_t)
         unit = log_unit.clamp(-30.0, 30.0).exp()
         assert _close(loc, base + unit * out[..., : head.dim]) < 1e-5
         assert _close(coup, unit.unsqueeze(-1) * coupling.reshape(*loc.shape, head.global_dim)) < 1e-5
-        other = head(g, d.roll(1, 0), stats)[0]  # another dataset's embedding: far beyond the tolerance
+        other = head(g, d.roll(1, 0), stats, term)[0]  # another dataset's embedding: far beyond the tolerance
         assert _close(other, loc) > 1e-3
 
 

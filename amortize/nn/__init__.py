@@ -1,5 +1,6 @@
-"""Neural pieces: the summary statistics, the bottom-up set encoder and the guide's conditional heads."""
+"""Neural pieces: summary statistics, the likelihood's data terms, the set encoder and the guide's heads."""
 
+from .data_terms import DataTerm, data_terms
 from .encoder import Encoding, HierarchicalEncoder, RobustScaler, mlp
 from .heads import GlobalHead, GroupHead, ParamScaler
 from .least_squares import segment_mean
@@ -7,6 +8,7 @@ from .statistics import STATISTICS_VERSION, DatasetStatistics, GroupStatistics, 
 
 __all__ = [
     "STATISTICS_VERSION",
+    "DataTerm",
     "DatasetStatistics",
     "Encoding",
     "GlobalHead",
@@ -16,6 +18,7 @@ __all__ = [
     "LevelStatistics",
     "ParamScaler",
     "RobustScaler",
+    "data_terms",
     "dataset_statistics",
     "mlp",
     "segment_mean",

@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from ..data import OBS, HierarchicalData
+from .data_terms import DataTerm
 from .least_squares import segment_mean, segment_sum
 from .statistics import STATISTICS_VERSION, DatasetStatistics, dataset_statistics
 
-__all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp"]
+__all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp", "term_features"]
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int, layers: int = 2) -> nn.Sequential:
@@ -30,6 +31,13 @@ def mlp(d_in: int, d_hidden: int, d_out: int, layers: int = 2) -> nn.Sequential:
         d = d_hidden
     mods.append(nn.Linear(d, d_out))
     return nn.Sequential(*mods)
+
+
+def term_features(term: DataTerm) -> torch.Tensor:
+    """``[B, G, 2D]``: a level's data term as features, the location and half the log diagonal of the
+    precision (NaN read as 0, infinities as the largest float: the :class:`RobustScaler` bounds them)."""
+    prec = torch.diagonal(term.precision, dim1=-2, dim2=-1)
+    return torch.nan_to_num(torch.cat([term.location, 0.5 * prec.log()], -1), nan=0.0)
 
 
 class RobustScaler(nn.Module):
@@ -74,6 +82,8 @@ class HierarchicalEncoder(nn.Module):
         levels: level names, outermost first.
         covariates: ``{level or "obs": [names]}`` the model's data carries.
         hidden: embedding width H.
+        term_dims: ``{level: D}`` the width of each level's likelihood data term
+            (:func:`~amortize.nn.data_terms.data_terms`), read as features beside the statistics.
 
     Attributes:
         statistics_version: the statistics the encoder computes (:data:`STATISTICS_VERSION`);
@@ -82,8 +92,16 @@ class HierarchicalEncoder(nn.Module):
 
     statistics_version: str = STATISTICS_VERSION
 
-    def __init__(self, levels: tuple[str, ...], covariates: dict[str, list[str]], hidden: int = 64) -> None:
+    def __init__(
+        self,
+        levels: tuple[str, ...],
+        covariates: dict[str, list[str]],
+        hidden: int = 64,
+        term_dims: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
+        self.term_dims = dict(term_dims or {})
+        self.term_scalers = nn.ModuleDict({lvl: RobustScaler(2 * d) for lvl, d in self.term_dims.items()})
         self.levels = tuple(levels)
         self.cov_names = {lvl: list(names) for lvl, names in covariates.items()}
         kx = len(self.cov_names.get(OBS, []))
@@ -94,7 +112,8 @@ class HierarchicalEncoder(nn.Module):
         self.nets = nn.ModuleDict()
         for i, lvl in enumerate(self.levels):
             child = hidden if i + 1 < len(self.levels) else 0
-            self.nets[lvl] = mlp(self.level_stats[lvl] + hidden + child, hidden, hidden)
+            term = 2 * self.term_dims.get(lvl, 0)
+            self.nets[lvl] = mlp(self.level_stats[lvl] + term + hidden + child, hidden, hidden)
         self.n_global_stats = 4 + self.obs_dim + 7 * len(self.levels)
         self.raw_dataset_dim = 2 + 3 * len(self.levels)
         self.count_dim = len(self.levels) + 1
@@ -120,13 +139,15 @@ class HierarchicalEncoder(nn.Module):
             return dataset_statistics(data.as_levels(self.levels), self.levels, self.cov_names)
 
     @torch.no_grad()
-    def fit(self, statistics: Sequence[DatasetStatistics]) -> None:
-        """Fit the feature scalers on the :meth:`statistics` of simulated datasets."""
+    def fit(self, statistics: Sequence[DatasetStatistics], terms: Sequence[dict] | None = None) -> None:
+        """Fit the feature scalers on the :meth:`statistics` of simulated datasets (and their data terms)."""
+        for lvl in self.term_dims:
+            self.term_scalers[lvl].fit(torch.cat([term_features(t[lvl]).flatten(0, -2) for t in terms]))
         for lvl in self.levels:
             self.scalers[lvl].fit(torch.cat([s.levels[lvl].features.flatten(0, -2) for s in statistics]))
         self.global_scaler.fit(torch.cat([s.features for s in statistics]))
 
-    def forward(self, data: HierarchicalData) -> Encoding:
+    def forward(self, data: HierarchicalData, terms: dict | None = None) -> Encoding:
         """Embed ``data`` bottom-up: per-observation features pooled into groups, groups into parents.
 
         The mean of ``phi`` over a group's rows is computed as ``phi``'s last (linear) layer applied to
@@ -150,6 +171,8 @@ class HierarchicalEncoder(nn.Module):
             n = data.counts(lvl).to(hidden.dtype).unsqueeze(-1)  # [G, 1] rows per group
             pooled = last(sums[lvl] / n)  # [B, G, H]: the mean of phi over the group's rows
             parts = [self.scalers[lvl](stats.levels[lvl].features), pooled]
+            if lvl in self.term_dims:
+                parts.append(self.term_scalers[lvl](term_features(terms[lvl])))
             if child is not None:
                 cidx = data.parent_index(self.levels[i + 1])
                 parts.append(segment_mean(child, cidx, G, torch.bincount(cidx, minlength=G)))

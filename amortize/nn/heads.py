@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributions import Transform, constraints
 from torch.nn.functional import linear, softplus
 
+from .data_terms import TermRange
 from .encoder import mlp
 from .statistics import GroupStatistics
 
@@ -255,6 +256,9 @@ class GroupHead(nn.Module):
 
     def __init__(self, hidden: int, dim: int, global_dim: int = 0, slope_dim: int = 0, lower_dim: int = 0) -> None:
         super().__init__()
+        self.raw_term = _zero_linear(dim, dim)  # the likelihood's data term location -> location
+        self.raw_term_scale = _zero_linear(dim, dim)  # its log precision -> log unit
+        self.term_range = TermRange(dim)  # the range of the data term seen in prior simulations
         self.net = mlp(2 * hidden, hidden, 2 * dim + lower_dim)
         with torch.no_grad():
             self.net[-1].weight.mul_(0.1)  # start at the fitted skip paths
@@ -278,16 +282,24 @@ class GroupHead(nn.Module):
                 self.coupling[-1].bias.zero_()
 
     @torch.no_grad()
-    def fit(self, stats: GroupStatistics, u: torch.Tensor) -> None:
+    def fit(self, stats: GroupStatistics, u: torch.Tensor, term: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Least-squares skip paths from simulated groups: their statistics as rows
         (:meth:`GroupStatistics.rows`, ``[M]`` each) and the latent's unconstrained values ``[M, dim]``.
         Each coordinate takes the statistic it is most correlated with (the group mean or one of the
         k = ``slope_dim`` measurements: slopes and intercepts); one none informs (|correlation| < 0.1)
-        gets location = its typical value, unit = its spread."""
+        gets location = its typical value, unit = its spread. ``term``: the site's likelihood data term
+        ``(location, log precision)`` ``[M, dim]`` each, a candidate like the statistics; its range in
+        these simulations bounds what :meth:`forward` reads (:class:`TermRange`)."""
         k = self.slope_dim
         # candidates: group mean, slopes, intercepts; their log n / log precisions; the unit's log sd
         cand = [stats.mean.unsqueeze(-1)] + ([stats.measurements()] if k else [])
         prec = [stats.unit_log_n.unsqueeze(-1)] + ([stats.measurement_log_precisions()] if k else [])
+        term = tuple(t.reshape(-1, self.dim)[:200_000] for t in term)
+        self.term_range.fit(term)
+        loc_t, prec_t = self.term_range(term)
+        cand.append(loc_t)  # the likelihood's data term location per coordinate, its log precision
+        prec.append(prec_t)
+        k_all = k + self.dim
         cand, prec = torch.cat(cand, -1).double()[:200_000], torch.cat(prec, -1).double()[:200_000]
         log_sd = stats.unit_log_sd.double()[:200_000]
         u = u.reshape(-1, self.dim).double()[:200_000]
@@ -296,7 +308,10 @@ class GroupHead(nn.Module):
         cand, counts, log_sd, u = cand[ok], prec[ok], log_sd[ok], u[ok]
         w_loc, b_loc = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
         w_scale, b_scale = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
-        w_slope, w_slope_scale = torch.zeros(self.dim, k, dtype=u.dtype), torch.zeros(self.dim, k, dtype=u.dtype)
+        w_slope, w_slope_scale = (
+            torch.zeros(self.dim, k_all, dtype=u.dtype),
+            torch.zeros(self.dim, k_all, dtype=u.dtype),
+        )
         # a slope of a group whose covariate (nearly) does not vary is no measurement: left out of the fits
         valid = counts > counts.median(0).values - math.log(1e6)  # [M, 1 + k]
         for j in range(self.dim):
@@ -330,16 +345,23 @@ class GroupHead(nn.Module):
         self.raw_scale.weight.copy_(w_scale)
         self.raw_scale.bias.copy_(b_scale)
         if k:
-            self.raw_slope.weight.copy_(w_slope)
-            self.raw_slope_scale.weight.copy_(w_slope_scale)
+            self.raw_slope.weight.copy_(w_slope[:, :k])
+            self.raw_slope_scale.weight.copy_(w_slope_scale[:, :k])
+        self.raw_term.weight.copy_(w_slope[:, k:])
+        self.raw_term_scale.weight.copy_(w_slope_scale[:, k:])
 
     def forward(
-        self, group_emb: torch.Tensor, dataset_emb: torch.Tensor, stats: GroupStatistics
+        self,
+        group_emb: torch.Tensor,
+        dataset_emb: torch.Tensor,
+        stats: GroupStatistics,
+        term: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, the level's :class:`GroupStatistics` ->
-        ``loc, scale`` each ``[B, G, d]``, the coupling ``[B, G, d, D]`` to the standardized
-        globals (None without coupling): the data term's location is ``loc + coupling @ w``, and the
-        joint's lower entries ``[B, G, lower_dim]`` (None without)."""
+        """``group_emb [B, G, H]``, ``dataset_emb [B, H]``, the level's :class:`GroupStatistics`, the
+        site's data term ``(location, log precision)`` ``[B, G, d]`` each -> ``loc, scale`` each
+        ``[B, G, d]``, the coupling ``[B, G, d, D]`` to the standardized globals (None without
+        coupling): the data term's location is ``loc + coupling @ w``, and the joint's lower entries
+        ``[B, G, lower_dim]`` (None without)."""
         # both networks read [group_emb, dataset_emb]: their first layers split into a per-group part
         # (one matmul for both networks) and a per-dataset part, computed once per dataset
         first = [self.net[0]] + ([] if self.coupling is None else [self.coupling[0]])
@@ -354,6 +376,9 @@ class GroupHead(nn.Module):
         if self.raw_slope is not None:
             log_unit = log_unit + self.raw_slope_scale(stats.measurement_log_precisions())
             loc = loc + self.raw_slope(stats.measurements())
+        loc_t, prec_t = self.term_range(term)
+        log_unit = log_unit + self.raw_term_scale(prec_t.to(loc.dtype))
+        loc = loc + self.raw_term(loc_t.to(loc.dtype))
         unit = log_unit.clamp(-30.0, 30.0).exp()
         loc = loc + unit * out[..., : self.dim]
         scale = unit * (softplus(out[..., self.dim : 2 * self.dim] + _SOFTPLUS_ONE) + 1e-4)
