@@ -32,7 +32,7 @@ __all__ = [
     "dataset_statistics",
 ]
 
-STATISTICS_VERSION = "amortize.moments/1"
+STATISTICS_VERSION = "amortize.terms/1"
 
 
 @dataclass(frozen=True)
