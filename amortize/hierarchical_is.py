@@ -49,6 +49,8 @@ __all__ = [
     "HierarchicalWeights",
     "group_log_weights",
     "hierarchical_weights",
+    "group_chunk",
+    "held_call",
 ]
 
 GROUP_DRAWS = 32  # M: draws per group given its parents (a PSIS tail of 7; per-group k is the median over parents)
@@ -192,7 +194,7 @@ def _subtree(per: dict[str, torch.Tensor], data: HierarchicalData) -> dict[str, 
     return out
 
 
-def _held_call(
+def held_call(
     part: Any, held: dict[str, torch.Tensor], M: int, encoded: Any, noise: dict[str, torch.Tensor] | None = None
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """One guide call holding ``held`` (user layout ``[S, B, ...]``) M times each, drawing the rest (from
@@ -216,7 +218,7 @@ def _held_call(
     return (glob.reshape(S, M, B), {k: v.reshape(S, M, B, -1) for k, v in _subtree(per, data).items()}), drawn
 
 
-def _chunk(part: Any, M: int) -> int:
+def group_chunk(part: Any, M: int) -> int:
     d = part.data
     width = (d.batch_size or 1) * (d.n_obs + sum(d.sizes.values()))
     return max(1, int(CHUNK_ELEMENTS // max(1, M * width)))
@@ -245,12 +247,12 @@ def _pass(
     PARENT_DRAWS_FOR_K parent draws {level: [s, M, B, G]})``; weights and noise only in the globals' pass."""
     data = part.data
     S = next(iter(held.values())).shape[0]
-    chunk = _chunk(part, M)
+    chunk = group_chunk(part, M)
     glob_w, noise_sd, trees = [], [], []
     noise: dict[str, torch.Tensor] = {}  # common noise across the chunks of the globals' pass
     for start in range(0, S, chunk):
         sub = {k: held[k][start : start + chunk] for k in names}
-        (glob, tree), _ = _held_call(part, sub, M, encoded, noise if globals_pass else None)
+        (glob, tree), _ = held_call(part, sub, M, encoded, noise if globals_pass else None)
         if globals_pass:
             outer = tree[data.levels[0]]  # [s, M, B, G0]
             lse = torch.logsumexp(outer, 1)

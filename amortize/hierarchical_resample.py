@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .hierarchical_is import GROUP_DRAWS, _chunk, _held_call, hierarchical_weights
+from .hierarchical_is import GROUP_DRAWS, group_chunk, held_call, hierarchical_weights
 from .importance import K_THRESHOLD, CorrectedDraws, psis
 
 __all__ = ["hierarchical_resample", "corrected_sample"]
@@ -47,10 +47,10 @@ def hierarchical_resample(
         M = int(group_draws) if group_ok and one else 1
         sub_part = part if B == 1 else _one_dataset(part, b)
         encoded = sub_part.guide.encode(sub_part.data)
-        chunk = _chunk(sub_part, M)
+        chunk = group_chunk(sub_part, M)
         for start in range(0, n, chunk):
             sub = {k: v[start : start + chunk] for k, v in held.items()}
-            (_, tree), drawn = _held_call(sub_part, sub, M, encoded)
+            (_, tree), drawn = held_call(sub_part, sub, M, encoded)
             w = tree[top][:, :, 0]  # [c, M, G0]
             c, _, G0 = w.shape
             probs = torch.softmax(w.permute(0, 2, 1).reshape(-1, M), -1)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import amortize as am
-from amortize.hierarchical_is import _held_call, _subtree, group_log_weights, hierarchical_weights
+from amortize.hierarchical_is import _subtree, group_log_weights, held_call, hierarchical_weights
 from amortize.importance import pareto_k_columns, psis
 from amortize.objectives import log_weights
 
@@ -132,7 +132,7 @@ def test_per_group_evidence_estimates_match_the_closed_form(conjugate_amortizer)
     torch.manual_seed(1)
     mu = torch.linspace(-1.0, 1.0, 5, dtype=part.data.y.dtype)[:, None]  # [S, B]
     M = 64
-    (glob, tree), _ = _held_call(part, {"mu": mu}, M, part.guide.encode(part.data))
+    (glob, tree), _ = held_call(part, {"mu": mu}, M, part.guide.encode(part.data))
     w = tree["group"][:, :, 0]  # [S, M, G]
     p_hat = (torch.logsumexp(w, 1) - math.log(M)).sum(-1)  # [S]
     y = data.y.double().reshape(30, 3)
