@@ -170,3 +170,15 @@ def test_real_designs_bench_runs_at_tiny_sizes(tmp_path, monkeypatch):
         assert abs(parts - row["step_s"]) < 1e-9 * max(1.0, row["step_s"])
     assert 0.0 < results["prior_predictive"]["usable_share"] <= 1.0
     assert md.read_text() == (tmp_path / "out" / "results.md").read_text()
+
+
+def test_pilot_with_more_group_rows_than_it_fits_on(monkeypatch):
+    """A pilot with more groups x datasets than the heads fit on (10^4 groups x 64 datasets against
+    200,000 rows) cuts every candidate statistic to the same rows and gives finite parameters."""
+    import amortize.nn.heads as heads
+
+    monkeypatch.setattr(heads, "PILOT_ROWS", 50)
+    a = _fitted(am.models.gaussian_2level, "gaussian_2level")  # 8 datasets x 10-50 groups > 50 rows
+    assert a.pilot_done
+    assert all(torch.isfinite(p).all() for p in a.guide.parameters())
+    assert all(torch.isfinite(b).all() for b in a.guide.buffers() if b.is_floating_point())

@@ -21,7 +21,9 @@ from .data_terms import TermRange
 from .encoder import mlp
 from .statistics import GroupStatistics
 
-__all__ = ["GlobalHead", "GroupHead", "ParamScaler"]
+__all__ = ["GlobalHead", "GroupHead", "ParamScaler", "PILOT_ROWS"]
+
+PILOT_ROWS = 200_000  # the pilot fits its scalers and skip paths on at most this many rows (groups x datasets)
 
 
 class ParamScaler(nn.Module):
@@ -35,7 +37,7 @@ class ParamScaler(nn.Module):
 
     @torch.no_grad()
     def fit(self, u: torch.Tensor) -> None:
-        u = u.reshape(-1, u.shape[-1]).double()[:200_000]
+        u = u.reshape(-1, u.shape[-1]).double()[:PILOT_ROWS]
         q = torch.quantile(u, torch.tensor([0.25, 0.5, 0.75], dtype=u.dtype), dim=0)
         scale = (q[2] - q[0]) / 1.349
         self.loc.copy_(q[1])
@@ -116,12 +118,12 @@ class GlobalHead(nn.Module):
         each count; the log unit, least squares of ``log |residual| + 0.635`` (``E log|z| = -0.635``
         for a standard normal) on the log counts; the scaler then takes the standardized residuals' robust spread.
         The flow starts at, and corrects, this count-aware linear-regression posterior."""
-        raw, u = raw.reshape(-1, raw.shape[-1]).double()[:200_000], u.reshape(-1, self.dim).double()[:200_000]
+        raw, u = raw.reshape(-1, raw.shape[-1]).double()[:PILOT_ROWS], u.reshape(-1, self.dim).double()[:PILOT_ROWS]
         r = raw.shape[-1]
         if self.raw_slope is not None and slopes is not None:
-            raw = torch.cat([raw, slopes.reshape(-1, slopes.shape[-1]).double()[:200_000]], -1)
+            raw = torch.cat([raw, slopes.reshape(-1, slopes.shape[-1]).double()[:PILOT_ROWS]], -1)
         use_counts = self.raw_per_count is not None and counts is not None
-        c = counts.reshape(-1, counts.shape[-1]).double()[:200_000] if use_counts else raw[:, :0]
+        c = counts.reshape(-1, counts.shape[-1]).double()[:PILOT_ROWS] if use_counts else raw[:, :0]
         ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1) & torch.isfinite(c).all(-1)
         raw, u, c = raw[ok], u[ok], c[ok]
         feats = torch.cat([raw, self._per_count(raw, c)], -1) if use_counts else raw
@@ -292,19 +294,20 @@ class GroupHead(nn.Module):
         these simulations bounds what :meth:`forward` reads (:class:`TermRange`)."""
         k = self.slope_dim
         # candidates: group mean, slopes, intercepts; their log n / log precisions; the unit's log sd
-        cand = [stats.mean.unsqueeze(-1)] + ([stats.measurements()] if k else [])
-        prec = [stats.unit_log_n.unsqueeze(-1)] + ([stats.measurement_log_precisions()] if k else [])
-        term = tuple(t.reshape(-1, self.dim)[:200_000] for t in term)
+        m = PILOT_ROWS  # every candidate is cut to the same first rows
+        cand = [stats.mean.unsqueeze(-1)[:m]] + ([stats.measurements()[:m]] if k else [])
+        prec = [stats.unit_log_n.unsqueeze(-1)[:m]] + ([stats.measurement_log_precisions()[:m]] if k else [])
+        term = tuple(t.reshape(-1, self.dim)[:m] for t in term)
         self.term_range.fit(term)
         loc_t, prec_t = self.term_range(term)
         cand.append(loc_t)  # the likelihood's data term location per coordinate, its log precision
         prec.append(prec_t)
         k_all = k + self.dim
-        cand, prec = torch.cat(cand, -1).double()[:200_000], torch.cat(prec, -1).double()[:200_000]
-        log_sd = stats.unit_log_sd.double()[:200_000]
-        u = u.reshape(-1, self.dim).double()[:200_000]
+        cand, prec = torch.cat(cand, -1).double(), torch.cat(prec, -1).double()
+        log_sd = stats.unit_log_sd.double()[:m]
+        u = u.reshape(-1, self.dim).double()[:m]
         ok = torch.isfinite(cand).all(-1) & torch.isfinite(prec).all(-1) & torch.isfinite(log_sd)
-        ok &= torch.isfinite(stats.dataset_mean.double()[:200_000]) & torch.isfinite(u).all(-1)
+        ok &= torch.isfinite(stats.dataset_mean.double()[:m]) & torch.isfinite(u).all(-1)
         cand, counts, log_sd, u = cand[ok], prec[ok], log_sd[ok], u[ok]
         w_loc, b_loc = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
         w_scale, b_scale = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
