@@ -14,7 +14,8 @@ the model (the ``bench`` extra; references cached in ``--nuts-cache``). Reported
 the training wall and CPU seconds so far (the comparison is not counted; CPU seconds are what a machine
 shared with other jobs cannot inflate), z median / p90 per level, the sd ratio p10-p90 and whether the
 targets are met. Prints markdown; writes ``results.json`` and ``results.md`` atomically to ``--out``
-after every snapshot.
+after every snapshot, and the trained amortizer to ``checkpoint.pt`` there at the end; ``--diagnose``
+adds the per-dataset verdict (``post.diagnostics()``: how many datasets it calls ok, the worst globals' k).
 
     python experiments/bench/real_size.py --design gaussian_3level_large [--steps 800] [--datasets 5]
 """
@@ -97,13 +98,25 @@ def run(args: argparse.Namespace) -> int:
         amortizer.fit(steps=args.steps, batch_size=args.batch_size, stop_at=stop, progress=not args.quiet)
         wall += time.perf_counter() - t0
         cpu += time.process_time() - c0
-        report = against_nuts(amortizer, datasets, args.draws, reference=reference, seed=args.seed)
+        report = against_nuts(
+            amortizer, datasets, args.draws, reference=reference, seed=args.seed, diagnose=args.diagnose, k_sets=1
+        )
         ok = sum(r["ok"] for r in report.nuts)
         if not report.summary:
             raise SystemExit(f"no NUTS reference passed its checks on {len(datasets)} datasets")
-        table.append(snapshot_row(args.design, amortizer.step, wall, cpu, report.summary))
+        row = snapshot_row(args.design, amortizer.step, wall, cpu, report.summary)
+        if args.diagnose:  # the per-dataset verdict (amortize.verdict) on the same datasets
+            row["verdict ok"] = f"{sum(d['ok'] for d in report.diagnostics)} / {len(report.diagnostics)}"
+            row["globals k (max)"] = round(max(d["pareto_k"] for d in report.diagnostics), 2)
+        table.append(row)
         results["snapshots"].append(
-            {"steps": amortizer.step, "train_wall_s": wall, "train_cpu_s": cpu, "summary": report.summary}
+            {
+                "steps": amortizer.step,
+                "train_wall_s": wall,
+                "train_cpu_s": cpu,
+                "summary": report.summary,
+                "diagnostics": report.diagnostics,
+            }
         )
         results["references"] = {"datasets": len(datasets), "passing": ok, "nuts_s": report.nuts_seconds}
         md = [
@@ -120,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         text = "\n".join(md) + "\n"
         write_results(args.out, results, text, default=str)
         print(text, flush=True)
+    amortizer.save(Path(args.out) / "checkpoint.pt")
     return 0
 
 
@@ -136,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nuts-cache", default="checkpoints/nuts-cache")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the design's group counts (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--diagnose", action="store_true", help="also the per-dataset verdict (post.diagnostics())")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="checkpoints/bench-real-size")
     args = p.parse_args(argv)
