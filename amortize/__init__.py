@@ -4,6 +4,7 @@ from .amortizer import Amortizer  # noqa: E402
 from .data import OBS, HierarchicalData  # noqa: E402
 from .errors import AmortizeError, CheckpointError, ConfigError, DataError, ModelStructureError, TrainingError
 from .importance import ImportanceSampledPosterior  # noqa: E402
+from .local_sbc import LocalSBC  # noqa: E402
 from .posterior import Posterior  # noqa: E402
 from .simulate import StructureSampler, simulate
 from .sources import PriorPredictive, Subsampled  # noqa: E402
@@ -18,6 +19,7 @@ __all__ = [
     "Amortizer",
     "Posterior",
     "ImportanceSampledPosterior",
+    "LocalSBC",
     "PriorPredictive",
     "Subsampled",
     "Interrupted",

@@ -130,9 +130,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out is None:
         frame = post.summary(args.num_samples, args.seed, correct=args.correct)
         print(frame.to_string(float_format=lambda x: f"{x:.3f}"))
-        print(draw_checks.k_line(diag))
+        print(draw_checks.k_line(diag), draw_checks.local_line(diag), sep="\n")
         return 0
-    _note(args, draw_checks.k_line(diag))
+    _note(args, draw_checks.k_line(diag) + "\n" + draw_checks.local_line(diag))
     write_draws(post, out, args.num_samples, args.seed, correct=args.correct, record=drawn.record, draws=draws)
     print(f"wrote {args.num_samples} {what} to {out} ({'ok' if diag['ok'] else 'NOT ok: ' + diag['reason']})")
     if draws is not None and not drawn.corrected:

@@ -33,27 +33,18 @@ from .batch import StructureBatch, check_data, check_list, group_by_structure, n
 from .checkpoint import atomic_write
 from .data import HierarchicalData
 from .errors import DataError
-from .export import inference_data, reasons, summary
+from .export import inference_data, summary
 from .hierarchical_resample import corrected_sample
 from .importance import K_THRESHOLD, CorrectedDraws, psis
+from .local_sbc import LocalSBC
 from .predictive import PPCResult, ppc
 from .streaming import GroupDraws, Moments, StreamedDataset
 from .structure import seeded
-from .verdict import diagnose, joint_diagnose
+from .verdict import verdict
 
 __all__ = ["Posterior", "CorrectedDraws", "GroupDraws", "Moments", "psis_k", "K_THRESHOLD"]
 
 log = logging.getLogger(__name__)
-
-_PER_DATASET = (
-    "pareto_k",
-    "pareto_k_sets",
-    "ess",
-    "ess_ratio",
-    "correctable",
-    "levels",
-    "joint_pareto_k",
-)  # a batch: lists of these
 
 
 def psis_k(log_weights: torch.Tensor) -> float:
@@ -319,33 +310,25 @@ class Posterior:
         return out
 
     @torch.no_grad()
-    def diagnostics(self, num_samples: int = 1000, seed: int | None = 0, repeats: int = 1) -> Any:
-        """Per-dataset trust from hierarchical importance weights (:mod:`amortize.verdict`): the globals'
-        Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k (``levels``), the
-        joint k over every latent (``joint_pareto_k``, reported only), flags for data outside the training
-        range, ``ok`` (globals' k and every level's p90 k <= 0.7, the globals' ESS >= 30% of the draws, no
-        flag), ``correctable`` (the same without the ESS condition: the corrected draws apply) and
-        ``reason``. One dict (lists per dataset for a batch), or a list of dicts for a list. A streamed
-        dataset gets its flags and k = NaN (its weights are not computed).
+    def diagnostics(
+        self, num_samples: int = 1000, seed: int | None = 0, repeats: int = 1, local_sbc: bool | LocalSBC = True
+    ) -> Any:
+        """Per-dataset trust from hierarchical importance weights and local SBC (:mod:`amortize.verdict`):
+        the globals' Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k
+        (``levels``), the joint k over every latent (``joint_pareto_k``, reported only), flags for data
+        outside the training range, the posterior SBC conditional on the data (``local_sbc``:
+        :mod:`amortize.local_sbc`), ``ok`` (globals' k and every level's p90 k <= 0.7, the globals' ESS >=
+        30% of the draws, the local SBC not failed, no flag), ``correctable`` (the k's and flags alone:
+        the corrected draws apply) and ``reason``. One dict (lists per dataset for a batch), or a list of
+        dicts for a list. A streamed dataset gets its flags, k = NaN and no local SBC (its weights and
+        replicates are not computed).
 
         ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
         repeat; ``repeats`` independent sets give the globals' k spread (``pareto_k_sets``) while the
-        decision pools them."""
-        flags = self.range_flags()
-        if self.streamed is not None:
-            nan, why = float("nan"), "; ".join(reasons(float("nan"), flags, streamed=True)) or "ok"
-            return dict(pareto_k=nan, pareto_k_sets=[], ess=nan, num_samples=0, flags=flags, ok=not flags, reason=why)
-        if not self.structure.global_sites:
-            return joint_diagnose(self, num_samples, seed, repeats, flags)
-        per = diagnose(self, num_samples, seed, repeats, flags)
-        if self.layout == "list":
-            return per
-        if self.layout == "single":
-            return per[0]
-        out: dict[str, Any] = {k: [d[k] for d in per] for k in _PER_DATASET}
-        bad = [f"dataset {j}: {d['reason']}" for j, d in enumerate(per) if not d["ok"]]
-        out.update(num_samples=per[0]["num_samples"], group_draws=per[0]["group_draws"], flags=flags)
-        return {**out, "ok": not bad, "reason": "; ".join(bad) or "ok"}
+        decision pools them. ``local_sbc``: True (the defaults of :class:`~amortize.local_sbc.LocalSBC`:
+        200 replicates x 49 draws, family-wise level 0.01), a ``LocalSBC`` to size it, False to skip it.
+        The whole verdict is reproducible for a given ``seed`` and leaves this posterior's stream alone."""
+        return verdict(self, num_samples, seed, repeats, local_sbc)
 
     # ------------------------------------------------------------------ exports
     def _one(self, what: str) -> None:

@@ -11,10 +11,17 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
 * ``joint_pareto_k``: the k of the joint weights over every latent (reported, not deciding: it
   degenerates with the number of groups even for a good q);
 * ``flags``: data outside the training range;
+* ``local_sbc``: posterior SBC conditional on this dataset (:mod:`amortize.local_sbc`): per quantity
+  its p-value and whether its rank ECDF lies inside the band, the family-wise ``ok`` (None when
+  skipped, with the reason), R and L;
 * ``ok`` is True when the globals' k <= 0.7 and their importance ESS is at least 30% of the draws
   (``ess_ratio``; a q much wider than the posterior has a small k but a small ESS), every level's p90
-  k <= 0.7 and no flag is raised; ``reason`` says why not. ``correctable``: the same without the ESS
-  condition, i.e. the corrected draws (``sample(n, correct=True)``) can be trusted.
+  k <= 0.7, the local SBC did not fail and no flag is raised; ``reason`` says why not.
+  ``correctable``: the k's and flags alone (without the ESS condition and the local SBC, which judge
+  the uncorrected q), i.e. the corrected draws (``sample(n, correct=True)``) can be trusted.
+
+A model without global latents is judged by the joint k (:func:`joint_diagnose`) and the local SBC.
+The local SBC runs on its own seed (from ``seed``), so switching it off leaves every k as it was.
 """
 
 from __future__ import annotations
@@ -28,15 +35,51 @@ import torch
 from .export import reasons
 from .hierarchical_is import GROUP_DRAWS, hierarchical_weights
 from .importance import K_THRESHOLD, psis
+from .local_sbc import LocalSBC, local_sbc, local_sbc_reasons, skipped
 
 if TYPE_CHECKING:
     from .posterior import Posterior
 
-__all__ = ["ESS_RATIO_MIN", "diagnose", "joint_diagnose", "level_reasons", "globals_proposals"]
+__all__ = [
+    "ESS_RATIO_MIN",
+    "verdict",
+    "diagnose",
+    "joint_diagnose",
+    "level_reasons",
+    "globals_proposals",
+    "local_checks",
+]
 
 log = logging.getLogger("amortize.posterior")
 
 ESS_RATIO_MIN = 0.3  # globals' importance ESS per draw below which q is too wide or off to use uncorrected
+_PER_DATASET = ("pareto_k", "pareto_k_sets", "ess", "ess_ratio", "correctable", "levels", "joint_pareto_k", "local_sbc")
+
+
+def verdict(post: Posterior, num_samples: int, seed: int | None, repeats: int, local_sbc: bool | LocalSBC) -> Any:
+    """``Posterior.diagnostics``: the verdict in the layout of the input (one dict, lists per dataset
+    for a batch, a list of dicts for a list)."""
+    settings = LocalSBC() if local_sbc is True else (local_sbc or None)
+    if settings is not None and not isinstance(settings, LocalSBC):
+        raise TypeError(f"diagnostics: local_sbc must be a bool or a LocalSBC, got {type(local_sbc).__name__}")
+    flags = post.range_flags()
+    if post.streamed is not None:
+        nan, why = float("nan"), "; ".join(reasons(float("nan"), flags, streamed=True)) or "ok"
+        out = dict(pareto_k=nan, pareto_k_sets=[], ess=nan, num_samples=0, flags=flags, ok=not flags, reason=why)
+        if settings is not None:
+            out["local_sbc"] = skipped("streamed: the replicates need the whole dataset at once", settings)
+        return out
+    if not post.structure.global_sites:
+        return joint_diagnose(post, num_samples, seed, repeats, flags, settings)
+    per = diagnose(post, num_samples, seed, repeats, flags, settings)
+    if post.layout == "list":
+        return per
+    if post.layout == "single":
+        return per[0]
+    out = {k: [d[k] for d in per] for k in _PER_DATASET if k in per[0]}
+    bad = [f"dataset {j}: {d['reason']}" for j, d in enumerate(per) if not d["ok"]]
+    out.update(num_samples=per[0]["num_samples"], group_draws=per[0]["group_draws"], flags=flags)
+    return {**out, "ok": not bad, "reason": "; ".join(bad) or "ok"}
 
 
 def globals_proposals(num_samples: int) -> int:
@@ -57,13 +100,30 @@ def level_reasons(levels: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def local_checks(post: Posterior, settings: LocalSBC | None, seed: int) -> list[dict[str, Any] | None]:
+    """The local SBC of every dataset in input order (None each when ``settings`` is None), on streams
+    of its own derived from ``seed`` (the verdict's k's do not move with it)."""
+    total = sum(len(m) for m, _ in post.parts)
+    if settings is None:
+        return [None] * total
+    out: list[dict[str, Any] | None] = [None] * total
+    for p, (members, part) in enumerate(post.parts):
+        for j, res in enumerate(local_sbc(part, settings, post.ranges, seed + p, post.device)):
+            out[members[j]] = res
+    return out
+
+
 @torch.no_grad()
-def diagnose(post: Posterior, num_samples: int, seed: int | None, repeats: int, flags: Any) -> list[dict[str, Any]]:
+def diagnose(
+    post: Posterior, num_samples: int, seed: int | None, repeats: int, flags: Any, local: LocalSBC | None = None
+) -> list[dict[str, Any]]:
     """One verdict dict per dataset in input order (module docstring), for a not streamed posterior."""
     S = globals_proposals(num_samples)
     repeats = max(1, int(repeats))
     total = sum(len(m) for m, _ in post.parts)
     out: list[dict[str, Any]] = [{} for _ in range(total)]
+    seed = post._next_seed() if seed is None else int(seed)  # what _seeded(None) would take: the k's as before
+    local_res = local_checks(post, local, seed)
     with post._seeded(seed):
         for members, part in post.parts:
             sets = [hierarchical_weights(part, S, GROUP_DRAWS) for _ in range(repeats)]
@@ -92,6 +152,8 @@ def diagnose(post: Posterior, num_samples: int, seed: int | None, repeats: int, 
                         f"globals' importance ESS {ratio:.0%} of the draws < {ESS_RATIO_MIN:.0%}: q is too"
                         " wide or off (sample(correct=True) applies)",
                     )
+                if local_res[i] is not None:
+                    why += local_sbc_reasons(local_res[i])
                 if why:
                     log.warning("posterior may not be trustworthy: %s", "; ".join(why))
                 out[i] = {
@@ -109,15 +171,21 @@ def diagnose(post: Posterior, num_samples: int, seed: int | None, repeats: int, 
                     "ok": not why,
                     "reason": "; ".join(why) or "ok",
                 }
+                if local_res[i] is not None:
+                    out[i]["local_sbc"] = local_res[i]
     return out
 
 
-def joint_diagnose(post: Posterior, num_samples: int, seed: int | None, repeats: int, flags: Any) -> Any:
-    """A model without global latents: the Pareto k of the joint weights p(y, z) / q(z | y), in the
-    layout of ``Posterior.diagnostics``."""
+def joint_diagnose(
+    post: Posterior, num_samples: int, seed: int | None, repeats: int, flags: Any, local: LocalSBC | None = None
+) -> Any:
+    """A model without global latents: the Pareto k of the joint weights p(y, z) / q(z | y) and the
+    local SBC, in the layout of ``Posterior.diagnostics``."""
     repeats = max(1, int(repeats))
+    seed = post._next_seed() if seed is None else int(seed)
     with post._seeded(seed):
         sets = [[lw for _, lw in post.proposals(num_samples)] for _ in range(repeats)]  # [repeat][part] [n, B]
+    local_res = local_checks(post, local, seed)
     per: list[tuple[float, float, list[float]]] = [(0.0, 0.0, [])] * sum(len(m) for m, _ in post.parts)
     for p, (members, _) in enumerate(post.parts):
         pooled = torch.cat([one[p] for one in sets])
@@ -127,19 +195,25 @@ def joint_diagnose(post: Posterior, num_samples: int, seed: int | None, repeats:
             per[i] = (res.k, res.ess, ks)
     total = repeats * int(num_samples)
     if post.layout == "list":
-        return [_verdict([per[i]], flags[i], total) for i in range(len(post.datasets))]
-    return _verdict(per, flags, total, batch=post.layout == "batch")
+        return [_verdict([per[i]], flags[i], total, [local_res[i]]) for i in range(len(post.datasets))]
+    return _verdict(per, flags, total, local_res, batch=post.layout == "batch")
 
 
 def _verdict(
-    per: list[tuple[float, float, list[float]]], flags: list[str], num_samples: int, batch: bool = False
+    per: list[tuple[float, float, list[float]]],
+    flags: list[str],
+    num_samples: int,
+    local: list[dict[str, Any] | None],
+    batch: bool = False,
 ) -> dict[str, Any]:
     ks, ess, sets = [k for k, _, _ in per], [e for _, e, _ in per], [s for _, _, s in per]
     worst = max((k for k in ks if not math.isnan(k)), default=float("nan"))
     why = reasons(worst, flags)
+    for j, res in enumerate(local):
+        why += [f"dataset {j}: {r}" if batch else r for r in (local_sbc_reasons(res) if res else [])]
     if why:
         log.warning("posterior may not be trustworthy: %s", "; ".join(why))
-    return {
+    out = {
         "pareto_k": ks if batch else ks[0],
         "pareto_k_sets": sets if batch else sets[0],
         "ess": ess if batch else ess[0],
@@ -148,3 +222,6 @@ def _verdict(
         "ok": not why,
         "reason": "; ".join(why) or "ok",
     }
+    if local[0] is not None:
+        out["local_sbc"] = local if batch else local[0]
+    return out

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ..posterior import Posterior
     from ..predictive import PPCResult
 
-__all__ = ["PPCRun", "Drawn", "warn_diagnostics", "k_line", "ppc_run", "draw_sample", "PPC_COLUMNS"]
+__all__ = ["PPCRun", "Drawn", "warn_diagnostics", "k_line", "local_line", "ppc_run", "draw_sample", "PPC_COLUMNS"]
 
 log = logging.getLogger(__name__)
 PPC_COLUMNS = ("statistic", "level", "observed", "replicated_mean", "replicated_5%", "replicated_95%", "p_value")
@@ -43,6 +43,21 @@ def warn_diagnostics(diag: dict[str, Any], hint: str = "") -> None:
     k = diag["pareto_k"]
     if k > K_THRESHOLD:
         log.warning(f"Pareto k {k:.2f} > {K_THRESHOLD}: do not trust these draws{'; ' + hint if hint else ''}")
+
+
+def local_line(diag: dict[str, Any]) -> str:
+    """``local SBC (200 replicates x 49 draws): passed, smallest p 0.21 ('tau')``, or why it was skipped."""
+    res = diag.get("local_sbc")
+    if not res:
+        return "local SBC: off"
+    if "quantities" not in res:
+        return f"local SBC: {'FAILED' if res['ok'] is False else 'skipped'} ({res['skipped']})"
+    worst = res["worst"]
+    verdict = "passed" if res["ok"] else "FAILED"
+    return (
+        f"local SBC ({res['replicates']} replicates x {res['draws']} draws, family-wise level {res['alpha']}):"
+        f" {verdict}, smallest p {res['quantities'][worst]['p_value']:.2g} ('{worst}')"
+    )
 
 
 def k_line(diag: dict[str, Any]) -> str:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AmortizeError
 from . import plots
-from .ecdf import ECDFBand, ecdf_band, ecdf_test
+from .ecdf import ECDFBand, ecdf_band, ecdf_test, ranks_of
 from .metrics import format_table
 
 if TYPE_CHECKING:
@@ -165,14 +165,6 @@ class SBCResult:
         return plots.save_png(self.figure(kind, columns), path)
 
 
-def _rank(draws: torch.Tensor, truth: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
-    """Rank of ``truth [B, E]`` among ``draws [L, B, E]``: draws below it, ties broken at random."""
-    d, t = draws.double(), truth.double().unsqueeze(0)
-    below = (d < t).sum(0).cpu().numpy()
-    ties = (d == t).sum(0).cpu().numpy()
-    return below + np.floor(rng.random(below.shape) * (ties + 1)).astype(np.int64)
-
-
 def _quantity(site: str, elem: tuple[int, ...], functional: str | None) -> str:
     name = site + (f"[{','.join(map(str, elem))}]" if elem else "")
     return name if functional is None else f"{name} ({functional})"
@@ -246,7 +238,7 @@ def sbc(
                     b = torch.arange(B, device=d.device)
                     parts = {RANDOM: (d[:, b, g], t[b, g]), MEAN: (d.mean(2), t.mean(1))}
                 for functional, (dd, tt) in parts.items():
-                    r = _rank(dd, tt, rng)  # [B, E]
+                    r = ranks_of(dd, tt, rng)  # [B, E]
                     for e, elem in enumerate(np.ndindex(*event) if event else [()]):
                         q = _quantity(s.name, elem, functional)
                         collected.setdefault(q, []).append(r[:, e])

@@ -7,9 +7,11 @@ Per model (the shipped 2-level and 3-level Gaussians, trained here with ``--step
 * bad rows, by construction: the same datasets under an amortizer trained for 5% of the steps, data
   with 5x the noise, with Student-t (df 2) noise added, a design with 4x the trained groups, responses
   x 100;
-* for each row the verdict (``ok``, ``reason``), the globals' k, the per-group k p90, the joint k;
-  its cost in ms per dataset next to drawing 1000 draws; on good rows the globals' z p90 of the
-  hierarchically corrected draws next to the uncorrected ones.
+* for each row the verdict (``ok``, ``reason``), the globals' k, the per-group k p90, the joint k, the
+  local SBC (``local_ok``, its smallest p-value and quantity), and which criteria flagged it (``by``:
+  ``k`` globals' k, ``ess`` globals' ESS, ``groups`` a level's p90 k, ``local`` local SBC, ``range`` a
+  flag); its cost in ms per dataset (with and without the local SBC) next to drawing 1000 draws; on
+  good rows the globals' z p90 of the hierarchically corrected draws next to the uncorrected ones.
 
 Prints the confusion table (good/bad x ok/not ok) per model and writes ``results.json`` and
 ``results.md`` (atomically) to ``--out``.
@@ -31,10 +33,12 @@ import torch
 
 import amortize as am
 from amortize import models
+from amortize.importance import K_THRESHOLD
 from amortize.validate import compare, to_markdown
 from amortize.validate.heldout import heldout_datasets
 from amortize.validate.nuts import cached_nuts
 from amortize.validate.results import machine_info, results_header, write_results
+from amortize.verdict import ESS_RATIO_MIN
 
 MODELS = {"gaussian_2level": models.gaussian_2level, "gaussian_3level": models.gaussian_3level}
 GOOD_Z = 0.3
@@ -87,22 +91,47 @@ def _sim(a: am.Amortizer, design: am.HierarchicalData, seed: int) -> am.Hierarch
     return sim.data.with_response(sim.data.y[0])
 
 
+def _flagged_by(diag: dict[str, Any]) -> str:
+    """Which criteria said no: ``k``, ``ess``, ``groups``, ``local``, ``range`` (``-`` none)."""
+    by = []
+    if not diag["pareto_k"] <= K_THRESHOLD:
+        by.append("k")
+    elif diag["ess_ratio"] < ESS_RATIO_MIN:
+        by.append("ess")
+    if any(not v["k_p90"] <= K_THRESHOLD for v in diag["levels"].values()):
+        by.append("groups")
+    if diag.get("local_sbc", {}).get("ok") is False:
+        by.append("local")
+    if diag["flags"]:
+        by.append("range")
+    return "+".join(by) or "-"
+
+
 def _row(post: am.Posterior, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     post.sample(1000, seed=seed)
     t1 = time.perf_counter()
-    diag = post.diagnostics(args.verdict_draws, seed=seed)
+    post.diagnostics(args.verdict_draws, seed=seed, local_sbc=False)
     t2 = time.perf_counter()
+    diag = post.diagnostics(args.verdict_draws, seed=seed)
+    t3 = time.perf_counter()
     worst_p90 = max((v["k_p90"] for v in diag["levels"].values()), default=float("nan"))
+    local = diag["local_sbc"]
+    quantities = local.get("quantities", {})
     return {
         "ok": diag["ok"],
+        "by": _flagged_by(diag),
         "reason": diag["reason"],
         "globals_k": diag["pareto_k"],
         "ess_ratio": diag["ess_ratio"],
         "group_k_p90": worst_p90,
         "joint_k": diag["joint_pareto_k"],
         "group_draws": diag["group_draws"],
-        "verdict_ms": 1e3 * (t2 - t1),
+        "local_ok": local["ok"],
+        "local_p_min": min((v["p_value"] for v in quantities.values()), default=float("nan")),
+        "local_worst": local.get("worst", local.get("skipped", "")),
+        "verdict_ms": 1e3 * (t3 - t2),
+        "verdict_ms_without_local": 1e3 * (t2 - t1),
         "draw_ms": 1e3 * (t1 - t0),
     }
 
@@ -146,19 +175,25 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
     confusion = {t: {"ok": 0, "not ok": 0} for t in ("good", "bad", "unclear", "no reference")}
     for r in rows:
         confusion[r["truth"]]["ok" if r["ok"] else "not ok"] += 1
+        crit = ["k", "ess", "groups", "local", "range"]
+        for c in crit:  # per criterion: the rows it flagged
+            confusion[r["truth"]].setdefault(f"by {c}", 0)
+            confusion[r["truth"]][f"by {c}"] += c in r["by"].split("+")
     cost = {
         "verdict_ms_median": float(np.median([r["verdict_ms"] for r in rows])),
+        "verdict_ms_without_local_median": float(np.median([r["verdict_ms_without_local"] for r in rows])),
         "draw_ms_median": float(np.median([r["draw_ms"] for r in rows])),
     }
     table = [{"truth": t, **c} for t, c in confusion.items() if c["ok"] + c["not ok"]]
     md = [f"### {name}: {args.heldout} held-out datasets ({args.steps} steps), 5 wrong cases each\n"]
-    md.append(to_markdown(table, ["truth", "ok", "not ok"]))
+    by = [f"by {c}" for c in ("k", "ess", "groups", "local", "range")]
+    md.append(to_markdown(table, ["truth", "ok", "not ok", *by]))
     md.append(
-        f"\nverdict {cost['verdict_ms_median']:.0f} ms per dataset (median), drawing 1000 draws "
-        f"{cost['draw_ms_median']:.0f} ms\n"
+        f"\nverdict {cost['verdict_ms_median']:.0f} ms per dataset (median; without the local SBC"
+        f" {cost['verdict_ms_without_local_median']:.0f} ms), drawing 1000 draws {cost['draw_ms_median']:.0f} ms\n"
     )
-    cols = ["case", "dataset", "truth", "ok", "globals_k", "ess_ratio", "group_k_p90", "joint_k", "group_draws"]
-    cols += ["z_globals", "z_globals_corrected", "verdict_ms", "reason"]
+    cols = ["case", "dataset", "truth", "ok", "by", "globals_k", "ess_ratio", "group_k_p90", "joint_k"]
+    cols += ["local_p_min", "local_worst", "z_globals", "z_globals_corrected", "verdict_ms", "reason"]
     md.append(to_markdown(rows, cols))
     return {"rows": rows, "confusion": confusion, **cost}, "\n".join(md)
 
