@@ -265,7 +265,8 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         cache = st.setdefault("residuals", {})
         if name not in cache:
             site = self.structure[name]
-            value = st["truth"][name] if st["truth"] is not None else self.upstream_value(name)
+            held = st["truth"] is not None and name in st["truth"]  # the verdict holds only some sites
+            value = st["truth"][name] if held else self.upstream_value(name)
             loc, scale, T = st["cond"][name]
             z = (site.unconstrain(value) - loc) / scale
             if T is not None:

@@ -190,3 +190,16 @@ def test_plate_joints_at_every_level_score_their_own_draws():
     assert torch.allclose(log_q, log_q_truth, rtol=1e-8, atol=1e-8)
     for name in truth:
         assert torch.allclose(only[name], values[name], rtol=1e-8, atol=1e-10)
+
+
+def test_verdict_holds_the_globals_of_a_two_site_plate(small_sampler):
+    """The hierarchical verdict holds only the globals: the plate's second site reads the first's value
+    as drawn in the same call (a KeyError on 0.4.0 before the fix), and every k comes back finite."""
+    a = am.Amortizer(two_sites, small_sampler, hidden=16, seed=0)
+    a.fit(steps=3, batch_size=4, pilot_structures=1, progress=False)
+    data = small_sampler.sample(torch.Generator().manual_seed(1))
+    data = am.simulate(two_sites, a.structure, data, 1).data
+    data = data.with_response(data.y[0])
+    d = a.posterior(data).diagnostics(num_samples=400, local_sbc=False)
+    assert torch.isfinite(torch.tensor(d["pareto_k"]))
+    assert all(torch.isfinite(torch.tensor(v["k_p90"])) for v in d["levels"].values())
