@@ -72,7 +72,7 @@ def test_sample_shapes_and_draws_differ(small_sampler):
 
 
 def test_cholesky_affine_inverts_and_has_the_jacobian_log_determinant():
-    from amortize.nn.heads import CholeskyAffine
+    from amortize.nn.transforms import CholeskyAffine
 
     torch.manual_seed(0)
     L = torch.randn(3, 4, 4).tril()

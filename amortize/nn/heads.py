@@ -14,16 +14,21 @@ from pyro.distributions import Normal, TransformedDistribution
 from pyro.distributions.transforms import AffineTransform, ConditionalSpline
 from pyro.nn import DenseNN
 from torch import nn
-from torch.distributions import Transform, constraints
 from torch.nn.functional import linear, softplus
 
 from .data_terms import TermRange
 from .encoder import mlp
 from .statistics import GroupStatistics
+from .transforms import CholeskyAffine
 
 __all__ = ["GlobalHead", "GroupHead", "ParamScaler", "PILOT_ROWS"]
 
 PILOT_ROWS = 200_000  # the pilot fits its scalers and skip paths on at most this many rows (groups x datasets)
+
+
+def _pilot_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., d]`` as ``[rows, d]`` in double, cut to the first :data:`PILOT_ROWS` rows."""
+    return t.reshape(-1, t.shape[-1]).double()[:PILOT_ROWS]
 
 
 class ParamScaler(nn.Module):
@@ -37,7 +42,7 @@ class ParamScaler(nn.Module):
 
     @torch.no_grad()
     def fit(self, u: torch.Tensor) -> None:
-        u = u.reshape(-1, u.shape[-1]).double()[:PILOT_ROWS]
+        u = _pilot_rows(u)
         q = torch.quantile(u, torch.tensor([0.25, 0.5, 0.75], dtype=u.dtype), dim=0)
         scale = (q[2] - q[0]) / 1.349
         self.loc.copy_(q[1])
@@ -118,12 +123,11 @@ class GlobalHead(nn.Module):
         each count; the log unit, least squares of ``log |residual| + 0.635`` (``E log|z| = -0.635``
         for a standard normal) on the log counts; the scaler then takes the standardized residuals' robust spread.
         The flow starts at, and corrects, this count-aware linear-regression posterior."""
-        raw, u = raw.reshape(-1, raw.shape[-1]).double()[:PILOT_ROWS], u.reshape(-1, self.dim).double()[:PILOT_ROWS]
-        r = raw.shape[-1]
+        raw, u, r = _pilot_rows(raw), _pilot_rows(u), raw.shape[-1]
         if self.raw_slope is not None and slopes is not None:
-            raw = torch.cat([raw, slopes.reshape(-1, slopes.shape[-1]).double()[:PILOT_ROWS]], -1)
+            raw = torch.cat([raw, _pilot_rows(slopes)], -1)
         use_counts = self.raw_per_count is not None and counts is not None
-        c = counts.reshape(-1, counts.shape[-1]).double()[:PILOT_ROWS] if use_counts else raw[:, :0]
+        c = _pilot_rows(counts) if use_counts else raw[:, :0]
         ok = torch.isfinite(raw).all(-1) & torch.isfinite(u).all(-1) & torch.isfinite(c).all(-1)
         raw, u, c = raw[ok], u[ok], c[ok]
         feats = torch.cat([raw, self._per_count(raw, c)], -1) if use_counts else raw
@@ -196,30 +200,6 @@ class GlobalHead(nn.Module):
         transforms.append(AffineTransform(shift, scale, event_dim=1))
         base = Normal(torch.zeros_like(loc), torch.ones_like(loc)).to_event(1)
         return TransformedDistribution(base, transforms)
-
-
-class CholeskyAffine(Transform):
-    """``y = loc + L x`` with a batch of lower-triangular ``L [..., D, D]`` (positive diagonal)."""
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:
-        super().__init__(cache_size=1)
-        self.loc, self.scale_tril = loc, scale_tril
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.loc + (self.scale_tril @ x.unsqueeze(-1)).squeeze(-1)
-
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        diff = (y - self.loc).unsqueeze(-1)
-        L = self.scale_tril.expand(*diff.shape[:-2], *self.scale_tril.shape[-2:])
-        return torch.linalg.solve_triangular(L, diff, upper=False).squeeze(-1)
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ladj = self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        return ladj.expand(x.shape[:-1])
 
 
 def _zero_linear(d_in: int, d_out: int) -> nn.Linear:
