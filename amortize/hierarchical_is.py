@@ -38,7 +38,7 @@ from pyro.poutine.messenger import Messenger
 from .batch import CHUNK_ELEMENTS
 from .data import HierarchicalData
 from .errors import ModelStructureError
-from .importance import pareto_k_columns
+from .importance import K_THRESHOLD, pareto_k_columns
 
 __all__ = [
     "GROUP_DRAWS",
@@ -273,7 +273,8 @@ def hierarchical_weights(part: Any, num_globals: int, group_draws: int = GROUP_D
     """The globals' pseudo-marginal log weights and every latent level's per-group k (module docstring)
     for one :class:`~amortize.batch.StructureBatch`, on torch's RNG as it is (the caller seeds). Where the
     noise of the globals' log weights (delta method) exceeds :data:`NOISE_SD_TARGET`, their pass is run
-    again with more draws per group (up to :data:`MAX_GROUP_DRAWS`)."""
+    again with more draws per group (up to :data:`MAX_GROUP_DRAWS`), unless a level of that pass already
+    fails on every dataset (:func:`_decided`)."""
     st, data = part.structure, part.data
     latent_levels = [lvl for lvl in data.levels if st.sites_at(lvl)]
     M = int(group_draws) if latent_levels else 1
@@ -291,14 +292,21 @@ def hierarchical_weights(part: Any, num_globals: int, group_draws: int = GROUP_D
     for names, lvls in passes.items():
         lw, sd, trees = _pass(part, held, names, M, encoded, names == glob_sites)
         out.num_draws += S * M
+        for lvl in lvls:
+            out.levels[lvl] = _level_summary([s.name for s in st.sites_at(lvl)], _level_k(trees[lvl]))
         if lw is not None and sd is not None:
             noise = float(sd.median(0).values.max())
-            if latent_levels and noise > NOISE_SD_TARGET and M < MAX_GROUP_DRAWS:
+            if latent_levels and noise > NOISE_SD_TARGET and M < MAX_GROUP_DRAWS and not _decided(out.levels, lvls):
                 more = min(MAX_GROUP_DRAWS, int(math.ceil(M * (noise / NOISE_SD_TARGET) ** 2)))
                 lw, sd, _ = _pass(part, held, names, more, encoded, True)
                 out.num_draws += S * more
                 out.group_draws = more
             out.global_log_weights, out.noise_sd = lw, sd.median(0).values
-        for lvl in lvls:
-            out.levels[lvl] = _level_summary([s.name for s in st.sites_at(lvl)], _level_k(trees[lvl]))
     return out
+
+
+def _decided(levels: dict[str, LevelK], names: list[str]) -> bool:
+    """Whether a level of ``names`` already fails the verdict on every dataset (p90 per-group k above
+    :data:`~amortize.importance.K_THRESHOLD`, or NaN): then more draws per group cannot change the
+    decision, and the correction does not apply, so the globals' pass is not rerun."""
+    return any(all(not (p <= K_THRESHOLD) for p in levels[lvl].k_p90) for lvl in names if lvl in levels)

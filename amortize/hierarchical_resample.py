@@ -26,7 +26,8 @@ def hierarchical_resample(
     part: Any, num_samples: int, num_globals: int, group_draws: int = GROUP_DRAWS
 ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
     """Corrected draws for each dataset of a :class:`~amortize.batch.StructureBatch`: the globals resampled
-    by PSIS of their pseudo-marginal weights (where their k <= 0.7), then, given each resampled global
+    by PSIS of their pseudo-marginal weights (where their k <= 0.7 and every level's p90 k <= 0.7: the
+    weights rest on the per-group evidence estimates), then, given each resampled global
     draw, each outermost group's subtree resampled among M fresh draws by its weights (where the levels'
     p90 k <= 0.7). Returns per dataset ``{site: [n, ...]}`` and what was corrected
     (``{"pareto_k", "ess", "globals", "groups", "levels"}``)."""
@@ -37,11 +38,13 @@ def hierarchical_resample(
     top = data.levels[0]
     ancestor = {lvl: data.index(top, at=lvl) if lvl != top else torch.arange(data.size(top)) for lvl in data.levels}
     glob_sites = [s.name for s in st.global_sites]
-    group_ok = all(v <= K_THRESHOLD for lk in hw.levels.values() for v in lk.k_p90)
+    levels_ok = [all(lk.k_p90[b] <= K_THRESHOLD for lk in hw.levels.values()) for b in range(B)]
     draws, infos = [], []
     for b in range(B):
         res = psis(hw.global_log_weights[:, b])
-        idx = torch.multinomial(res.weights, n, replacement=True) if res.ok else torch.arange(n) % res.weights.numel()
+        group_ok = levels_ok[b]
+        fix = res.ok and group_ok  # the globals' weights rest on the per-group evidence estimates
+        idx = torch.multinomial(res.weights, n, replacement=True) if fix else torch.arange(n) % res.weights.numel()
         held = {k: hw.globals_draws[k][idx, b : b + 1] for k in glob_sites}  # [n, 1, ...]
         one: dict[str, list[torch.Tensor]] = {s.name: [] for s in st.latents if s.level is not None}
         M = int(group_draws) if group_ok and one else 1
@@ -69,7 +72,7 @@ def hierarchical_resample(
             {
                 "pareto_k": res.k,
                 "ess": res.ess,
-                "globals": res.ok,
+                "globals": fix,
                 "groups": group_ok and bool(one),
                 "levels": {lvl: lk.k_p90[b] for lvl, lk in hw.levels.items()},
                 "num_proposals": int(num_globals),

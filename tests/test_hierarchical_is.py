@@ -220,3 +220,17 @@ def test_three_level_weights_have_a_k_per_level():
     hw = hierarchical_weights(part, 40, 32)
     assert set(hw.levels) == {"district", "school"} and hw.global_log_weights.shape == (40, 1)
     assert hw.levels["school"].k.shape == (1, design.size("school"))
+
+
+def test_a_level_that_already_fails_stops_the_rerun_and_the_globals_correction(conjugate_amortizer):
+    """Responses x 100: the per-group k fails in the first pass, so the globals' pass is not rerun with
+    more draws per group (its noise is above target, yet the decision cannot change), and the
+    correction leaves the globals alone (their weights rest on the failing per-group estimates)."""
+    from amortize.hierarchical_is import GROUP_DRAWS, NOISE_SD_TARGET
+
+    data = _simulate(conjugate, _design(30, 3), 3)
+    post = conjugate_amortizer.posterior(data.with_response(data.y * 100))
+    diag = post.diagnostics(400, seed=0)
+    assert not diag["ok"] and "level 'group'" in diag["reason"] and diag["levels"]["group"]["k_p90"] > 0.7
+    assert diag["noise_sd"] > NOISE_SD_TARGET and diag["group_draws"] == GROUP_DRAWS
+    assert post.sample(100, seed=0, correct=True).parts == {"globals": False, "groups": False}
