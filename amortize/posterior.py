@@ -311,14 +311,21 @@ class Posterior:
 
     @torch.no_grad()
     def diagnostics(
-        self, num_samples: int = 1000, seed: int | None = 0, repeats: int = 1, local_sbc: bool | LocalSBC = True
+        self,
+        num_samples: int = 1000,
+        seed: int | None = 0,
+        repeats: int = 1,
+        local_sbc: bool | LocalSBC = True,
+        model_check: bool = True,
     ) -> Any:
         """Per-dataset trust from hierarchical importance weights and local SBC (:mod:`amortize.verdict`):
         the globals' Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k
         (``levels``), the joint k over every latent (``joint_pareto_k``, reported only), flags for data
         outside the training range, the posterior SBC conditional on the data (``local_sbc``:
-        :mod:`amortize.local_sbc`), ``ok`` (globals' k and every level's p90 k <= 0.7, the globals' ESS >=
-        30% of the draws, the local SBC not failed, no flag), ``correctable`` (the k's and flags alone:
+        :mod:`amortize.local_sbc`), the model check (``model_check``: posterior predictive p-values below
+        0.001 or above 0.999, :func:`amortize.predictive.misfit`), ``ok`` (globals' k and every level's p90
+        k <= 0.7, the globals' ESS >= 30% of the draws, the local SBC and the model check not failed, no flag),
+        ``correctable`` (the k's and flags alone:
         the corrected draws apply) and ``reason``. One dict (lists per dataset for a batch), or a list of
         dicts for a list. A streamed dataset gets its flags, k = NaN and no local SBC (its weights and
         replicates are not computed).
@@ -326,9 +333,10 @@ class Posterior:
         ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
         repeat; ``repeats`` independent sets give the globals' k spread (``pareto_k_sets``) while the
         decision pools them. ``local_sbc``: True (the defaults of :class:`~amortize.local_sbc.LocalSBC`:
-        200 replicates x 49 draws, family-wise level 0.01), a ``LocalSBC`` to size it, False to skip it.
+        200 replicates x 49 draws, family-wise level 0.01), a ``LocalSBC`` to size it, False to skip it;
+        ``model_check=False`` skips the model check.
         The whole verdict is reproducible for a given ``seed`` and leaves this posterior's stream alone."""
-        return verdict(self, num_samples, seed, repeats, local_sbc)
+        return verdict(self, num_samples, seed, repeats, local_sbc, model_check)
 
     # ------------------------------------------------------------------ exports
     def _one(self, what: str) -> None:

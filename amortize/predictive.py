@@ -24,7 +24,19 @@ from .data import HierarchicalData
 from .errors import DataError
 from .values import OBS
 
-__all__ = ["PPCResult", "default_statistics", "ppc", "REDUCTIONS"]
+__all__ = [
+    "PPCResult",
+    "default_statistics",
+    "ppc",
+    "REDUCTIONS",
+    "MISFIT_P",
+    "MISFIT_DRAWS",
+    "misfit",
+    "misfit_reasons",
+]
+
+MISFIT_P = 0.001  # a default statistic with p below this or above 1 - this: the model misses the data
+MISFIT_DRAWS = 1000  # replicated datasets behind the verdict's model check (p resolution 0.0005)
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean": lambda v: v.mean(-1),
@@ -118,3 +130,27 @@ def ppc(
         )
         replicated[name] = t_rep
     return PPCResult(rows, replicated, int(y_rep.shape[0]))
+
+
+def misfit(data: HierarchicalData, y_rep: torch.Tensor, p: float = MISFIT_P) -> dict[str, Any]:
+    """The verdict's model check of one dataset: the default statistics (:func:`default_statistics`)
+    whose posterior predictive p-value is below ``p`` or above ``1 - p``. Posterior predictive p-values
+    concentrate near 0.5 when the model fits, so with the default 0.001 a dataset the model generated
+    is almost never flagged, while heavy tails the model has not (the response's max or min) or group
+    means more spread than it allows are. ``{"ok", "extreme": [{"statistic", "level", "p_value"}],
+    "num_samples"}``."""
+    res = ppc(data, y_rep)
+    bad = [r for r in res.rows if not p <= r["p_value"] <= 1 - p]
+    extreme = [{"statistic": r["statistic"], "level": r["level"], "p_value": r["p_value"]} for r in bad]
+    return {"ok": not extreme, "extreme": extreme, "num_samples": res.num_samples}
+
+
+def misfit_reasons(check: dict[str, Any]) -> list[str]:
+    """Why a dataset fails :func:`misfit`: the statistics the model does not reproduce."""
+    if check["ok"]:
+        return []
+    stats = ", ".join(f"'{e['statistic']}' (p {e['p_value']:.4f})" for e in check["extreme"])
+    return [
+        f"model check: the model does not reproduce {stats} of the data ({check['num_samples']} replicated"
+        " datasets): the model misfits these data, which no q can mend (post.ppc() shows it)"
+    ]

@@ -14,9 +14,13 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
 * ``local_sbc``: posterior SBC conditional on this dataset (:mod:`amortize.local_sbc`): per quantity
   its p-value and whether its rank ECDF lies inside the band, the family-wise ``ok`` (None when
   skipped, with the reason), R and L;
+* ``model_check``: the default posterior predictive statistics (:func:`amortize.predictive.misfit`) with
+  p below 0.001 or above 0.999 over 1000 replicated datasets: data the model cannot have generated
+  (heavy tails under a Normal likelihood), a misfit no q can mend, reported apart from q's errors;
 * ``ok`` is True when the globals' k <= 0.7 and their importance ESS is at least 30% of the draws
   (``ess_ratio``; a q much wider than the posterior has a small k but a small ESS), every level's p90
-  k <= 0.7, the local SBC did not fail and no flag is raised; ``reason`` says why not.
+  k <= 0.7, the local SBC did not fail, the model check passed and no flag is raised; ``reason`` says
+  why not.
   ``correctable``: the k's and flags alone (without the ESS condition and the local SBC, which judge
   the uncorrected q), i.e. the corrected draws (``sample(n, correct=True)``) can be trusted.
 
@@ -30,12 +34,15 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .export import reasons
 from .hierarchical_is import GROUP_DRAWS, hierarchical_weights
 from .importance import K_THRESHOLD, psis
 from .local_sbc import LocalSBC, local_sbc, local_sbc_reasons, skipped
+from .plates import seeded
+from .predictive import MISFIT_DRAWS, misfit, misfit_reasons
 
 if TYPE_CHECKING:
     from .posterior import Posterior
@@ -48,15 +55,28 @@ __all__ = [
     "level_reasons",
     "globals_proposals",
     "local_checks",
+    "fit_checks",
 ]
 
 log = logging.getLogger("amortize.posterior")
 
 ESS_RATIO_MIN = 0.3  # globals' importance ESS per draw below which q is too wide or off to use uncorrected
-_PER_DATASET = ("pareto_k", "pareto_k_sets", "ess", "ess_ratio", "correctable", "levels", "joint_pareto_k", "local_sbc")
+_PER_DATASET = (
+    "pareto_k",
+    "pareto_k_sets",
+    "ess",
+    "ess_ratio",
+    "correctable",
+    "levels",
+    "joint_pareto_k",
+    "local_sbc",
+    "model_check",
+)
 
 
-def verdict(post: Posterior, num_samples: int, seed: int | None, repeats: int, local_sbc: bool | LocalSBC) -> Any:
+def verdict(
+    post: Posterior, num_samples: int, seed: int | None, repeats: int, local_sbc: bool | LocalSBC, model_check: bool
+) -> Any:
     """``Posterior.diagnostics``: the verdict in the layout of the input (one dict, lists per dataset
     for a batch, a list of dicts for a list)."""
     settings = LocalSBC() if local_sbc is True else (local_sbc or None)
@@ -70,8 +90,8 @@ def verdict(post: Posterior, num_samples: int, seed: int | None, repeats: int, l
             out["local_sbc"] = skipped("streamed: the replicates need the whole dataset at once", settings)
         return out
     if not post.structure.global_sites:
-        return joint_diagnose(post, num_samples, seed, repeats, flags, settings)
-    per = diagnose(post, num_samples, seed, repeats, flags, settings)
+        return joint_diagnose(post, num_samples, seed, repeats, flags, settings, model_check)
+    per = diagnose(post, num_samples, seed, repeats, flags, settings, model_check)
     if post.layout == "list":
         return per
     if post.layout == "single":
@@ -114,8 +134,31 @@ def local_checks(post: Posterior, settings: LocalSBC | None, seed: int) -> list[
 
 
 @torch.no_grad()
+def fit_checks(post: Posterior, enabled: bool, seed: int) -> list[dict[str, Any] | None]:
+    """The model check (:func:`amortize.predictive.misfit`) of every dataset in input order (None each
+    when not ``enabled``), on :data:`~amortize.predictive.MISFIT_DRAWS` replicated datasets drawn on
+    streams of their own derived from ``seed``."""
+    out: list[dict[str, Any] | None] = [None] * sum(len(m) for m, _ in post.parts)
+    if not enabled:
+        return out
+    for p, (members, part) in enumerate(post.parts):
+        with seeded(int(np.random.default_rng([int(seed) % 2**63, 30, p]).integers(2**62)), post.device):
+            y_rep = part.predictive(part.draws(MISFIT_DRAWS)[0])  # [n, B, N]
+        for j, i in enumerate(members):
+            data = part.data if part.data.batch_size is None else part.data.with_response(part.data.y[j])
+            out[i] = misfit(data, y_rep[:, j])
+    return out
+
+
+@torch.no_grad()
 def diagnose(
-    post: Posterior, num_samples: int, seed: int | None, repeats: int, flags: Any, local: LocalSBC | None = None
+    post: Posterior,
+    num_samples: int,
+    seed: int | None,
+    repeats: int,
+    flags: Any,
+    local: LocalSBC | None = None,
+    model_check: bool = True,
 ) -> list[dict[str, Any]]:
     """One verdict dict per dataset in input order (module docstring), for a not streamed posterior."""
     S = globals_proposals(num_samples)
@@ -124,6 +167,7 @@ def diagnose(
     out: list[dict[str, Any]] = [{} for _ in range(total)]
     seed = post._next_seed() if seed is None else int(seed)  # what _seeded(None) would take: the k's as before
     local_res = local_checks(post, local, seed)
+    fit_res = fit_checks(post, model_check, seed)
     with post._seeded(seed):
         for members, part in post.parts:
             sets = [hierarchical_weights(part, S, GROUP_DRAWS) for _ in range(repeats)]
@@ -154,6 +198,8 @@ def diagnose(
                     )
                 if local_res[i] is not None:
                     why += local_sbc_reasons(local_res[i])
+                if fit_res[i] is not None:
+                    why += misfit_reasons(fit_res[i])
                 if why:
                     log.warning("posterior may not be trustworthy: %s", "; ".join(why))
                 out[i] = {
@@ -173,11 +219,19 @@ def diagnose(
                 }
                 if local_res[i] is not None:
                     out[i]["local_sbc"] = local_res[i]
+                if fit_res[i] is not None:
+                    out[i]["model_check"] = fit_res[i]
     return out
 
 
 def joint_diagnose(
-    post: Posterior, num_samples: int, seed: int | None, repeats: int, flags: Any, local: LocalSBC | None = None
+    post: Posterior,
+    num_samples: int,
+    seed: int | None,
+    repeats: int,
+    flags: Any,
+    local: LocalSBC | None = None,
+    model_check: bool = True,
 ) -> Any:
     """A model without global latents: the Pareto k of the joint weights p(y, z) / q(z | y) and the
     local SBC, in the layout of ``Posterior.diagnostics``."""
@@ -186,6 +240,7 @@ def joint_diagnose(
     with post._seeded(seed):
         sets = [[lw for _, lw in post.proposals(num_samples)] for _ in range(repeats)]  # [repeat][part] [n, B]
     local_res = local_checks(post, local, seed)
+    fit_res = fit_checks(post, model_check, seed)
     per: list[tuple[float, float, list[float]]] = [(0.0, 0.0, [])] * sum(len(m) for m, _ in post.parts)
     for p, (members, _) in enumerate(post.parts):
         pooled = torch.cat([one[p] for one in sets])
@@ -195,8 +250,8 @@ def joint_diagnose(
             per[i] = (res.k, res.ess, ks)
     total = repeats * int(num_samples)
     if post.layout == "list":
-        return [_verdict([per[i]], flags[i], total, [local_res[i]]) for i in range(len(post.datasets))]
-    return _verdict(per, flags, total, local_res, batch=post.layout == "batch")
+        return [_verdict([per[i]], flags[i], total, [local_res[i]], [fit_res[i]]) for i in range(len(post.datasets))]
+    return _verdict(per, flags, total, local_res, fit_res, batch=post.layout == "batch")
 
 
 def _verdict(
@@ -204,6 +259,7 @@ def _verdict(
     flags: list[str],
     num_samples: int,
     local: list[dict[str, Any] | None],
+    fit: list[dict[str, Any] | None],
     batch: bool = False,
 ) -> dict[str, Any]:
     ks, ess, sets = [k for k, _, _ in per], [e for _, e, _ in per], [s for _, _, s in per]
@@ -211,6 +267,8 @@ def _verdict(
     why = reasons(worst, flags)
     for j, res in enumerate(local):
         why += [f"dataset {j}: {r}" if batch else r for r in (local_sbc_reasons(res) if res else [])]
+    for j, res in enumerate(fit):
+        why += [f"dataset {j}: {r}" if batch else r for r in (misfit_reasons(res) if res else [])]
     if why:
         log.warning("posterior may not be trustworthy: %s", "; ".join(why))
     out = {
@@ -224,4 +282,6 @@ def _verdict(
     }
     if local[0] is not None:
         out["local_sbc"] = local if batch else local[0]
+    if fit[0] is not None:
+        out["model_check"] = fit if batch else fit[0]
     return out

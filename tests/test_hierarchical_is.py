@@ -234,3 +234,24 @@ def test_a_level_that_already_fails_stops_the_rerun_and_the_globals_correction(c
     assert not diag["ok"] and "level 'group'" in diag["reason"] and diag["levels"]["group"]["k_p90"] > 0.7
     assert diag["noise_sd"] > NOISE_SD_TARGET and diag["group_draws"] == GROUP_DRAWS
     assert post.sample(100, seed=0, correct=True).parts == {"globals": False, "groups": False}
+
+
+def test_the_model_check_flags_data_the_model_cannot_have_generated(conjugate_amortizer):
+    """Six datasets simulated from the model pass the model check; one row moved 12 noise sds up (heavy
+    tails the Normal likelihood has not) fails it, by the response's max, with the reason; batches get
+    one check per dataset; ``model_check=False`` drops it and leaves every k as it was."""
+    design = _design(30, 3)
+    sims = [_simulate(conjugate, design, s) for s in range(10, 16)]
+    checks = [conjugate_amortizer.posterior(d).diagnostics(400, seed=0)["model_check"] for d in sims]
+    assert all(c["ok"] and c["num_samples"] == 1000 for c in checks), [c["extreme"] for c in checks]
+    y = sims[0].y.clone()
+    y[int(y.argmax())] += 12 * NOISE_SD
+    post = conjugate_amortizer.posterior(sims[0].with_response(y))
+    diag = post.diagnostics(400, seed=0)
+    assert not diag["ok"] and not diag["model_check"]["ok"]
+    assert "y: max" in [e["statistic"] for e in diag["model_check"]["extreme"]] and "model check" in diag["reason"]
+    plain = post.diagnostics(400, seed=0, model_check=False)
+    assert "model_check" not in plain and plain["pareto_k"] == diag["pareto_k"]
+    batch = design.with_response(torch.stack([sims[1].y, y]))
+    both = conjugate_amortizer.posterior(batch).diagnostics(400, seed=0)["model_check"]
+    assert [c["ok"] for c in both] == [True, False]

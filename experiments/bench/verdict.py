@@ -9,9 +9,10 @@ Per model (the shipped 2-level and 3-level Gaussians, trained here with ``--step
   x 100;
 * for each row the verdict (``ok``, ``reason``), the globals' k, the per-group k p90, the joint k, the
   local SBC (``local_ok``, its smallest p-value and quantity), and which criteria flagged it (``by``:
-  ``k`` globals' k, ``ess`` globals' ESS, ``groups`` a level's p90 k, ``local`` local SBC, ``range`` a
-  flag); its cost in ms per dataset (with and without the local SBC) next to drawing 1000 draws; on
-  good rows the globals' z p90 of the hierarchically corrected draws next to the uncorrected ones.
+  ``k`` globals' k, ``ess`` globals' ESS, ``groups`` a level's p90 k, ``local`` local SBC, ``model`` the
+  model check, ``range`` a flag); its cost in ms per dataset (with and without the local SBC) next to
+  drawing 1000 draws; on good rows the globals' z p90 of the hierarchically corrected draws
+  next to the uncorrected ones.
 
 Prints the confusion table (good/bad x ok/not ok) per model and writes ``results.json`` and
 ``results.md`` (atomically) to ``--out``.
@@ -92,7 +93,7 @@ def _sim(a: am.Amortizer, design: am.HierarchicalData, seed: int) -> am.Hierarch
 
 
 def _flagged_by(diag: dict[str, Any]) -> str:
-    """Which criteria said no: ``k``, ``ess``, ``groups``, ``local``, ``range`` (``-`` none)."""
+    """Which criteria said no: ``k``, ``ess``, ``groups``, ``local``, ``model``, ``range`` (``-`` none)."""
     by = []
     if not diag["pareto_k"] <= K_THRESHOLD:
         by.append("k")
@@ -102,6 +103,8 @@ def _flagged_by(diag: dict[str, Any]) -> str:
         by.append("groups")
     if diag.get("local_sbc", {}).get("ok") is False:
         by.append("local")
+    if diag.get("model_check", {}).get("ok") is False:
+        by.append("model")
     if diag["flags"]:
         by.append("range")
     return "+".join(by) or "-"
