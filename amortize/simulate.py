@@ -58,7 +58,8 @@ class StructureSampler:
         obs: ``(lo, hi)`` observations per innermost group.
         covariates: ``{level or "obs": {name: spec}}``; a spec is ``{"dist": "normal", "loc": 0,
             "scale": 1}``, ``{"dist": "uniform", "low", "high"}``, ``{"dist": "bernoulli", "p"}``,
-            ``{"dist": "integer", "low", "high"}`` (integers low..high, both included) or a callable ``(n, generator) -> tensor[n]``.
+            ``{"dist": "integer", "low", "high"}`` (integers low..high, both included) or a callable
+            ``(n, generator) -> tensor[n]``.
         template: a dataset to reuse as is (``fixed``): every draw returns its structure.
         vary_sizes: each structure first draws its own sub-range of every inner range (children per
             parent and observations per group: two uniform draws inside ``(lo, hi)``, sorted) and its

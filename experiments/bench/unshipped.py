@@ -75,7 +75,7 @@ def run_model(name: str, args: argparse.Namespace, progress: bool) -> dict[str, 
         entry["skipped_steps"] = a.history[-1].get("skipped", 0) if a.history else 0
         stage = "held-out comparison"
         data = heldout_datasets(a, args.datasets)
-        entry["heldout_sizes"] = [{**d.sizes(), "rows": d.n_obs} for d in data]
+        entry["heldout_sizes"] = [{**d.sizes, "rows": d.n_obs} for d in data]
         nuts = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 2}
         report = against_nuts(
             a, data, args.draws, nuts, seed=1, progress=progress, nuts_cache=args.nuts_cache or None, diagnose=True
