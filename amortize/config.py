@@ -59,7 +59,12 @@ CONFIG_LIMITS = {  # every numeric option of Config; train.* is TrainConfig's (T
 }
 COVARIATE_LIMITS = {"scale": Limit(0), "p": Limit(0, 1)}  # loc, low, high: any finite number
 MAX_ROWS = 10**8  # a training structure larger than this is a typo, not a plan: refused before allocating it
-COVARIATE_PARAMS = {"normal": {"loc", "scale"}, "uniform": {"low", "high"}, "bernoulli": {"p"}}
+COVARIATE_PARAMS = {
+    "normal": {"loc", "scale"},
+    "uniform": {"low", "high"},
+    "bernoulli": {"p"},
+    "integer": {"low", "high"},
+}
 
 
 @dataclass

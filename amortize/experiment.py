@@ -65,7 +65,9 @@ def build_sampler(cfg: Config) -> StructureSampler:
                 {k: COVARIATE_LIMITS.get(k, Limit()) for k in COVARIATE_PARAMS[kind] & set(spec)},
                 f"{src}: {key}.",
             )
-            if kind == "uniform" and spec.get("low", 0.0) > spec.get("high", 1.0):
+            if kind == "integer" and any(float(spec.get(k, 0)) != int(spec.get(k, 0)) for k in ("low", "high")):
+                raise ConfigError(f"{src}: {key}: low and high of 'integer' must be whole numbers, got {dict(spec)}")
+            if kind in ("uniform", "integer") and spec.get("low", 0.0) > spec.get("high", 1.0):
                 raise ConfigError(f"{src}: {key}: low {spec.get('low', 0.0)} is above high {spec.get('high', 1.0)}")
     try:
         return StructureSampler(

@@ -42,7 +42,10 @@ def _draw_covariate(spec: CovariateSpec, n: int, gen: torch.Generator, name: str
         return lo + (hi - lo) * torch.rand(n, generator=gen)
     if kind == "bernoulli":
         return (torch.rand(n, generator=gen) < spec.get("p", 0.5)).to(torch.get_default_dtype())
-    raise ConfigError(f"covariate '{name}': unknown dist '{kind}' (normal, uniform, bernoulli or a callable)")
+    if kind == "integer":  # uniform on the integers low..high inclusive (Binomial trials, counts of exposure)
+        lo, hi = int(spec.get("low", 0)), int(spec.get("high", 1))
+        return torch.randint(lo, hi + 1, (n,), generator=gen).to(torch.get_default_dtype())
+    raise ConfigError(f"covariate '{name}': unknown dist '{kind}' (normal, uniform, bernoulli, integer or a callable)")
 
 
 class StructureSampler:
@@ -54,8 +57,9 @@ class StructureSampler:
             inner level the number of children per parent group (inclusive ranges).
         obs: ``(lo, hi)`` observations per innermost group.
         covariates: ``{level or "obs": {name: spec}}``; a spec is ``{"dist": "normal", "loc": 0,
-            "scale": 1}``, ``{"dist": "uniform", "low", "high"}``, ``{"dist": "bernoulli", "p"}``
-            or a callable ``(n, generator) -> tensor[n]``.
+            "scale": 1}``, ``{"dist": "uniform", "low", "high"}``, ``{"dist": "bernoulli", "p"}``,
+            ``{"dist": "integer", "low", "high"}`` (integers low..high, both included) or a callable
+            ``(n, generator) -> tensor[n]``.
         template: a dataset to reuse as is (``fixed``): every draw returns its structure.
         vary_sizes: each structure first draws its own sub-range of every inner range (children per
             parent and observations per group: two uniform draws inside ``(lo, hi)``, sorted) and its

@@ -16,36 +16,7 @@ import sys
 import time
 
 import torch
-
-
-def negbin_exposure(data):
-    """Not shipped: 2-level negative binomial counts with an exposure offset (the README's unshipped model)."""
-    import pyro
-    import pyro.distributions as dist
-
-    mu = pyro.sample("mu", dist.Normal(1.0, 1.0))
-    tau = pyro.sample("tau", dist.HalfNormal(0.5))
-    phi = pyro.sample("phi", dist.LogNormal(1.0, 0.5))
-    with pyro.plate("clinic", data.size("clinic")):
-        a = pyro.sample("a", dist.Normal(mu, tau))
-    rate = data.x["exposure"] * torch.exp(a[..., data.index("clinic")])
-    with pyro.plate("obs", data.n_obs):
-        pyro.sample("y", dist.GammaPoisson(phi, phi / rate), obs=data.y)
-
-
-def studentt_dof(data):
-    """Not shipped: 2-level Student-t response with unknown degrees of freedom."""
-    import pyro
-    import pyro.distributions as dist
-
-    mu = pyro.sample("mu", dist.Normal(0.0, 3.0))
-    tau = pyro.sample("tau", dist.HalfNormal(1.0))
-    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
-    nu = pyro.sample("nu", dist.Gamma(2.0, 0.1))
-    with pyro.plate("group", data.size("group")):
-        theta = pyro.sample("theta", dist.Normal(mu, tau))
-    with pyro.plate("obs", data.n_obs):
-        pyro.sample("y", dist.StudentT(nu, theta[..., data.index("group")], sigma), obs=data.y)
+from models.unshipped import negbin_exposure, studentt_dof  # experiments/models (this file's folder is on sys.path)
 
 
 def _model_and_sampler(name: str):
