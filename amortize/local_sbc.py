@@ -47,7 +47,7 @@ from .ecdf import ECDFBand, ecdf_band, ecdf_test, ranks_of
 from .errors import AmortizeError
 from .plates import seeded
 
-__all__ = ["LocalSBC", "local_sbc", "local_sbc_reasons", "replicate_rows", "augmented", "skipped"]
+__all__ = ["LocalSBC", "local_sbc", "local_sbc_reasons", "probit_shift", "replicate_rows", "augmented", "skipped"]
 
 ONE, MEAN = "one group", "group mean"
 
@@ -165,9 +165,9 @@ def local_sbc(
     Returns:
         Per dataset: ``ok`` (every quantity inside its band; None when skipped, with ``skipped`` the
         reason), ``quantities`` (per quantity: ``site``, ``level``, ``functional``, ``p_value``,
-        ``inside``, ``mean_rank``: ranks / L, 0.5 when calibrated), ``worst`` (the quantity of the
-        smallest p-value), ``replicates`` R, ``draws`` L, ``alpha``, ``alpha_per_quantity``,
-        ``rows_added`` M.
+        ``inside``, ``mean_rank``: ranks / L, 0.5 when calibrated; ``shift``: :func:`probit_shift`),
+        ``worst`` (the quantity of the smallest p-value), ``replicates`` R, ``draws`` L, ``alpha``,
+        ``alpha_per_quantity``, ``rows_added`` M.
     """
     B = part.batch_size or 1
     if part.structure.row_level is not None:
@@ -204,6 +204,7 @@ def local_sbc(
                 "p_value": float(test.p_value),
                 "inside": bool(test.inside),
                 "mean_rank": float(r.mean() / settings.draws),
+                "shift": probit_shift(r, settings.draws),
             }
         worst = min(rows_q, key=lambda q: rows_q[q]["p_value"])
         out.append(
@@ -221,6 +222,19 @@ def local_sbc(
     return out
 
 
+def probit_shift(ranks: np.ndarray, draws: int) -> float:
+    """The mean of ``Phi^-1((rank + 1/2) / (L + 1))`` over the replicates: 0 when calibrated (standard
+    error about ``1 / sqrt(R)``); +d when the replicates' parameters lie about d of q's sds above q's
+    draws at the augmented data (q moves down as data accrue), -d below. An effect size next to the
+    band's p-value, which at R = 200 also flags shifts too small to matter."""
+    u = (np.asarray(ranks, dtype=np.float64) + 0.5) / (draws + 1)
+    return float(np.mean(_probit(u)))
+
+
+def _probit(u: np.ndarray) -> np.ndarray:
+    return math.sqrt(2.0) * torch.erfinv(torch.as_tensor(2.0 * u - 1.0, dtype=torch.float64)).numpy()
+
+
 def _sub(part: StructureBatch, b0: int, b1: int) -> StructureBatch:
     """The datasets ``b0:b1`` of a batch, as their own batch (same structure)."""
     return StructureBatch(part.guide, part.model, part.data.with_response(part.data.y[b0:b1]), part.device)
@@ -234,7 +248,8 @@ def local_sbc_reasons(res: dict[str, Any]) -> list[str]:
         return [res["skipped"]]
     bad = [q for q, v in res["quantities"].items() if not v["inside"]]
     bad.sort(key=lambda q: res["quantities"][q]["p_value"])
-    shown = ", ".join(f"'{q}' (p {res['quantities'][q]['p_value']:.2g})" for q in bad[:3])
+    qs = res["quantities"]
+    shown = ", ".join(f"'{q}' (p {qs[q]['p_value']:.2g}, shift {qs[q]['shift']:+.2f} sd)" for q in bad[:3])
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
     return [
         f"local SBC: ranks of {shown}{more} outside the {1 - res['alpha_per_quantity']:.2%} band"

@@ -85,6 +85,16 @@ def test_the_exact_posterior_passes_at_the_nominal_rate(untrained, monkeypatch):
         p = np.array([r["quantities"][q]["p_value"] for r in res])
         assert stats.kstest(p, "uniform").pvalue > 1e-3, (q, np.sort(p))
     assert {r["replicates"] for r in res} == {100} and res[0]["rows_added"] == 22
+    # the effect size: each dataset's shift has standard error about 1 / sqrt(R); their mean is near 0
+    shifts = np.array([r["quantities"]["mu"]["shift"] for r in res])
+    assert abs(shifts.mean()) < 3 * 1.1 / math.sqrt(100 * n) and shifts.std() < 2 / math.sqrt(100), shifts
+
+
+def test_the_shift_is_the_probit_mean_of_the_ranks():
+    rng = np.random.default_rng(0)
+    assert abs(local_sbc.probit_shift(rng.integers(0, 50, 100_000), 49)) < 0.02
+    high = local_sbc.probit_shift(np.clip(np.round(50 * stats.norm.cdf(rng.normal(0.5, 1, 100_000))), 0, 49), 49)
+    assert 0.4 < high < 0.6, high
 
 
 @pytest.mark.parametrize(("scale", "shift"), [(0.5, 0.0), (1.0, 1.0)])
@@ -103,6 +113,7 @@ def test_diagnostics_report_it_decide_on_it_and_name_the_site(untrained, monkeyp
     res = diag["local_sbc"]
     assert res["ok"] is False and not diag["ok"]
     assert "local SBC: ranks of '" in diag["reason"] and res["worst"].split(" ")[0] in diag["reason"]
+    assert " sd)" in diag["reason"] and all("shift" in v for v in res["quantities"].values())
     assert set(res["quantities"]) == {"mu", "theta (one group)", "theta (group mean)"}
     assert math.isclose(res["alpha_per_quantity"], 0.01 / 3)
 
