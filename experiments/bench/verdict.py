@@ -134,6 +134,7 @@ def _row(post: am.Posterior, args: argparse.Namespace, seed: int) -> dict[str, A
         "local_p_min": min((v["p_value"] for v in quantities.values()), default=float("nan")),
         "local_worst": local.get("worst", local.get("skipped", "")),
         "local_shift": quantities[local["worst"]]["shift"] if "worst" in local else float("nan"),
+        "local_shift_flagged": max((abs(v["shift"]) for v in quantities.values() if not v["inside"]), default=0.0),
         "verdict_ms": 1e3 * (t3 - t2),
         "verdict_ms_without_local": 1e3 * (t2 - t1),
         "draw_ms": 1e3 * (t1 - t0),
@@ -197,7 +198,16 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
         f" {cost['verdict_ms_without_local_median']:.0f} ms), drawing 1000 draws {cost['draw_ms_median']:.0f} ms\n"
     )
     cols = ["case", "dataset", "truth", "ok", "by", "globals_k", "ess_ratio", "group_k_p90", "joint_k"]
-    cols += ["local_p_min", "local_worst", "local_shift", "z_globals", "z_globals_corrected", "verdict_ms", "reason"]
+    cols += [
+        "local_p_min",
+        "local_worst",
+        "local_shift",
+        "local_shift_flagged",
+        "z_globals",
+        "z_globals_corrected",
+        "verdict_ms",
+        "reason",
+    ]
     md.append(to_markdown(rows, cols))
     return {"rows": rows, "confusion": confusion, **cost}, "\n".join(md)
 
