@@ -14,7 +14,7 @@ import torch
 
 from .data import HierarchicalData
 
-__all__ = ["batched", "seeded", "DRAWS", "DATASETS"]
+__all__ = ["batched", "on_device_of", "seeded", "DRAWS", "DATASETS"]
 
 DRAWS = "_amortize_draws"  # outer plate over posterior draws / particles
 DATASETS = "_amortize_datasets"  # plate over datasets that share one structure
@@ -29,11 +29,19 @@ def batched(model: Callable, max_plate_nesting: int) -> Callable:
 
     def run(data: HierarchicalData, num_draws: int = 1, num_datasets: int | None = None) -> Any:
         B = num_datasets or data.batch_size or 1
-        with pyro.plate(DRAWS, num_draws, dim=-max_plate_nesting - 2):
+        with on_device_of(data), pyro.plate(DRAWS, num_draws, dim=-max_plate_nesting - 2):
             with pyro.plate(DATASETS, B, dim=-max_plate_nesting - 1):
                 return model(data)
 
     return run
+
+
+def on_device_of(data: HierarchicalData) -> contextlib.AbstractContextManager:
+    """The model runs where its data are: on another device than the CPU, tensors the model creates
+    (a prior's ``dist.Normal(0.0, 2.0)``, written for one dataset on the CPU) are made on the data's
+    device; on the CPU, nothing changes."""
+    device = data.group.device
+    return contextlib.nullcontext() if device.type == "cpu" else torch.device(device)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ OBS = "obs"  # the name of the observation level (rows), used for covariates and
 
 
 def as_index(values: Any, what: str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):  # on any device: checked, and kept, on the CPU
+        values = values.detach().cpu()
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise DataError(f"{what}: expected a 1-d index array, got shape {arr.shape}")

@@ -43,7 +43,7 @@ class ParamScaler(nn.Module):
     @torch.no_grad()
     def fit(self, u: torch.Tensor) -> None:
         u = _pilot_rows(u)
-        q = torch.quantile(u, torch.tensor([0.25, 0.5, 0.75], dtype=u.dtype), dim=0)
+        q = torch.quantile(u, torch.tensor([0.25, 0.5, 0.75], dtype=u.dtype, device=u.device), dim=0)
         scale = (q[2] - q[0]) / 1.349
         self.loc.copy_(q[1])
         self.scale.copy_(torch.where(scale > 1e-4, scale, u.std(0).clamp_min(1e-4)))
@@ -133,7 +133,7 @@ class GlobalHead(nn.Module):
         feats = torch.cat([raw, self._per_count(raw, c)], -1) if use_counts else raw
         mean, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
         x = torch.cat([(feats - mean) / sd, torch.ones_like(feats[:, :1])], -1)
-        ridge = 1e-3 * x.shape[0] * torch.eye(x.shape[1], dtype=x.dtype)
+        ridge = 1e-3 * x.shape[0] * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         ridge[-1, -1] = 0.0
         sol = torch.linalg.solve(x.T @ x + ridge, x.T @ u)  # [F + 1, D]
         w = sol[:-1] / sd.unsqueeze(-1)  # [F, D]
@@ -150,7 +150,9 @@ class GlobalHead(nn.Module):
             self.raw_per_count.bias.zero_()
             cx = torch.cat([c - c.mean(0), torch.ones_like(c[:, :1])], -1)
             target = resid.abs().clamp_min(1e-12).log() + 0.635
-            ridge = 1e-3 * cx.shape[0] * torch.eye(cx.shape[1], dtype=cx.dtype)  # constant counts: slope 0
+            ridge = (
+                1e-3 * cx.shape[0] * torch.eye(cx.shape[1], dtype=cx.dtype, device=cx.device)
+            )  # constant counts: slope 0
             ridge[-1, -1] = 0.0
             ls = torch.linalg.solve(cx.T @ cx + ridge, cx.T @ target)  # [c + 1, D]
             self.count_unit.weight.copy_(ls[:-1].T)
@@ -289,11 +291,17 @@ class GroupHead(nn.Module):
         ok = torch.isfinite(cand).all(-1) & torch.isfinite(prec).all(-1) & torch.isfinite(log_sd)
         ok &= torch.isfinite(stats.dataset_mean.double()[:m]) & torch.isfinite(u).all(-1)
         cand, counts, log_sd, u = cand[ok], prec[ok], log_sd[ok], u[ok]
-        w_loc, b_loc = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
-        w_scale, b_scale = torch.zeros(self.dim, 2, dtype=u.dtype), torch.zeros(self.dim, dtype=u.dtype)
+        w_loc, b_loc = (
+            torch.zeros(self.dim, 2, dtype=u.dtype, device=u.device),
+            torch.zeros(self.dim, dtype=u.dtype, device=u.device),
+        )
+        w_scale, b_scale = (
+            torch.zeros(self.dim, 2, dtype=u.dtype, device=u.device),
+            torch.zeros(self.dim, dtype=u.dtype, device=u.device),
+        )
         w_slope, w_slope_scale = (
-            torch.zeros(self.dim, k_all, dtype=u.dtype),
-            torch.zeros(self.dim, k_all, dtype=u.dtype),
+            torch.zeros(self.dim, k_all, dtype=u.dtype, device=u.device),
+            torch.zeros(self.dim, k_all, dtype=u.dtype, device=u.device),
         )
         # a slope of a group whose covariate (nearly) does not vary is no measurement: left out of the fits
         valid = counts > counts.median(0).values - math.log(1e6)  # [M, 1 + k]
@@ -302,7 +310,7 @@ class GroupHead(nn.Module):
             corrs = [_corr(x[valid[:, i]], cand[valid[:, i], i]) for i in range(cand.shape[1])]
             best = max(range(len(corrs)), key=lambda i: abs(corrs[i]))
             if abs(corrs[best]) < 0.1:
-                q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype))
+                q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype, device=x.device))
                 b_loc[j], b_scale[j] = q[1], torch.log(((q[2] - q[0]) / 1.349).clamp_min(1e-4))
                 continue
             rows = valid[:, best]
@@ -317,7 +325,10 @@ class GroupHead(nn.Module):
             resid = ((stat - c - d * xv) / d).abs().clamp_min(1e-12)
             # E log|z| = -0.635 for z ~ N(0, 1): regress the log unit on (log sd, log n or precision, 1)
             design = torch.stack([log_sd[rows], counts[rows, best], torch.ones_like(xv)], -1)
-            sol = torch.linalg.lstsq(design, (resid.log() + 0.635).unsqueeze(-1)).solution.squeeze(-1)
+            # on the CPU, whose default driver (gelsy) solves a rank-deficient design (a constant count);
+            # CUDA's only driver (gels) assumes full rank
+            rhs = (resid.log() + 0.635).unsqueeze(-1)
+            sol = torch.linalg.lstsq(design.cpu(), rhs.cpu()).solution.squeeze(-1).to(design.device)
             w_scale[j, 0], b_scale[j] = sol[0], sol[2]
             if best == 0:
                 w_scale[j, 1] = sol[1]
