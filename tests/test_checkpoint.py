@@ -101,7 +101,7 @@ def test_checkpoint_of_format_1_is_refused_naming_the_file_and_versions(trained,
 
 def test_checkpoint_of_library_0_2_is_refused_whatever_its_format(trained, tmp_path):
     path = _tampered(trained, tmp_path, lambda p: p.update(library_version="0.2.3"))
-    with pytest.raises(CheckpointError, match=r"ck\.pt: written by amortize 0\.2\.3, this is 0\.4\.0; retrain"):
+    with pytest.raises(CheckpointError, match=r"ck\.pt: written by amortize 0\.2\.3, this is 0\.5\.0; retrain"):
         am.Amortizer.load(path, normal_known)
 
 

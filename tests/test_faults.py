@@ -364,11 +364,15 @@ def test_sampler_with_other_covariates_is_refused(saved):
     [
         (
             {"library_version": "0.2.3"},
-            "written by amortize 0.2.3, this is 0.4.0; retrain, or load it with amortize 0.2.x",
+            "written by amortize 0.2.3, this is 0.5.0; retrain, or load it with amortize 0.2.x",
         ),
         (
             {"library_version": "0.3.0"},
-            "written by amortize 0.3.0, this is 0.4.0; retrain, or load it with amortize 0.3.x",
+            "written by amortize 0.3.0, this is 0.5.0; retrain, or load it with amortize 0.3.x",
+        ),
+        (
+            {"library_version": "0.4.0"},
+            "written by amortize 0.4.0, this is 0.5.0; retrain, or load it with amortize 0.4.x",
         ),
         ({"library_version": "1.1.0"}, "written by amortize 1.1.0"),
         ({"library_version": None}, "no library version"),

@@ -18,7 +18,6 @@ import amortize as am
 from amortize.models import SAMPLERS, gaussian_3level, logistic_3level
 from amortize.nn.data_terms import group_terms, site_term
 from amortize.nn.encoder import term_features
-from amortize.nn.least_squares import segment_mean
 from amortize.objectives import backward_in_chunks, batch_loss, chunk_datasets
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "real_designs.py"
@@ -34,25 +33,23 @@ def _fitted(model, name: str, seed: int = 0) -> am.Amortizer:
 
 
 def _plain_encoder(enc, data, terms):
-    """The encoder as the plain formulas write it: phi on every row, its mean per group of each level."""
+    """The encoder as the plain formulas write it: each level's network on its statistics, data terms and
+    its children's mean embedding; the dataset network on the dataset's statistics and the groups' mean."""
     stats = enc.statistics(data)
-    h_obs = enc.phi(stats.obs_features)  # [B, N, H]
     groups, child = {}, None
     for i in reversed(range(len(enc.levels))):
         lvl = enc.levels[i]
         G = data.size(lvl)
-        parts = [
-            enc.scalers[lvl](stats.levels[lvl].features),
-            segment_mean(h_obs, data.index(lvl), G, data.counts(lvl)),
-        ]
+        parts = [enc.scalers[lvl](stats.levels[lvl].features)]
         if lvl in enc.term_dims:
             parts.append(enc.term_scalers[lvl](term_features(terms[lvl])))
         if child is not None:
             cidx = data.parent_index(enc.levels[i + 1])
-            parts.append(segment_mean(child, cidx, G, torch.bincount(cidx, minlength=G)))
+            members = [child[:, cidx == g].mean(1) for g in range(G)]  # one group at a time
+            parts.append(torch.stack(members, 1))
         child = groups[lvl] = enc.nets[lvl](torch.cat(parts, -1))
     top = groups[enc.levels[0]].mean(-2)
-    dataset = enc.global_net(torch.cat([enc.global_scaler(stats.features), h_obs.mean(-2), top], -1))
+    dataset = enc.global_net(torch.cat([enc.global_scaler(stats.features), top], -1))
     return dataset, groups
 
 
@@ -68,7 +65,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("model, name", [(gaussian_3level, "gaussian_3level"), (logistic_3level, "logistic_3level")])
-def test_encoder_pools_phi_as_the_plain_formula(model, name):
+def test_encoder_pools_the_levels_as_the_plain_formula(model, name):
     a = _fitted(model, name)
     enc = a.guide.encoder
     sim = a.simulate_batch(torch.Generator().manual_seed(1), 5)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data import OBS, HierarchicalData
 from .data_terms import DataTerm
-from .least_squares import segment_mean, segment_sum
+from .least_squares import segment_mean
 from .statistics import STATISTICS_VERSION, DatasetStatistics, dataset_statistics
 
 __all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp", "term_features"]
@@ -106,14 +106,13 @@ class HierarchicalEncoder(nn.Module):
         self.cov_names = {lvl: list(names) for lvl, names in covariates.items()}
         kx = len(self.cov_names.get(OBS, []))
         self.obs_dim = 2 + 2 * kx  # standardized y, asinh y, covariates, y * covariates
-        self.phi = mlp(self.obs_dim, 32, hidden, layers=1)  # per observation: kept small, it runs N times
         self.level_stats = {lvl: self._n_level_stats(lvl) for lvl in self.levels}
         self.scalers = nn.ModuleDict({lvl: RobustScaler(n) for lvl, n in self.level_stats.items()})
         self.nets = nn.ModuleDict()
         for i, lvl in enumerate(self.levels):
             child = hidden if i + 1 < len(self.levels) else 0
             term = 2 * self.term_dims.get(lvl, 0)
-            self.nets[lvl] = mlp(self.level_stats[lvl] + term + hidden + child, hidden, hidden)
+            self.nets[lvl] = mlp(self.level_stats[lvl] + term + child, hidden, hidden)
         self.n_global_stats = 4 + self.obs_dim + 7 * len(self.levels)
         self.raw_dataset_dim = 2 + 3 * len(self.levels)
         self.count_dim = len(self.levels) + 1
@@ -126,7 +125,7 @@ class HierarchicalEncoder(nn.Module):
             lvl: kx + 2 if kx and i == len(self.levels) - 1 else 0 for i, lvl in enumerate(self.levels)
         }
         self.global_scaler = RobustScaler(self.n_global_stats)
-        self.global_net = mlp(self.n_global_stats + 2 * hidden, hidden, hidden)
+        self.global_net = mlp(self.n_global_stats + hidden, hidden, hidden)
 
     def _n_level_stats(self, lvl: str) -> int:
         inner = self.levels.index(lvl) == len(self.levels) - 1
@@ -148,29 +147,22 @@ class HierarchicalEncoder(nn.Module):
         self.global_scaler.fit(torch.cat([s.features for s in statistics]))
 
     def forward(self, data: HierarchicalData, terms: dict | None = None) -> Encoding:
-        """Embed ``data`` bottom-up: per-observation features pooled into groups, groups into parents.
+        """Embed ``data`` bottom-up: each level's network reads its groups' statistics (and data terms)
+        and the mean embedding of its child groups; the dataset network reads the dataset's statistics
+        and the mean embedding of the outermost groups.
 
-        The mean of ``phi`` over a group's rows is computed as ``phi``'s last (linear) layer applied to
-        the mean of its hidden activations: the same value, with the N-row work done at the hidden
-        width and the rows summed once, into the innermost groups, whose sums add up the levels."""
+        No network runs per row: the rows enter through the statistics (segment sums, no gradient). A
+        learned per-row network (0.4.0's ``phi``, pooled per group) cost 35-40% of a training step on a
+        31,874-row design and gained nothing measurable on held-out simulations of four models
+        (``experiments/results/0.5.0/per-row-network-ab.md``)."""
         data = data.as_levels(self.levels)  # a model with latents per row: the rows as its innermost level
         stats = self.statistics(data)
-        hidden = self.phi[:-1](stats.obs_features)  # [B, N, 32]: phi before its last, linear, layer
-        last = self.phi[-1]
-        sums: dict[str, torch.Tensor] = {}  # per level: [B, G, 32] sums of the hidden rows
-        inner = self.levels[-1]
-        sums[inner] = segment_sum(hidden, data.index(inner), data.size(inner))
-        for i in reversed(range(len(self.levels) - 1)):
-            below = self.levels[i + 1]
-            sums[self.levels[i]] = segment_sum(sums[below], data.parent_index(below), data.size(self.levels[i]))
         groups: dict[str, torch.Tensor] = {}
         child: torch.Tensor | None = None
         for i in reversed(range(len(self.levels))):
             lvl = self.levels[i]
             G = data.size(lvl)
-            n = data.counts(lvl).to(hidden.dtype).unsqueeze(-1)  # [G, 1] rows per group
-            pooled = last(sums[lvl] / n)  # [B, G, H]: the mean of phi over the group's rows
-            parts = [self.scalers[lvl](stats.levels[lvl].features), pooled]
+            parts = [self.scalers[lvl](stats.levels[lvl].features)]
             if lvl in self.term_dims:
                 parts.append(self.term_scalers[lvl](term_features(terms[lvl])))
             if child is not None:
@@ -178,6 +170,5 @@ class HierarchicalEncoder(nn.Module):
                 parts.append(segment_mean(child, cidx, G, torch.bincount(cidx, minlength=G)))
             child = groups[lvl] = self.nets[lvl](torch.cat(parts, -1))  # [B, G, H]
         top = groups[self.levels[0]].mean(-2)  # [B, H]
-        rows_mean = last(sums[self.levels[0]].sum(-2) / data.n_obs)  # [B, H]: the mean of phi over all rows
-        dataset = self.global_net(torch.cat([self.global_scaler(stats.features), rows_mean, top], -1))
+        dataset = self.global_net(torch.cat([self.global_scaler(stats.features), top], -1))
         return Encoding(dataset, groups, stats)

@@ -10,7 +10,8 @@
 # Runs with the machine's python3 and torch; pyro-ppl, pyro-api and omegaconf are installed from
 # wheels in .whl when present (a machine without a package index). Writes log.txt and the
 # benchmarks' results under $OUT (default checkpoints/gpu-check). The benchmarks run only when the
-# tests pass (BENCH_ANYWAY=1: in any case); CPU_BASELINE=0 leaves out step 4.
+# tests pass (BENCH_ANYWAY=1: in any case); CPU_BASELINE=0 leaves out step 4, LARGE=0 step 3;
+# RD_BATCHES sets step 2's batch sizes (default "128 1024").
 #
 #     bash experiments/bench/gpu_check.sh
 set -u
@@ -33,10 +34,10 @@ LOG=$OUT/log.txt
         [ "${BENCH_ANYWAY:-0}" = 1 ] || { echo "benchmarks not run (BENCH_ANYWAY=1 runs them)"; exit 1; }
     fi
     echo "== 2. real_designs.py on cuda"
-    timeout 170 python3 experiments/bench/real_designs.py --device cuda --threads 4 --batch-sizes 128 1024 \
+    timeout 170 python3 experiments/bench/real_designs.py --device cuda --threads 4 --batch-sizes ${RD_BATCHES:-128 1024} \
         --sweep-batch 128 --budget 4 --usable 200 --out "$OUT/rd-cuda" 2>&1 | grep -v "^written"
     echo "== 3. large.py on cuda"
-    timeout 120 python3 experiments/bench/large.py --device cuda --threads 4 --out "$OUT/large-cuda" 2>&1 | tail -25
+    [ "${LARGE:-1}" = 1 ] && timeout 120 python3 experiments/bench/large.py --device cuda --threads 4 --out "$OUT/large-cuda" 2>&1 | tail -25
     [ "${CPU_BASELINE:-1}" = 1 ] || exit 0
     echo "== 4. real_designs.py on the CPU (16 threads): the baseline"
     timeout 150 python3 experiments/bench/real_designs.py --device cpu --threads 16 --batch-sizes 128 \
