@@ -113,8 +113,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
       amortize sample RUN_DIR --data my.csv --levels district,school --response y --covariates obs:x --out draws.csv
       amortize sample RUN_DIR --data my.csv --correct --num-samples 2000 --seed 1 --out draws.nc
 
-    Pareto k is estimated on --k-sets independent sets of --num-samples draws: the pooled k, its range
-    over the sets and the decision (ok, or why not) are printed and written into the output.
+    The globals' Pareto k is estimated on --k-sets independent sets of --num-samples / 4 global draws
+    (at least 100) each: the pooled k, its range over the sets and the decision (ok, or why not) are
+    printed and written into the output.
     """
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix not in (".nc", ".csv"):
