@@ -90,7 +90,7 @@ class DataTerm:
     def _eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Floored eigenvalues ``[B, G, D]`` and eigenvectors of the information, in double precision."""
         info = self.information.double()
-        floor = torch.full(info.shape[:-2], FLOOR, dtype=info.dtype, device=info.device)
+        floor = info.new_full(info.shape[:-2], FLOOR)
         if self.floor is not None:
             floor = torch.maximum(floor, self.floor.double())
         if info.shape[-1] == 1:
@@ -272,7 +272,7 @@ class TermRange(nn.Module):
             for j in range(t.shape[-1]):
                 col = t[:, j][torch.isfinite(t[:, j])].double()
                 if col.numel():
-                    q = torch.quantile(col, torch.tensor([0.001, 0.999], dtype=col.dtype, device=col.device))
+                    q = torch.quantile(col, col.new_tensor([0.001, 0.999]))
                     self.bounds[:, i, j] = q.to(self.bounds.dtype)
 
     def forward(self, term: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

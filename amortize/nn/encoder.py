@@ -53,7 +53,7 @@ class RobustScaler(nn.Module):
     @torch.no_grad()
     def fit(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
-        q = torch.quantile(x[:200_000], torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype, device=x.device), dim=0)
+        q = torch.quantile(x[:200_000], x.new_tensor([0.25, 0.5, 0.75]), dim=0)
         scale = (q[2] - q[0]) / 1.349
         scale = torch.where(scale > 1e-6, scale, x.std(0).clamp_min(1e-6))
         self.loc.copy_(q[1])

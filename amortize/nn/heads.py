@@ -43,7 +43,7 @@ class ParamScaler(nn.Module):
     @torch.no_grad()
     def fit(self, u: torch.Tensor) -> None:
         u = _pilot_rows(u)
-        q = torch.quantile(u, torch.tensor([0.25, 0.5, 0.75], dtype=u.dtype, device=u.device), dim=0)
+        q = torch.quantile(u, u.new_tensor([0.25, 0.5, 0.75]), dim=0)
         scale = (q[2] - q[0]) / 1.349
         self.loc.copy_(q[1])
         self.scale.copy_(torch.where(scale > 1e-4, scale, u.std(0).clamp_min(1e-4)))
@@ -291,18 +291,9 @@ class GroupHead(nn.Module):
         ok = torch.isfinite(cand).all(-1) & torch.isfinite(prec).all(-1) & torch.isfinite(log_sd)
         ok &= torch.isfinite(stats.dataset_mean.double()[:m]) & torch.isfinite(u).all(-1)
         cand, counts, log_sd, u = cand[ok], prec[ok], log_sd[ok], u[ok]
-        w_loc, b_loc = (
-            torch.zeros(self.dim, 2, dtype=u.dtype, device=u.device),
-            torch.zeros(self.dim, dtype=u.dtype, device=u.device),
-        )
-        w_scale, b_scale = (
-            torch.zeros(self.dim, 2, dtype=u.dtype, device=u.device),
-            torch.zeros(self.dim, dtype=u.dtype, device=u.device),
-        )
-        w_slope, w_slope_scale = (
-            torch.zeros(self.dim, k_all, dtype=u.dtype, device=u.device),
-            torch.zeros(self.dim, k_all, dtype=u.dtype, device=u.device),
-        )
+        w_loc, b_loc = u.new_zeros(self.dim, 2), u.new_zeros(self.dim)
+        w_scale, b_scale = u.new_zeros(self.dim, 2), u.new_zeros(self.dim)
+        w_slope, w_slope_scale = u.new_zeros(self.dim, k_all), u.new_zeros(self.dim, k_all)
         # a slope of a group whose covariate (nearly) does not vary is no measurement: left out of the fits
         valid = counts > counts.median(0).values - math.log(1e6)  # [M, 1 + k]
         for j in range(self.dim):
@@ -310,7 +301,7 @@ class GroupHead(nn.Module):
             corrs = [_corr(x[valid[:, i]], cand[valid[:, i], i]) for i in range(cand.shape[1])]
             best = max(range(len(corrs)), key=lambda i: abs(corrs[i]))
             if abs(corrs[best]) < 0.1:
-                q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype, device=x.device))
+                q = torch.quantile(x, x.new_tensor([0.25, 0.5, 0.75]))
                 b_loc[j], b_scale[j] = q[1], torch.log(((q[2] - q[0]) / 1.349).clamp_min(1e-4))
                 continue
             rows = valid[:, best]

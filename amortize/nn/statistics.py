@@ -113,7 +113,6 @@ class DatasetStatistics:
 
     levels: dict[str, LevelStatistics]  # outermost first
     features: torch.Tensor  # [B, F] the dataset's summaries for the dataset network (the encoder scales them)
-    obs_features: torch.Tensor  # [B, N, F_obs] per-observation features
     mean: torch.Tensor  # [B] mean response
     log_sd: torch.Tensor  # [B] log sd of the response
     log_rows: torch.Tensor  # [B] log number of rows
@@ -272,7 +271,6 @@ def dataset_statistics(
     return DatasetStatistics(
         levels={lvl: out[lvl] for lvl in levels},
         features=torch.stack(glob, -1),
-        obs_features=f,
         mean=m.squeeze(-1),
         log_sd=log_s.squeeze(-1),
         log_rows=y.new_tensor(math.log(N)).expand(B),
