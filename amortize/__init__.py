@@ -10,6 +10,7 @@ from .simulate import StructureSampler, simulate
 from .sources import PriorPredictive, Subsampled  # noqa: E402
 from .structure import ModelStructure, trace_structure  # noqa: E402
 from .train import Interrupted, TrainConfig  # noqa: E402
+from .truncated import Truncated  # noqa: E402
 from .version import __version__
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "LocalSBC",
     "PriorPredictive",
     "Subsampled",
+    "Truncated",
     "Interrupted",
     "TrainConfig",
     "TrainingError",

@@ -29,6 +29,7 @@ from .posterior import Posterior
 from .rng import get_rng, training_stream
 from .simulate import DropTally, Simulation, StructureSampler, simulate_counted
 from .sources import PriorPredictive, Subsampled, dataset_key
+from .truncated import Truncated
 from .structure import seeded, trace_structure
 from .subsample import GlobalGaussian
 from .train import StepFn, TrainConfig, train
@@ -95,9 +96,10 @@ class Amortizer:
         self._rng: dict[str, Any] | None = None  # torch's RNG as training left it (None: never trained)
         self._trainable = True
         self._ranges: dict[str, Any] | None = None
-        self.source: PriorPredictive | Subsampled | None = None  # the data source of the last fit
+        self.source: PriorPredictive | Subsampled | Truncated | None = None  # the data source of the last fit
         self.q_globals: GlobalGaussian | None = None  # q(globals) of the one dataset of a subsampled fit
         self.subsampled: dict[str, Any] | None = None  # {"data": dataset_key, "groups_per_step": b}
+        self.truncation: dict[str, Any] | None = None  # a Truncated fit's record: its dataset, rounds, region
 
     def __repr__(self) -> str:
         sites = ", ".join(f"{s.name}@{s.level or 'global'}" for s in self.structure.latents)
@@ -118,7 +120,7 @@ class Amortizer:
         step_fn: StepFn | None = None,
         is_main: bool = True,
         callback: Callable[[int, float], None] | None = None,
-        source: PriorPredictive | Subsampled | None = None,
+        source: PriorPredictive | Subsampled | Truncated | None = None,
         **overrides: Any,
     ) -> list[dict[str, float]]:
         """Train (or continue training) the amortized posterior.
@@ -131,7 +133,9 @@ class Amortizer:
         Args:
             source: where each step's data come from (:mod:`amortize.sources`): simulations from the
                 prior predictive (default), or ``Subsampled(data, groups_per_step=...)``, one large
-                dataset whose q(globals) the amortizer then keeps (``posterior(data)`` streams it).
+                dataset whose q(globals) the amortizer then keeps (``posterior(data)`` streams it), or
+                ``Truncated(data)``, simulations around one observed dataset (truncated proposals,
+                :mod:`amortize.truncated`; the record of its rounds is ``self.truncation``).
             config: a :class:`TrainConfig`; keyword ``overrides`` replace its fields
                 (``steps=3000, objective="elbo"``, ...).
             log_dir: TensorBoard run directory (scalars: loss, lr, grad norm, datasets/s).
@@ -176,6 +180,11 @@ class Amortizer:
         if source is None and self.subsampled is not None:
             raise AmortizeError(
                 "fit: this amortizer was fitted on one large dataset; continue with source=Subsampled(data, ...)"
+            )
+        if source is None and self.truncation is not None:
+            raise AmortizeError(
+                "fit: this amortizer was trained around one dataset (truncated proposals); continue with"
+                " source=Truncated(data, ...)"
             )
         if step_fn is not None and isinstance(source, Subsampled):
             raise ConfigError("fit: step_fn shards simulated batches; a Subsampled source runs with the default step")
@@ -278,6 +287,7 @@ class Amortizer:
                 **self.subsampled,
                 "q_globals": None if self.q_globals is None else self.q_globals.state_dict(),
             },
+            "truncation": self.truncation,
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -361,6 +371,7 @@ class Amortizer:
                 dtype = next(new.guide.parameters()).dtype
                 new.q_globals = GlobalGaussian(st, torch.zeros(D), torch.eye(D)).to(new.device, dtype)
                 new.q_globals.load_state_dict(sub["q_globals"])
+        new.truncation = ck.get("truncation")
         opt = ck["optimizer"]
         n_params = len(list(new.guide.parameters()))
         n_params += 0 if new.q_globals is None else len(list(new.q_globals.parameters()))  # a subsampled run's

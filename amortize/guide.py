@@ -150,7 +150,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         terms = group_terms(self.user_model, self.structure, data)
         enc = self.encoder(data, terms)
         B = enc.dataset.shape[0]
-        state: dict[str, Any] = {"terms": {}, "lower": {}}
+        state: dict[str, Any] = {"terms": {}, "lower": {}, "embedding": enc.dataset}
         if self.global_head is not None:
             stats = enc.statistics
             std = self.global_head.standardizer(

@@ -185,8 +185,16 @@ class Simulation:
         return out
 
 
-def simulate(model: Callable, structure: ModelStructure, data: HierarchicalData, num_datasets: int) -> Simulation:
-    """Draw ``num_datasets`` datasets from the prior predictive on ``data``'s structure.
+def simulate(
+    model: Callable,
+    structure: ModelStructure,
+    data: HierarchicalData,
+    num_datasets: int,
+    given: Mapping[str, torch.Tensor] | None = None,
+) -> Simulation:
+    """Draw ``num_datasets`` datasets from the prior predictive on ``data``'s structure; ``given``:
+    values of some latent sites (batched layout ``[1, num_datasets, 1.., *event]``), the rest drawn
+    from the model given them.
 
     Datasets whose response is not finite, or whose latents are not inside their support (a
     positive scale that underflowed to 0: no finite unconstrained value), are dropped, so fewer may
@@ -194,7 +202,7 @@ def simulate(model: Callable, structure: ModelStructure, data: HierarchicalData,
     are off while simulating: such a draw would otherwise raise inside the model (a Normal with
     scale 0) and end training.
     """
-    fn = batched(model, structure.max_plate_nesting)
+    fn = batched(model if not given else poutine.condition(model, data=dict(given)), structure.max_plate_nesting)
     with torch.no_grad(), pyro.validation_enabled(False):
         tr = poutine.trace(fn).get_trace(data.with_response(None), 1, num_datasets)
     y = tr.nodes[structure.response]["value"].reshape(num_datasets, data.n_obs)
@@ -231,14 +239,16 @@ class DropTally:
         response: the response site (its drops are non-finite values; a latent's, values outside its support).
         limit: the share of dropped simulations that stops training.
         alpha: how sure the share must be to exceed ``limit``.
+        exempt: sites whose drops are counted and reported but do not count towards ``limit``.
 
     Attributes:
         requested: datasets simulated.
         dropped: ``{site: count}`` of those dropped.
     """
 
-    def __init__(self, response: str, limit: float = 0.01, alpha: float = 1e-3) -> None:
+    def __init__(self, response: str, limit: float = 0.01, alpha: float = 1e-3, exempt: Sequence[str] = ()) -> None:
         self.response, self.limit, self.alpha = response, float(limit), float(alpha)
+        self.exempt = frozenset(exempt)
         self.requested = 0
         self.dropped: dict[str, int] = {}
 
@@ -270,7 +280,8 @@ class DropTally:
         return ", ".join(f"site '{k}': {v}" for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
 
     def _beyond_limit(self) -> bool:
-        n, q, p = self.requested, self.total / max(self.requested, 1), self.limit
+        counted = sum(v for k, v in self.dropped.items() if k not in self.exempt)
+        n, q, p = self.requested, counted / max(self.requested, 1), self.limit
         if q <= p:
             return False
         kl = q * math.log(q / p) + ((1 - q) * math.log((1 - q) / (1 - p)) if q < 1 else 0.0)
@@ -278,27 +289,34 @@ class DropTally:
 
     def message(self) -> str:
         """What was dropped, naming the site that dropped most and the share."""
-        site = max(self.dropped, key=self.dropped.get)
+        counted = {k: v for k, v in self.dropped.items() if k not in self.exempt} or self.dropped
+        site = max(counted, key=counted.get)
         why = "a non-finite response" if site == self.response else "a value outside its support"
+        total = sum(counted.values())
         return (
-            f"simulation: {self.total} of {self.requested} prior-predictive datasets"
-            f" ({100 * self.total / max(self.requested, 1):.1f}%) were dropped, most for site '{site}' ({why};"
+            f"simulation: {total} of {self.requested} prior-predictive datasets"
+            f" ({100 * total / max(self.requested, 1):.1f}%) were dropped, most for site '{site}' ({why};"
             f" {self._by_site()}); dropping more than {100 * self.limit:g}% changes the prior that training sees."
             " Make every prior draw give finite values (tighter priors, a stable parameterization)"
         )
 
 
 def simulate_counted(
-    model: Callable, structure: ModelStructure, data: HierarchicalData, num_datasets: int, tally: DropTally
+    model: Callable,
+    structure: ModelStructure,
+    data: HierarchicalData,
+    num_datasets: int,
+    tally: DropTally,
+    given: Mapping[str, torch.Tensor] | None = None,
 ) -> Simulation:
-    """:func:`simulate`, counting its drops in ``tally``; a batch that comes back empty is drawn
+    """:func:`simulate` (of ``given`` values of some sites), counting its drops in ``tally``; a batch that comes back empty is drawn
     again (a model that drops everything: the tally's limit stops it at the second try).
 
     Raises:
         TrainingError: the tally's share of dropped simulations is over its limit.
     """
     while True:
-        sim = simulate(model, structure, data, num_datasets)
+        sim = simulate(model, structure, data, num_datasets, given)
         tally.add(sim)
         if sim.data.batch_size:
             return sim
