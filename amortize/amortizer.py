@@ -29,10 +29,10 @@ from .posterior import Posterior
 from .rng import get_rng, training_stream
 from .simulate import DropTally, Simulation, StructureSampler, simulate_counted
 from .sources import PriorPredictive, Subsampled, dataset_key
-from .truncated import Truncated
 from .structure import seeded, trace_structure
 from .subsample import GlobalGaussian
 from .train import StepFn, TrainConfig, train
+from .truncated import Truncated
 from .version import __version__ as _version
 
 __all__ = ["Amortizer"]

@@ -309,8 +309,8 @@ def simulate_counted(
     tally: DropTally,
     given: Mapping[str, torch.Tensor] | None = None,
 ) -> Simulation:
-    """:func:`simulate` (of ``given`` values of some sites), counting its drops in ``tally``; a batch that comes back empty is drawn
-    again (a model that drops everything: the tally's limit stops it at the second try).
+    """:func:`simulate` (of ``given`` values of some sites), counting its drops in ``tally``; a batch
+    that comes back empty is drawn again (a model that drops everything: the tally's limit stops it at the second try).
 
     Raises:
         TrainingError: the tally's share of dropped simulations is over its limit.

@@ -210,7 +210,9 @@ class Truncated:
         if truncate:
             given = self._accepted_globals(amortizer, num_datasets, entry)
         before = self._tally.requested, dict(self._tally.dropped)
-        sim = simulate_counted(amortizer.model, amortizer.structure, self._structure_data, num_datasets, self._tally, given)
+        sim = simulate_counted(
+            amortizer.model, amortizer.structure, self._structure_data, num_datasets, self._tally, given
+        )
         entry["requested"] += self._tally.requested - before[0]
         for site, n in self._tally.dropped.items():
             lost = n - before[1].get(site, 0)
