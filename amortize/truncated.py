@@ -152,7 +152,7 @@ class Truncated:
         """Check the data, start or resume the record, and run the pilot on prior simulations when needed."""
         structure = amortizer.structure
         dtype = next(amortizer.guide.parameters()).dtype
-        check_data(self.data, structure, amortizer.guide.encoder.cov_names, dtype)
+        check_data(structure.complete(self.data), structure, amortizer.guide.encoder.cov_names, dtype)
         key = dataset_key(self.data)
         record = amortizer.truncation
         if record is not None and record.get("data") != key:
@@ -168,8 +168,8 @@ class Truncated:
             amortizer.truncation = record
         self._record = record
         self._tally = DropTally(structure.response, exempt=(structure.response,))
-        self._x = self.data.to(amortizer.device, dtype)
-        self._structure_data = self._x.with_response(None)
+        self._structure_data = self.data.to(amortizer.device, dtype).with_response(None)  # what the model runs on
+        self._x = structure.complete(self.data).to(amortizer.device, dtype)  # what the guide reads (rows as a level)
         r = record.get("region")
         self._region = None if r is None else _Region.from_state(amortizer.guide.global_head, r)
         if not amortizer.pilot_done:
