@@ -36,7 +36,7 @@ from .train import TrainConfig, batch_loss, pilot_fit
 if TYPE_CHECKING:
     from .amortizer import Amortizer
 
-__all__ = ["PriorPredictive", "Subsampled", "dataset_key"]
+__all__ = ["PriorPredictive", "Subsampled", "dataset_key", "same_dataset"]
 
 
 class PriorPredictive:
@@ -71,6 +71,21 @@ def dataset_key(data: HierarchicalData) -> list[Any]:
     """A cheap identity of one dataset (sizes, rows and the response's sum): what a subsampled fit was on."""
     y = 0.0 if data.y is None else float(data.y.double().sum())
     return [list(data.levels), [data.size(lvl) for lvl in data.levels], int(data.n_obs), y]
+
+
+def same_dataset(record: dict[str, Any] | None, data: HierarchicalData, what: str) -> list[Any]:
+    """``data``'s :func:`dataset_key`, after checking that a one-dataset fit's ``record`` (None: none
+    yet) was on the same dataset.
+
+    Raises:
+        DataError: it was on another; ``what`` says how (``"Subsampled: ... was fitted on"``).
+    """
+    key = dataset_key(data)
+    if record is not None and record.get("data") != key:
+        raise DataError(
+            f"{what} another dataset (sizes {record['data'][:3]}, this one {key[:3]}); build a new amortizer for it"
+        )
+    return key
 
 
 class _SubsetSimulator:
@@ -136,13 +151,8 @@ class Subsampled:
         dtype = next(amortizer.guide.parameters()).dtype
         probe, _ = self.index.restrict(torch.arange(min(self.groups_per_step, 4)))
         check_data(probe, amortizer.structure, amortizer.guide.encoder.cov_names, dtype)
-        key = dataset_key(self.data)
         fitted = amortizer.subsampled
-        if fitted is not None and fitted.get("data") != key:
-            raise DataError(
-                f"Subsampled: this amortizer was fitted on another dataset (sizes {fitted.get('data')[:3]},"
-                f" this one {key[:3]}); build a new amortizer for it"
-            )
+        key = same_dataset(fitted, self.data, "Subsampled: this amortizer was fitted on")
         if fitted is None and amortizer.step > 0:  # trained on simulations: fine-tuning is a new run
             amortizer.step, amortizer.optimizer, amortizer._optimizer_state = 0, None, None
         if not amortizer.pilot_done:

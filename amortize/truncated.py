@@ -50,7 +50,7 @@ from .errors import DataError, TrainingError
 from .objectives import backward_in_chunks
 from .ranges import record_ranges
 from .simulate import DropTally, Simulation, StructureSampler, simulate_counted
-from .sources import dataset_key
+from .sources import same_dataset
 from .structure import batched
 from .train import TrainConfig, batch_loss, pilot_fit
 
@@ -153,13 +153,8 @@ class Truncated:
         structure = amortizer.structure
         dtype = next(amortizer.guide.parameters()).dtype
         check_data(structure.complete(self.data), structure, amortizer.guide.encoder.cov_names, dtype)
-        key = dataset_key(self.data)
         record = amortizer.truncation
-        if record is not None and record.get("data") != key:
-            raise DataError(
-                f"Truncated: this amortizer was trained around another dataset (sizes {record['data'][:3]},"
-                f" this one {key[:3]}); build a new amortizer for it"
-            )
+        key = same_dataset(record, self.data, "Truncated: this amortizer was trained around")
         if record is None:
             pretrained = amortizer.step > 0
             if pretrained:  # trained on the prior: truncation is a new run from its first step
@@ -169,6 +164,7 @@ class Truncated:
         self._record = record
         self._tally = DropTally(structure.response, exempt=(structure.response,))
         self._structure_data = self.data.to(amortizer.device, dtype).with_response(None)  # what the model runs on
+        self._skeleton = self._structure_data.skeleton()  # the prior draws of the globals run on one row per group
         self._x = structure.complete(self.data).to(amortizer.device, dtype)  # what the guide reads (rows as a level)
         r = record.get("region")
         self._region = None if r is None else _Region.from_state(amortizer.guide.global_head, r)
@@ -202,7 +198,7 @@ class Truncated:
         r = self.round_of(amortizer.step, cfg)
         truncate = r > 0 or self._record["pretrained"]
         entry = self._entry(r, amortizer.step, truncate)
-        if truncate and (self._region is None or entry.get("threshold") is None):
+        if truncate and entry["threshold"] is None:  # a round's first step: q is frozen here
             self._region = self._new_region(amortizer)
             self._record["region"] = self._region.state()
             entry["threshold"] = self._region.threshold
@@ -238,8 +234,6 @@ class Truncated:
                     "usable": 1.0,
                 }
             )
-            if truncate:  # a new round: q is frozen again at its first step
-                self._region = None
         return rounds[-1]
 
     @torch.no_grad()
@@ -277,7 +271,7 @@ class Truncated:
         handler = poutine.trace(until_globals)
         with torch.no_grad(), pyro.validation_enabled(False):
             try:
-                handler(self._structure_data.skeleton(), 1, num)
+                handler(self._skeleton, 1, num)
             except _Drawn:
                 pass
         nodes = handler.msngr.trace.nodes
@@ -296,8 +290,10 @@ class Truncated:
             u = torch.cat([s.unconstrain(values[s.name]).reshape(m, s.dim) for s in structure.global_sites], -1)
             ok = torch.isfinite(u).all(-1)
             ok[ok.clone()] = region.inside(u[ok])
-            idx = torch.nonzero(ok).squeeze(-1)[: num - have]
-            entry["proposed"] += m if have + int(ok.sum()) < num else int(torch.nonzero(ok)[num - have - 1]) + 1
+            need = num - have
+            idx = torch.nonzero(ok).squeeze(-1)[:need]
+            # the draws it took: up to the last one kept when this batch completes the request
+            entry["proposed"] += int(idx[-1]) + 1 if idx.numel() == need else m
             entry["accepted"] += int(idx.numel())
             entry["acceptance"] = entry["accepted"] / entry["proposed"]
             if idx.numel():

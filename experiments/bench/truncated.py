@@ -65,9 +65,9 @@ def mmmec() -> am.HierarchicalData:
 
 def usable_share(model, data: am.HierarchicalData, num: int = 4096, seed: int = 0) -> dict:
     """The prior predictive on the data's structure: datasets simulated and dropped, per site."""
-    a = am.Amortizer(model, data, hidden=8, seed=seed)
+    structure = am.trace_structure(model, data)
     torch.manual_seed(seed)
-    sim = am.simulate(model, a.structure, data.with_response(None), num)
+    sim = am.simulate(model, structure, data.with_response(None), num)
     return {"requested": sim.requested, "dropped": sim.dropped, "usable": 1 - sum(sim.dropped.values()) / num}
 
 
