@@ -5,42 +5,43 @@ first a dense index of each group's parent, the innermost group of every observa
 response, and covariates that live at a level or at the observations. The response may
 carry a leading batch dimension ``[B, N]``: B datasets that share one structure.
 
-Example:
-    >>> import amortize as am
-    >>> data = am.HierarchicalData.from_frame(
-    ...     {"school": [0, 0, 1, 1, 1], "y": [1.0, 2.0, 0.5, 0.1, 0.3]},
-    ...     levels=["school"], response="y")
-    >>> data.size("school"), data.n_obs
-    (2, 5)
+Example: ``HierarchicalData.from_frame({"school": [0, 0, 1], "y": [1.0, 2.0, 0.5]}, levels=["school"],
+response="y")`` has ``size("school") == 2`` and ``n_obs == 3``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .errors import DataError
-from .tables import encode_frame, read_csv_columns
-from .values import OBS, as_float, as_index, magnitude_limit, names_list
+from .layout import chain_of, chain_sizes, check_factors, covering_rows, walk_index
+from .tables import encode_factors, encode_frame, read_csv_columns
+from .values import OBS, CovariatesByName, as_float, as_index, magnitude_limit, names_list
 
 __all__ = ["HierarchicalData", "OBS", "magnitude_limit"]
 
 
 class HierarchicalData:
-    """A nested (ragged) dataset: levels outermost first, observations as rows.
+    """A nested (ragged) or crossed dataset: grouping factors, each a chain of nested levels
+    (outermost first), observations as rows.
 
     Args:
-        levels: level names, outermost first, e.g. ``["district", "school"]``.
-        parents: for every level but the first, an index ``[G_level]`` of each group's parent
-            group in the level above.
-        group: ``[N]`` index of each observation's group at the innermost level.
+        levels: level names, outermost first, e.g. ``["district", "school"]``; with several
+            factors, every factor's levels, factor by factor.
+        parents: for every level but the first of its factor, an index ``[G_level]`` of each
+            group's parent group in the level above.
+        group: ``[N]`` index of each observation's group at the innermost level; with several
+            factors ``{innermost level: [N]}``, one index per factor.
         y: response, ``[N]`` or ``[B, N]`` (B datasets sharing this structure), or None.
         covariates: ``{level: {name: values}}``; ``level`` is a level name (values ``[G_level]``)
             or ``"obs"`` (values ``[N]``). Covariate names are unique across levels.
         labels: optional original group ids per level (used for coordinates in exports).
         response: name of the response column (for messages and exports).
+        factors: the chains of nested levels, e.g. ``[["person"], ["test", "item"]]`` for persons
+            crossed with items nested in tests; None: one chain, ``levels``.
 
     Raises:
         DataError: naming the level or column at fault.
@@ -56,6 +57,7 @@ class HierarchicalData:
         labels: Mapping[str, Sequence[Any]] | None = None,
         response: str = "y",
         dtype: torch.dtype | None = None,
+        factors: Sequence[Sequence[str]] | None = None,
     ) -> None:
         dtype = dtype or torch.get_default_dtype()
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -63,15 +65,26 @@ class HierarchicalData:
         self.levels = tuple(names_list(levels, "levels"))
         self.response = response
         self._check_levels()
-        self.group = as_index(group, "observations' innermost group index")
+        self.factors = check_factors(self.levels, factors)
+        inner = [chain[-1] for chain in self.factors]
+        if not isinstance(group, Mapping):
+            if len(inner) > 1:
+                raise DataError(f"group: several factors need one row index per factor, {{level: [N]}} for {inner}")
+            group = {inner[0]: group}
+        if sorted(group) != sorted(inner):
+            raise DataError(f"group: expected a row index for each factor's innermost level {inner}, got {list(group)}")
+        self.row_index = {lvl: as_index(group[lvl], f"observations' '{lvl}' index") for lvl in inner}
+        if len({int(t.numel()) for t in self.row_index.values()}) > 1:
+            sizes = {k: len(v) for k, v in self.row_index.items()}
+            raise DataError(f"group: the factors' row indices differ in length ({sizes})")
+        self.group = self.row_index[inner[0]]
         if not isinstance(parents, Mapping):
             raise DataError(f"parents: expected {{level: parent index}}, got {type(parents).__name__}")
-        stray = [lvl for lvl in parents if lvl not in self.levels[1:]]
+        below = [lvl for chain in self.factors for lvl in chain[1:]]
+        stray = [lvl for lvl in parents if lvl not in below]
         if stray:
             raise DataError(f"parents given for {stray}, which are not inner levels of {list(self.levels)}")
-        self.parents = {
-            lvl: as_index(parents[lvl], f"level '{lvl}': parent index") for lvl in self.levels[1:] if lvl in parents
-        }
+        self.parents = {lvl: as_index(parents[lvl], f"level '{lvl}': parent index") for lvl in below if lvl in parents}
         self.labels = {lvl: list(labels[lvl]) for lvl in labels} if labels else {}
         self._sizes = self._infer_sizes()
         self.covariates: dict[str, dict[str, torch.Tensor]] = {}
@@ -122,40 +135,8 @@ class HierarchicalData:
 
     def _infer_sizes(self) -> dict[str, int]:
         sizes: dict[str, int] = {}
-        children: list[tuple[str, torch.Tensor]] = [(lvl, self.parents.get(lvl)) for lvl in self.levels[1:]]
-        children.append((OBS, self.group))
-        for (child, idx), lvl in zip(children, self.levels):
-            if idx is None:
-                raise DataError(f"level '{child}': parent index into level '{lvl}' is missing")
-            if idx.numel() == 0:
-                raise DataError(f"level '{lvl}': no groups (empty data)")
-            if int(idx.min()) < 0:
-                raise DataError(f"level '{child}': negative index into level '{lvl}'")
-            n = len(self.labels[lvl]) if lvl in self.labels else int(idx.max()) + 1
-            if int(idx.max()) >= n:
-                raise DataError(
-                    f"level '{child}': index {int(idx.max())} points to no group of level '{lvl}' (it has {n})"
-                )
-            if n > idx.numel():  # more groups than members: some are empty (found without an [n] array)
-                present = torch.unique(idx)
-                gaps = torch.nonzero(present != torch.arange(len(present)))
-                g = int(gaps[0]) if len(gaps) else len(present)
-                label = self.labels[lvl][g] if lvl in self.labels else g
-                raise DataError(
-                    f"level '{lvl}': group {label!r} has no {'observations' if child == OBS else child + ' groups'}"
-                    f" ({n} groups for {idx.numel()} members; ids must be dense 0..G-1 with no gaps)"
-                )
-            counts = torch.bincount(idx, minlength=n)
-            if bool((counts == 0).any()):
-                g = int(torch.nonzero(counts == 0)[0])
-                label = self.labels[lvl][g] if lvl in self.labels else g
-                raise DataError(
-                    f"level '{lvl}': group {label!r} has no {'observations' if child == OBS else child + ' groups'}"
-                    " (ids must be dense 0..G-1 with no gaps)"
-                )
-            sizes[lvl] = n
-            if child != OBS and child in self.labels and len(self.labels[child]) != idx.numel():
-                raise DataError(f"level '{child}': {len(self.labels[child])} labels for {idx.numel()} groups")
+        for chain in self.factors:
+            sizes.update(chain_sizes(chain, self.parents, self.row_index[chain[-1]], self.labels))
         for lvl, labs in self.labels.items():
             try:
                 unique = len(set(labs)) == len(labs)
@@ -166,6 +147,11 @@ class HierarchicalData:
         return sizes
 
     # ------------------------------------------------------------------ accessors
+    @property
+    def crossed(self) -> bool:
+        """Whether the rows belong to several grouping factors (persons x items), not one chain."""
+        return len(self.factors) > 1
+
     @property
     def n_obs(self) -> int:
         """Number of observations (rows)."""
@@ -192,7 +178,7 @@ class HierarchicalData:
     @property
     def x(self) -> Mapping[str, torch.Tensor]:
         """All covariates by name (each ``[G_level]`` or ``[N]``), looked up in their level when read."""
-        return _ByName(self)
+        return CovariatesByName(self)
 
     def index(self, level: str, at: str = OBS) -> torch.Tensor:
         """Index ``[size(at)]`` of the ``level`` group that each unit of ``at`` belongs to.
@@ -204,28 +190,36 @@ class HierarchicalData:
         if level == self.row_level and at in (OBS, level):
             return self.group  # the rows are that level's groups: [N] = arange(N)
         if key not in self._index_cache:
-            order = list(self.levels) + [OBS]
-            if level not in self.levels or at not in order or order.index(at) <= order.index(level):
-                raise DataError(f"index: level '{level}' is not above '{at}' (levels {list(self.levels)})")
-            if at == OBS:
-                idx, cur = self.group, len(self.levels) - 1
-            else:
-                idx, cur = self.parents[at], order.index(at) - 1
-            while cur > order.index(level):
-                idx, cur = self.parents[self.levels[cur]][idx], cur - 1
-            self._index_cache[key] = idx
+            chain = chain_of(self.factors, level)
+            self._index_cache[key] = walk_index(chain, self.parents, self.row_index[chain[-1]], level, at)
         return self._index_cache[key]
 
     def parent_index(self, level: str) -> torch.Tensor:
         """Index ``[size(level)]`` of each group's parent in the level above."""
-        i = self.levels.index(level)
+        chain = chain_of(self.factors, level)
+        i = chain.index(level)
         if i == 0:
-            raise DataError(f"level '{level}' is the outermost level and has no parent")
-        return self.index(self.levels[i - 1], at=level)
+            raise DataError(f"level '{level}' is the outermost level of its factor and has no parent")
+        return self.index(chain[i - 1], at=level)
 
     def counts(self, level: str, at: str = OBS) -> torch.Tensor:
         """Number of units of ``at`` in each group of ``level``: ``[size(level)]``."""
         return torch.bincount(self.index(level, at), minlength=self.size(level))
+
+    def factor(self, k: int) -> HierarchicalData:
+        """Factor ``k`` alone: a nested dataset of its chain of levels, on the same rows (the response and
+        the row covariates), with the covariates of its levels. A nested dataset is its own factor 0."""
+        if not self.crossed:
+            return self
+        chain = self.factors[k]
+        cov = {lvl: cols for lvl, cols in self.covariates.items() if lvl in chain or lvl == OBS}
+        new = self.with_response(self.y)
+        new.levels, new.factors, new.covariates = chain, (chain,), cov
+        new.covariate_level = {name: lvl for name, lvl in self.covariate_level.items() if lvl in cov}
+        new.parents = {lvl: self.parents[lvl] for lvl in chain[1:]}
+        new.row_index = {chain[-1]: self.row_index[chain[-1]]}
+        new.group, new._sizes, new._index_cache = new.row_index[chain[-1]], {c: self._sizes[c] for c in chain}, {}
+        return new
 
     def with_response(self, y: torch.Tensor | None) -> HierarchicalData:
         """The same structure and covariates with another response (``[N]`` or ``[B, N]``).
@@ -249,7 +243,8 @@ class HierarchicalData:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         new = self.with_response(mv(self.y))
-        new.group = mv(self.group)
+        new.row_index = {k: mv(v) for k, v in self.row_index.items()}
+        new.group = new.row_index[self.factors[0][-1]]
         new.parents = {k: mv(v) for k, v in self.parents.items()}
         new.covariates = {lvl: {k: mv(v) for k, v in cols.items()} for lvl, cols in self.covariates.items()}
         new._index_cache = {}
@@ -259,13 +254,27 @@ class HierarchicalData:
         """The same groups with one observation each (the first row of every innermost group).
 
         Drawing from the guide runs the model for its conditional priors only; on the skeleton its
-        likelihood line costs one row per group instead of N (see :mod:`amortize.posterior`).
+        likelihood line costs one row per group instead of N (see :mod:`amortize.posterior`). Crossed:
+        the fewest rows (greedily) that keep a row of every innermost group of every factor.
         """
+        if self.crossed:
+            rows = covering_rows(self.row_index, self.n_obs)
+            new = self.with_response(None)
+            new.row_index = {k: v[rows] for k, v in self.row_index.items()}
+            new.group = new.row_index[self.factors[0][-1]]
+            new.y = None if self.y is None else self.y[..., rows]
+            new.covariates = {
+                lvl: ({k: v[rows] for k, v in cols.items()} if lvl == OBS else dict(cols))
+                for lvl, cols in self.covariates.items()
+            }
+            new._index_cache = {}
+            return new
         G = self.size(self.levels[-1])
         first = torch.full((G,), self.n_obs, dtype=torch.long, device=self.group.device)
         first = first.scatter_reduce(0, self.group, torch.arange(self.n_obs, device=self.group.device), "amin")
         new = self.with_response(None)
         new.group = torch.arange(G, device=self.group.device)
+        new.row_index = {self.levels[-1]: new.group}
         new.y = None if self.y is None else self.y[..., first]
         new.covariates = {
             lvl: ({k: v[first] for k, v in cols.items()} if lvl == OBS else dict(cols))
@@ -286,10 +295,14 @@ class HierarchicalData:
             return self
         if name in self.levels:
             raise DataError(f"level '{name}': the rows cannot be a level of that name, the data has one already")
+        if self.crossed:
+            raise DataError(f"level '{name}': latents per row are not supported in a crossed design yet")
         new = self.with_response(self.y)
         new.levels = (*self.levels, name)
+        new.factors = (new.levels,)
         new.parents = {**self.parents, name: self.group}
         new.group = torch.arange(self.n_obs, device=self.group.device)
+        new.row_index = {name: new.group}
         new._sizes = {**self._sizes, name: self.n_obs}
         new.row_level = name
         new._index_cache = {}
@@ -309,7 +322,9 @@ class HierarchicalData:
             return self
         new = self.with_response(self.y)
         new.levels = self.levels[:-1]
+        new.factors = (new.levels,)
         new.group = self.parents[self.row_level]
+        new.row_index = {new.levels[-1]: new.group}
         new.parents = {k: v for k, v in self.parents.items() if k != self.row_level}
         new._sizes = {k: v for k, v in self._sizes.items() if k != self.row_level}
         new.row_level = None
@@ -322,11 +337,12 @@ class HierarchicalData:
         return self.levels[:-1] if self.row_level is not None else self.levels
 
     def structure_signature(self) -> dict[str, Any]:
-        """What a model needs of a dataset: levels and covariate names per level."""
-        return {
-            "levels": list(self.levels),
-            "covariates": {lvl: sorted(cols) for lvl, cols in sorted(self.covariates.items())},
-        }
+        """What a model needs of a dataset: levels (and factors, when crossed) and covariate names per level."""
+        out: dict[str, Any] = {"levels": list(self.levels)}
+        if self.crossed:
+            out["factors"] = [list(chain) for chain in self.factors]
+        out["covariates"] = {lvl: sorted(cols) for lvl, cols in sorted(self.covariates.items())}
+        return out
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{lvl}={n}" for lvl, n in self.sizes.items())
@@ -339,10 +355,11 @@ class HierarchicalData:
     def from_frame(
         cls,
         frame: Any,
-        levels: Sequence[str],
+        levels: Sequence[str] | None = None,
         response: str | None = None,
         covariates: Mapping[str, Sequence[str]] | None = None,
         nested_ids: bool = False,
+        factors: Mapping[str, Sequence[str]] | None = None,
     ) -> HierarchicalData:
         """Build from a long-format table (pandas DataFrame or dict of columns).
 
@@ -354,10 +371,18 @@ class HierarchicalData:
                 covariate must be constant within each group of that level.
             nested_ids: if True, ids are unique only within their parent (school 1 of district A
                 differs from school 1 of district B); by default ids are global.
+            factors: crossed grouping factors instead of ``levels``, ``{name: [id columns]}`` each
+                a chain outermost first: ``{"person": ["person"], "item": ["test", "item"]}``.
 
         Raises:
             DataError: naming the column, level or group at fault.
         """
+        if factors is not None:
+            if levels is not None:
+                raise DataError("give levels (one chain of nested levels) or factors (crossed chains), not both")
+            return cls(**encode_factors(frame, factors, response, covariates, nested_ids))
+        if levels is None:
+            raise DataError("levels: the id columns, outermost first (or factors= for a crossed design)")
         return cls(**encode_frame(frame, levels, response, covariates, nested_ids))
 
     @classmethod
@@ -368,20 +393,3 @@ class HierarchicalData:
             return cls.from_frame(cols, levels, response=response, **kwargs)
         except DataError as e:
             raise DataError(f"{path}: {e}") from None
-
-
-class _ByName(Mapping):
-    """A dataset's covariates by name, read from ``data.covariates[level]`` on each lookup (so a
-    trace records which ones a model reads, see :func:`amortize.structure.trace_structure`)."""
-
-    def __init__(self, data: HierarchicalData) -> None:
-        self._data = data
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._data.covariates[self._data.covariate_level[name]][name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data.covariate_level)
-
-    def __len__(self) -> int:
-        return len(self._data.covariate_level)

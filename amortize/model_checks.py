@@ -59,6 +59,13 @@ def check_plates(name: str, fn: Any, frames: list[Any], data: HierarchicalData) 
             f" (levels: {list(data.levels)}); a latent lives at one level or is global"
         )
     level_frames = [f for f in frames if f.name in data.levels]
+    chains = {lvl: k for k, chain in enumerate(data.factors) for lvl in chain}
+    if len({chains[f.name] for f in level_frames}) > 1:
+        raise ModelStructureError(
+            f"site '{name}' is inside the plates {[f.name for f in level_frames]} of crossed factors: an"
+            " interaction effect (one value per pair of groups) is not supported; give each factor its own"
+            " latents and add them per row"
+        )
     if len(level_frames) > 1:
         raise ModelStructureError(
             f"site '{name}' is inside plates {[f.name for f in level_frames]}; write one plate per latent and "
@@ -229,3 +236,44 @@ def check_row_plate(name: str, frames: list[Any], row_level: str | None, respons
                 f"site '{name}' is in plate '{f.name}' over the {data.n_obs} rows, which is not the plate of the"
                 f" response site '{response}': a latent with one value per row must be sampled in {where}"
             )
+
+
+def priors_free_of_rows(model: Callable, data: HierarchicalData) -> bool:
+    """Whether the model's latent sites see the same priors on ``data.skeleton()`` as on ``data``.
+
+    Drawing from the guide needs the model only for the conditional priors of its latent sites; on
+    the skeleton (one row per group) the likelihood line costs G instead of N per draw. Checked on
+    this dataset by running the model on both under one seed: the latent values agree exactly when
+    no prior reads row data (a model that computes group values from rows, e.g. group means of a row
+    covariate, gets False and is run on the full data).
+    """
+    probe = data if data.y is None or data.y.dim() == 1 else data.with_response(data.y[0])
+
+    def latents(d: HierarchicalData) -> dict[str, torch.Tensor]:
+        with seeded(0, d.y.device if d.y is not None else None), pyro.validation_enabled(False):
+            tr = poutine.trace(model).get_trace(d)
+        return {
+            name: site["value"]
+            for name, site in tr.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        }
+
+    skeleton = probe.skeleton()
+    try:
+        full, rows = latents(probe), latents(skeleton)
+    except Exception:  # the model needs its rows (it failed on one per group): run it on the data
+        return False
+    return full.keys() == rows.keys() and all(
+        full[k].shape == rows[k].shape and torch.equal(full[k], rows[k]) for k in full
+    )
+
+
+def drawing_data(model: Callable, data: HierarchicalData) -> HierarchicalData:
+    """What the model runs on while drawing from the guide: ``data.skeleton()`` (one row per group,
+    so a draw costs O(groups), not O(rows)) when :func:`priors_free_of_rows` for this dataset, else ``data``.
+
+    Decided for each dataset (two runs of the model on one dataset of the batch): whether a prior reads
+    rows can depend on the dataset (a group prior at the mean of a row covariate sees the same value on
+    the skeleton when every group has one row, another value when groups have several), so a decision
+    taken on one dataset is not reused for another. :class:`~amortize.Posterior` keeps it for its own data."""
+    return data.skeleton() if priors_free_of_rows(model, data) else data

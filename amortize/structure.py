@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
@@ -28,8 +27,10 @@ from .model_checks import (
     check_global_shapes,
     check_plates,
     check_row_plate,
+    drawing_data,
     is_deterministic,
     nothing_observed,
+    priors_free_of_rows,
     row_plate,
 )
 from .plates import DATASETS, DRAWS, batched, seeded
@@ -177,6 +178,8 @@ class ModelStructure:
         row_level: the observation plate's name where latent sites live in it (one effect per row):
             then the last of ``levels``, an implicit level whose groups are the rows (see
             :meth:`HierarchicalData.rows_as_level`); None otherwise.
+        factors: the data's grouping factors, each a chain of ``levels`` (one chain: nested; several:
+            crossed, e.g. persons x items); empty means one chain, ``levels``.
     """
 
     levels: tuple[str, ...]
@@ -188,6 +191,15 @@ class ModelStructure:
     plates: tuple[tuple[str, int], ...] = ()
     covariates: dict[str, list[str]] = field(default_factory=dict)
     row_level: str | None = None
+    factors: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.factors = tuple(tuple(c) for c in self.factors) or (tuple(self.levels),)
+
+    @property
+    def crossed(self) -> bool:
+        """Whether the model's levels form several crossed factors rather than one chain."""
+        return len(self.factors) > 1
 
     def complete(self, data: HierarchicalData) -> HierarchicalData:
         """``data`` with the model's levels: the implicit row level added where the model has one."""
@@ -216,6 +228,7 @@ class ModelStructure:
         the plates and the covariates."""
         return {
             "levels": list(self.levels),
+            **({"factors": [list(c) for c in self.factors]} if self.crossed else {}),
             "response": self.response,
             "response_family": self.response_family,
             "response_support": _describe_support(self.response_support),
@@ -273,36 +286,6 @@ class ModelStructure:
         rest = value.shape[2:] if site.level is None else value.shape[3:]
         group = () if site.level is None else (value.shape[2],)
         return value.reshape(S, B, *([1] * pad), *group, *rest)
-
-
-def priors_free_of_rows(model: Callable, data: HierarchicalData) -> bool:
-    """Whether the model's latent sites see the same priors on ``data.skeleton()`` as on ``data``.
-
-    Drawing from the guide needs the model only for the conditional priors of its latent sites; on
-    the skeleton (one row per group) the likelihood line costs G instead of N per draw. Checked on
-    this dataset by running the model on both under one seed: the latent values agree exactly when
-    no prior reads row data (a model that computes group values from rows, e.g. group means of a row
-    covariate, gets False and is run on the full data).
-    """
-    probe = data if data.y is None or data.y.dim() == 1 else data.with_response(data.y[0])
-
-    def latents(d: HierarchicalData) -> dict[str, torch.Tensor]:
-        with seeded(0, d.y.device if d.y is not None else None), pyro.validation_enabled(False):
-            tr = poutine.trace(model).get_trace(d)
-        return {
-            name: site["value"]
-            for name, site in tr.nodes.items()
-            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-        }
-
-    skeleton = probe.skeleton()
-    try:
-        full, rows = latents(probe), latents(skeleton)
-    except Exception:  # the model needs its rows (it failed on one per group): run it on the data
-        return False
-    return full.keys() == rows.keys() and all(
-        full[k].shape == rows[k].shape and torch.equal(full[k], rows[k]) for k in full
-    )
 
 
 def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
@@ -379,18 +362,8 @@ def trace_structure(model: Callable, data: HierarchicalData) -> ModelStructure:
         plates=tuple(sorted(plates.items())),
         covariates={lvl: sorted(names) for lvl, names in sorted(read.items()) if names},
         row_level=row_level,
+        factors=levels_data.factors,
     )
     check_global_shapes(model, structure, data.with_response(probe.y))
     check_batch_safe(model, structure, probe)
     return structure
-
-
-def drawing_data(model: Callable, data: HierarchicalData) -> HierarchicalData:
-    """What the model runs on while drawing from the guide: ``data.skeleton()`` (one row per group,
-    so a draw costs O(groups), not O(rows)) when :func:`priors_free_of_rows` for this dataset, else ``data``.
-
-    Decided for each dataset (two runs of the model on one dataset of the batch): whether a prior reads
-    rows can depend on the dataset (a group prior at the mean of a row covariate sees the same value on
-    the skeleton when every group has one row, another value when groups have several), so a decision
-    taken on one dataset is not reused for another. :class:`~amortize.Posterior` keeps it for its own data."""
-    return data.skeleton() if priors_free_of_rows(model, data) else data

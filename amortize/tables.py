@@ -18,7 +18,7 @@ import torch
 from .errors import DataError
 from .values import OBS, as_float, is_missing, names_list
 
-__all__ = ["encode_frame", "read_csv_columns"]
+__all__ = ["encode_factors", "encode_frame", "read_csv_columns"]
 
 
 def encode_frame(
@@ -238,3 +238,42 @@ def _unique_in_order(keys: list[Any]) -> list[Any]:
 def _natural(text: str) -> tuple[tuple[int, Any], ...]:
     """Sort key of an id: its runs of digits compared as numbers (``clinic_10`` after ``clinic_9``)."""
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part)
+
+
+def encode_factors(
+    frame: Any,
+    factors: Mapping[str, Sequence[str]],
+    response: str | None = None,
+    covariates: Mapping[str, Sequence[str]] | None = None,
+    nested_ids: bool = False,
+) -> dict[str, Any]:
+    """The arguments of a crossed :class:`~amortize.HierarchicalData`: ``factors`` maps a name to its
+    chain of id columns (outermost first), e.g. ``{"person": ["person"], "item": ["test", "item"]}``;
+    each chain is coded as :func:`encode_frame` codes levels, and a level covariate goes with its factor.
+
+    Raises:
+        DataError: naming the factor, column, level or group at fault.
+    """
+    if not isinstance(factors, Mapping) or not factors:
+        raise DataError(f"factors: expected {{name: [id columns]}}, got {factors!r}")
+    chains = {name: names_list(cols, f"factor '{name}'") for name, cols in factors.items()}
+    flat = [lvl for chain in chains.values() for lvl in chain]
+    twice = sorted({lvl for lvl in flat if flat.count(lvl) > 1})
+    if twice:
+        raise DataError(f"factors: column(s) {twice} are in two factors")
+    covariates = dict(covariates or {})
+    stray = [lvl for lvl in covariates if lvl != OBS and lvl not in flat]
+    if stray:
+        raise DataError(f"covariates given for unknown level(s) {stray}; levels are {flat + [OBS]}")
+    out: dict[str, Any] = {"levels": flat, "parents": {}, "group": {}, "labels": {}, "covariates": {}}
+    for k, chain in enumerate(chains.values()):
+        mine = {lvl: cols for lvl, cols in covariates.items() if lvl in chain or (k == 0 and lvl == OBS)}
+        part = encode_frame(frame, chain, response if k == 0 else None, mine, nested_ids)
+        out["parents"].update(part["parents"])
+        out["group"][chain[-1]] = part["group"]
+        out["labels"].update(part["labels"])
+        out["covariates"].update(part["covariates"])
+        if k == 0:
+            out["y"], out["response"] = part["y"], part["response"]
+    out["factors"] = list(chains.values())
+    return out

@@ -5,7 +5,7 @@ Used by :mod:`amortize.data` and :mod:`amortize.tables`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,16 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["OBS", "as_index", "as_float", "magnitude_limit", "is_number", "is_missing", "names_list"]
+__all__ = [
+    "OBS",
+    "CovariatesByName",
+    "as_index",
+    "as_float",
+    "magnitude_limit",
+    "is_number",
+    "is_missing",
+    "names_list",
+]
 
 OBS = "obs"  # the name of the observation level (rows), used for covariates and indices
 
@@ -98,3 +107,20 @@ def names_list(value: Any, what: str) -> list[str]:
         if not isinstance(v, str):
             raise DataError(f"{what}: names must be strings, got {v!r} ({type(v).__name__})")
     return list(value)
+
+
+class CovariatesByName(Mapping):
+    """A dataset's covariates by name, read from ``data.covariates[level]`` on each lookup (so a
+    trace records which ones a model reads, see :func:`amortize.structure.trace_structure`)."""
+
+    def __init__(self, data: Any) -> None:
+        self._data = data
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._data.covariates[self._data.covariate_level[name]][name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data.covariate_level)
+
+    def __len__(self) -> int:
+        return len(self._data.covariate_level)

@@ -49,6 +49,9 @@ class ParamScaler(nn.Module):
         self.scale.copy_(torch.where(scale > 1e-4, scale, u.std(0).clamp_min(1e-4)))
 
 
+TRIL_BOUND = 8.0  # the largest |entry| of q(globals)'s unit lower-triangular factor (a correlation of 0.99 needs 7)
+
+
 class GlobalHead(nn.Module):
     """q(u_globals | dataset embedding) on the joint unconstrained scale: a standard normal shaped
     (``flow_bins > 0``) by a conditional elementwise rational-quadratic spline, so that skewed
@@ -189,10 +192,14 @@ class GlobalHead(nn.Module):
         out = self.net(emb)
         D = self.dim
         loc = out[..., :D]
+        # L = diag(s) T with T unit lower triangular, its entries bounded by TRIL_BOUND: L^-1 stays
+        # bounded by (1 + TRIL_BOUND)^(D-1) / min(s) however far a dataset drives the network (free
+        # entries over a small diagonal made L^-1 overflow, log q(truth) -inf, on extreme simulations)
         diag = softplus(out[..., D : 2 * D] + 0.5) + 1e-3
-        L = torch.diag_embed(diag)
+        L = torch.diag_embed(torch.ones_like(diag))
         if D > 1:
-            L = _fill_tril(L, out[..., 2 * D :], self.tril)
+            L = _fill_tril(L, TRIL_BOUND * torch.tanh(out[..., 2 * D :] / TRIL_BOUND), self.tril)
+        L = diag.unsqueeze(-1) * L
         # shape first, on a standard normal (whose mass lies inside the spline's bound), then scale:
         # a spline after the scaling would map [-b, b] onto itself, and contracting the centre
         # would stretch the tails
