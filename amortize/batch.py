@@ -21,6 +21,7 @@ import torch
 
 from .data import OBS, HierarchicalData, magnitude_limit
 from .errors import AmortizeError, DataError
+from .layout import structure_flags
 from .objectives import log_weights
 from .ranges import value_flags
 from .structure import ModelStructure, batched, drawing_data
@@ -226,26 +227,7 @@ class StructureBatch:
         level, children per parent group, observations per group), response scale and covariate values
         (those of one dataset of a batch start with ``dataset b:``)."""
         d = self.data
-        flags = []
-        levels = list(d.declared_levels)  # the ranges are of the declared levels (not the rows as a level)
-        if levels[0] in ranges:
-            lo, hi = ranges[levels[0]]
-            if not lo <= d.size(levels[0]) <= hi:
-                flags.append(f"level '{levels[0]}': {d.size(levels[0])} groups, trained on {lo}-{hi}")
-        for above, lvl in zip(levels, levels[1:]):
-            if lvl not in ranges:
-                continue
-            c = torch.bincount(d.parent_index(lvl), minlength=d.size(above))
-            lo, hi = ranges[lvl]
-            if int(c.min()) < lo or int(c.max()) > hi:
-                flags.append(f"level '{lvl}': {int(c.min())}-{int(c.max())} per '{above}' group, trained on {lo}-{hi}")
-        if "obs" in ranges:
-            c = d.counts(levels[-1])
-            lo, hi = ranges["obs"]
-            if int(c.min()) < lo or int(c.max()) > hi:
-                flags.append(
-                    f"observations: {int(c.min())}-{int(c.max())} per '{levels[-1]}' group, trained on {lo}-{hi}"
-                )
+        flags = structure_flags(d, ranges)
         return flags + value_flags(d, ranges)
 
 

@@ -86,7 +86,9 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         GuideMessenger.__init__(self, batched(model, structure.max_plate_nesting))
         self.structure = structure
         self.user_model = model
-        self.encoder = HierarchicalEncoder(structure.levels, covariates, hidden, level_dims(structure))
+        self.encoder = HierarchicalEncoder(
+            structure.levels, covariates, hidden, level_dims(structure), factors=structure.factors
+        )
         self.global_head = None
         if structure.global_dim:
             enc = self.encoder

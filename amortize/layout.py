@@ -17,7 +17,16 @@ import torch
 from .errors import DataError
 from .values import OBS
 
-__all__ = ["chain_of", "check_factors", "chain_sizes", "covering_rows", "walk_index"]
+__all__ = [
+    "chain_of",
+    "check_factors",
+    "chain_sizes",
+    "covering_rows",
+    "rows_key",
+    "structure_counts",
+    "structure_flags",
+    "walk_index",
+]
 
 
 def check_factors(levels: tuple[str, ...], factors: Sequence[Sequence[str]] | None) -> tuple[tuple[str, ...], ...]:
@@ -126,3 +135,46 @@ def covering_rows(row_index: Mapping[str, torch.Tensor], n_rows: int) -> torch.T
         first = first.scatter_reduce(0, idx, torch.arange(n_rows, device=device), "amin")
         keep[first] = True
     return torch.nonzero(keep).flatten()
+
+
+def structure_counts(data: Any) -> dict[str, list[int]]:
+    """The quantities the structure's range flags compare, ``[min, max]`` each, for every factor of a
+    :class:`~amortize.HierarchicalData` (its declared levels, not an implicit row level): the groups of
+    the factor's outermost level (``[G, G]``), the children per parent group of each inner level, and
+    the rows per innermost group (key ``"obs"``; crossed: ``"obs:<level>"`` per factor)."""
+    data = data.declared()
+    out: dict[str, list[int]] = {}
+    for chain in data.factors:
+        out[chain[0]] = [data.size(chain[0])] * 2
+        for above, lvl in zip(chain, chain[1:]):
+            c = torch.bincount(data.parent_index(lvl), minlength=data.size(above))
+            out[lvl] = [int(c.min()), int(c.max())]
+        c = data.counts(chain[-1])
+        out[rows_key(data.factors, chain[-1])] = [int(c.min()), int(c.max())]
+    return out
+
+
+def rows_key(factors: tuple[tuple[str, ...], ...], innermost: str) -> str:
+    """The key of the rows per ``innermost`` group in :func:`structure_counts`."""
+    return OBS if len(factors) == 1 else f"{OBS}:{innermost}"
+
+
+def structure_flags(data: Any, ranges: Mapping[str, Any]) -> list[str]:
+    """What in ``data``'s structure (:func:`structure_counts`) lies outside the trained ``ranges``."""
+    flags = []
+    data = data.declared()
+    for chain in data.factors:
+        above = dict(zip(chain[1:], chain))
+        for key, (lo_d, hi_d) in structure_counts(data).items():
+            if key not in ranges or (key not in chain and key != rows_key(data.factors, chain[-1])):
+                continue
+            lo, hi = ranges[key]
+            if lo_d >= lo and hi_d <= hi:
+                continue
+            if key == chain[0]:
+                flags.append(f"level '{key}': {lo_d} groups, trained on {lo}-{hi}")
+            elif key in above:
+                flags.append(f"level '{key}': {lo_d}-{hi_d} per '{above[key]}' group, trained on {lo}-{hi}")
+            else:
+                flags.append(f"observations: {lo_d}-{hi_d} per '{chain[-1]}' group, trained on {lo}-{hi}")
+    return flags

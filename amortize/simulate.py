@@ -22,6 +22,7 @@ import torch
 
 from .data import OBS, HierarchicalData
 from .errors import ConfigError, TrainingError
+from .layout import structure_counts
 from .structure import ModelStructure, batched
 
 __all__ = ["StructureSampler", "simulate", "simulate_counted", "Simulation", "DropTally"]
@@ -133,15 +134,8 @@ class StructureSampler:
     def ranges(self) -> dict[str, Any]:
         """The training range (for out-of-range flags): groups of the outermost level, children per parent
         group of each inner level, observations per innermost group."""
-        if self.template is not None:  # the quantities the flags compare: children per parent for inner levels
-            t = self.template
-            out = {t.levels[0]: [t.size(t.levels[0]), t.size(t.levels[0])]}
-            for above, lvl in zip(t.levels, t.levels[1:]):
-                per = torch.bincount(t.parent_index(lvl), minlength=t.size(above))
-                out[lvl] = [int(per.min()), int(per.max())]
-            c = t.counts(t.levels[-1])
-            out["obs"] = [int(c.min()), int(c.max())]
-            return out
+        if self.template is not None:  # the quantities the flags compare (children per parent for inner levels)
+            return structure_counts(self.template)
         return {**{k: list(v) for k, v in self.groups.items()}, "obs": list(self.obs)}
 
 

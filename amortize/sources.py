@@ -26,6 +26,7 @@ import torch
 from .batch import check_data
 from .data import HierarchicalData
 from .errors import DataError, ModelStructureError
+from .layout import structure_counts
 from .objectives import backward_in_chunks
 from .ranges import record_ranges
 from .simulate import Simulation, simulate_counted
@@ -157,7 +158,7 @@ class Subsampled:
             amortizer.step, amortizer.optimizer, amortizer._optimizer_state = 0, None, None
         if not amortizer.pilot_done:
             sims = pilot_fit(_SubsetSimulator(amortizer, self.index, self.groups_per_step), cfg, gen)  # type: ignore[arg-type]
-            structure = {self.index.top: [self.groups_per_step] * 2, **_structure_ranges(self.data)}  # chunks of b
+            structure = {**structure_counts(self.data), self.index.top: [self.groups_per_step] * 2}  # chunks of b
             amortizer.ranges = record_ranges([s.data for s in sims], structure)
             amortizer.pilot_done = True
         if amortizer.q_globals is None and amortizer.structure.global_dim:
@@ -191,17 +192,6 @@ class Subsampled:
 
     def datasets_per_step(self, cfg: TrainConfig) -> int:
         return 1
-
-
-def _structure_ranges(data: HierarchicalData) -> dict[str, Any]:
-    """Children per parent and observations per group of ``data``."""
-    out: dict[str, Any] = {}
-    for above, lvl in zip(data.levels, data.levels[1:]):
-        c = torch.bincount(data.parent_index(lvl), minlength=data.size(above))
-        out[lvl] = [int(c.min()), int(c.max())]
-    c = data.counts(data.levels[-1])
-    out["obs"] = [int(c.min()), int(c.max())]
-    return out
 
 
 @torch.no_grad()

@@ -84,6 +84,10 @@ class HierarchicalEncoder(nn.Module):
         hidden: embedding width H.
         term_dims: ``{level: D}`` the width of each level's likelihood data term
             (:func:`~amortize.nn.data_terms.data_terms`), read as features beside the statistics.
+        factors: the grouping factors, each a chain of ``levels`` (None: one chain, nested). With
+            several (crossed), each factor is pooled up its own chain, and each innermost group first
+            reads, through its rows, the mean embedding of the other factors' groups it meets (one
+            round of messages, O(rows)); the dataset network reads every factor's top.
 
     Attributes:
         statistics_version: the statistics the encoder computes (:data:`STATISTICS_VERSION`);
@@ -98,8 +102,11 @@ class HierarchicalEncoder(nn.Module):
         covariates: dict[str, list[str]],
         hidden: int = 64,
         term_dims: dict[str, int] | None = None,
+        factors: tuple[tuple[str, ...], ...] | None = None,
     ) -> None:
         super().__init__()
+        self.factors = tuple(tuple(c) for c in factors) if factors else (tuple(levels),)
+        self.innermost = {chain[-1] for chain in self.factors}
         self.term_dims = dict(term_dims or {})
         self.term_scalers = nn.ModuleDict({lvl: RobustScaler(2 * d) for lvl, d in self.term_dims.items()})
         self.levels = tuple(levels)
@@ -109,10 +116,12 @@ class HierarchicalEncoder(nn.Module):
         self.level_stats = {lvl: self._n_level_stats(lvl) for lvl in self.levels}
         self.scalers = nn.ModuleDict({lvl: RobustScaler(n) for lvl, n in self.level_stats.items()})
         self.nets = nn.ModuleDict()
-        for i, lvl in enumerate(self.levels):
-            child = hidden if i + 1 < len(self.levels) else 0
+        for lvl in self.levels:
+            child = 0 if lvl in self.innermost else hidden
             term = 2 * self.term_dims.get(lvl, 0)
             self.nets[lvl] = mlp(self.level_stats[lvl] + term + child, hidden, hidden)
+        crossed = len(self.factors) > 1
+        self.messages = nn.ModuleDict({c[-1]: mlp(2 * hidden, hidden, hidden) for c in self.factors if crossed})
         self.n_global_stats = 4 + self.obs_dim + 7 * len(self.levels)
         self.raw_dataset_dim = 2 + 3 * len(self.levels)
         self.count_dim = len(self.levels) + 1
@@ -121,21 +130,25 @@ class HierarchicalEncoder(nn.Module):
         self.slope_dim = 3 * kx + kc + 2 * kc + (kx > 0) + with_cov  # raw covariate slopes (see statistics)
         # per innermost group: k slopes, its own intercept and the pooled-slope intercept (each with a
         # log precision)
-        self.group_slope_dim = {
-            lvl: kx + 2 if kx and i == len(self.levels) - 1 else 0 for i, lvl in enumerate(self.levels)
-        }
+        self.group_slope_dim = {lvl: kx + 2 if kx and lvl in self.innermost else 0 for lvl in self.levels}
         self.global_scaler = RobustScaler(self.n_global_stats)
-        self.global_net = mlp(self.n_global_stats + hidden, hidden, hidden)
+        self.global_net = mlp(self.n_global_stats + hidden * len(self.factors), hidden, hidden)
 
     def _n_level_stats(self, lvl: str) -> int:
-        inner = self.levels.index(lvl) == len(self.levels) - 1
+        inner = lvl in self.innermost
         return 7 + self.obs_dim + len(self.cov_names.get(lvl, [])) + (0 if inner else 2)
 
     def statistics(self, data: HierarchicalData) -> DatasetStatistics:
         """The statistics of ``data`` the networks and heads read (see :func:`dataset_statistics`), computed
         without gradients: they are functions of the data alone."""
         with torch.no_grad():
-            return dataset_statistics(data.as_levels(self.levels), self.levels, self.cov_names)
+            if len(self.factors) == 1:
+                return dataset_statistics(data.as_levels(self.levels), self.levels, self.cov_names)
+            parts = []
+            for k, chain in enumerate(self.factors):
+                cov = {lvl: names for lvl, names in self.cov_names.items() if lvl in chain or lvl == OBS}
+                parts.append(dataset_statistics(data.factor(k), chain, cov))
+            return DatasetStatistics.merged(parts)
 
     @torch.no_grad()
     def fit(self, statistics: Sequence[DatasetStatistics], terms: Sequence[dict] | None = None) -> None:
@@ -158,17 +171,29 @@ class HierarchicalEncoder(nn.Module):
         data = data.as_levels(self.levels)  # a model with latents per row: the rows as its innermost level
         stats = self.statistics(data)
         groups: dict[str, torch.Tensor] = {}
-        child: torch.Tensor | None = None
-        for i in reversed(range(len(self.levels))):
-            lvl = self.levels[i]
-            G = data.size(lvl)
+
+        def level_input(lvl: str) -> list[torch.Tensor]:
             parts = [self.scalers[lvl](stats.levels[lvl].features)]
             if lvl in self.term_dims:
                 parts.append(self.term_scalers[lvl](term_features(terms[lvl])))
-            if child is not None:
-                cidx = data.parent_index(self.levels[i + 1])
-                parts.append(segment_mean(child, cidx, G, torch.bincount(cidx, minlength=G)))
-            child = groups[lvl] = self.nets[lvl](torch.cat(parts, -1))  # [B, G, H]
-        top = groups[self.levels[0]].mean(-2)  # [B, H]
+            return parts
+
+        for chain in self.factors:  # innermost groups from their rows' statistics
+            groups[chain[-1]] = self.nets[chain[-1]](torch.cat(level_input(chain[-1]), -1))  # [B, G, H]
+        if self.messages:  # crossed: each group hears the other factors' groups it meets in its rows
+            inner = {c[-1]: groups[c[-1]] for c in self.factors}
+            for lvl, net in self.messages.items():
+                idx, G = data.index(lvl), data.size(lvl)
+                heard = sum(emb[..., data.index(other), :] for other, emb in inner.items() if other != lvl)
+                msg = segment_mean(heard / (len(inner) - 1), idx, G, torch.bincount(idx, minlength=G))
+                groups[lvl] = inner[lvl] + net(torch.cat([inner[lvl], msg], -1))
+        for chain in self.factors:  # then up each chain: a level reads the mean of its child groups
+            for i in reversed(range(len(chain) - 1)):
+                lvl, G = chain[i], data.size(chain[i])
+                cidx = data.parent_index(chain[i + 1])
+                child = segment_mean(groups[chain[i + 1]], cidx, G, torch.bincount(cidx, minlength=G))
+                groups[lvl] = self.nets[lvl](torch.cat([*level_input(lvl), child], -1))
+        groups = {lvl: groups[lvl] for lvl in self.levels}
+        top = torch.cat([groups[chain[0]].mean(-2) for chain in self.factors], -1)  # [B, H * factors]
         dataset = self.global_net(torch.cat([self.global_scaler(stats.features), top], -1))
         return Encoding(dataset, groups, stats)

@@ -121,6 +121,17 @@ class DatasetStatistics:
     slope_corr: torch.Tensor | None = None  # [B, k] correlation of the groups' slopes with their means
     rows_intercept: torch.Tensor | None = None  # [B] mean y - pooled slopes . mean x
 
+    @staticmethod
+    def merged(parts: list[DatasetStatistics]) -> DatasetStatistics:
+        """The statistics of a crossed dataset from those of its factors (each on the same rows): every
+        factor's levels; the dataset's own summaries once, then each further factor's per-level ones
+        (7 per level); the row covariates' pooled within-group fit of the first factor."""
+        first = parts[0]
+        own = first.features.shape[-1] - 7 * len(first.levels)  # the dataset's summaries before the levels'
+        levels = {lvl: st for part in parts for lvl, st in part.levels.items()}
+        features = torch.cat([first.features, *[p.features[..., own:] for p in parts[1:]]], -1)
+        return replace(first, levels=levels, features=features)
+
     def location_scale(self) -> torch.Tensor:
         """``[B, 2 + 3L]``: mean, log sd, then per level, innermost first, the pooled within-group,
         the between-group and the excess log sds (the global head's location skip path)."""
