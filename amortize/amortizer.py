@@ -276,7 +276,8 @@ class Amortizer:
             "example": {
                 "levels": list(ex.levels),
                 "parents": dict(ex.parents),
-                "group": ex.group,
+                "group": dict(ex.row_index) if ex.crossed else ex.group,
+                "factors": [list(chain) for chain in ex.factors],
                 "covariates": {lvl: dict(c) for lvl, c in ex.covariates.items()},
             },
             "ranges": self.ranges,  # as trained (a checkpoint loaded without its sampler keeps them)
@@ -323,7 +324,9 @@ class Amortizer:
         check_amortizer_payload(path, ck, STATISTICS_VERSION, [f.name for f in fields(TrainConfig)])
         ex = ck["example"]
         try:
-            example = HierarchicalData(ex["levels"], ex["parents"], ex["group"], covariates=ex["covariates"])
+            example = HierarchicalData(
+                ex["levels"], ex["parents"], ex["group"], covariates=ex["covariates"], factors=ex.get("factors")
+            )
         except (DataError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: the checkpoint's example structure is damaged ({e})") from None
         theirs = example.structure_signature()

@@ -51,7 +51,7 @@ def same_structure(a: HierarchicalData, b: HierarchicalData) -> bool:
         return True
     if a.levels != b.levels or a.n_obs != b.n_obs or a.covariate_level != b.covariate_level:
         return False
-    if not _same_tensor(a.group, b.group):
+    if a.factors != b.factors or any(not _same_tensor(a.row_index[k], b.row_index[k]) for k in a.row_index):
         return False
     if any(not _same_tensor(a.parents[lvl], b.parents[lvl]) for lvl in a.parents):
         return False

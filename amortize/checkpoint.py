@@ -315,7 +315,10 @@ def _check_ranges(ranges: Any, example: Any, bad: Any) -> None:
     if not isinstance(ranges, dict):
         raise bad("ranges", f"must be a dict, found {type(ranges).__name__}")
     levels = example.get("levels") if isinstance(example, dict) else None
-    for key in [*(levels if isinstance(levels, list) else []), "obs"]:
+    factors = example.get("factors") if isinstance(example, dict) else None
+    crossed = isinstance(factors, list) and len(factors) > 1 and all(isinstance(c, list) and c for c in factors)
+    rows = [f"obs:{chain[-1]}" for chain in factors] if crossed else ["obs"]  # see layout.structure_counts
+    for key in [*(levels if isinstance(levels, list) else []), *rows]:
         if key not in ranges:
             raise bad("ranges", f"lacks the entry '{key}' (the training range of {key})")
         if not pair(ranges[key]):

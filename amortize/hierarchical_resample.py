@@ -2,7 +2,7 @@
 
 The globals are resampled by PSIS of their pseudo-marginal weights (:mod:`amortize.hierarchical_is`),
 then, given each resampled global draw, each outermost group's subtree among M fresh draws by its
-weight; the draws say which parts were corrected. A model without global latents gets the PSIS
+weight; the draws say which parts were corrected. A model without global latents (or crossed) gets the PSIS
 correction of joint proposals.
 """
 
@@ -95,7 +95,7 @@ def corrected_sample(post: Any, num_samples: int, seed: int | None, oversample: 
     by PSIS of ``max(100, oversample * n / 8)`` pseudo-marginal weights, then each outermost group's
     subtree given them); without, PSIS of ``oversample * n`` joint proposals."""
     n, oversample = int(num_samples), max(1, int(oversample))
-    hierarchical = bool(post.structure.global_sites)
+    hierarchical = bool(post.structure.global_sites) and not post.structure.crossed  # crossed: joint PSIS
     S = max(100, oversample * n // 8) if hierarchical else oversample * n
     per_dataset: dict[int, CorrectedDraws] = {}
     with post._seeded(seed):

@@ -172,6 +172,9 @@ def local_sbc(
     B = part.batch_size or 1
     if part.structure.row_level is not None:
         return [skipped("latents per row: a replicate row would carry a latent of its own")] * B
+    if part.structure.crossed:
+        why = "crossed factors: replicate rows would grow every factor's groups past the trained structure"
+        return [skipped(why, settings)] * B
     rng = np.random.default_rng([int(seed) % 2**63, 20])
     rows = replicate_rows(part.data, ranges if settings.within_range else None, rng)
     if rows.numel() == 0:

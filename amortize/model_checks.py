@@ -188,18 +188,20 @@ def _doubled(data: HierarchicalData) -> HierarchicalData:
     """The dataset twice over: every level's groups, the rows and the response repeated once."""
     parents = {
         lvl: torch.cat([data.parents[lvl], data.parents[lvl] + data.size(above)])
-        for above, lvl in zip(data.levels[:-1], data.levels[1:])
+        for chain in data.factors
+        for above, lvl in zip(chain[:-1], chain[1:])
     }
-    inner = data.size(data.levels[-1])
+    rows = {lvl: torch.cat([idx, idx + data.size(lvl)]) for lvl, idx in data.row_index.items()}
     cov = {lvl: {k: torch.cat([v, v]) for k, v in dict(cols).items()} for lvl, cols in data.covariates.items()}
     return HierarchicalData(
         data.levels,
         parents,
-        torch.cat([data.group, data.group + inner]),
+        rows if data.crossed else rows[data.factors[0][-1]],
         y=torch.cat([data.y, data.y], -1),
         covariates=cov,
         response=data.response,
         dtype=data.y.dtype,
+        factors=data.factors,
     )
 
 

@@ -67,6 +67,11 @@ class OuterGroupIndex:
     """
 
     def __init__(self, data: HierarchicalData) -> None:
+        if data.crossed:
+            raise DataError(
+                f"factors {[list(c) for c in data.factors]}: a crossed dataset cannot be restricted to some"
+                " outermost groups (their rows are shared with the other factors' groups); train it whole"
+            )
         if data.group.device.type != "cpu":
             data = data.to("cpu")
         self.row_level = data.row_level  # the rows as a level: restricted as rows, then made a level again

@@ -24,7 +24,7 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
   ``correctable``: the k's and flags alone (without the ESS condition and the local SBC, which judge
   the uncorrected q), i.e. the corrected draws (``sample(n, correct=True)``) can be trusted.
 
-A model without global latents is judged by the joint k (:func:`joint_diagnose`) and the local SBC.
+A model without global latents, or of crossed factors, is judged by the joint k (:func:`joint_diagnose`).
 The local SBC runs on its own seed (from ``seed``), so switching it off leaves every k as it was.
 """
 
@@ -89,7 +89,7 @@ def verdict(
         if settings is not None:
             out["local_sbc"] = skipped("streamed: the replicates need the whole dataset at once", settings)
         return out
-    if not post.structure.global_sites:
+    if not post.structure.global_sites or post.structure.crossed:  # crossed: no group's rows are its own
         return joint_diagnose(post, num_samples, seed, repeats, flags, settings, model_check)
     per = diagnose(post, num_samples, seed, repeats, flags, settings, model_check)
     if post.layout == "list":
@@ -233,8 +233,9 @@ def joint_diagnose(
     local: LocalSBC | None = None,
     model_check: bool = True,
 ) -> Any:
-    """A model without global latents: the Pareto k of the joint weights p(y, z) / q(z | y) and the
-    local SBC, in the layout of ``Posterior.diagnostics``."""
+    """A model without global latents, or of crossed factors (whose groups share rows, so that no
+    per-group weight exists): the Pareto k of the joint weights p(y, z) / q(z | y) and the local SBC,
+    in the layout of ``Posterior.diagnostics``."""
     repeats = max(1, int(repeats))
     seed = post._next_seed() if seed is None else int(seed)
     with post._seeded(seed):

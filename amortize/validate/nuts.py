@@ -350,6 +350,7 @@ def cached_reference(
             "model": source,
             "y": data.y,
             "group": data.group,
+            **({"rows": dict(data.row_index)} if data.crossed else {}),
             "parents": dict(data.parents),
             "covariates": {lvl: dict(cols) for lvl, cols in data.covariates.items()},
             "settings": sorted((k, v) for k, v in settings.items() if k != "progress"),
