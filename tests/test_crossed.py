@@ -19,9 +19,9 @@ from amortize.layout import structure_counts, structure_flags
 TAU_P, TAU_I, SIGMA = 0.8, 0.6, 0.5
 
 
-def grid(P: int, I: int, keep: float = 1.0, seed: int = 0) -> am.HierarchicalData:
+def grid(P: int, n_items: int, keep: float = 1.0, seed: int = 0) -> am.HierarchicalData:
     g = torch.Generator().manual_seed(seed)
-    p, i = torch.meshgrid(torch.arange(P), torch.arange(I), indexing="ij")
+    p, i = torch.meshgrid(torch.arange(P), torch.arange(n_items), indexing="ij")
     p, i = p.flatten(), i.flatten()
     if keep < 1:
         m = torch.rand(len(p), generator=g) < keep
@@ -43,12 +43,12 @@ def crossed_known(data):
 
 def exact_posterior(data: am.HierarchicalData, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and sd of (mu, a, b) under ``crossed_known``: prior precision plus X'X / sigma^2."""
-    P, I, N = data.size("person"), data.size("item"), data.n_obs
-    X = torch.zeros(N, 1 + P + I, dtype=torch.float64)
+    P, n_items, N = data.size("person"), data.size("item"), data.n_obs
+    X = torch.zeros(N, 1 + P + n_items, dtype=torch.float64)
     X[:, 0] = 1.0
     X[torch.arange(N), 1 + data.index("person")] = 1.0
     X[torch.arange(N), 1 + P + data.index("item")] = 1.0
-    prior = torch.cat([torch.tensor([1 / 4.0]), torch.full((P,), TAU_P**-2), torch.full((I,), TAU_I**-2)])
+    prior = torch.cat([torch.tensor([1 / 4.0]), torch.full((P,), TAU_P**-2), torch.full((n_items,), TAU_I**-2)])
     prec = torch.diag(prior.double()) + X.T @ X / SIGMA**2
     cov = torch.linalg.inv(prec)
     return cov @ (X.T @ y.double()) / SIGMA**2, cov.diagonal().sqrt()
