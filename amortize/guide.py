@@ -55,6 +55,9 @@ from .structure import LatentSite, ModelStructure, batched
 __all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
 
 
+COUPLING_BOUND = 30.0  # the standardized globals the groups' coupling reads are clipped to +-30 sds
+
+
 class _LatentsDrawn(Exception):
     """Ends a latents-only run of the model at its last latent site."""
 
@@ -196,7 +199,9 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         loc, scale, coupling = st["terms"][name]
         if coupling is not None and st["u"] is not None:  # globals come first in the model: drawn
             shift, spread = st["standardizer"]
-            w = (st["u"] - shift) / spread  # [S, B, 1.., D]
+            # [S, B, 1.., D], bounded: a draw far in q(globals)'s tails moves the groups' terms no further
+            # than COUPLING_BOUND sds would (unbounded, an overflowing global made the location inf, then NaN)
+            w = ((st["u"] - shift) / spread).clamp(-COUPLING_BOUND, COUPLING_BOUND)
             # one batched matmul per dataset ([S, D] @ [D, G d]), never the [S, B, G, d, D] product
             S, B, D = w.shape[0], coupling.shape[0], w.shape[-1]
             shifted = torch.einsum("bnk,sbk->sbn", coupling.reshape(B, -1, D), w.reshape(S, -1, D).expand(S, B, D))

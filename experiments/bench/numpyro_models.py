@@ -273,6 +273,46 @@ def gaussian_4level(
         numpyro.sample("y", ndist.Normal(a[classroom], sigma), obs=y)
 
 
+def crossed_gaussian(
+    person: jax.Array, item: jax.Array, x: jax.Array, n_persons: int, n_items: int, y: jax.Array | None = None
+) -> None:
+    """``experiments/models/crossed.py``'s crossed_gaussian in NumPyro: mu ~ N(0, 2), beta ~ N(0, 1),
+    tau_person, tau_item, sigma ~ HalfNormal(1), a ~ N(0, tau_person), b ~ N(0, tau_item),
+    y ~ N(mu + a[person] + b[item] + beta x, sigma)."""
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 2.0))
+    beta = numpyro.sample("beta", ndist.Normal(0.0, 1.0))
+    tau_p = numpyro.sample("tau_person", ndist.HalfNormal(1.0))
+    tau_i = numpyro.sample("tau_item", ndist.HalfNormal(1.0))
+    sigma = numpyro.sample("sigma", ndist.HalfNormal(1.0))
+    with numpyro.plate("person", n_persons):
+        a = numpyro.sample("a", ndist.Normal(0.0, tau_p))
+    with numpyro.plate("item", n_items):
+        b = numpyro.sample("b", ndist.Normal(0.0, tau_i))
+    with numpyro.plate("obs", person.shape[0]):
+        numpyro.sample("y", ndist.Normal(mu + a[person] + b[item] + beta * x, sigma), obs=y)
+
+
+def crossed_bernoulli(
+    person: jax.Array, item: jax.Array, x: jax.Array, n_persons: int, n_items: int, y: jax.Array | None = None
+) -> None:
+    """crossed_bernoulli in NumPyro: as :func:`crossed_gaussian` on the logit scale (mu ~ N(0, 1.5)), no sigma."""
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 1.5))
+    beta = numpyro.sample("beta", ndist.Normal(0.0, 1.0))
+    tau_p = numpyro.sample("tau_person", ndist.HalfNormal(1.0))
+    tau_i = numpyro.sample("tau_item", ndist.HalfNormal(1.0))
+    with numpyro.plate("person", n_persons):
+        a = numpyro.sample("a", ndist.Normal(0.0, tau_p))
+    with numpyro.plate("item", n_items):
+        b = numpyro.sample("b", ndist.Normal(0.0, tau_i))
+    with numpyro.plate("obs", person.shape[0]):
+        numpyro.sample("y", ndist.Bernoulli(logits=mu + a[person] + b[item] + beta * x), obs=y)
+
+
+def _arrays_crossed(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    args = (_index(data.index("person")), _index(data.index("item")), _float(data.x["x"]))
+    return args, {"n_persons": data.size("person"), "n_items": data.size("item")}
+
+
 def _index(t: torch.Tensor) -> jax.Array:
     return jnp.asarray(t.cpu().numpy().astype(np.int32))
 
@@ -386,6 +426,20 @@ MODELS: dict[str, NumPyroModel] = {
         ("mu", "tau", "corr_chol", "sigma", "b"),
         (),  # b is MultivariateNormal: no loc-scale non-centering
         _arrays_varying_slopes,
+    ),
+    "crossed_gaussian": NumPyroModel(
+        crossed_gaussian,
+        ("person", "item"),
+        ("mu", "beta", "tau_person", "tau_item", "sigma", "a", "b"),
+        ("a", "b"),
+        _arrays_crossed,
+    ),
+    "crossed_bernoulli": NumPyroModel(
+        crossed_bernoulli,
+        ("person", "item"),
+        ("mu", "beta", "tau_person", "tau_item", "a", "b"),
+        ("a", "b"),
+        _arrays_crossed,
     ),
     "gaussian_4level": NumPyroModel(
         gaussian_4level,

@@ -1,0 +1,230 @@
+"""Crossed random effects (persons x items, ``experiments/models/crossed.py``): amortized posteriors trained on
+a fixed crossed design, against ground truth.
+
+Arms (``--arms``):
+
+* ``irt``: the 2PL IRT model against the external reference of stan-dev/stat_comp_benchmarks (4 x 250,000
+  NUTS draws, 144 parameters) on its own data: per parameter the z-error |mean - ref mean| / ref sd and the
+  sd ratio; pass: every z <= 0.3 and every sd ratio in 0.8-1.25;
+* ``gaussian``, ``bernoulli``: ``--datasets`` held-out prior-predictive datasets on a 100 persons x 20 items
+  design (2,000 rows) against NUTS on the NumPyro twin of the same model (4 chains, ``experiments/bench/
+  numpyro_models.py``; Pyro NUTS where numpyro is not installed): z-error median / p90 per level, sd ratio,
+  coverage, and the verdict (``post.diagnostics()``: the joint k for a crossed design);
+* ``large``: a 3,000 students x 1,100 lecturers design of ~70,000 rows (23 ratings per student): training
+  wall time, the amortized draw time, NUTS time on one held-out dataset, and the z-errors there.
+
+Training wall time is measured for every arm (one process, ``torch.set_num_threads(--threads)``).
+Prints markdown; writes ``results.json`` / ``results.md`` atomically under ``--out`` after every arm.
+
+    python experiments/bench/crossed.py [--arms irt gaussian bernoulli large] [--steps 3000] [--datasets 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # experiments/models, experiments/bench
+
+from models.crossed import crossed_bernoulli, crossed_gaussian, grid_design, irt_2pl, irt_2pl_data  # noqa: E402
+
+import amortize as am  # noqa: E402
+from amortize.validate import summarize, to_markdown  # noqa: E402
+from amortize.validate.heldout import against_nuts, heldout_datasets  # noqa: E402
+from amortize.validate.results import machine_info, results_header, write_results  # noqa: E402
+
+ARMS = ["irt", "gaussian", "bernoulli", "large"]
+COLUMNS = ["level", "z_median", "z_p90", "sd_ratio_median", "sd_ratio_p10", "sd_ratio_p90", "coverage90", "count"]
+
+
+def _reference(name: str, args: argparse.Namespace):
+    """NUTS on the NumPyro twin (None where numpyro is missing: Pyro NUTS is used)."""
+    try:
+        from numpyro_models import twin_reference
+    except ImportError:
+        return None
+    return twin_reference(name, args.nuts_warmup, args.nuts_samples, cache_dir=args.nuts_cache or None)
+
+
+def _train(model, data: am.HierarchicalData, args: argparse.Namespace, steps: int) -> tuple[am.Amortizer, float]:
+    a = am.Amortizer(model, am.StructureSampler.fixed(data), seed=args.seed)
+    t0 = time.perf_counter()
+    a.fit(steps=steps, batch_size=args.batch, progress=False)
+    return a, time.perf_counter() - t0
+
+
+def irt_arm(args: argparse.Namespace) -> dict[str, Any]:
+    data, ref = irt_2pl_data()
+    a, seconds = _train(irt_2pl, data, args, args.steps)
+    post = a.posterior(data, seed=1)
+    t0 = time.perf_counter()
+    draws = post.sample(args.draws)
+    draw_s = time.perf_counter() - t0
+    rows = []
+    for name, (mean, sd) in ref.items():
+        site, _, idx = name.partition("[")
+        d = draws[site] if not idx else draws[site][:, int(idx.rstrip("]")) - 1]
+        z = abs(float(d.mean()) - mean) / sd
+        rows.append(
+            {
+                "parameter": name,
+                "ref_mean": mean,
+                "ref_sd": sd,
+                "mean": float(d.mean()),
+                "sd": float(d.std()),
+                "z": z,
+                "sd_ratio": float(d.std()) / sd,
+            }
+        )
+    z = torch.tensor([r["z"] for r in rows])
+    ratio = torch.tensor([r["sd_ratio"] for r in rows])
+    verdict = post.diagnostics(local_sbc=False)
+    return {
+        "train_seconds": seconds,
+        "steps": a.step,
+        "draw_seconds": draw_s,
+        "parameters": len(rows),
+        "z_median": float(z.median()),
+        "z_p90": float(z.quantile(0.9)),
+        "z_max": float(z.max()),
+        "sd_ratio_min": float(ratio.min()),
+        "sd_ratio_max": float(ratio.max()),
+        "pass": bool((z <= 0.3).all() and ((ratio >= 0.8) & (ratio <= 1.25)).all()),
+        "worst": sorted(rows, key=lambda r: -r["z"])[:8],
+        "verdict": {k: verdict[k] for k in ("ok", "reason", "pareto_k")},
+    }
+
+
+def heldout_arm(name: str, model, args: argparse.Namespace) -> dict[str, Any]:
+    data = grid_design(100, 20, share=1.0, seed=0)
+    a, seconds = _train(model, data, args, args.steps)
+    sets = heldout_datasets(a, args.datasets)
+    nuts = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 4}
+    report = against_nuts(
+        a,
+        sets,
+        args.draws,
+        nuts,
+        seed=1,
+        nuts_cache=args.nuts_cache or None,
+        reference=_reference(name, args),
+        diagnose=True,
+    )
+    out = {"train_seconds": seconds, "steps": a.step, **report.to_dict()}
+    out["by_site"] = summarize(report.rows, by="site") if report.rows else []
+    out["verdicts"] = [
+        {"dataset": d["dataset"], "ok": d.get("ok"), "reason": d.get("reason")} for d in report.diagnostics
+    ]
+    return out
+
+
+def large_arm(args: argparse.Namespace) -> dict[str, Any]:
+    data = grid_design(3000, 1100, share=23 / 1100, seed=3)
+    a, seconds = _train(crossed_gaussian, data, args, args.large_steps)
+    (held,) = heldout_datasets(a, 1)
+    t0 = time.perf_counter()
+    a.posterior(held, seed=1).sample(args.draws)
+    draw_s = time.perf_counter() - t0
+    out = {
+        "rows": data.n_obs,
+        "persons": data.size("person"),
+        "items": data.size("item"),
+        "train_seconds": seconds,
+        "steps": a.step,
+        "draw_seconds": draw_s,
+    }
+    if args.large_nuts:
+        nuts = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 2}
+        report = against_nuts(
+            a,
+            [held],
+            args.draws,
+            nuts,
+            seed=1,
+            nuts_cache=args.nuts_cache or None,
+            reference=_reference("crossed_gaussian", args),
+        )
+        out.update(report.to_dict())
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    md = [results_header(results) + "\n"]
+    arms = results["arms"]
+    if "irt" in arms:
+        e = arms["irt"]
+        md.append(
+            f"### 2PL IRT vs stat_comp_benchmarks ({e['parameters']} parameters)\n\n"
+            f"Trained {e['steps']} x {results['args']['batch']} NPE steps in {e['train_seconds']:.0f} s; "
+            f"{results['args']['draws']} draws in {e['draw_seconds'] * 1000:.0f} ms. z median {e['z_median']:.3f}, "
+            f"p90 {e['z_p90']:.3f}, max {e['z_max']:.3f}; sd ratio {e['sd_ratio_min']:.2f}-{e['sd_ratio_max']:.2f}; "
+            f"target (every z <= 0.3, sd ratio 0.8-1.25) {'met' if e['pass'] else 'NOT met'}. Verdict: ok "
+            f"{e['verdict']['ok']} (joint k {e['verdict']['pareto_k']:.2f}).\n\n"
+            + to_markdown(e["worst"], ["parameter", "ref_mean", "ref_sd", "mean", "sd", "z", "sd_ratio"])
+        )
+    for name in ("gaussian", "bernoulli"):
+        if name in arms:
+            e = arms[name]
+            ok = sum(bool(v["ok"]) for v in e["verdicts"])
+            md.append(
+                f"### crossed {name}, 100 persons x 20 items (2,000 rows), {len(e['nuts'])} held-out datasets\n\n"
+                f"Trained {e['steps']} steps in {e['train_seconds']:.0f} s; NUTS "
+                f"{e['nuts_seconds_per_dataset'] or 0:.1f} s, amortized {e['amortized_seconds_per_dataset'] or 0:.3f}"
+                f" s per dataset; NUTS passed its checks on {sum(bool(r.get('ok')) for r in e['nuts'])}; verdict ok on"
+                f" {ok} of {len(e['verdicts'])}.\n\n" + (to_markdown(e["summary"], COLUMNS) if e["summary"] else "")
+            )
+    if "large" in arms:
+        e = arms["large"]
+        nuts = f"; NUTS {e['nuts_seconds_per_dataset']:.0f} s on one held-out dataset" if e.get("nuts") else ""
+        md.append(
+            f"### large: {e['persons']:,} students x {e['items']:,} lecturers, {e['rows']:,} rows\n\n"
+            f"Trained {e['steps']} steps in {e['train_seconds'] / 60:.1f} min; {results['args']['draws']} draws in "
+            f"{e['draw_seconds']:.2f} s{nuts}.\n\n" + (to_markdown(e["summary"], COLUMNS) if e.get("summary") else "")
+        )
+    return "\n\n".join(md) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--large-steps", type=int, default=1500)
+    p.add_argument("--large-nuts", action="store_true", help="NUTS on the large design too (long)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--datasets", type=int, default=20)
+    p.add_argument("--draws", type=int, default=4000)
+    p.add_argument("--nuts-warmup", type=int, default=1000)
+    p.add_argument("--nuts-samples", type=int, default=1000)
+    p.add_argument("--nuts-cache", default="checkpoints/nuts-cache")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="checkpoints/bench-crossed")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {**machine_info(threads=True), "version": am.__version__, "args": vars(args), "arms": {}}
+    for arm in args.arms:
+        if arm == "irt":
+            results["arms"][arm] = irt_arm(args)
+        elif arm == "large":
+            results["arms"][arm] = large_arm(args)
+        else:
+            results["arms"][arm] = heldout_arm(
+                f"crossed_{arm}", {"gaussian": crossed_gaussian, "bernoulli": crossed_bernoulli}[arm], args
+            )
+        md = markdown(results)
+        write_results(args.out, results, md, default=str, safe=True)
+        print(md.split("\n\n### ")[-1], flush=True)
+    print(f"written: {args.out}/results.json, {args.out}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
