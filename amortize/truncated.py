@@ -19,8 +19,10 @@ globals are truncated: in their few dimensions rejection from the prior is cheap
 latents keep their exact conditional prior, which holds for any number of groups. Simulations whose
 response is not finite are dropped and reported but never stop training here: removing datasets by
 their response leaves ``p(latents | y)`` unchanged at every finite y (x_o among them), so it only costs
-simulation time. Drops for a latent outside its support do change the prior and count towards the
-1% limit of :class:`~amortize.simulate.DropTally`.
+simulation time. Drops for a latent outside its support (a LogNormal draw under a HalfCauchy scale that
+overflows) truncate the prior where floating point cannot represent it, as the region truncates it
+where q at x_o has no mass: they are reported too, not limited (a posterior at x_o with mass there could
+not be represented either; the verdict judges the result).
 
 What came of each round (the usable share of the prior, the acceptance) is :meth:`Truncated.report`,
 kept by the amortizer (``amortizer.truncation``), saved and resumed with it. The amortized posterior
@@ -162,7 +164,7 @@ class Truncated:
             record = {"data": key, "pretrained": pretrained, "rounds": [], "region": None}
             amortizer.truncation = record
         self._record = record
-        self._tally = DropTally(structure.response, exempt=(structure.response,))
+        self._tally = DropTally(structure.response, exempt=[structure.response, *(t.name for t in structure.latents)])
         self._structure_data = self.data.to(amortizer.device, dtype).with_response(None)  # what the model runs on
         self._skeleton = self._structure_data.skeleton()  # the prior draws of the globals run on one row per group
         self._x = structure.complete(self.data).to(amortizer.device, dtype)  # what the guide reads (rows as a level)
