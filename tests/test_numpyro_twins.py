@@ -107,3 +107,31 @@ def test_twin_reference_refuses_a_model_without_a_twin():
     with pytest.raises(ConfigError, match="eight_schools"):
         nm.twin_reference("eight_schools")
     assert callable(nm.twin_reference("gaussian_4level"))
+
+
+def _crossed_models():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "models" / "crossed.py"
+    spec = importlib.util.spec_from_file_location("crossed_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["crossed_gaussian", "crossed_bernoulli"])
+def test_crossed_twin_log_density_equals_pyro_log_joint(name):
+    crossed = _crossed_models()
+    model = getattr(crossed, name)
+    data = crossed.grid_design(7, 5, share=0.7, seed=2)
+    torch.manual_seed(3)
+    trace = poutine.trace(model).get_trace(data)
+    latents = nm.MODELS[name].latents
+    values = {s: trace.nodes[s]["value"].detach() for s in latents}
+    data = data.with_response(trace.nodes["y"]["value"].detach())
+    lp_pyro = _pyro_log_joint(model, values, data)
+    tol = 1e-5 * abs(lp_pyro) + 1e-3
+    assert abs(nm.log_density(values, data, name) - lp_pyro) <= tol
+    nudged = {**values, "b": values["b"] + 0.2}  # an item effect moved: the density moves far more
+    assert abs(nm.log_density(nudged, data, name) - lp_pyro) > 10 * tol
