@@ -6,7 +6,8 @@ Arms (``--arms``):
 * ``irt``: the 2PL IRT model against the external reference of stan-dev/stat_comp_benchmarks (4 x 250,000
   NUTS draws, 144 parameters) on its own data: per parameter the z-error |mean - ref mean| / ref sd and the
   sd ratio; pass: every z <= 0.3 and every sd ratio in 0.8-1.25;
-* ``gaussian``, ``bernoulli``: ``--datasets`` held-out prior-predictive datasets on a 100 persons x 20 items
+* ``gaussian``, ``bernoulli``: SBC (200 datasets x 999 draws) and ``--datasets`` held-out prior-predictive
+  datasets on a 100 persons x 20 items
   design (2,000 rows) against NUTS on the NumPyro twin of the same model (4 chains, ``experiments/bench/
   numpyro_models.py``; Pyro NUTS where numpyro is not installed): z-error median / p90 per level, sd ratio,
   coverage, and the verdict (``post.diagnostics()``: the joint k for a crossed design);
@@ -36,7 +37,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]  # experiments/models, experiments/
 from models.crossed import crossed_bernoulli, crossed_gaussian, grid_design, irt_2pl, irt_2pl_data  # noqa: E402
 
 import amortize as am  # noqa: E402
-from amortize.validate import summarize, to_markdown  # noqa: E402
+from amortize.validate import sbc, summarize, to_markdown  # noqa: E402
 from amortize.validate.heldout import against_nuts, heldout_datasets  # noqa: E402
 from amortize.validate.results import machine_info, results_header, write_results  # noqa: E402
 
@@ -125,6 +126,8 @@ def heldout_arm(name: str, model, args: argparse.Namespace) -> dict[str, Any]:
     )
     out = {"train_seconds": seconds, "steps": a.step, **report.to_dict()}
     out["by_site"] = summarize(report.rows, by="site") if report.rows else []
+    res = sbc(a, num_datasets=args.sbc_datasets, num_samples=args.sbc_draws, seed=args.seed + 1)
+    out["sbc"] = {"passed": res.passed, "rows": res.rows, "datasets": res.num_datasets, "draws": res.num_draws}
     out["verdicts"] = [
         {"dataset": d["dataset"], "ok": d.get("ok"), "reason": d.get("reason")} for d in report.diagnostics
     ]
@@ -186,7 +189,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"Trained {e['steps']} steps in {e['train_seconds']:.0f} s; NUTS "
                 f"{e['nuts_seconds_per_dataset'] or 0:.1f} s, amortized {e['amortized_seconds_per_dataset'] or 0:.3f}"
                 f" s per dataset; NUTS passed its checks on {sum(bool(r.get('ok')) for r in e['nuts'])}; verdict ok on"
-                f" {ok} of {len(e['verdicts'])}.\n\n" + (to_markdown(e["summary"], COLUMNS) if e["summary"] else "")
+                f" {ok} of {len(e['verdicts'])}. SBC ({e['sbc']['datasets']} x {e['sbc']['draws']}, every scalar"
+                f" quantity, family-wise 95% band): {'PASS' if e['sbc']['passed'] else 'FAIL'}"
+                f" (failing: {[r['quantity'] for r in e['sbc']['rows'] if not r['passed']] or 'none'}).\n\n"
+                + (to_markdown(e["summary"], COLUMNS) if e["summary"] else "")
             )
     if "large" in arms:
         e = arms["large"]
@@ -209,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="truncation rounds of the IRT arm")
     p.add_argument("--datasets", type=int, default=20)
     p.add_argument("--draws", type=int, default=4000)
+    p.add_argument("--sbc-datasets", type=int, default=200)
+    p.add_argument("--sbc-draws", type=int, default=999)
     p.add_argument("--nuts-warmup", type=int, default=1000)
     p.add_argument("--nuts-samples", type=int, default=1000)
     p.add_argument("--nuts-cache", default="checkpoints/nuts-cache")
