@@ -49,7 +49,7 @@ from .gaussian_terms import (
     product_draw,
 )
 from .nn import GlobalHead, GroupHead, HierarchicalEncoder
-from .nn.data_terms import guide_terms, level_dims, site_term
+from .nn.data_terms import group_terms, level_dims, site_term
 from .structure import LatentSite, ModelStructure, batched
 
 __all__ = ["AmortizedGuide", "gaussian_prior", "gaussian_product", "prior_surrogate", "product_draw"]
@@ -90,12 +90,7 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         self.structure = structure
         self.user_model = model
         self.encoder = HierarchicalEncoder(
-            structure.levels,
-            covariates,
-            hidden,
-            level_dims(structure),
-            factors=structure.factors,
-            global_term_dim=structure.global_dim,
+            structure.levels, covariates, hidden, level_dims(structure), factors=structure.factors
         )
         self.global_head = None
         if structure.global_dim:
@@ -157,14 +152,14 @@ class AmortizedGuide(GuideMessenger, nn.Module):
         """The per-dataset and per-group work of a call, independent of the draws: q(globals) and
         each group site's data term ``(loc, scale)`` in the batched layout."""
         K = self.structure.max_plate_nesting
-        terms = guide_terms(self.user_model, self.structure, data)
+        terms = group_terms(self.user_model, self.structure, data)
         enc = self.encoder(data, terms)
         B = enc.dataset.shape[0]
         state: dict[str, Any] = {"terms": {}, "lower": {}, "embedding": enc.dataset}
         if self.global_head is not None:
             stats = enc.statistics
             std = self.global_head.standardizer(
-                enc.dataset, K, enc.raw_location, stats.counts(), stats.covariate_slopes()
+                enc.dataset, K, stats.location_scale(), stats.counts(), stats.covariate_slopes()
             )
             state["standardizer"] = std
             state["q_globals"] = self.global_head(enc.dataset, K, standardizer=std)  # batch [B, 1..], event [D]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .bad_steps import BadSteps, bad_step_error
 from .errors import ConfigError, TrainingError
 from .limits import Limit, check_limits
-from .nn.data_terms import guide_terms, site_term
+from .nn.data_terms import group_terms, site_term
 from .nn.statistics import GroupStatistics
 from .objectives import OBJECTIVES, batch_loss
 
@@ -151,7 +151,7 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> l
     per = max(1, cfg.batch_size // 8)
     sims = [amortizer.simulate_batch(gen, per) for _ in range(cfg.pilot_structures * cfg.batch_size // per)]
     stats = [guide.encoder.statistics(sim.data) for sim in sims]
-    terms = [guide_terms(guide.user_model, structure, sim.data) for sim in sims]
+    terms = [group_terms(guide.user_model, structure, sim.data) for sim in sims]
     guide.encoder.fit(stats, terms)
     if guide.global_head is not None:
         u = torch.cat(  # [datasets, D]: batches hold different numbers of datasets when some were dropped
@@ -163,7 +163,7 @@ def pilot_fit(amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> l
             ]
         )
         guide.global_head.fit(
-            torch.cat([guide.encoder.raw_location(s, t) for s, t in zip(stats, terms)]),
+            torch.cat([s.location_scale() for s in stats]),
             u,
             torch.cat([s.counts() for s in stats]),
             torch.cat([s.covariate_slopes() for s in stats]),

@@ -15,17 +15,18 @@ import torch
 import amortize as am
 from amortize.errors import DataError, ModelStructureError
 from amortize.layout import structure_counts, structure_flags
+from amortize.nn import HierarchicalEncoder
 
 TAU_P, TAU_I, SIGMA = 0.8, 0.6, 0.5
 
 
-def grid(P: int, n_items: int, keep: float = 1.0, seed: int = 0) -> am.HierarchicalData:
+def grid(P: int, Q: int, keep: float = 1.0, seed: int = 0) -> am.HierarchicalData:
     g = torch.Generator().manual_seed(seed)
-    p, i = torch.meshgrid(torch.arange(P), torch.arange(n_items), indexing="ij")
+    p, i = torch.meshgrid(torch.arange(P), torch.arange(Q), indexing="ij")
     p, i = p.flatten(), i.flatten()
     if keep < 1:
         m = torch.rand(len(p), generator=g) < keep
-        m[:P] = True  # every person and item keeps a row (row r of the first P: person r, item r % I)
+        m[:P] = True  # every person and item keeps a row (row r of the first P: person r, item r % Q)
         p, i = p[m], i[m]
     return am.HierarchicalData(["person", "item"], {}, {"person": p, "item": i}, factors=[["person"], ["item"]])
 
@@ -43,12 +44,12 @@ def crossed_known(data):
 
 def exact_posterior(data: am.HierarchicalData, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and sd of (mu, a, b) under ``crossed_known``: prior precision plus X'X / sigma^2."""
-    P, n_items, N = data.size("person"), data.size("item"), data.n_obs
-    X = torch.zeros(N, 1 + P + n_items, dtype=torch.float64)
+    P, Q, N = data.size("person"), data.size("item"), data.n_obs
+    X = torch.zeros(N, 1 + P + Q, dtype=torch.float64)
     X[:, 0] = 1.0
     X[torch.arange(N), 1 + data.index("person")] = 1.0
     X[torch.arange(N), 1 + P + data.index("item")] = 1.0
-    prior = torch.cat([torch.tensor([1 / 4.0]), torch.full((P,), TAU_P**-2), torch.full((n_items,), TAU_I**-2)])
+    prior = torch.cat([torch.tensor([1 / 4.0]), torch.full((P,), TAU_P**-2), torch.full((Q,), TAU_I**-2)])
     prec = torch.diag(prior.double()) + X.T @ X / SIGMA**2
     cov = torch.linalg.inv(prec)
     return cov @ (X.T @ y.double()) / SIGMA**2, cov.diagonal().sqrt()
@@ -130,6 +131,33 @@ def test_own_structure_raises_no_flag_and_more_persons_do():
     assert structure_flags(data, counts) == []
     flags = structure_flags(grid(9, 4), counts)
     assert any("level 'person': 9 groups, trained on 6-6" in f for f in flags), flags
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_crossed_noise_is_the_additive_fits_residual(keep):
+    """Within one factor's groups the rows vary with the other factor's effects: the innermost levels'
+    pooled log sd is the additive fit's residual, near log sigma (and far from the within-person sd)."""
+    data = grid(200, 30, keep=keep, seed=1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(data.n_obs, generator=g)
+    a, b = 1.5 * torch.randn(200, generator=g), 1.0 * torch.randn(30, generator=g)
+    y = 0.3 + a[data.index("person")] + b[data.index("item")] + 0.7 * x + SIGMA * torch.randn(data.n_obs, generator=g)
+    data = am.HierarchicalData(
+        ["person", "item"],
+        {},
+        {"person": data.index("person"), "item": data.index("item")},
+        y=y,
+        covariates={"obs": {"x": x}},
+        factors=[["person"], ["item"]],
+    )
+    enc = HierarchicalEncoder(("person", "item"), {"obs": ["x"]}, 16, factors=(("person",), ("item",)))
+    stats = enc.statistics(data)
+    for lvl in ("person", "item"):
+        assert abs(float(stats.levels[lvl].pooled_log_sd[0]) - torch.log(torch.tensor(SIGMA))) < 0.05, lvl
+    within_person = 0.5 * torch.log(torch.tensor(1.0 + SIGMA**2))  # items' sd 1 still inside a person's rows
+    assert float(stats.levels["person"].pooled_log_sd[0]) < float(within_person) - 0.5
+    # the excess log sd of the person effects reads their sd (1.5), not the noise's
+    assert abs(float(stats.levels["person"].excess_log_sd[0]) - torch.log(a.std())) < 0.15
 
 
 def test_subsampled_training_refuses_a_crossed_dataset():

@@ -97,9 +97,9 @@ def test_simulation_and_encoding_have_one_group_per_row():
     sim = simulate(olre, a.structure, d, 5)
     B, N = sim.data.y.shape
     assert sim.latents["e"].shape == (1, B, N) and sim.latents["a"].shape == (1, B, d.size("county"))
-    from amortize.nn.data_terms import guide_terms
+    from amortize.nn.data_terms import group_terms
 
-    enc = a.guide.encoder(sim.data, guide_terms(olre, a.structure, sim.data))
+    enc = a.guide.encoder(sim.data, group_terms(olre, a.structure, sim.data))
     assert enc.groups["obs"].shape == (B, N, 8) and enc.groups["county"].shape == (B, d.size("county"), 8)
     loc, scale, _ = a.guide.encode(sim.data)["terms"]["e"]
     assert loc.shape == (B, N, 1) and bool(torch.isfinite(scale).all())

@@ -16,7 +16,7 @@ import torch
 
 import amortize as am
 from amortize.models import SAMPLERS, gaussian_3level, logistic_3level
-from amortize.nn.data_terms import guide_terms, site_term
+from amortize.nn.data_terms import group_terms, site_term
 from amortize.nn.encoder import term_features
 from amortize.objectives import backward_in_chunks, batch_loss, chunk_datasets
 
@@ -34,8 +34,7 @@ def _fitted(model, name: str, seed: int = 0) -> am.Amortizer:
 
 def _plain_encoder(enc, data, terms):
     """The encoder as the plain formulas write it: each level's network on its statistics, data terms and
-    its children's mean embedding; the dataset network on the dataset's statistics, the globals' term and
-    the groups' mean."""
+    its children's mean embedding; the dataset network on the dataset's statistics and the groups' mean."""
     stats = enc.statistics(data)
     groups, child = {}, None
     for i in reversed(range(len(enc.levels))):
@@ -50,8 +49,7 @@ def _plain_encoder(enc, data, terms):
             parts.append(torch.stack(members, 1))
         child = groups[lvl] = enc.nets[lvl](torch.cat(parts, -1))
     top = groups[enc.levels[0]].mean(-2)
-    glob = enc.global_term_scaler(term_features(terms[None])[:, 0])  # the globals' likelihood term
-    dataset = enc.global_net(torch.cat([enc.global_scaler(stats.features), glob, top], -1))
+    dataset = enc.global_net(torch.cat([enc.global_scaler(stats.features), top], -1))
     return dataset, groups
 
 
@@ -71,7 +69,7 @@ def test_encoder_pools_the_levels_as_the_plain_formula(model, name):
     a = _fitted(model, name)
     enc = a.guide.encoder
     sim = a.simulate_batch(torch.Generator().manual_seed(1), 5)
-    terms = guide_terms(a.guide.user_model, a.structure, sim.data)
+    terms = group_terms(a.guide.user_model, a.structure, sim.data)
     fast = enc(sim.data, terms)
     dataset, groups = _plain_encoder(enc, sim.data, terms)
     assert _close(fast.dataset, dataset) < 1e-5
@@ -85,7 +83,7 @@ def test_encoder_pools_the_levels_as_the_plain_formula(model, name):
 def test_group_head_split_first_layers_equal_the_concatenated_networks():
     a = _fitted(logistic_3level, "logistic_3level")
     sim = a.simulate_batch(torch.Generator().manual_seed(2), 4)
-    terms = guide_terms(a.guide.user_model, a.structure, sim.data)
+    terms = group_terms(a.guide.user_model, a.structure, sim.data)
     enc = a.guide.encoder(sim.data, terms)
     for name, head in a.guide.group_heads.items():
         level = a.structure[name].level

@@ -36,7 +36,7 @@ __all__ = [
     "MODE_ITERATIONS",
     "TermRange",
     "data_terms",
-    "guide_terms",
+    "group_terms",
     "level_dims",
     "reference_point",
     "site_term",
@@ -285,14 +285,9 @@ class TermRange(nn.Module):
         return out[0], out[1]
 
 
-def guide_terms(model: Callable, structure: ModelStructure, data: HierarchicalData) -> dict[str | None, DataTerm]:
-    """The terms the guide reads: every group level's, after ``MODE_ITERATIONS`` steps of the groups
-    towards their mode, and the globals' (key None, where the model has global sites) at the same
-    point: the globals at their reference, the groups near their mode given it. The globals' term
-    carries what the groups leave unexplained (a Gaussian noise sd's score and information are the
-    residual sum of squares there, for a crossed design as for a nested one), for any likelihood."""
-    glob = bool(structure.global_sites)
-    return data_terms(model, structure, data, iterations=MODE_ITERATIONS, globals_too=glob)
+def group_terms(model: Callable, structure: ModelStructure, data: HierarchicalData) -> dict[str | None, DataTerm]:
+    """The terms the guide reads: every group level's, after ``MODE_ITERATIONS`` steps towards the mode."""
+    return data_terms(model, structure, data, iterations=MODE_ITERATIONS, globals_too=False)
 
 
 def level_dims(structure: ModelStructure) -> dict[str, int]:

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..data import OBS, HierarchicalData
-from .data_terms import DataTerm, TermRange
+from .data_terms import DataTerm
 from .least_squares import segment_mean
-from .statistics import STATISTICS_VERSION, DatasetStatistics, dataset_statistics
+from .statistics import STATISTICS_VERSION, DatasetStatistics, additive_residual_log_sd, dataset_statistics
 
 __all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp", "term_features"]
 
@@ -73,7 +73,6 @@ class Encoding:
     dataset: torch.Tensor
     groups: dict[str, torch.Tensor]
     statistics: DatasetStatistics
-    raw_location: torch.Tensor  # [B, r] the global head's raw location inputs (HierarchicalEncoder.raw_location)
 
 
 class HierarchicalEncoder(nn.Module):
@@ -89,9 +88,6 @@ class HierarchicalEncoder(nn.Module):
             several (crossed), each factor is pooled up its own chain, and each innermost group first
             reads, through its rows, the mean embedding of the other factors' groups it meets (one
             round of messages, O(rows)); the dataset network reads every factor's top.
-        global_term_dim: the globals' unconstrained width D: their likelihood term (location and log
-            precision, ``terms[None]``) is read by the dataset network and, bounded to the range the
-            pilot saw, by the global head's raw location path (:meth:`raw_location`).
 
     Attributes:
         statistics_version: the statistics the encoder computes (:data:`STATISTICS_VERSION`);
@@ -107,13 +103,8 @@ class HierarchicalEncoder(nn.Module):
         hidden: int = 64,
         term_dims: dict[str, int] | None = None,
         factors: tuple[tuple[str, ...], ...] | None = None,
-        global_term_dim: int = 0,
     ) -> None:
         super().__init__()
-        self.global_term_dim = int(global_term_dim)
-        if self.global_term_dim:
-            self.global_term_scaler = RobustScaler(2 * self.global_term_dim)
-            self.global_term_range = TermRange(self.global_term_dim)
         self.factors = tuple(tuple(c) for c in factors) if factors else (tuple(levels),)
         self.innermost = {chain[-1] for chain in self.factors}
         self.term_dims = dict(term_dims or {})
@@ -132,7 +123,7 @@ class HierarchicalEncoder(nn.Module):
         crossed = len(self.factors) > 1
         self.messages = nn.ModuleDict({c[-1]: mlp(2 * hidden, hidden, hidden) for c in self.factors if crossed})
         self.n_global_stats = 4 + self.obs_dim + 7 * len(self.levels)
-        self.raw_dataset_dim = 2 + 3 * len(self.levels) + 2 * self.global_term_dim
+        self.raw_dataset_dim = 2 + 3 * len(self.levels)
         self.count_dim = len(self.levels) + 1
         kc = sum(len(self.cov_names.get(lvl, [])) for lvl in self.levels)
         with_cov = sum(1 for lvl in self.levels if self.cov_names.get(lvl))
@@ -141,9 +132,7 @@ class HierarchicalEncoder(nn.Module):
         # log precision)
         self.group_slope_dim = {lvl: kx + 2 if kx and lvl in self.innermost else 0 for lvl in self.levels}
         self.global_scaler = RobustScaler(self.n_global_stats)
-        self.global_net = mlp(
-            self.n_global_stats + 2 * self.global_term_dim + hidden * len(self.factors), hidden, hidden
-        )
+        self.global_net = mlp(self.n_global_stats + hidden * len(self.factors), hidden, hidden)
 
     def _n_level_stats(self, lvl: str) -> int:
         inner = lvl in self.innermost
@@ -159,17 +148,16 @@ class HierarchicalEncoder(nn.Module):
             for k, chain in enumerate(self.factors):
                 cov = {lvl: names for lvl, names in self.cov_names.items() if lvl in chain or lvl == OBS}
                 parts.append(dataset_statistics(data.factor(k), chain, cov))
-            return DatasetStatistics.merged(parts)
+            rows = self.cov_names.get(OBS, [])
+            X = torch.stack([data.covariates[OBS][c] for c in rows], -1) if rows else None
+            inner = [(data.index(chain[-1]), data.size(chain[-1])) for chain in self.factors]
+            return DatasetStatistics.merged(parts, additive_residual_log_sd(data.y, inner, X))
 
     @torch.no_grad()
     def fit(self, statistics: Sequence[DatasetStatistics], terms: Sequence[dict] | None = None) -> None:
         """Fit the feature scalers on the :meth:`statistics` of simulated datasets (and their data terms)."""
         for lvl in self.term_dims:
             self.term_scalers[lvl].fit(torch.cat([term_features(t[lvl]).flatten(0, -2) for t in terms]))
-        if self.global_term_dim:
-            feats = torch.cat([term_features(t[None]).flatten(0, -2) for t in terms])  # [M, 2D]
-            self.global_term_scaler.fit(feats)
-            self.global_term_range.fit(feats.split(self.global_term_dim, -1))
         for lvl in self.levels:
             self.scalers[lvl].fit(torch.cat([s.levels[lvl].features.flatten(0, -2) for s in statistics]))
         self.global_scaler.fit(torch.cat([s.features for s in statistics]))
@@ -210,18 +198,5 @@ class HierarchicalEncoder(nn.Module):
                 groups[lvl] = self.nets[lvl](torch.cat([*level_input(lvl), child], -1))
         groups = {lvl: groups[lvl] for lvl in self.levels}
         top = torch.cat([groups[chain[0]].mean(-2) for chain in self.factors], -1)  # [B, H * factors]
-        glob = [self.global_scaler(stats.features)]
-        if self.global_term_dim:
-            glob.append(self.global_term_scaler(term_features(terms[None]).squeeze(-2)))
-        dataset = self.global_net(torch.cat([*glob, top], -1))
-        return Encoding(dataset, groups, stats, self.raw_location(stats, terms))
-
-    def raw_location(self, stats: DatasetStatistics, terms: dict | None) -> torch.Tensor:
-        """``[B, r]``: the statistics' :meth:`~DatasetStatistics.location_scale`, then the globals' likelihood
-        term (location, half its log precision), clamped into the range of the pilot's simulations."""
-        raw = stats.location_scale()
-        if not self.global_term_dim:
-            return raw
-        loc, half_log_prec = term_features(terms[None]).squeeze(-2).split(self.global_term_dim, -1)
-        loc, half_log_prec = self.global_term_range((loc, half_log_prec))
-        return torch.cat([raw, loc.to(raw.dtype), half_log_prec.to(raw.dtype)], -1)
+        dataset = self.global_net(torch.cat([self.global_scaler(stats.features), top], -1))
+        return Encoding(dataset, groups, stats)

@@ -32,7 +32,7 @@ __all__ = [
     "dataset_statistics",
 ]
 
-STATISTICS_VERSION = "amortize.terms/1"
+STATISTICS_VERSION = "amortize.terms/2"
 
 
 @dataclass(frozen=True)
@@ -122,15 +122,20 @@ class DatasetStatistics:
     rows_intercept: torch.Tensor | None = None  # [B] mean y - pooled slopes . mean x
 
     @staticmethod
-    def merged(parts: list[DatasetStatistics]) -> DatasetStatistics:
+    def merged(parts: list[DatasetStatistics], residual_log_sd: torch.Tensor) -> DatasetStatistics:
         """The statistics of a crossed dataset from those of its factors (each on the same rows): every
         factor's levels; the dataset's own summaries once, then each further factor's per-level ones
-        (7 per level); the row covariates' pooled within-group fit of the first factor."""
+        (7 per level); the row covariates' pooled within-group fit of the first factor.
+
+        ``residual_log_sd [B]`` (:func:`additive_residual_log_sd`) replaces each innermost level's pooled
+        within-group log sd: within one factor's groups the rows still vary with the other factors'
+        effects, so the noise is what the additive fit of every factor leaves."""
         first = parts[0]
         own = first.features.shape[-1] - 7 * len(first.levels)  # the dataset's summaries before the levels'
+        parts = [_with_noise(p, own, residual_log_sd) for p in parts]
         levels = {lvl: st for part in parts for lvl, st in part.levels.items()}
-        features = torch.cat([first.features, *[p.features[..., own:] for p in parts[1:]]], -1)
-        return replace(first, levels=levels, features=features)
+        features = torch.cat([parts[0].features, *[p.features[..., own:] for p in parts[1:]]], -1)
+        return replace(parts[0], levels=levels, features=features)
 
     def location_scale(self) -> torch.Tensor:
         """``[B, 2 + 3L]``: mean, log sd, then per level, innermost first, the pooled within-group,
@@ -166,6 +171,57 @@ class DatasetStatistics:
         intercepts = [] if self.rows_intercept is None else [self.rows_intercept]
         parts += [a.unsqueeze(-1) for a in intercepts + [s.between_intercept for s in with_cov]]
         return torch.cat(parts, -1) if parts else self.mean.new_zeros(self.mean.shape[0], 0)
+
+
+def _with_noise(part: DatasetStatistics, own: int, lw: torch.Tensor) -> DatasetStatistics:
+    """``part`` (one factor's statistics) with the noise log sd ``lw`` of its innermost level: its pooled
+    within-group log sd, its groups' unit and the excess log sd of the group effects over the noise
+    their means carry (``e^{2 lw} / n``), each also in its slot of the dataset's features (the first
+    level block, innermost first: 5th and 7th of 7)."""
+    inner = list(part.levels)[-1]
+    st = part.levels[inner]
+    s2 = torch.exp(2 * part.log_sd)
+    noise = torch.exp(2 * lw) * torch.exp(-st.groups.unit_log_n).mean(-1)
+    between = (torch.exp(2 * st.between_log_sd) - 1e-6 * s2).clamp_min(0)
+    le = 0.5 * torch.log((between - noise).clamp_min(0) + 1e-4 * s2)
+    groups = replace(st.groups, unit_log_sd=lw.unsqueeze(-1).expand_as(st.groups.unit_log_sd))
+    features = part.features.clone()
+    features[..., own + 4] = lw
+    features[..., own + 6] = le
+    levels = {**part.levels, inner: replace(st, pooled_log_sd=lw, excess_log_sd=le, groups=groups)}
+    return replace(part, levels=levels, features=features)
+
+
+def additive_residual_log_sd(
+    y: torch.Tensor, groups: list[tuple[torch.Tensor, int]], X: torch.Tensor | None = None, sweeps: int = 8
+) -> torch.Tensor:
+    """``[B]``: the log sd of what the additive fit ``y ~ 1 + sum_k effect_k[group_k] + X b`` leaves of
+    ``y [B, N]`` (``groups``: each crossed factor's innermost ``(row index [N], groups)``; ``X [N, k]``
+    the row covariates), by backfitting (``sweeps`` rounds of each factor's group means and the
+    covariates' least squares, exact at once on a complete grid), over its degrees of freedom."""
+    y = y if y.dim() == 2 else y.unsqueeze(0)
+    B, N = y.shape
+    r = y - y.mean(-1, keepdim=True)
+    counts = [torch.bincount(idx, minlength=G).to(y.dtype).clamp_min(1) for idx, G in groups]
+    effects = [y.new_zeros(B, G) for _, G in groups]
+    Xc = pinv = None
+    if X is not None and X.shape[-1]:
+        Xc = (X - X.mean(0)).to(y.dtype)
+        pinv = torch.linalg.pinv(Xc)  # [k, N]
+    b = None
+    for _ in range(sweeps):
+        for k, (idx, G) in enumerate(groups):
+            r = r + effects[k][:, idx]
+            effects[k] = segment_mean(r.unsqueeze(-1), idx, G, counts[k]).squeeze(-1)
+            r = r - effects[k][:, idx]
+        if Xc is not None:
+            if b is not None:
+                r = r + b @ Xc.T
+            b = r @ pinv.T  # [B, k]
+            r = r - b @ Xc.T
+    dof = max(N - 1 - sum(G - 1 for _, G in groups) - (0 if Xc is None else Xc.shape[-1]), 1)
+    s2 = y.var(-1, unbiased=False).clamp_min(1e-12)
+    return 0.5 * torch.log((r * r).sum(-1) / dof + 1e-6 * s2)
 
 
 def dataset_statistics(
