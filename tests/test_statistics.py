@@ -130,3 +130,19 @@ def test_fixed_structure_with_one_top_level_group_trains():
     assert all(math.isfinite(h["loss"]) for h in history)
     draws = a.posterior(data).sample(50, seed=0)
     assert all(bool(torch.isfinite(v).all()) for v in draws.values())
+
+
+def test_group_sd_that_underflows_scores_a_draw_at_its_loc():
+    """A global drawn far in q's tail (tau 1e-37) gives the groups a q sd whose square underflows; log q
+    of a value at its loc was then 0 / 0, and the verdict, which scores the draws it holds, raised.
+    The sd is floored where its square stays normal."""
+    sampler = am.StructureSampler(["group"], groups={"group": (3, 5)}, obs=(2, 4))
+    a = am.Amortizer(gaussian_2level, sampler, hidden=8)
+    a.fit(steps=3, batch_size=8, pilot_structures=2, progress=False)
+    data = am.HierarchicalData.from_frame(
+        {"group": ["a", "a", "b", "b", "c"], "y": [0.1, 0.3, -0.2, 0.5, 1.0]}, levels=["group"], response="y"
+    )
+    one = torch.ones(1)
+    values = {"mu": 0.0 * one, "tau": 1e-37 * one, "sigma": one, "theta": torch.zeros(1, 3)}
+    lp = a.posterior(data).log_prob(values)
+    assert lp.shape == (1,) and bool(torch.isfinite(lp).all())
