@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import amortize as am
 from amortize.validate.results import machine_description, machine_info, results_header, write_results
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench"
@@ -85,13 +86,16 @@ def test_header_and_machine_keep_the_scripts_format() -> None:
     assert machine_description("cpu", threads=True) == base + threads + ", device cpu"
 
     info = machine_info()
-    assert list(info) == ["date", "machine"] and info["machine"] == base
+    assert list(info) == ["date", "machine", "version"] and info["machine"] == base
+    assert info["version"] == am.__version__
     assert time.strptime(info["date"], "%Y-%m-%d")
     assert time.strptime(machine_info(with_time=True)["date"], "%Y-%m-%d %H:%M")
 
     assert results_header({"date": "2026-01-02", "machine": "m"}) == "Measured 2026-01-02 on m."
     header = results_header({"date": "2026-01-02", "machine": "m", "other": 1}, "checkpoint of 5 steps")
     assert header == "Measured 2026-01-02 on m; checkpoint of 5 steps."
+    versioned = results_header({"date": "2026-01-02", "machine": "m", "version": "9.9.9"})
+    assert versioned == "Measured 2026-01-02 with amortize 9.9.9 on m."
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)

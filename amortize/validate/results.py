@@ -25,6 +25,7 @@ import torch
 
 from ..checkpoint import atomic_write
 from ..files import json_safe
+from ..version import __version__
 
 __all__ = ["json_safe", "machine_description", "machine_info", "results_header", "write_results"]
 
@@ -50,18 +51,22 @@ def machine_description(device: str | torch.device | None = None, *, threads: bo
 def machine_info(
     device: str | torch.device | None = None, *, threads: bool = False, extra: str = "", with_time: bool = False
 ) -> dict[str, str]:
-    """``{"date": ..., "machine": ...}``: today (``YYYY-MM-DD``, with ``HH:MM`` if ``with_time``) and
-    :func:`machine_description` (same arguments); the first two keys of a benchmark's results."""
+    """``{"date": ..., "machine": ..., "version": ...}``: today (``YYYY-MM-DD``, with ``HH:MM`` if
+    ``with_time``), :func:`machine_description` (same arguments) and the library version that measured;
+    the first keys of a benchmark's results."""
     date = time.strftime("%Y-%m-%d %H:%M" if with_time else "%Y-%m-%d")
-    return {"date": date, "machine": machine_description(device, threads=threads, extra=extra)}
+    return {"date": date, "machine": machine_description(device, threads=threads, extra=extra), "version": __version__}
 
 
 def results_header(info: Mapping[str, Any], detail: str | None = None) -> str:
-    """The first line of a benchmark's markdown: ``"Measured <date> on <machine>[; <detail>]."``.
+    """The first line of a benchmark's markdown: ``"Measured <date> with amortize <version> on <machine>[;
+    <detail>]."`` (no version part where ``info`` has none).
 
-    ``info`` holds ``date`` and ``machine`` (:func:`machine_info`, or the results dict that starts with it).
+    ``info`` holds ``date``, ``machine`` and ``version`` (:func:`machine_info`, or the results dict that
+    starts with it).
     """
-    return f"Measured {info['date']} on {info['machine']}" + (f"; {detail}" if detail else "") + "."
+    version = f" with amortize {info['version']}" if info.get("version") else ""
+    return f"Measured {info['date']}{version} on {info['machine']}" + (f"; {detail}" if detail else "") + "."
 
 
 def write_results(
