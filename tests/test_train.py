@@ -286,3 +286,20 @@ def test_signal_finishes_the_step_saves_and_exits_with_the_shells_code(tmp_path,
     (ck,) = tmp_path.glob("checkpoints/sig/*/checkpoint.pt")
     step = load_checkpoint(ck)["step"]
     assert step >= 2 and f"interrupted at step {step}; continue with: amortize train --resume" in err
+
+
+def test_the_globals_standardizing_map_stays_the_pilots_fit(small_sampler):
+    """Training moves q(globals)'s networks, not its standardizing map (the pilot's least squares):
+    trained, the first steps' huge losses once pushed its log unit up ~9 on Mmmec, and the networks'
+    smallest scale then held every q(globals) 10x wider than the prior."""
+    from amortize.models import gaussian_2level
+
+    a = am.Amortizer(gaussian_2level, small_sampler, hidden=8)
+    a.fit(steps=1, batch_size=8, pilot_structures=2, progress=False)
+    head = a.guide.global_head
+    fitted = {n: p.detach().clone() for n, p in head.named_parameters() if not n.startswith(("net.", "spline."))}
+    net = [p.detach().clone() for p in head.net.parameters()]
+    assert fitted and any(float(p.abs().max()) > 0 for p in fitted.values())  # the pilot fitted something
+    a.fit(steps=6, batch_size=8, pilot_structures=2, progress=False)
+    assert all(torch.equal(p, fitted[n]) for n, p in head.named_parameters() if n in fitted)
+    assert any(not torch.equal(p, q) for p, q in zip(head.net.parameters(), net))

@@ -58,8 +58,8 @@ class GlobalHead(nn.Module):
     marginals (log tau with mass near 0) are represented, then a conditional full-covariance affine
     map (location and Cholesky factor), then a per-dataset standardizing map ``u = shift + unit * x``.
 
-    The standardizing map is fitted on prior simulations (:meth:`fit`) and reads the dataset's raw
-    statistics and its counts (log groups per level, log rows), never the networks:
+    The standardizing map is fitted on prior simulations (:meth:`fit`), is not trained afterwards, and
+    reads the dataset's raw statistics and its counts (log groups per level, log rows), never the networks:
 
     * ``shift``: least squares of the globals on the raw statistics and on the raw statistics over
       each count (shrinkage towards the prior fades like 1 / count, so the fitted location keeps
@@ -85,6 +85,12 @@ class GlobalHead(nn.Module):
         # raw statistics and slopes over each count -> loc
         self.raw_per_count = _zero_linear((raw_dim + slope_dim) * count_dim, dim) if count_dim else None
         self.count_unit = _zero_linear(count_dim, dim) if count_dim else None  # log counts -> log unit
+        # the standardizing map is the pilot's fit and stays it: trained, the first steps' huge losses on
+        # extreme simulations (Mmmec's prior predictive: 3e10 nats per coordinate) drove its log unit up by
+        # ~9, where the networks' smallest scale (1e-3) then kept every q(globals) 10x wider than the prior
+        for lin in (self.raw, self.raw_slope, self.raw_per_count, self.count_unit):
+            if lin is not None:
+                lin.requires_grad_(False)
         self.spline = None
         if flow_bins:
             k = flow_bins
