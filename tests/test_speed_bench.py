@@ -138,3 +138,18 @@ def test_speed_bench_tiny_run_writes_its_results(tmp_path, capsys):
     assert "3 datasets of one structure per call" in text
     assert "NumPyro NUTS, run only" in text and "break_even_vs_numpyro" in text and "REDUCED" in text
     assert text in capsys.readouterr().out
+
+
+def test_crossed_bench_large_arm_tiny_run_writes_its_results(tmp_path):
+    """The large arm end to end on a tiny design, NUTS included: its row count survives the NUTS report."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "crossed.py"
+    spec = importlib.util.spec_from_file_location("bench_crossed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--arms", "large", "--large-design", "12", "5", "3", "--large-steps", "2", "--batch", "2"]
+    args += ["--large-nuts", "--nuts-warmup", "10", "--nuts-samples", "10", "--draws", "20", "--nuts-cache", ""]
+    assert bench.main([*args, "--out", str(tmp_path)]) == 0
+    large = json.loads((tmp_path / "results.json").read_text())["arms"]["large"]
+    assert (large["persons"], large["items"]) == (12, 5) and 12 <= large["n_rows"] <= 60
+    assert large["steps"] == 2 and len(large["nuts"]) == 1 and "ok" in large["nuts"][0]
+    assert "12 students x 5 lecturers" in (tmp_path / "results.md").read_text()

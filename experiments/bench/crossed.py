@@ -135,14 +135,15 @@ def heldout_arm(name: str, model, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def large_arm(args: argparse.Namespace) -> dict[str, Any]:
-    data = grid_design(3000, 1100, share=23 / 1100, seed=3)
+    persons, items, per_person = args.large_design
+    data = grid_design(persons, items, share=per_person / items, seed=3)
     a, seconds = _train(crossed_gaussian, data, args, args.large_steps)
     (held,) = heldout_datasets(a, 1)
     t0 = time.perf_counter()
     a.posterior(held, seed=1).sample(args.draws)
     draw_s = time.perf_counter() - t0
     out = {
-        "rows": data.n_obs,
+        "n_rows": data.n_obs,
         "persons": data.size("person"),
         "items": data.size("item"),
         "train_seconds": seconds,
@@ -198,7 +199,7 @@ def markdown(results: dict[str, Any]) -> str:
         e = arms["large"]
         nuts = f"; NUTS {e['nuts_seconds_per_dataset']:.0f} s on one held-out dataset" if e.get("nuts") else ""
         md.append(
-            f"### large: {e['persons']:,} students x {e['items']:,} lecturers, {e['rows']:,} rows\n\n"
+            f"### large: {e['persons']:,} students x {e['items']:,} lecturers, {e['n_rows']:,} rows\n\n"
             f"Trained {e['steps']} steps in {e['train_seconds'] / 60:.1f} min; {results['args']['draws']} draws in "
             f"{e['draw_seconds']:.2f} s{nuts}.\n\n" + (to_markdown(e["summary"], COLUMNS) if e.get("summary") else "")
         )
@@ -210,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--large-steps", type=int, default=1500)
+    p.add_argument(
+        "--large-design",
+        nargs=3,
+        type=int,
+        default=[3000, 1100, 23],
+        metavar=("PERSONS", "ITEMS", "PER_PERSON"),
+        help="the large arm's design: persons, items, expected rows per person",
+    )
     p.add_argument("--large-nuts", action="store_true", help="NUTS on the large design too (long)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=4, help="truncation rounds of the IRT arm")
