@@ -179,3 +179,18 @@ def test_cached_results_are_judged_by_the_current_rule(tmp_path, monkeypatch: py
     assert again.ok and again.r_hat == stored.r_hat
     strict = cached_nuts(_model, data, tmp_path, run=False, num_samples=1000, num_chains=2, max_rhat=1.005)
     assert strict is None  # other settings, another cache entry
+
+
+def test_bulk_ess_of_few_anti_correlated_draws_is_positive_and_bounded() -> None:
+    # 2 chains x 20 draws alternating in sign: the estimated lag-1 autocorrelation is about -1, Geyer's tau
+    # negative, and pyro's ESS alone is negative (-119 here); Stan's floor on tau bounds ESS by n log10(n)
+    g = torch.Generator().manual_seed(0)
+    sign = torch.tensor([(-1.0) ** i for i in range(20)])
+    x = (sign + 0.1 * torch.randn(2, 20, generator=g)).unsqueeze(-1)
+    _, ess = chain_diagnostics(x)
+    n = 40
+    assert 0 < float(ess) <= n * math.log10(n) + 1e-9
+    # well-mixed independent draws keep their ESS near n
+    iid = torch.randn(4, 500, 3, generator=g)
+    _, ess = chain_diagnostics(iid)
+    assert ((ess > 1500) & (ess < 2600)).all(), ess

@@ -38,7 +38,8 @@ def chain_diagnostics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x: draws ``[chains, draws, *shape]`` (at least 4 draws per chain).
 
     Returns:
-        ``(r_hat, ess_bulk)``, each of shape ``shape``. An element constant over all draws (the
+        ``(r_hat, ess_bulk)``, each of shape ``shape``; ESS lies in ``(0, n log10 n]`` for n draws in all
+        (Stan's floor on the autocorrelation time). An element constant over all draws (the
         fixed entries of a correlation Cholesky factor) has nothing to mix: R-hat 1, ESS = draws.
     """
     c, s = x.shape[:2]
@@ -48,7 +49,12 @@ def chain_diagnostics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     med = torch.quantile(flat.reshape(c * s, -1), 0.5, dim=0)  # numpy-style median (mean of the middle two)
     zf = _split(_rank_normalize((flat - med).abs()))
     r_hat = torch.maximum(gelman_rubin(z), gelman_rubin(zf))
-    ess = effective_sample_size(z)
+    # Stan's floor on the autocorrelation time, 1 / log10(n): with few draws the estimated lag-1
+    # autocorrelation of an anti-correlated chain can be below -1/2, which makes Geyer's tau negative and
+    # pyro's ESS negative (or, near zero, absurdly large); the floor bounds ESS by n log10(n)
+    n = z.shape[0] * z.shape[1]
+    tau = (n / effective_sample_size(z)).clamp(min=1.0 / math.log10(n))
+    ess = n / tau
     const = (flat == flat[:1, :1]).reshape(c * s, -1).all(0)
     r_hat = torch.where(const, torch.ones_like(r_hat), r_hat)
     ess = torch.where(const, torch.full_like(ess, float(c * s)), ess)
