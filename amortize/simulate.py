@@ -144,7 +144,8 @@ class Simulation:
     latent site to its value in the batched layout ``[1, B, *plates, *event]``.
 
     ``requested`` datasets were drawn; ``dropped`` counts, per site, those left out because of it
-    (a non-finite response, or a latent outside its support), each under the first such site.
+    (a non-finite response, a latent outside its support, or a sampler that raised), each under the
+    first such site; ``error``: the first sampler's error, if one raised.
     """
 
     def __init__(
@@ -153,11 +154,13 @@ class Simulation:
         latents: dict[str, torch.Tensor],
         requested: int | None = None,
         dropped: dict[str, int] | None = None,
+        error: str | None = None,
     ) -> None:
         self.data = data
         self.latents = latents
         self.requested = int(requested if requested is not None else data.batch_size or 0)
         self.dropped = dict(dropped or {})
+        self.error = error
 
     def split(self, size: int) -> list[Simulation]:
         """The datasets in consecutive pieces of at most ``size`` (one piece: this simulation itself);
@@ -194,11 +197,84 @@ def simulate(
     positive scale that underflowed to 0: no finite unconstrained value), are dropped, so fewer may
     come back; ``Simulation.dropped`` counts them per site (see :class:`DropTally`). Argument checks
     are off while simulating: such a draw would otherwise raise inside the model (a Normal with
-    scale 0) and end training.
+    scale 0) and end training. A sampler that raises all the same (torch's Bernoulli on a NaN
+    probability, from a logit inf x 0) drops the datasets that made it raise, under the site
+    that raised. The batch is simulated again in halves, given the values drawn before the site
+    raised, down to single datasets: each half draws that site from the same parameters, so
+    exactly the datasets whose draws made it raise are dropped, and counted.
+
+    The error of such a site is kept in ``Simulation.error``.
     """
+    try:
+        return _simulate_once(model, structure, data, num_datasets, given)
+    except (RuntimeError, ValueError) as exc:  # a sampler refused a parameter (Bernoulli probs NaN) in some dataset
+        site = getattr(exc, "amortize_site", None)
+        if num_datasets == 1:
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # pyro appends the trace's shapes
+            empty = structure.complete(data).with_response(_no_rows(data))
+            return Simulation(empty, {}, 1, {site or "?": 1}, error=f"sampling site '{site}' raised: {first_line}")
+        drawn = {**(given or {}), **getattr(exc, "amortize_drawn", {})}
+        half = num_datasets // 2
+        parts = [
+            simulate(model, structure, data, n, _slice_given(drawn, start, n))
+            for start, n in ((0, half), (half, num_datasets - half))
+        ]
+        return _concat(parts, structure, data)
+
+
+class _CurrentSite(poutine.messenger.Messenger):
+    """Remembers the last sample site entered, to name it when its sampler raises."""
+
+    site: str | None = None
+
+    def _pyro_sample(self, msg: dict) -> None:
+        self.site = msg["name"]
+
+
+def _no_rows(data: HierarchicalData) -> torch.Tensor:
+    return torch.zeros(0, data.n_obs, device=data.group.device)
+
+
+def _slice_given(given: Mapping[str, torch.Tensor] | None, start: int, n: int) -> dict[str, torch.Tensor] | None:
+    return None if not given else {k: v.narrow(1, start, n) for k, v in given.items()}
+
+
+def _concat(parts: Sequence[Simulation], structure: ModelStructure, data: HierarchicalData) -> Simulation:
+    """Simulations of disjoint datasets as one (datasets in order; requested and drops added up)."""
+    kept = [p for p in parts if p.data.batch_size]
+    dropped: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.dropped.items():
+            dropped[k] = dropped.get(k, 0) + v
+    requested = sum(p.requested for p in parts)
+    error = next((p.error for p in parts if p.error), None)
+    if not kept:
+        return Simulation(structure.complete(data).with_response(_no_rows(data)), {}, requested, dropped, error)
+    y = torch.cat([p.data.y for p in kept], 0)
+    latents = {k: torch.cat([p.latents[k] for p in kept], 1) for k in kept[0].latents}
+    return Simulation(kept[0].data.with_response(y), latents, requested, dropped, error)
+
+
+def _simulate_once(
+    model: Callable,
+    structure: ModelStructure,
+    data: HierarchicalData,
+    num_datasets: int,
+    given: Mapping[str, torch.Tensor] | None,
+) -> Simulation:
     fn = batched(model if not given else poutine.condition(model, data=dict(given)), structure.max_plate_nesting)
+    current, tracer = _CurrentSite(), poutine.trace(fn)
+    latent_names = {site.name for site in structure.latents}
     with torch.no_grad(), pyro.validation_enabled(False):
-        tr = poutine.trace(fn).get_trace(data.with_response(None), 1, num_datasets)
+        try:
+            with current:
+                tr = tracer.get_trace(data.with_response(None), 1, num_datasets)
+        except (RuntimeError, ValueError) as exc:
+            exc.amortize_site = current.site
+            exc.amortize_drawn = {  # the sites drawn before it, batched [1, B, ...]: the halves are given them
+                name: node["value"] for name, node in tracer.trace.nodes.items() if name in latent_names
+            }
+            raise
     y = tr.nodes[structure.response]["value"].reshape(num_datasets, data.n_obs)
     latents = {s.name: tr.nodes[s.name]["value"].detach() for s in structure.latents}
     ok = torch.ones(num_datasets, dtype=torch.bool, device=y.device)
@@ -304,13 +380,20 @@ def simulate_counted(
     given: Mapping[str, torch.Tensor] | None = None,
 ) -> Simulation:
     """:func:`simulate` (of ``given`` values of some sites), counting its drops in ``tally``; a batch
-    that comes back empty is drawn again (a model that drops everything: the tally's limit stops it at the second try).
+    that comes back empty is drawn again once (a model that drops everything: the tally's limit, or
+    the second empty batch, stops it).
 
     Raises:
-        TrainingError: the tally's share of dropped simulations is over its limit.
+        TrainingError: the tally's share of dropped simulations is over its limit, or two batches in a
+            row came back empty (naming the sites, and the error of a sampler that raised).
     """
-    while True:
+    for _ in range(2):
         sim = simulate(model, structure, data, num_datasets, given)
         tally.add(sim)
         if sim.data.batch_size:
             return sim
+    why = f"; {sim.error}" if sim.error else ""
+    raise TrainingError(
+        f"simulation: every one of 2 x {num_datasets} prior-predictive datasets in a row was dropped"
+        f" ({tally._by_site()}){why}. Make every prior draw give finite values"
+    )

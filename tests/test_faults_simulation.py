@@ -67,6 +67,53 @@ def test_the_pilot_takes_batches_that_lost_datasets(small_sampler):
     assert a.step == 2 and a.drops.total > 0 and a.drops.requested >= 64
 
 
+def nan_logit_above(threshold: float):
+    """A Bernoulli response whose logit is NaN where ``mu > threshold`` (inf x 0, as an overflowing scale
+    gives): torch's Bernoulli sampler raises on it even with argument checks off."""
+
+    def model(data):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("group", data.size("group")):
+            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
+        logit = theta[..., data.index("group")]
+        logit = torch.where(mu > threshold, torch.full_like(logit, math.nan), logit)
+        with pyro.plate("obs", data.n_obs):
+            pyro.sample("y", dist.Bernoulli(logits=logit), obs=data.y)
+
+    return model
+
+
+def test_a_sampler_that_raises_drops_only_the_datasets_that_made_it_raise(small_sampler):
+    from amortize.simulate import simulate
+    from amortize.structure import trace_structure
+
+    data = small_sampler.sample(torch.Generator().manual_seed(0))
+    structure = trace_structure(nan_logit_above(math.inf), data)  # the same sites, traced without a NaN
+    model = nan_logit_above(1.0)  # 16% of the prior
+    pyro.set_rng_seed(0)
+    out = simulate(model, structure, data, 64)
+    assert out.requested == 64 and set(out.dropped) == {"y"} and 0 < out.dropped["y"] < 32
+    assert out.data.batch_size == 64 - out.dropped["y"] == out.latents["mu"].shape[1]
+    assert (out.latents["mu"] <= 1.0).all()  # the datasets kept are the ones whose draws did not raise
+    assert "sampling site 'y' raised" in out.error and "Trace Shapes" not in out.error
+    with pytest.raises(TrainingError, match=r"\(\d+\.\d%\) were dropped, most for site 'y'"):
+        am.Amortizer(model, small_sampler, hidden=8, seed=1).fit(**FAST)  # seed 1: mu <= 1 in its one traced run
+
+
+def test_a_sampler_that_always_raises_stops_training_naming_its_site_and_error(small_sampler):
+    from amortize.simulate import simulate_counted
+    from amortize.structure import trace_structure
+
+    data = small_sampler.sample(torch.Generator().manual_seed(0))
+    structure = trace_structure(nan_logit_above(math.inf), data)
+    tally = DropTally("y", limit=1.0)  # not the share: the second empty batch stops it
+    with pytest.raises(
+        TrainingError, match=r"in a row was dropped \(site 'y': 16\); sampling site 'y' raised: Expected"
+    ):
+        simulate_counted(nan_logit_above(-math.inf), structure, data, 8, tally)
+    assert tally.requested == 16
+
+
 def sim(requested: int, dropped: int) -> Simulation:
     data = am.HierarchicalData(["g"], {}, torch.zeros(2, dtype=torch.long), y=torch.zeros(requested - dropped, 2))
     return Simulation(data, {}, requested, {"y": dropped} if dropped else {})
