@@ -18,19 +18,30 @@ from amortize.simulate import DropTally, Simulation
 FAST = dict(steps=4, batch_size=8, warmup=1, pilot_structures=1, log_every=1, progress=False)
 
 
-def infinite_above(threshold: float):
-    """``normal_known`` whose response is infinite where ``mu > threshold`` (P = 1 - Phi(threshold))."""
+def bad_above(threshold: float, bad: float, likelihood):
+    """A 2-level model whose response's parameter is ``bad`` where ``mu > threshold`` (P = 1 - Phi(threshold))."""
 
     def model(data):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
         with pyro.plate("group", data.size("group")):
             theta = pyro.sample("theta", dist.Normal(mu, 1.0))
         loc = theta[..., data.index("group")]
-        loc = torch.where(mu > threshold, torch.full_like(loc, math.inf), loc)
+        loc = torch.where(mu > threshold, torch.full_like(loc, bad), loc)
         with pyro.plate("obs", data.n_obs):
-            pyro.sample("y", dist.Normal(loc, 0.5), obs=data.y)
+            pyro.sample("y", likelihood(loc), obs=data.y)
 
     return model
+
+
+def infinite_above(threshold: float):
+    """``normal_known`` whose response is infinite where ``mu > threshold``."""
+    return bad_above(threshold, math.inf, lambda loc: dist.Normal(loc, 0.5))
+
+
+def nan_logit_above(threshold: float):
+    """A Bernoulli response whose logit is NaN where ``mu > threshold`` (inf x 0, as an overflowing scale
+    gives): torch's Bernoulli sampler raises on it even with argument checks off."""
+    return bad_above(threshold, math.nan, lambda logit: dist.Bernoulli(logits=logit))
 
 
 def test_a_likelihood_that_fails_for_part_of_the_prior_stops_training(small_sampler):
@@ -65,22 +76,6 @@ def test_the_pilot_takes_batches_that_lost_datasets(small_sampler):
     a.drops.limit = 0.2  # far above the rate: the run must go on
     a.fit(**{**FAST, "steps": 2, "batch_size": 32, "pilot_structures": 2})
     assert a.step == 2 and a.drops.total > 0 and a.drops.requested >= 64
-
-
-def nan_logit_above(threshold: float):
-    """A Bernoulli response whose logit is NaN where ``mu > threshold`` (inf x 0, as an overflowing scale
-    gives): torch's Bernoulli sampler raises on it even with argument checks off."""
-
-    def model(data):
-        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
-        with pyro.plate("group", data.size("group")):
-            theta = pyro.sample("theta", dist.Normal(mu, 1.0))
-        logit = theta[..., data.index("group")]
-        logit = torch.where(mu > threshold, torch.full_like(logit, math.nan), logit)
-        with pyro.plate("obs", data.n_obs):
-            pyro.sample("y", dist.Bernoulli(logits=logit), obs=data.y)
-
-    return model
 
 
 def test_a_sampler_that_raises_drops_only_the_datasets_that_made_it_raise(small_sampler):
