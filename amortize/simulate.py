@@ -207,19 +207,26 @@ def simulate(
     """
     try:
         return _simulate_once(model, structure, data, num_datasets, given)
-    except (RuntimeError, ValueError) as exc:  # a sampler refused a parameter (Bernoulli probs NaN) in some dataset
-        site = getattr(exc, "amortize_site", None)
+    except _SamplerRaised as raised:  # a sampler refused a parameter (Bernoulli probs NaN) in some dataset
         if num_datasets == 1:
-            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # pyro appends the trace's shapes
-            empty = structure.complete(data).with_response(_no_rows(data))
-            return Simulation(empty, {}, 1, {site or "?": 1}, error=f"sampling site '{site}' raised: {first_line}")
-        drawn = {**(given or {}), **getattr(exc, "amortize_drawn", {})}
+            error = f"sampling site '{raised.site}' raised: {raised.message}"
+            return Simulation(_empty(structure, data), {}, 1, {raised.site or "?": 1}, error)
+        drawn = {**(given or {}), **raised.drawn}
         half = num_datasets // 2
         parts = [
             simulate(model, structure, data, n, _slice_given(drawn, start, n))
             for start, n in ((0, half), (half, num_datasets - half))
         ]
         return _concat(parts, structure, data)
+
+
+class _SamplerRaised(Exception):
+    """A sampler raised at ``site``; ``drawn``: the latent sites drawn before it (batched ``[1, B, ...]``)."""
+
+    def __init__(self, site: str | None, drawn: dict[str, torch.Tensor], cause: Exception) -> None:
+        super().__init__(site)
+        self.site, self.drawn = site, drawn
+        self.message = (str(cause).splitlines() or [type(cause).__name__])[0]  # pyro appends the trace's shapes
 
 
 class _CurrentSite(poutine.messenger.Messenger):
@@ -231,8 +238,9 @@ class _CurrentSite(poutine.messenger.Messenger):
         self.site = msg["name"]
 
 
-def _no_rows(data: HierarchicalData) -> torch.Tensor:
-    return torch.zeros(0, data.n_obs, device=data.group.device)
+def _empty(structure: ModelStructure, data: HierarchicalData) -> HierarchicalData:
+    """``data``'s structure with no dataset in it (every dataset dropped)."""
+    return structure.complete(data).with_response(torch.zeros(0, data.n_obs, device=data.group.device))
 
 
 def _slice_given(given: Mapping[str, torch.Tensor] | None, start: int, n: int) -> dict[str, torch.Tensor] | None:
@@ -249,7 +257,7 @@ def _concat(parts: Sequence[Simulation], structure: ModelStructure, data: Hierar
     requested = sum(p.requested for p in parts)
     error = next((p.error for p in parts if p.error), None)
     if not kept:
-        return Simulation(structure.complete(data).with_response(_no_rows(data)), {}, requested, dropped, error)
+        return Simulation(_empty(structure, data), {}, requested, dropped, error)
     y = torch.cat([p.data.y for p in kept], 0)
     latents = {k: torch.cat([p.latents[k] for p in kept], 1) for k in kept[0].latents}
     return Simulation(kept[0].data.with_response(y), latents, requested, dropped, error)
@@ -270,11 +278,8 @@ def _simulate_once(
             with current:
                 tr = tracer.get_trace(data.with_response(None), 1, num_datasets)
         except (RuntimeError, ValueError) as exc:
-            exc.amortize_site = current.site
-            exc.amortize_drawn = {  # the sites drawn before it, batched [1, B, ...]: the halves are given them
-                name: node["value"] for name, node in tracer.trace.nodes.items() if name in latent_names
-            }
-            raise
+            drawn = {name: node["value"] for name, node in tracer.trace.nodes.items() if name in latent_names}
+            raise _SamplerRaised(current.site, drawn, exc) from exc
     y = tr.nodes[structure.response]["value"].reshape(num_datasets, data.n_obs)
     latents = {s.name: tr.nodes[s.name]["value"].detach() for s in structure.latents}
     ok = torch.ones(num_datasets, dtype=torch.bool, device=y.device)
@@ -341,12 +346,13 @@ class DropTally:
         if not sim.dropped:
             return
         (log.warning if first else log.debug)(
-            "simulations: dropped %d of %d datasets so far (%s)", self.total, self.requested, self._by_site()
+            "simulations: dropped %d of %d datasets so far (%s)", self.total, self.requested, self.by_site()
         )
         if self._beyond_limit():
             raise TrainingError(self.message())
 
-    def _by_site(self) -> str:
+    def by_site(self) -> str:
+        """The drops per site, most first: ``site 'y': 3, site 'tau': 1``."""
         return ", ".join(f"site '{k}': {v}" for k, v in sorted(self.dropped.items(), key=lambda kv: -kv[1]))
 
     def _beyond_limit(self) -> bool:
@@ -366,7 +372,7 @@ class DropTally:
         return (
             f"simulation: {total} of {self.requested} prior-predictive datasets"
             f" ({100 * total / max(self.requested, 1):.1f}%) were dropped, most for site '{site}' ({why};"
-            f" {self._by_site()}); dropping more than {100 * self.limit:g}% changes the prior that training sees."
+            f" {self.by_site()}); dropping more than {100 * self.limit:g}% changes the prior that training sees."
             " Make every prior draw give finite values (tighter priors, a stable parameterization)"
         )
 
@@ -395,5 +401,5 @@ def simulate_counted(
     why = f"; {sim.error}" if sim.error else ""
     raise TrainingError(
         f"simulation: every one of 2 x {num_datasets} prior-predictive datasets in a row was dropped"
-        f" ({tally._by_site()}){why}. Make every prior draw give finite values"
+        f" ({tally.by_site()}){why}. Make every prior draw give finite values"
     )
