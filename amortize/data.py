@@ -11,7 +11,7 @@ response="y")`` has ``size("school") == 2`` and ``n_obs == 3``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -113,7 +113,7 @@ class HierarchicalData:
         self.y = None
         if y is not None:
             self.y = self._check_response(as_float(y, f"response '{response}'", dtype))
-        self._index_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._index_cache: dict[tuple, Any] = {}
         self.row_level: str | None = None  # an innermost level whose groups are the rows (see rows_as_level)
 
     # ------------------------------------------------------------------ validation
@@ -186,12 +186,18 @@ class HierarchicalData:
         ``at`` defaults to the observations; gather a level's latent for each row with
         ``theta[..., data.index("school")]`` (the ``...`` keeps the model batch-safe).
         """
-        key = (level, at)
         if level == self.row_level and at in (OBS, level):
             return self.group  # the rows are that level's groups: [N] = arange(N)
+        chain = chain_of(self.factors, level)
+        return self.derived(
+            ("index", level, at), lambda: walk_index(chain, self.parents, self.row_index[chain[-1]], level, at)
+        )
+
+    def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, a function of the structure alone, computed once: datasets that differ only in their
+        response (:meth:`with_response`, the pieces of a batch) share it."""
         if key not in self._index_cache:
-            chain = chain_of(self.factors, level)
-            self._index_cache[key] = walk_index(chain, self.parents, self.row_index[chain[-1]], level, at)
+            self._index_cache[key] = build()
         return self._index_cache[key]
 
     def parent_index(self, level: str) -> torch.Tensor:

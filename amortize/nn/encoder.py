@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data import OBS, HierarchicalData
 from .data_terms import DataTerm
-from .least_squares import segment_mean
+from .least_squares import mix, mixing, segment_mean
 from .statistics import STATISTICS_VERSION, DatasetStatistics, additive_residual_log_sd, dataset_statistics
 
 __all__ = ["HierarchicalEncoder", "Encoding", "RobustScaler", "mlp", "term_features"]
@@ -162,6 +162,14 @@ class HierarchicalEncoder(nn.Module):
             self.scalers[lvl].fit(torch.cat([s.levels[lvl].features.flatten(0, -2) for s in statistics]))
         self.global_scaler.fit(torch.cat([s.features for s in statistics]))
 
+    @staticmethod
+    def _mixing(data: HierarchicalData, lvl: str, other: str, dtype: torch.dtype) -> torch.Tensor:
+        """The mean over a ``lvl`` group's rows of the ``other`` groups they meet, as a sparse operator."""
+        sizes = data.size(lvl), data.size(other)
+        return data.derived(
+            ("mixing", lvl, other, dtype), lambda: mixing(data.index(lvl), data.index(other), *sizes, dtype)
+        )
+
     def forward(self, data: HierarchicalData, terms: dict | None = None) -> Encoding:
         """Embed ``data`` bottom-up: each level's network reads its groups' statistics (and data terms)
         and the mean embedding of its child groups; the dataset network reads the dataset's statistics
@@ -186,9 +194,10 @@ class HierarchicalEncoder(nn.Module):
         if self.messages:  # crossed: each group hears the other factors' groups it meets in its rows
             inner = {c[-1]: groups[c[-1]] for c in self.factors}
             for lvl, net in self.messages.items():
-                idx, G = data.index(lvl), data.size(lvl)
-                heard = sum(emb[..., data.index(other), :] for other, emb in inner.items() if other != lvl)
-                msg = segment_mean(heard / (len(inner) - 1), idx, G, torch.bincount(idx, minlength=G))
+                heard = [
+                    mix(self._mixing(data, lvl, other, emb.dtype), emb) for other, emb in inner.items() if other != lvl
+                ]
+                msg = sum(heard) / len(heard)
                 groups[lvl] = inner[lvl] + net(torch.cat([inner[lvl], msg], -1))
         for chain in self.factors:  # then up each chain: a level reads the mean of its child groups
             for i in reversed(range(len(chain) - 1)):

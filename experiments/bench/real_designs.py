@@ -9,7 +9,7 @@ its own, best of ``--repeats`` steps after one warm-up step, for every batch siz
   Gaussian with varying intercepts and slopes (180 rows, 18 groups); a 3-level Poisson with one row
   per innermost group (354 rows, 9 / 78 / 354); a 3-level Bernoulli with covariates at every level
   (about 2,159 rows, 161 / 1,595, 1-3 rows per mother); a 3-level Gaussian (about 31,022 rows,
-  131 / 2,410);
+  131 / 2,410); and issue #21's crossed design (3,000 students x 1,100 lecturers, ~70,000 rows);
 * a sweep of the 2-level Gaussian over ``--sweep-groups`` groups at ``--rows-per-group`` rows each,
   with the growth exponent of step time in groups (a least-squares slope of log seconds on log groups,
   and between the two largest sizes).
@@ -49,6 +49,9 @@ from amortize.simulate import simulate
 from amortize.train import TrainConfig
 from amortize.validate.results import machine_info, results_header, write_results
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/models
+from models.crossed import crossed_gaussian, grid_design  # noqa: E402
+
 log = logging.getLogger("real_designs")
 
 PHASES = ("simulate", "statistics", "guide_loss", "backward")
@@ -56,6 +59,16 @@ PHASES = ("simulate", "statistics", "guide_loss", "backward")
 
 def _sampler(levels: list[str], groups: dict[str, tuple[int, int]], obs: tuple[int, int], cov: Any = None):
     return am.StructureSampler(levels, groups=groups, obs=obs, covariates=cov)
+
+
+class _Fixed:
+    """A structure sampler that always gives one fixed dataset (a design built outside the sampler)."""
+
+    def __init__(self, data: am.HierarchicalData) -> None:
+        self.data = data
+
+    def sample(self, generator: torch.Generator) -> am.HierarchicalData:
+        return self.data
 
 
 # name -> (model, structure sampler at the real size, what it stands for); scale < 1 shrinks every count
@@ -90,6 +103,11 @@ DESIGNS: dict[str, tuple[Callable, Callable[[float], am.StructureSampler], str]]
             },
         ),
         "3-level Bernoulli, covariates at every level: 161 / ~1,595 mothers of 1-2 rows",
+    ),
+    "crossed_gaussian_large": (
+        crossed_gaussian,
+        lambda s: _Fixed(grid_design(_n(3000, s), _n(1100, s), share=min(1.0, 23 / _n(1100, s)), seed=3)),
+        "crossed Gaussian (#21): 3,000 students x 1,100 lecturers, ~23 ratings each (~70,000 rows)",
     ),
     "gaussian_3level_large": (
         gaussian_3level,
@@ -337,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
     md = [
         results_header(results, "one NPE training step per row, best of the repeats"),
         "",
-        "### Designs of issue #19 at their real sizes",
+        "### Designs of issues #19 and #21 at their real sizes",
         "",
         *[f"- `{n}`: {DESIGNS[n][2]}" for n in args.designs],
         "",
