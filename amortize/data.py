@@ -194,8 +194,7 @@ class HierarchicalData:
         )
 
     def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
-        """``build()``, a function of the structure alone, computed once: datasets that differ only in their
-        response (:meth:`with_response`, the pieces of a batch) share it."""
+        """``build()``, a function of the structure alone, computed once per structure and device (shared)."""
         if key not in self._index_cache:
             self._index_cache[key] = build()
         return self._index_cache[key]
@@ -253,7 +252,7 @@ class HierarchicalData:
         new.group = new.row_index[self.factors[0][-1]]
         new.parents = {k: mv(v) for k, v in self.parents.items()}
         new.covariates = {lvl: {k: mv(v) for k, v in cols.items()} for lvl, cols in self.covariates.items()}
-        new._index_cache = {}
+        new._index_cache = self._index_cache if new.group is self.group else {}  # same device: share the cache
         return new
 
     def skeleton(self) -> HierarchicalData:

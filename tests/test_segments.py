@@ -34,3 +34,16 @@ def test_mixing_is_the_mean_over_a_groups_rows_of_the_other_factors_groups_and_s
     (grad_got,) = torch.autograd.grad((got * weights).sum(), emb)
     assert got.shape == (3, P, 4)
     assert torch.allclose(got, want) and torch.allclose(grad_got, grad_want)
+
+
+def test_functions_of_the_structure_are_computed_once_per_structure_and_device():
+    """The training step's data (the sampler's structure moved to the device it is on, then given each
+    batch's responses) shares the cached mixing operators: they are built once, not per step."""
+    import amortize as am
+
+    data = am.HierarchicalData(("g",), {}, torch.tensor([0, 0, 1]))
+    calls = []
+    data.derived(("k",), lambda: calls.append(1))
+    data.to("cpu").with_response(torch.zeros(2, 3)).derived(("k",), lambda: calls.append(2))
+    data.to(dtype=torch.float64).derived(("k",), lambda: calls.append(3))
+    assert calls == [1]
