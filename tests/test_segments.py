@@ -22,17 +22,17 @@ def test_segment_sum_equals_a_loop_over_groups(shape):
 
 def test_mixing_is_the_mean_over_a_groups_rows_of_the_other_factors_groups_and_so_is_its_gradient():
     g = torch.Generator().manual_seed(1)
-    P, I, N = 9, 5, 40
-    person = torch.cat([torch.arange(P), torch.randint(0, P, (N - P,), generator=g)])
-    item = torch.randint(0, I, (N,), generator=g)  # repeated (person, item) pairs among them
-    emb = torch.randn(3, I, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(3, P, 4, generator=g, dtype=torch.float64)
+    persons, items, rows = 9, 5, 40
+    person = torch.cat([torch.arange(persons), torch.randint(0, persons, (rows - persons,), generator=g)])
+    item = torch.randint(0, items, (rows,), generator=g)  # repeated (person, item) pairs among them
+    emb = torch.randn(3, items, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, persons, 4, generator=g, dtype=torch.float64)
 
-    want = segment_mean(emb[..., item, :], person, P, torch.bincount(person, minlength=P))
+    want = segment_mean(emb[..., item, :], person, persons, torch.bincount(person, minlength=persons))
     (grad_want,) = torch.autograd.grad((want * weights).sum(), emb)
-    got = mix(mixing(person, item, P, I, torch.float64), emb)
+    got = mix(mixing(person, item, persons, items, torch.float64), emb)
     (grad_got,) = torch.autograd.grad((got * weights).sum(), emb)
-    assert got.shape == (3, P, 4)
+    assert got.shape == (3, persons, 4)
     assert torch.allclose(got, want) and torch.allclose(grad_got, grad_want)
 
 

@@ -22,24 +22,29 @@ __all__ = [
 ]
 
 
-def segment_sum(x: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum ``x [..., N, F]`` into ``[..., size, F]`` by ``idx [N]``.
+def _rows_first(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., N, F]`` as a contiguous ``[N, (...) * F]``: segment sums and sparse products run along the
+    leading dimension, where CPU kernels are fastest (``index_add_`` along dimension -2 of ``[B, N, F]`` is
+    several times slower)."""
+    return x.movedim(-2, 0).reshape(x.shape[-2], -1)
 
-    The rows are moved to the front first: ``index_add_`` along the leading dimension of a contiguous
-    ``[N, batch * F]`` is 6-20x faster on CPU than along dimension -2 of ``[B, N, F]``
-    (``experiments/bench/throughput.py``)."""
-    if x.dim() == 2:
-        return x.new_zeros(size, x.shape[-1]).index_add_(0, idx, x)
-    lead, (n, f) = x.shape[:-2], x.shape[-2:]
-    rows = x.movedim(-2, 0).reshape(n, -1)
-    return rows.new_zeros(size, rows.shape[1]).index_add_(0, idx, rows).reshape(size, *lead, f).movedim(0, -2)
+
+def _rows_back(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_rows_first` for ``out [G, (...) * F]``: ``[..., G, F]`` shaped as ``like``."""
+    return out.reshape(out.shape[0], *like.shape[:-2], like.shape[-1]).movedim(0, -2)
+
+
+def segment_sum(x: torch.Tensor, idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Sum ``x [..., N, F]`` into ``[..., size, F]`` by ``idx [N]``."""
+    rows = _rows_first(x)
+    return _rows_back(rows.new_zeros(size, rows.shape[1]).index_add_(0, idx, rows), x)
 
 
 def mixing(to: torch.Tensor, source: torch.Tensor, size_to: int, size_from: int, dtype: torch.dtype) -> torch.Tensor:
-    """The sparse ``[size_to, size_from]`` matrix of the share of each ``to`` group's rows that fall in each
-    ``source`` group (rows ``to [N]``, ``source [N]``; a row of a group with no rows is 0): ``mix(M, x)`` is
-    the mean over a group's rows of ``x`` gathered at each row's ``source`` group, without the ``[B, N, F]``
-    gather (O(distinct pairs) instead of O(rows) work and memory, forward and backward)."""
+    """The sparse ``[size_to, size_from]`` matrix whose entry (g, h) is the share of group g's rows (``to [N]``)
+    that fall in group h (``source [N]``); a group without rows has a row of zeros. ``mix(M, x)`` is then the
+    mean over a group's rows of ``x`` gathered at each row's ``source`` group, without the ``[B, N, F]``
+    gather: O(distinct pairs) instead of O(rows) work and memory, forward and backward."""
     n = torch.bincount(to, minlength=size_to).clamp_min(1).to(dtype)
     m = torch.sparse_coo_tensor(torch.stack([to, source]), 1.0 / n[to], (size_to, size_from), check_invariants=True)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul with a dense operand is all we use
@@ -49,9 +54,7 @@ def mixing(to: torch.Tensor, source: torch.Tensor, size_to: int, size_from: int,
 
 def mix(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``m [G, K]`` (see :func:`mixing`) applied to ``x [..., K, F]``: ``[..., G, F]``."""
-    lead, (k, f) = x.shape[:-2], x.shape[-2:]
-    out = m @ x.movedim(-2, 0).reshape(k, -1)
-    return out.reshape(m.shape[0], *lead, f).movedim(0, -2)
+    return _rows_back(m @ _rows_first(x), x)
 
 
 def segment_mean(x: torch.Tensor, idx: torch.Tensor, size: int, counts: torch.Tensor) -> torch.Tensor:

@@ -61,16 +61,6 @@ def _sampler(levels: list[str], groups: dict[str, tuple[int, int]], obs: tuple[i
     return am.StructureSampler(levels, groups=groups, obs=obs, covariates=cov)
 
 
-class _Fixed:
-    """A structure sampler that always gives one fixed dataset (a design built outside the sampler)."""
-
-    def __init__(self, data: am.HierarchicalData) -> None:
-        self.data = data
-
-    def sample(self, generator: torch.Generator) -> am.HierarchicalData:
-        return self.data
-
-
 # name -> (model, structure sampler at the real size, what it stands for); scale < 1 shrinks every count
 DESIGNS: dict[str, tuple[Callable, Callable[[float], am.StructureSampler], str]] = {
     "gaussian_2level_slopes": (
@@ -106,7 +96,9 @@ DESIGNS: dict[str, tuple[Callable, Callable[[float], am.StructureSampler], str]]
     ),
     "crossed_gaussian_large": (
         crossed_gaussian,
-        lambda s: _Fixed(grid_design(_n(3000, s), _n(1100, s), share=min(1.0, 23 / _n(1100, s)), seed=3)),
+        lambda s: am.StructureSampler.fixed(
+            grid_design(_n(3000, s), _n(1100, s), share=min(1.0, 23 / _n(1100, s)), seed=3)
+        ),
         "crossed Gaussian (#21): 3,000 students x 1,100 lecturers, ~23 ratings each (~70,000 rows)",
     ),
     "gaussian_3level_large": (
