@@ -119,25 +119,36 @@ class Subsampled:
     Args:
         data: one dataset (``y [N]``) with the model's levels and covariates; it stays where it is
             (usually CPU memory) and each minibatch moves to the amortizer's device.
-        groups_per_step: outermost groups per step (b); all of them when larger than G.
+        groups_per_step: outermost groups per step (b); all of them when larger than G. Default 1024,
+            and for a crossed dataset (whose rows no subset of one factor's groups holds alone) all of
+            them: the ELBO of the whole dataset, q(globals) still its own Gaussian.
 
     Raises:
-        DataError: ``data`` holds a batch, has no response, or does not fit the model.
+        DataError: ``data`` holds a batch, has no response, or does not fit the model; fewer than all
+            groups of a crossed dataset.
     """
 
     name = "subsampled"
 
-    def __init__(self, data: HierarchicalData, groups_per_step: int = 1024) -> None:
+    def __init__(self, data: HierarchicalData, groups_per_step: int | None = None) -> None:
         if not isinstance(data, HierarchicalData):
             raise DataError(f"Subsampled: expected a HierarchicalData, got {type(data).__name__}")
         if data.y is None or data.y.dim() != 1:
             shape = None if data.y is None else tuple(data.y.shape)
             raise DataError(f"Subsampled: expected one dataset with a response y [N], got {shape}")
-        if int(groups_per_step) < 1:
-            raise DataError(f"Subsampled: groups_per_step must be >= 1, got {groups_per_step}")
         self.index = OuterGroupIndex(data)
         self.data = self.index.data
         self.num_groups = self.index.num_groups
+        if groups_per_step is None:
+            groups_per_step = self.num_groups if self.index.crossed else 1024
+        if int(groups_per_step) < 1:
+            raise DataError(f"Subsampled: groups_per_step must be >= 1, got {groups_per_step}")
+        if self.index.crossed and int(groups_per_step) < self.num_groups:
+            raise DataError(
+                f"Subsampled: factors {[list(c) for c in data.factors]} are crossed, so the dataset trains whole:"
+                f" groups_per_step must be at least its {self.num_groups} '{self.index.top}' groups (or left out),"
+                f" got {groups_per_step}"
+            )
         self.groups_per_step = min(int(groups_per_step), self.num_groups)
 
     def setup(self, amortizer: Amortizer, cfg: TrainConfig, gen: torch.Generator) -> None:
@@ -150,7 +161,7 @@ class Subsampled:
                 " model with latents per row is not supported: train on simulations (PriorPredictive)"
             )
         dtype = next(amortizer.guide.parameters()).dtype
-        probe, _ = self.index.restrict(torch.arange(min(self.groups_per_step, 4)))
+        probe = self.index.probe(min(self.groups_per_step, 4))
         check_data(probe, amortizer.structure, amortizer.guide.encoder.cov_names, dtype)
         fitted = amortizer.subsampled
         key = same_dataset(fitted, self.data, "Subsampled: this amortizer was fitted on")

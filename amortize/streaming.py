@@ -76,8 +76,8 @@ class StreamedDataset:
         self.index = OuterGroupIndex(data)
         self.data = self.structure.complete(self.index.data)  # the index keeps the declared levels
         G = self.index.num_groups
-        self.chunk = max(1, min(G, int(chunk_groups or G)))
-        sample, _ = self.index.restrict(torch.arange(min(G, 4)))
+        self.chunk = G if self.index.crossed else max(1, min(G, int(chunk_groups or G)))  # crossed: whole
+        sample = self.index.probe()
         check_data(sample, self.structure, covariates, self.dtype)  # levels, covariates, values: DataError
         check_data(self.data, self.structure, covariates, self.dtype)
 
@@ -108,6 +108,9 @@ class StreamedDataset:
                 rest = torch.nonzero(others).squeeze(-1)
                 piece = torch.cat([piece, rest[torch.randperm(len(rest))[: self.chunk - len(piece)]]])
             sub, kept = self._subset(piece)
+            if self.index.crossed:  # the whole dataset, every group its own
+                yield sub, kept, {lvl: torch.ones(sub.size(lvl), dtype=torch.bool) for lvl in sub.levels}
+                continue
             mine = {top: torch.isin(kept[top], own)}
             for above, lvl in zip(sub.levels, sub.levels[1:]):
                 mine[lvl] = mine[above][sub.parent_index(lvl).cpu()]
@@ -117,6 +120,10 @@ class StreamedDataset:
         """Per level: the original ids of the chosen groups' units in id order, and each unit's
         position among them (-1 when not chosen)."""
         d, top, G = self.data, self.index.top, self.index.num_groups
+        if self.index.crossed:  # all groups (the index refuses a part of a crossed dataset)
+            self.index.restrict(chosen)
+            sel = {lvl: torch.arange(d.size(lvl)) for lvl in d.levels}
+            return dict(sel), sel
         pos, sel = {}, {}
         for lvl in d.levels:
             keep = torch.isin(d.index(top, at=lvl) if lvl != top else torch.arange(G), chosen)

@@ -61,24 +61,26 @@ class OuterGroupIndex:
     every observation, the outermost group it belongs to, as contiguous ranges. A restriction then
     gathers those ranges with index operations only.
 
+    A crossed dataset (several grouping factors) has rows shared between the factors' groups, so it has
+    no subsets of this kind: its only restriction is to all of its groups (``self.crossed``), the dataset
+    itself, and a subsampled fit of it is trained whole.
+
     Args:
         data: one dataset (``y [N]`` or no response) or a batch sharing one structure; it is kept in
             CPU memory (a copy is made of a dataset on another device), restrictions move to a device.
     """
 
     def __init__(self, data: HierarchicalData) -> None:
-        if data.crossed:
-            raise DataError(
-                f"factors {[list(c) for c in data.factors]}: a crossed dataset cannot be restricted to some"
-                " outermost groups (their rows are shared with the other factors' groups); train it whole"
-            )
         if data.group.device.type != "cpu":
             data = data.to("cpu")
         self.row_level = data.row_level  # the rows as a level: restricted as rows, then made a level again
+        self.crossed = data.crossed
         data = data.declared()
         self.data = data
         self.top = data.levels[0]
         self.num_groups = data.size(self.top)
+        if self.crossed:
+            return
         self._order: dict[str, torch.Tensor | None] = {}
         self._offsets: dict[str, torch.Tensor] = {}
         self._counts: dict[str, torch.Tensor] = {}
@@ -126,6 +128,11 @@ class OuterGroupIndex:
             raise DataError(f"level '{self.top}' has groups 0..{self.num_groups - 1}; got group id {bad}")
         return g
 
+    def probe(self, k: int = 4) -> HierarchicalData:
+        """A small restriction, to check the data against a model cheaply: ``k`` outermost groups (a
+        crossed dataset: all of it)."""
+        return self.restrict(torch.arange(self.num_groups if self.crossed else min(k, self.num_groups)))[0]
+
     def restrict(self, groups: Any) -> tuple[HierarchicalData, dict[str, torch.Tensor]]:
         """The dataset restricted to outermost ``groups`` with all their descendants and observations.
 
@@ -139,10 +146,23 @@ class OuterGroupIndex:
             each of its groups / rows.
 
         Raises:
-            DataError: no groups, or an id that is not a group of the outermost level.
+            DataError: no groups, an id that is not a group of the outermost level, or some but not all
+                groups of a crossed dataset.
         """
         d = self.data
         g = self.check(groups)
+        if self.crossed:
+            if len(g) < self.num_groups:
+                raise DataError(
+                    f"factors {[list(c) for c in d.factors]}: a crossed dataset cannot be restricted to some"
+                    f" '{self.top}' groups (their rows are shared with the other factors' groups); take all"
+                    f" {self.num_groups} of them (train it whole)"
+                )
+            kept = {lvl: torch.arange(d.size(lvl)) for lvl in d.levels}
+            kept[OBS] = torch.arange(d.n_obs)
+            if self.row_level is not None:
+                return d.rows_as_level(self.row_level), {**kept, self.row_level: kept[OBS]}
+            return d, kept
         kept: dict[str, torch.Tensor] = {self.top: g}
         self._new_id[self.top][g] = torch.arange(len(g))
         parents: dict[str, torch.Tensor] = {}
