@@ -156,7 +156,7 @@ class OuterGroupIndex:
                 raise DataError(
                     f"factors {[list(c) for c in d.factors]}: a crossed dataset cannot be restricted to some"
                     f" '{self.top}' groups (their rows are shared with the other factors' groups); take all"
-                    f" {self.num_groups} of them (train it whole)"
+                    f" {self.num_groups} of them"
                 )
             kept = {lvl: torch.arange(d.size(lvl)) for lvl in d.levels}
             kept[OBS] = torch.arange(d.n_obs)

@@ -247,11 +247,13 @@ def _deferred_interrupt() -> Iterator[dict[str, Any]]:
             signal.signal(s, h if h is not None else fallback)
 
 
-def _optimizer(amortizer: Amortizer, cfg: TrainConfig, extra: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """Adam over the guide's parameters (and a source's own, as a second group), with the saved state."""
-    groups: list[dict[str, Any]] = [{"params": list(amortizer.guide.parameters())}]
+def _optimizer(amortizer: Amortizer, cfg: TrainConfig, source: Any) -> torch.optim.Optimizer:
+    """Adam over the guide's parameters (and a source's own, as a second group at ``source.lr_scale``
+    times the learning rate), with the saved state."""
+    groups: list[dict[str, Any]] = [{"params": list(amortizer.guide.parameters()), "lr_scale": 1.0}]
+    extra = source.parameters()
     if extra:
-        groups.append({"params": extra})
+        groups.append({"params": extra, "lr_scale": float(getattr(source, "lr_scale", 1.0))})
     opt = torch.optim.Adam(groups, lr=cfg.lr)
     if amortizer._optimizer_state is not None:
         opt.load_state_dict(amortizer._optimizer_state)
@@ -311,7 +313,7 @@ def train(
         with _deferred_interrupt() as interrupt:
             source.setup(amortizer, cfg, gen)  # the pilot of a fresh amortizer (a signal stops after it)
             if amortizer.optimizer is None:
-                amortizer.optimizer = _optimizer(amortizer, cfg, source.parameters())
+                amortizer.optimizer = _optimizer(amortizer, cfg, source)
             opt = amortizer.optimizer
             params = [p for g in opt.param_groups for p in g["params"]]
             if log_dir:
@@ -324,7 +326,7 @@ def train(
             bar = tqdm(range(start, end), disable=not progress or None, desc=desc, leave=False)
             for step in bar:
                 for g in opt.param_groups:
-                    g["lr"] = cfg.lr * lr_factor(step, cfg)
+                    g["lr"] = cfg.lr * g.get("lr_scale", 1.0) * lr_factor(step, cfg)
                 why = None
                 try:
                     value = step_fn(amortizer, cfg.at(step), gen)  # loss; its gradients are in the parameters

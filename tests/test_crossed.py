@@ -243,6 +243,8 @@ def test_the_elbo_on_one_whole_crossed_dataset_reaches_its_exact_posterior(train
     assert amortizer.subsampled["groups_per_step"] == data.size("person")
     assert float(z.median()) < 0.06 and float(z.max()) < 0.3, (z.median(), z.max())
     assert float(z.median()) < float(z_before.median()), (z.median(), z_before.median())
+    with pytest.raises(DataError, match="crossed dataset cannot be restricted to some 'person' groups"):
+        amortizer.posterior(obs).sample(10, groups=[0, 1])  # streamed whole: no part of it alone
     # the ELBO's q is somewhat narrow (each factor's effects given the globals, not given each other's)
     assert 0.75 < float(ratio.quantile(0.1)) and float(ratio.quantile(0.9)) < 1.1, ratio.quantile(
         torch.tensor([0.1, 0.9], dtype=ratio.dtype)
