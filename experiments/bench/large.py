@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups-per-step", type=int, default=1024)
     p.add_argument("--num-particles", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr-scale", type=float, default=10.0, help="q(globals)'s learning rate over --lr (Subsampled)")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--num-draws", type=int, default=100, help="global draws per chunk of the group posterior")
     p.add_argument("--chunk-size", type=int, default=None, help="outermost groups per chunk (default: per step)")
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     amortizer = am.Amortizer(known_variance, sampler, hidden=args.hidden, flow_bins=0, seed=args.seed, device=device)
     reset_peak()
     t0 = time.perf_counter()
-    source = am.Subsampled(data, groups_per_step=args.groups_per_step)
+    source = am.Subsampled(data, groups_per_step=args.groups_per_step, lr_scale=args.lr_scale)
     amortizer.fit(
         source=source,
         steps=args.steps,
