@@ -2,7 +2,15 @@
 
 from .amortizer import Amortizer  # noqa: E402
 from .data import OBS, HierarchicalData  # noqa: E402
-from .errors import AmortizeError, CheckpointError, ConfigError, DataError, ModelStructureError, TrainingError
+from .errors import (
+    AmortizeError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    ModelStructureError,
+    NonFiniteDrawsError,
+    TrainingError,
+)
 from .importance import ImportanceSampledPosterior  # noqa: E402
 from .local_sbc import LocalSBC  # noqa: E402
 from .posterior import Posterior  # noqa: E402
@@ -27,6 +35,7 @@ __all__ = [
     "Interrupted",
     "TrainConfig",
     "TrainingError",
+    "NonFiniteDrawsError",
     "CheckpointError",
     "ConfigError",
     "DataError",

@@ -20,7 +20,7 @@ import pyro.poutine as poutine
 import torch
 
 from .data import OBS, HierarchicalData, magnitude_limit
-from .errors import AmortizeError, DataError
+from .errors import DataError, NonFiniteDrawsError
 from .layout import structure_flags
 from .objectives import log_weights
 from .ranges import value_flags
@@ -127,12 +127,12 @@ def check_data(data: HierarchicalData, structure: ModelStructure, covariates: di
 
 
 def check_finite(draws: dict[str, torch.Tensor]) -> None:
-    """Raise an :class:`AmortizeError` naming the site if any draw is NaN or infinite: no public call
+    """Raise an :class:`NonFiniteDrawsError` naming the site if any draw is NaN or infinite: no public call
     returns a non-finite draw."""
     for name, value in draws.items():
         bad = ~torch.isfinite(value)
         if bool(bad.any()):
-            raise AmortizeError(
+            raise NonFiniteDrawsError(
                 f"site '{name}': {int(bad.sum())} of {value.numel()} drawn values are not finite; the"
                 " posterior cannot be used for this dataset (see Posterior.range_flags())"
             )

@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "TrainingError",
+    "NonFiniteDrawsError",
     "ReferenceNotFoundError",
 ]
 
@@ -62,6 +63,10 @@ class ConfigError(AmortizeError, ValueError):
 
 class TrainingError(AmortizeError):
     """Training stopped on repeated numerical faults: names the step and the checkpoint kept."""
+
+
+class NonFiniteDrawsError(AmortizeError):
+    """The posterior drew a NaN or infinite value: names the site (no public call returns such draws)."""
 
 
 class ReferenceNotFoundError(AmortizeError, FileNotFoundError):

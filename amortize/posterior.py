@@ -29,10 +29,11 @@ from typing import Any
 
 import torch
 
+from .bad_steps import bad_step_error
 from .batch import StructureBatch, check_data, check_list, group_by_structure, name_culprit
 from .checkpoint import atomic_write
 from .data import HierarchicalData
-from .errors import DataError
+from .errors import DataError, NonFiniteDrawsError
 from .export import inference_data, summary
 from .hierarchical_resample import corrected_sample
 from .importance import K_THRESHOLD, CorrectedDraws, psis
@@ -40,7 +41,7 @@ from .local_sbc import LocalSBC
 from .predictive import PPCResult, ppc
 from .streaming import GroupDraws, Moments, StreamedDataset
 from .structure import seeded
-from .verdict import verdict
+from .verdict import unusable, verdict
 
 __all__ = ["Posterior", "CorrectedDraws", "GroupDraws", "Moments", "psis_k", "K_THRESHOLD"]
 
@@ -335,8 +336,15 @@ class Posterior:
         decision pools them. ``local_sbc``: True (the defaults of :class:`~amortize.local_sbc.LocalSBC`:
         200 replicates x 49 draws, family-wise level 0.01), a ``LocalSBC`` to size it, False to skip it;
         ``model_check=False`` skips the model check.
-        The whole verdict is reproducible for a given ``seed`` and leaves this posterior's stream alone."""
-        return verdict(self, num_samples, seed, repeats, local_sbc, model_check)
+        The whole verdict is reproducible for a given ``seed`` and leaves this posterior's stream alone;
+        a posterior whose draws are not finite is not ok, with the site in the reason."""
+        try:
+            return verdict(self, num_samples, seed, repeats, local_sbc, model_check)
+        except (ValueError, NonFiniteDrawsError) as e:  # q's parameters or draws beyond floating point
+            why = bad_step_error(e) if isinstance(e, ValueError) else str(e).split(";")[0]
+            if why is None:
+                raise
+            return unusable(self, why)
 
     # ------------------------------------------------------------------ exports
     def _one(self, what: str) -> None:

@@ -102,6 +102,20 @@ def verdict(
     return {**out, "ok": not bad, "reason": "; ".join(bad) or "ok"}
 
 
+def unusable(post: Posterior, why: str) -> Any:
+    """The verdict of a posterior whose draws are not finite (q proposes values beyond floating point, a
+    NaN inside the guide): not ok, not correctable, k infinite, ``why`` the reason; in the input's layout."""
+    flags = post.range_flags()
+    one = dict(pareto_k=math.inf, pareto_k_sets=[math.inf], ess=0.0, num_samples=0, ok=False, correctable=False)
+    reason = f"q's draws are not finite ({why}): the posterior cannot be used"
+    if post.layout == "list":
+        return [{**one, "flags": f, "reason": "; ".join([reason, *f])} for f in flags]
+    if post.layout == "batch":
+        B = post.parts[0][1].data.batch_size or 1
+        one = {k: [v] * B if k in _PER_DATASET else v for k, v in one.items()}
+    return {**one, "flags": flags, "reason": "; ".join([reason, *flags])}
+
+
 def globals_proposals(num_samples: int) -> int:
     """Global draws the verdict weighs for a budget of ``num_samples``: a quarter (each carries
     :data:`~amortize.hierarchical_is.GROUP_DRAWS` draws of every group), at least 100 (a PSIS tail of 30)."""

@@ -210,6 +210,28 @@ def test_predictive_replicates_the_data_scale(amortizer):
     assert amortizer.posterior(batch).predictive(3).shape == (3, 2, data.n_obs)
 
 
+def test_a_posterior_whose_q_is_not_finite_gets_a_verdict_naming_the_site_not_a_crash(amortizer):
+    """q's location beyond floating point (heavy-tailed globals drove a sibling's conditional to inf in a
+    2PL IRT): ``diagnostics`` says not ok, not correctable, with the site; drawing raises by name."""
+    data = frame_data()
+    bias = amortizer.guide.group_heads["theta"].raw.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.fill_(float("inf"))
+        for post in (amortizer.posterior(data), amortizer.posterior([data, data])):
+            verdict = post.diagnostics(num_samples=200, local_sbc=False, model_check=False)
+            for v in verdict if isinstance(verdict, list) else [verdict]:
+                assert v["ok"] is False and v["correctable"] is False and v["pareto_k"] == float("inf")
+                assert "not finite" in v["reason"] and "'theta'" in v["reason"], v["reason"]
+        with pytest.raises(am.NonFiniteDrawsError, match="site 'theta'.*not finite"):
+            amortizer.posterior(data).sample(20, seed=0)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert amortizer.posterior(data).diagnostics(num_samples=200, local_sbc=False, model_check=False)["pareto_k"] < 1e3
+
+
 def test_no_public_entry_point_returns_a_nan_draw(amortizer, monkeypatch, tmp_path):
     """Every way to draws (one, batch, list, streamed, corrected, summary, save) refuses a non-finite
     draw with an AmortizeError naming the site; the same calls are finite without the fault."""
