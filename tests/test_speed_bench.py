@@ -148,8 +148,12 @@ def test_crossed_bench_large_arm_tiny_run_writes_its_results(tmp_path):
     spec.loader.exec_module(bench)
     args = ["--arms", "large", "--large-design", "12", "5", "3", "--large-steps", "2", "--batch", "2"]
     args += ["--large-nuts", "--nuts-warmup", "10", "--nuts-samples", "10", "--draws", "20", "--nuts-cache", ""]
+    args += ["--large-elbo-steps", "2"]
     assert bench.main([*args, "--out", str(tmp_path)]) == 0
     large = json.loads((tmp_path / "results.json").read_text())["arms"]["large"]
     assert (large["persons"], large["items"]) == (12, 5) and 12 <= large["n_rows"] <= 60
-    assert large["steps"] == 2 and len(large["nuts"]) == 1 and "ok" in large["nuts"][0]
-    assert "12 students x 5 lecturers" in (tmp_path / "results.md").read_text()
+    npe, elbo = large["stages"]["npe"], large["stages"]["then elbo"]
+    assert npe["steps"] == 2 and len(npe["nuts"]) == 1 and "ok" in npe["nuts"][0]
+    assert elbo["steps"] == 2 and len(elbo["nuts"]) == 1 and elbo["seconds"] > 0
+    text = (tmp_path / "results.md").read_text()
+    assert "12 students x 5 lecturers" in text and "**then elbo**: 2 steps" in text
