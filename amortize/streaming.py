@@ -120,8 +120,7 @@ class StreamedDataset:
         """Per level: the original ids of the chosen groups' units in id order, and each unit's
         position among them (-1 when not chosen)."""
         d, top, G = self.data, self.index.top, self.index.num_groups
-        if self.index.crossed:  # all groups (the index refuses a part of a crossed dataset)
-            self.index.restrict(chosen)
+        if self.index.crossed:  # all groups (``index.check`` refused a part of a crossed dataset)
             sel = {lvl: torch.arange(d.size(lvl)) for lvl in d.levels}
             return dict(sel), sel
         pos, sel = {}, {}

@@ -115,7 +115,8 @@ class OuterGroupIndex:
         """Outermost group ids as a sorted tensor without repeats.
 
         Raises:
-            DataError: no ids, ids that are not integers, or an id that is not an outermost group.
+            DataError: no ids, ids that are not integers, an id that is not an outermost group, or some but
+                not all groups of a crossed dataset.
         """
         g = torch.as_tensor(groups).reshape(-1)
         if g.numel() == 0:
@@ -126,6 +127,12 @@ class OuterGroupIndex:
         if int(g[0]) < 0 or int(g[-1]) >= self.num_groups:
             bad = int(g[0]) if int(g[0]) < 0 else int(g[-1])
             raise DataError(f"level '{self.top}' has groups 0..{self.num_groups - 1}; got group id {bad}")
+        if self.crossed and len(g) < self.num_groups:
+            raise DataError(
+                f"factors {[list(c) for c in self.data.factors]}: a crossed dataset cannot be restricted to some"
+                f" '{self.top}' groups (their rows are shared with the other factors' groups); take all"
+                f" {self.num_groups} of them"
+            )
         return g
 
     def probe(self, k: int = 4) -> HierarchicalData:
@@ -152,12 +159,6 @@ class OuterGroupIndex:
         d = self.data
         g = self.check(groups)
         if self.crossed:
-            if len(g) < self.num_groups:
-                raise DataError(
-                    f"factors {[list(c) for c in d.factors]}: a crossed dataset cannot be restricted to some"
-                    f" '{self.top}' groups (their rows are shared with the other factors' groups); take all"
-                    f" {self.num_groups} of them"
-                )
             kept = {lvl: torch.arange(d.size(lvl)) for lvl in d.levels}
             kept[OBS] = torch.arange(d.n_obs)
             if self.row_level is not None:
