@@ -25,6 +25,7 @@ from .layout import structure_flags
 from .objectives import log_weights
 from .ranges import value_flags
 from .structure import ModelStructure, batched, drawing_data
+from .subsample import encode
 
 __all__ = [
     "StructureBatch",
@@ -147,14 +148,28 @@ class StructureBatch:
         model: the user's model (decides what the model runs on while drawing).
         data: the checked dataset or batch.
         device: where the guide lives.
+        q_globals: the Gaussian of the globals a subsampled fit learned for this one dataset
+            (:class:`~amortize.subsample.GlobalGaussian`), in place of the global head's.
     """
 
-    def __init__(self, guide: Any, model: Callable, data: HierarchicalData, device: torch.device) -> None:
+    def __init__(
+        self, guide: Any, model: Callable, data: HierarchicalData, device: torch.device, q_globals: Any = None
+    ) -> None:
         self.guide, self.model, self.device = guide, model, device
         self.structure: ModelStructure = guide.structure
         dtype = next(guide.parameters()).dtype
         self.data = data.to(device, dtype=dtype)  # float data of another precision is cast
+        self.q_globals = q_globals
         self._skeleton: HierarchicalData | None = None
+
+    def encode(self) -> dict[str, Any]:
+        """The guide's encoding of the data (:meth:`AmortizedGuide.encode`), q(globals) this dataset's
+        own where a subsampled fit learned it."""
+        return encode(self.guide, self.q_globals, self.data)
+
+    def like(self, data: HierarchicalData) -> StructureBatch:
+        """A batch of ``data`` (other responses of this structure) with this one's guide, model and q(globals)."""
+        return StructureBatch(self.guide, self.model, data, self.device, self.q_globals)
 
     @property
     def batch_size(self) -> int | None:
@@ -185,7 +200,7 @@ class StructureBatch:
             guide.eval()
         # drawing scores nothing, so Pyro's argument checks (on tensors as large as the data, once
         # per draw: a third of the time) are skipped; log p(y, z) for weights keeps them
-        encoded = guide.encode(self.data) if encoded is None else encoded  # once for all chunks
+        encoded = self.encode() if encoded is None else encoded  # once for all chunks
         with contextlib.nullcontext() if with_weights else pyro.validation_enabled(False):
             for start in range(0, num_samples, chunk):
                 n = min(chunk, num_samples - start)
@@ -206,7 +221,7 @@ class StructureBatch:
         st = self.structure
         truth = {s.name: st.from_user(s, values[s.name]) for s in st.latents}
         n = next(iter(truth.values())).shape[0]
-        _, log_q, _ = log_weights(self.guide, self.data, n, truth=truth)
+        _, log_q, _ = log_weights(self.guide, self.data, n, truth=truth, encoded=self.encode())
         return log_q.reshape(n, -1)
 
     @torch.no_grad()
@@ -227,8 +242,10 @@ class StructureBatch:
         level, children per parent group, observations per group), response scale and covariate values
         (those of one dataset of a batch start with ``dataset b:``)."""
         d = self.data
-        flags = structure_flags(d, ranges)
-        return flags + value_flags(d, ranges)
+        flags = structure_flags(d, ranges) + value_flags(d, ranges)
+        if self.q_globals is not None:  # the globals' q is this dataset's own: the guide sees chunks, not G
+            flags = [f for f in flags if not f.startswith(f"level '{d.levels[0]}': ")]
+        return flags
 
 
 def check_list(datasets: Sequence[HierarchicalData], structure: Any, covariates: Any, dtype: Any) -> list:

@@ -279,7 +279,7 @@ def hierarchical_weights(part: Any, num_globals: int, group_draws: int = GROUP_D
     latent_levels = [lvl for lvl in data.levels if st.sites_at(lvl)]
     M = int(group_draws) if latent_levels else 1
     S = int(num_globals)
-    encoded = part.guide.encode(data)
+    encoded = part.encode()
     held, _ = part.draws(S, encoded=encoded)  # every latent, user layout [S, B, ...]
     glob_sites = tuple(s.name for s in st.global_sites)
     if not glob_sites:

@@ -49,7 +49,7 @@ def hierarchical_resample(
         one: dict[str, list[torch.Tensor]] = {s.name: [] for s in st.latents if s.level is not None}
         M = int(group_draws) if group_ok and one else 1
         sub_part = part if B == 1 else _one_dataset(part, b)
-        encoded = sub_part.guide.encode(sub_part.data)
+        encoded = sub_part.encode()
         chunk = group_chunk(sub_part, M)
         for start in range(0, n, chunk):
             sub = {k: v[start : start + chunk] for k, v in held.items()}
@@ -83,7 +83,7 @@ def hierarchical_resample(
 
 def _one_dataset(part: Any, b: int) -> Any:
     """A :class:`~amortize.batch.StructureBatch` of dataset ``b`` of a batch alone."""
-    return type(part)(part.guide, part.model, part.data.with_response(part.data.y[b]), part.device)
+    return part.like(part.data.with_response(part.data.y[b]))
 
 
 @torch.no_grad()

@@ -172,6 +172,9 @@ def local_sbc(
     B = part.batch_size or 1
     if part.structure.row_level is not None:
         return [skipped("latents per row: a replicate row would carry a latent of its own")] * B
+    if part.q_globals is not None:
+        why = "q(globals) was fitted on this dataset alone (Subsampled): a replicate dataset would need its own fit"
+        return [skipped(why, settings)] * B
     if part.structure.crossed:
         why = "crossed factors: replicate rows would grow every factor's groups past the trained structure"
         return [skipped(why, settings)] * B
@@ -240,7 +243,7 @@ def _probit(u: np.ndarray) -> np.ndarray:
 
 def _sub(part: StructureBatch, b0: int, b1: int) -> StructureBatch:
     """The datasets ``b0:b1`` of a batch, as their own batch (same structure)."""
-    return StructureBatch(part.guide, part.model, part.data.with_response(part.data.y[b0:b1]), part.device)
+    return part.like(part.data.with_response(part.data.y[b0:b1]))
 
 
 def local_sbc_reasons(res: dict[str, Any]) -> list[str]:

@@ -10,7 +10,9 @@ guide, the model, the training ranges, the device), never from the amortizer, an
   vectorized per distinct structure (:mod:`amortize.batch`);
 * one huge dataset, streamed in chunks of outermost groups (``chunk_groups=``, or an amortizer fitted
   on it with :class:`~amortize.sources.Subsampled`): the same dict, built chunk by chunk with the
-  global draws shared (:mod:`amortize.streaming`); ``sample(n, groups=[...])`` keeps chosen groups.
+  global draws shared (:mod:`amortize.streaming`). A dataset that fits in one chunk (a crossed one
+  always) is not streamed: it is drawn, weighed and diagnosed whole, with the subsampled fit's
+  q(globals) where it has one. ``sample(n, groups=[...])`` keeps chosen groups of one dataset.
 
 PSIS-corrected draws come from the wrapper :class:`~amortize.importance.ImportanceSampledPosterior`
 (``post.sample(n, correct=True)`` is the one-line way to its draws).
@@ -115,17 +117,18 @@ class Posterior:
                 raise DataError(f"posterior: expected a HierarchicalData or a list of them, got {type(data).__name__}")
             self.layout = "single" if data.batch_size is None else "batch"
             data = complete(data)
+            self.datasets, self.parts = [data], []
             if chunk_groups is not None or q_globals is not None:
                 if data.batch_size is not None:
                     raise DataError("posterior: a streamed dataset is one dataset (y [N]), not a batch")
-                self.streamed = StreamedDataset(guide, model, data, self.device, chunk_groups, q_globals, covariates)
-                self.datasets = [data]
-                self.parts = []
+                streamed = StreamedDataset(guide, model, data, self.device, chunk_groups, q_globals, covariates)
+                if streamed.num_chunks > 1:  # else one chunk: drawn, weighed and checked whole
+                    self.streamed = streamed
             else:
                 check_data(data, self.structure, covariates, self.dtype)
-                self.datasets = [data]
+            if self.streamed is None:
                 members = list(range(data.batch_size or 1))  # the datasets of a [B, N] batch
-                self.parts = [(members, StructureBatch(guide, model, data, self.device))]
+                self.parts = [(members, StructureBatch(guide, model, data, self.device, q_globals))]
 
     def __repr__(self) -> str:
         what = {"single": "1 dataset", "batch": f"a batch of {self.batch_size}", "list": f"{len(self)} datasets"}
@@ -203,17 +206,26 @@ class Posterior:
             correct: the draws of :class:`~amortize.importance.ImportanceSampledPosterior` (PSIS
                 resampling of ``oversample * num_samples`` proposals; :class:`CorrectedDraws`).
             oversample: proposals per returned draw with ``correct``.
-            groups: a streamed dataset only: the outermost groups to return (with their descendants);
-                a :class:`GroupDraws` whose ``index`` holds their original ids.
+            groups: one dataset only: the outermost groups to return (with their descendants), drawn
+                chunk by chunk when streamed; a :class:`GroupDraws` whose ``index`` holds their original ids.
         """
         if correct:
             return corrected_sample(self, num_samples, seed, oversample)
+        if groups is not None:
+            self._one("sample(groups=)")
         with self._seeded(seed):
-            if self.streamed is not None:
-                return self.streamed.sample(int(num_samples), groups)
-            if groups is not None:
-                raise DataError("sample: groups= selects groups of a streamed dataset (posterior(..., chunk_groups=))")
+            if self.streamed is not None or groups is not None:
+                return self._streamer().sample(int(num_samples), groups)
             return self._arrange([part.draws(int(num_samples))[0] for _, part in self.parts])
+
+    def _streamer(self) -> StreamedDataset:
+        """The dataset drawn group by group: the streamed one, or the whole dataset as one chunk."""
+        if self.streamed is not None:
+            return self.streamed
+        part = self.parts[0][1]
+        return StreamedDataset(
+            self.guide, self.model, self.data, self.device, None, part.q_globals, self.guide.encoder.cov_names
+        )
 
     @torch.no_grad()
     def moments(self, num_draws: int = 100, level: str | None = None, seed: int | None = None) -> dict[str, Moments]:
@@ -225,11 +237,8 @@ class Posterior:
             DataError: a batch or a list; an unknown level or one without latent sites.
         """
         self._one("moments")
-        streamed = self.streamed or StreamedDataset(
-            self.guide, self.model, self.data, self.device, None, None, self.guide.encoder.cov_names
-        )
         with self._seeded(seed):
-            return streamed.moments(int(num_draws), level)
+            return self._streamer().moments(int(num_draws), level)
 
     @torch.no_grad()
     def predictive(self, num_samples: int = 100, seed: int | None = None, draws: Any = None) -> Any:
@@ -328,8 +337,9 @@ class Posterior:
         k <= 0.7, the globals' ESS >= 30% of the draws, the local SBC and the model check not failed, no flag),
         ``correctable`` (the k's and flags alone:
         the corrected draws apply) and ``reason``. One dict (lists per dataset for a batch), or a list of
-        dicts for a list. A streamed dataset gets its flags, k = NaN and no local SBC (its weights and
-        replicates are not computed).
+        dicts for a list. A dataset streamed in several chunks is not judged: its flags, k = NaN, ``ok``
+        None unless a flag makes it False (its weights and replicates are not computed); a dataset whose
+        q(globals) a subsampled fit learned gets no local SBC (a replicate would need a fit of its own).
 
         ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
         repeat; ``repeats`` independent sets give the globals' k spread (``pareto_k_sets``) while the

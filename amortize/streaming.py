@@ -81,6 +81,11 @@ class StreamedDataset:
         check_data(sample, self.structure, covariates, self.dtype)  # levels, covariates, values: DataError
         check_data(self.data, self.structure, covariates, self.dtype)
 
+    @property
+    def num_chunks(self) -> int:
+        """How many chunks the whole dataset is drawn in (1: it fits in one)."""
+        return max(1, round(self.index.num_groups / self.chunk))
+
     def _subset(self, groups: torch.Tensor) -> tuple[HierarchicalData, dict[str, torch.Tensor]]:
         sub, kept = self.index.restrict(groups)
         return sub.to(self.device, self.dtype), kept
@@ -100,7 +105,7 @@ class StreamedDataset:
         marking the subset's units that belong to the chunk's chosen groups."""
         G, top = self.index.num_groups, self.index.top
         perm = chosen[torch.randperm(len(chosen))]
-        for piece in perm.tensor_split(max(1, round(len(perm) / self.chunk))):
+        for piece in perm.tensor_split(max(1, round(len(perm) / self.chunk))):  # whole: num_chunks
             own = piece
             if len(piece) < self.chunk:
                 others = torch.ones(G, dtype=torch.bool)
@@ -204,10 +209,8 @@ class StreamedDataset:
         its number of outermost groups when q(globals) was fitted on it by subsampled training)."""
         if self.data.y is None:
             raise DataError(f"the data has no response ('{self.data.response}')")
-        flags = StructureBatch(self.guide, self.model, self.data, torch.device("cpu")).range_flags(ranges)
-        if self.q_globals is not None:  # the globals' q is this dataset's own: the guide sees chunks, not G
-            flags = [f for f in flags if not f.startswith(f"level '{self.index.top}': ")]
-        return flags
+        whole = StructureBatch(self.guide, self.model, self.data, torch.device("cpu"), self.q_globals)
+        return whole.range_flags(ranges)
 
 
 def _moments(st: Any, site: Any, q: Any, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

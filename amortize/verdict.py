@@ -24,6 +24,9 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
   ``correctable``: the k's and flags alone (without the ESS condition and the local SBC, which judge
   the uncorrected q), i.e. the corrected draws (``sample(n, correct=True)``) can be trusted.
 
+A dataset streamed in several chunks is not judged (``ok`` None, False with a flag): its weights are
+not computed. One that fits in one chunk is weighed whole, with a subsampled fit's q(globals).
+
 A model without global latents, or of crossed factors, is judged by the joint k (:func:`joint_diagnose`).
 The local SBC runs on its own seed (from ``seed``), so switching it off leaves every k as it was.
 """
@@ -83,9 +86,12 @@ def verdict(
     if settings is not None and not isinstance(settings, LocalSBC):
         raise TypeError(f"diagnostics: local_sbc must be a bool or a LocalSBC, got {type(local_sbc).__name__}")
     flags = post.range_flags()
-    if post.streamed is not None:
-        nan, why = float("nan"), "; ".join(reasons(float("nan"), flags, streamed=True)) or "ok"
-        out = dict(pareto_k=nan, pareto_k_sets=[], ess=nan, num_samples=0, flags=flags, ok=not flags, reason=why)
+    if post.streamed is not None:  # several chunks: no weights, no replicates; only the flags can judge
+        nan, why = float("nan"), reasons(float("nan"), flags, streamed=True)
+        chunks = post.streamed.num_chunks
+        why = why or [f"not judged: the weights of a dataset streamed in {chunks} chunks are not computed"]
+        ok = False if flags else None
+        out = dict(pareto_k=nan, pareto_k_sets=[], ess=nan, num_samples=0, flags=flags, ok=ok, reason="; ".join(why))
         if settings is not None:
             out["local_sbc"] = skipped("streamed: the replicates need the whole dataset at once", settings)
         return out

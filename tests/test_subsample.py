@@ -3,6 +3,7 @@ and its streamed posterior (amortize.streaming)."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -146,8 +147,6 @@ def test_subsampled_state_is_saved_and_resumed_exactly(tmp_path: Path) -> None:
 
 
 def test_an_amortizer_trained_on_simulations_is_fine_tuned_as_a_new_run(amortizer) -> None:
-    import copy
-
     a = copy.deepcopy(amortizer)  # trained 20 steps on simulations of 3-8 groups
     ranges = a.ranges
     data = _known(40, 3)
@@ -253,7 +252,29 @@ def test_streamed_posterior_matches_exact_conjugate_posterior(trained) -> None:
     assert torch.allclose(chosen["theta"].mean(0), theta.mean(0)[sel], atol=4 * float(sd.max()) * (2 / 400) ** 0.5)
     assert torch.allclose(chosen["theta"].std(0), sd, rtol=0.2)
     diag = post.diagnostics()
-    assert diag["flags"] == [] and diag["ok"]  # its own data: in range (the chunk, not G, is what the guide saw)
+    assert diag["flags"] == []  # its own data: in range (the chunk, not G, is what the guide saw)
+    assert diag["ok"] is None and "not judged" in diag["reason"] and "8 chunks" in diag["reason"]
+
+
+def test_the_fitted_dataset_in_one_chunk_is_weighed_whole(trained) -> None:
+    """Drawn in one chunk, a subsampled fit's dataset is not streamed: its verdict weighs q with the fit's
+    own q(globals), and says not ok when that q(globals) is moved off the exact posterior."""
+    a, data, _ = trained
+    m_mu, s_mu, _, _ = _exact(data)
+    post = a.posterior(data, chunk_groups=data.size("group"))
+    assert post.streamed is None
+    assert abs(float(post.sample(2000, seed=0)["mu"].mean()) - m_mu) < 0.5 * s_mu  # the fit's q(globals)
+    diag = post.diagnostics(1000, seed=0)
+    assert diag["ok"] is True, diag["reason"]
+    assert diag["pareto_k"] <= 0.5 and diag["levels"]["group"]["k_p90"] <= 0.5
+    assert diag["local_sbc"]["ok"] is None and "Subsampled" in diag["local_sbc"]["skipped"]
+    chosen = post.sample(50, groups=[5, 1], seed=0)  # groups of a dataset that is not streamed
+    assert chosen.index["group"].tolist() == [1, 5] and chosen["theta"].shape == (50, 2)
+    off = copy.deepcopy(a.q_globals)
+    with torch.no_grad():
+        off.loc += 4 * s_mu  # q(mu) four posterior sds off
+    wrong = am.Posterior(a.guide, normal_known, data, a.ranges, q_globals=off).diagnostics(1000, seed=0)
+    assert wrong["ok"] is False and "globals'" in wrong["reason"], wrong["reason"]
 
 
 def test_three_level_model_streams_every_level() -> None:

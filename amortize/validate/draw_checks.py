@@ -66,7 +66,7 @@ def k_line(diag: dict[str, Any]) -> str:
     known = [k for k in sets if k == k]  # NaN: a set too small (< 25 draws) to estimate k
     spread = f"{min(known):.2f}-{max(known):.2f}" if known else "too few draws per set to estimate"
     spread = f" ({len(sets)} sets of {diag['num_samples'] // max(1, len(sets))} draws: {spread})"
-    decision = "ok" if diag["ok"] else f"NOT ok ({diag['reason']})"
+    decision = "ok" if diag["ok"] else f"{'NOT ok' if diag['ok'] is False else 'not judged'} ({diag['reason']})"
     return (
         f"pareto k {diag['pareto_k']:.2f}{spread if len(sets) > 1 else ''},"
         f" importance ESS {diag['ess']:.0f}/{diag['num_samples']}: {decision}"
