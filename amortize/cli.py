@@ -135,8 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return 0
     _note(args, draw_checks.k_line(diag) + "\n" + draw_checks.local_line(diag))
     write_draws(post, out, args.num_samples, args.seed, correct=args.correct, record=drawn.record, draws=draws)
-    decision = "ok" if diag["ok"] else ("NOT ok: " if diag["ok"] is False else "") + diag["reason"]
-    print(f"wrote {args.num_samples} {what} to {out} ({decision})")
+    print(f"wrote {args.num_samples} {what} to {out} ({draw_checks.verdict_word(diag)})")
     if draws is not None and not drawn.corrected:
         print(f"the draws are uncorrected: Pareto k {draws.pareto_k:.2f} of the correction's proposals > 0.7")
     return 0

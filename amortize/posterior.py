@@ -222,10 +222,8 @@ class Posterior:
         """The dataset drawn group by group: the streamed one, or the whole dataset as one chunk."""
         if self.streamed is not None:
             return self.streamed
-        part = self.parts[0][1]
-        return StreamedDataset(
-            self.guide, self.model, self.data, self.device, None, part.q_globals, self.guide.encoder.cov_names
-        )
+        q, covariates = self.parts[0][1].q_globals, self.guide.encoder.cov_names
+        return StreamedDataset(self.guide, self.model, self.data, self.device, None, q, covariates)
 
     @torch.no_grad()
     def moments(self, num_draws: int = 100, level: str | None = None, seed: int | None = None) -> dict[str, Moments]:

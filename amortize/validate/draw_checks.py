@@ -60,13 +60,18 @@ def local_line(diag: dict[str, Any]) -> str:
     )
 
 
+def verdict_word(diag: dict[str, Any]) -> str:
+    """``ok``, ``NOT ok (reason)``, or ``not judged (reason)`` (``ok`` None: a streamed dataset)."""
+    return "ok" if diag["ok"] else f"{'NOT ok' if diag['ok'] is False else 'not judged'} ({diag['reason']})"
+
+
 def k_line(diag: dict[str, Any]) -> str:
     """``pareto k 0.42 (4 sets of 1000 draws: 0.38-0.47), importance ESS 2100/4000: ok``."""
     sets = diag.get("pareto_k_sets", [])
     known = [k for k in sets if k == k]  # NaN: a set too small (< 25 draws) to estimate k
     spread = f"{min(known):.2f}-{max(known):.2f}" if known else "too few draws per set to estimate"
     spread = f" ({len(sets)} sets of {diag['num_samples'] // max(1, len(sets))} draws: {spread})"
-    decision = "ok" if diag["ok"] else f"{'NOT ok' if diag['ok'] is False else 'not judged'} ({diag['reason']})"
+    decision = verdict_word(diag)
     return (
         f"pareto k {diag['pareto_k']:.2f}{spread if len(sets) > 1 else ''},"
         f" importance ESS {diag['ess']:.0f}/{diag['num_samples']}: {decision}"
