@@ -7,6 +7,8 @@ factors mean-field given the globals) is checked against it on held-out datasets
 
 from __future__ import annotations
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -244,7 +246,10 @@ def test_the_elbo_on_one_whole_crossed_dataset_reaches_its_exact_posterior(train
     assert float(z.median()) < 0.06 and float(z.max()) < 0.3, (z.median(), z.max())
     assert float(z.median()) < float(z_before.median()), (z.median(), z_before.median())
     with pytest.raises(DataError, match="crossed dataset cannot be restricted to some 'person' groups"):
-        amortizer.posterior(obs).sample(10, groups=[0, 1])  # streamed whole: no part of it alone
+        amortizer.posterior(obs).sample(10, groups=[0, 1])  # drawn whole: no part of it alone
+    post = amortizer.posterior(obs)  # one chunk: not streamed, so weighed with the fit's own q(globals)
+    diag = post.diagnostics(1000, seed=0, local_sbc=False, model_check=False)
+    assert post.streamed is None and math.isfinite(diag["pareto_k"]) and isinstance(diag["ok"], bool)
     # the ELBO's q is somewhat narrow (each factor's effects given the globals, not given each other's)
     assert 0.75 < float(ratio.quantile(0.1)) and float(ratio.quantile(0.9)) < 1.1, ratio.quantile(
         torch.tensor([0.1, 0.9], dtype=ratio.dtype)
