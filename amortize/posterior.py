@@ -14,8 +14,7 @@ guide, the model, the training ranges, the device), never from the amortizer, an
   always) is not streamed: it is drawn, weighed and diagnosed whole, with the subsampled fit's
   q(globals) where it has one. ``sample(n, groups=[...])`` keeps chosen groups of one dataset.
 
-PSIS-corrected draws come from the wrapper :class:`~amortize.importance.ImportanceSampledPosterior`
-(``post.sample(n, correct=True)`` is the one-line way to its draws).
+PSIS-corrected draws: :class:`~amortize.importance.ImportanceSampledPosterior` (``post.sample(n, correct=True)``).
 
 Example:
     >>> post = amortizer.posterior([d1, d2])  # doctest: +SKIP
@@ -99,6 +98,7 @@ class Posterior:
             seed = int(torch.randint(2**62, (), generator=stream))
         self._stream = torch.Generator().manual_seed(int(seed))
         self.streamed: StreamedDataset | None = None
+        self._by_group: StreamedDataset | None = None  # the dataset group by group, built once when asked
         complete = self.structure.complete  # a model with latents per row: the rows as its innermost level
         if isinstance(data, (list, tuple)):
             self.layout, data = "list", [complete(d) if isinstance(d, HierarchicalData) else d for d in data]
@@ -122,6 +122,7 @@ class Posterior:
                 if data.batch_size is not None:
                     raise DataError("posterior: a streamed dataset is one dataset (y [N]), not a batch")
                 streamed = StreamedDataset(guide, model, data, self.device, chunk_groups, q_globals, covariates)
+                self._by_group = streamed
                 if streamed.num_chunks > 1:  # else one chunk: drawn, weighed and checked whole
                     self.streamed = streamed
             else:
@@ -220,10 +221,10 @@ class Posterior:
 
     def _streamer(self) -> StreamedDataset:
         """The dataset drawn group by group: the streamed one, or the whole dataset as one chunk."""
-        if self.streamed is not None:
-            return self.streamed
-        q, covariates = self.parts[0][1].q_globals, self.guide.encoder.cov_names
-        return StreamedDataset(self.guide, self.model, self.data, self.device, None, q, covariates)
+        if self._by_group is None:  # checked once, not per call
+            q, covariates = self.parts[0][1].q_globals, self.guide.encoder.cov_names
+            self._by_group = StreamedDataset(self.guide, self.model, self.data, self.device, None, q, covariates)
+        return self._by_group
 
     @torch.no_grad()
     def moments(self, num_draws: int = 100, level: str | None = None, seed: int | None = None) -> dict[str, Moments]:
