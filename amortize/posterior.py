@@ -327,15 +327,15 @@ class Posterior:
         local_sbc: bool | LocalSBC = True,
         model_check: bool = True,
     ) -> Any:
-        """Per-dataset trust from hierarchical importance weights and local SBC (:mod:`amortize.verdict`):
-        the globals' Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k
-        (``levels``), the joint k over every latent (``joint_pareto_k``, reported only), flags for data
-        outside the training range, the posterior SBC conditional on the data (``local_sbc``:
-        :mod:`amortize.local_sbc`), the model check (``model_check``: posterior predictive p-values below
-        0.001 or above 0.999, :func:`amortize.predictive.misfit`), ``ok`` (globals' k and every level's p90
-        k <= 0.7, the globals' ESS >= 30% of the draws, the local SBC and the model check not failed, no flag),
-        ``correctable`` (the k's and flags alone:
-        the corrected draws apply) and ``reason``. One dict (lists per dataset for a batch), or a list of
+        """Per-dataset trust from hierarchical importance weights (:mod:`amortize.verdict`): the globals'
+        Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k (``levels``), the
+        joint k over every latent (``joint_pareto_k``), flags for data outside the training range, the
+        posterior SBC conditional on the data (``local_sbc``: :mod:`amortize.local_sbc`), the model check
+        (``model_check``: posterior predictive p-values below 0.001 or above 0.999,
+        :func:`amortize.predictive.misfit`), ``ok`` (globals' k and every level's p90 k <= 0.7, the
+        globals' ESS >= 30% of the draws, the model check not failed, no flag; the local SBC is reported,
+        not deciding, and the joint k decides only for crossed models and those without globals), ``correctable`` (the k's and flags alone: the corrected draws
+        apply) and ``reason``. One dict (lists per dataset for a batch), or a list of
         dicts for a list. A dataset streamed in several chunks is not judged: its flags, k = NaN, ``ok``
         None unless a flag makes it False (its weights and replicates are not computed); a dataset whose
         q(globals) a subsampled fit learned gets no local SBC (a replicate would need a fit of its own).

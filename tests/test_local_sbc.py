@@ -106,16 +106,20 @@ def test_a_wrong_posterior_fails(untrained, monkeypatch, scale, shift):
     assert sum(not r["ok"] for r in res) >= 9, [r["worst"] for r in res]
 
 
-def test_diagnostics_report_it_decide_on_it_and_name_the_site(untrained, monkeypatch):
+def test_diagnostics_report_it_name_the_site_and_do_not_decide_on_it(untrained, monkeypatch):
+    """q too narrow by 2: the local SBC fails and says where; ``ok`` is decided by the k's (which see a q
+    2x narrow too), not by it: the reasons name no local SBC."""
     monkeypatch.setattr(StructureBatch, "draws", exact_draws(0.5))
     post = am.Posterior(untrained.guide, normal_known, datasets(untrained, 1)[0], {})
     diag = post.diagnostics(200, seed=3, local_sbc=am.LocalSBC(within_range=False))
     res = diag["local_sbc"]
-    assert res["ok"] is False and not diag["ok"]
-    assert "local SBC: ranks of '" in diag["reason"] and res["worst"].split(" ")[0] in diag["reason"]
-    assert " sd)" in diag["reason"] and all("shift" in v for v in res["quantities"].values())
+    assert res["ok"] is False and "local SBC" not in diag["reason"]
+    assert res["reason"].startswith("local SBC: ranks of '") and res["worst"].split(" ")[0] in res["reason"]
+    assert " sd)" in res["reason"] and all("shift" in v for v in res["quantities"].values())
     assert set(res["quantities"]) == {"mu", "theta (one group)", "theta (group mean)"}
     assert math.isclose(res["alpha_per_quantity"], 0.01 / 3)
+    off = post.diagnostics(200, seed=3, local_sbc=False)
+    assert diag["ok"] == off["ok"] and diag["reason"] == off["reason"]
 
 
 def test_the_verdict_is_reproducible_and_switching_it_off_keeps_the_k(untrained):

@@ -46,17 +46,19 @@ def warn_diagnostics(diag: dict[str, Any], hint: str = "") -> None:
 
 
 def local_line(diag: dict[str, Any]) -> str:
-    """``local SBC (200 replicates x 49 draws): passed, smallest p 0.21 ('tau')``, or why it was skipped."""
+    """``local SBC (reported, not deciding; 200 replicates x 49 draws, family-wise level 0.01): passed,
+    smallest p 0.21 ('tau', shift +0.05 sd)``, or why it was skipped."""
     res = diag.get("local_sbc")
     if not res:
         return "local SBC: off"
     if "quantities" not in res:
-        return f"local SBC: {'FAILED' if res['ok'] is False else 'skipped'} ({res['skipped']})"
+        return f"local SBC: {'failed' if res['ok'] is False else 'skipped'} ({res['skipped']})"
     worst = res["worst"]
-    verdict = "passed" if res["ok"] else "FAILED"
+    q = res["quantities"][worst]
     return (
-        f"local SBC ({res['replicates']} replicates x {res['draws']} draws, family-wise level {res['alpha']}):"
-        f" {verdict}, smallest p {res['quantities'][worst]['p_value']:.2g} ('{worst}')"
+        f"local SBC (reported, not deciding; {res['replicates']} replicates x {res['draws']} draws, family-wise"
+        f" level {res['alpha']}): {'passed' if res['ok'] else 'outside its band'}, smallest p {q['p_value']:.2g}"
+        f" ('{worst}', shift {q['shift']:+.2f} sd)"
     )
 
 
