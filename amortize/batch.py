@@ -243,7 +243,7 @@ class StructureBatch:
         (those of one dataset of a batch start with ``dataset b:``)."""
         d = self.data
         flags = structure_flags(d, ranges) + value_flags(d, ranges)
-        if self.q_globals is not None:  # the globals' q is this dataset's own: the guide sees chunks, not G
+        if self.q_globals is not None:  # a subsampled fit's own q(globals): its heads saw subsets, never G groups
             flags = [f for f in flags if not f.startswith(f"level '{d.levels[0]}': ")]
         return flags
 

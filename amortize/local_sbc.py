@@ -177,7 +177,7 @@ def local_sbc(
     """
     B = part.batch_size or 1
     if part.structure.row_level is not None:
-        return [skipped("latents per row: a replicate row would carry a latent of its own")] * B
+        return [skipped("latents per row: a replicate row would carry a latent of its own", settings)] * B
     if part.q_globals is not None:
         why = "q(globals) was fitted on this dataset alone (Subsampled): a replicate dataset would need its own fit"
         return [skipped(why, settings)] * B

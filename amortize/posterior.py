@@ -334,10 +334,10 @@ class Posterior:
         (``model_check``: posterior predictive p-values below 0.001 or above 0.999,
         :func:`amortize.predictive.misfit`), ``ok`` (globals' k and every level's p90 k <= 0.7, the
         globals' ESS >= 30% of the draws, the model check not failed, no flag; the local SBC is reported,
-        not deciding, and the joint k decides only for crossed models and those without globals), ``correctable`` (the k's and flags alone: the corrected draws
-        apply) and ``reason``. One dict (lists per dataset for a batch), or a list of
-        dicts for a list. A dataset streamed in several chunks is not judged: its flags, k = NaN, ``ok``
-        None unless a flag makes it False (its weights and replicates are not computed); a dataset whose
+        not deciding; the joint k decides only crossed models and those without globals), ``correctable``
+        (the k's and flags alone: the corrected draws apply) and ``reason``. One dict (lists per dataset
+        for a batch), or a list of dicts for a list. A dataset streamed in several chunks is not judged:
+        its flags, k = NaN, ``ok`` None unless a flag makes it False (no weights); a dataset whose
         q(globals) a subsampled fit learned gets no local SBC (a replicate would need a fit of its own).
 
         ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
