@@ -333,7 +333,7 @@ class Posterior:
         posterior SBC conditional on the data (``local_sbc``: :mod:`amortize.local_sbc`), the model check
         (``model_check``: posterior predictive p-values below 0.001 or above 0.999,
         :func:`amortize.predictive.misfit`), ``ok`` (globals' k and every level's p90 k <= 0.7, the
-        globals' ESS >= 30% of the draws, the model check not failed, no flag; the local SBC is reported,
+        globals' ESS >= 50% of the draws, the model check not failed, no flag; the local SBC is reported,
         not deciding; the joint k decides only crossed models and those without globals), ``correctable``
         (the k's and flags alone: the corrected draws apply) and ``reason``. One dict (lists per dataset
         for a batch), or a list of dicts for a list. A dataset streamed in several chunks is not judged:
