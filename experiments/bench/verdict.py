@@ -14,7 +14,8 @@ Per model (the shipped 2-level and 3-level Gaussians, trained here with ``--step
   ``k`` globals' k, ``ess`` globals' ESS, ``groups`` a level's p90 k, ``local`` local SBC, ``model`` the
   model check, ``range`` a flag); its cost in ms per dataset (with and without the local SBC) next to
   drawing 1000 draws; on held-out rows the globals' z p90 of the hierarchically corrected draws next
-  to the uncorrected ones. The local SBC is reported, not deciding (``by local`` counts what it flags).
+  to the uncorrected ones; ``ok`` of a second verdict on other streams (``ok_other_seed``; how often it
+  differs is printed). The local SBC is reported, not deciding (``by local`` counts what it flags).
 
 Prints the confusion table (good/bad x ok/not ok) per model and writes ``results.json`` and
 ``results.md`` (atomically) to ``--out``.
@@ -64,12 +65,15 @@ def _variant(a: am.Amortizer, data: am.HierarchicalData, kind: str, seed: int) -
         design = a.sampler.sample(gen)  # tiled to 4x the trained maximum of the outermost groups
         reps = max(1, int(np.ceil(4 * hi / design.size(top))))
         return _sim(a, _tile(design, reps), seed)
-    sim = am.simulate(a.model, a.structure, data.with_response(None), 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sim = am.simulate(a.model, a.structure, data.with_response(None), 1)
     y, sigma = sim.data.y[0], float(sim.latents["sigma"].reshape(-1)[0])
     if kind == "noise_x5":
         return data.with_response(y + (24**0.5) * sigma * torch.randn(y.shape, generator=gen))
     if kind == "student_t":
-        t = torch.distributions.StudentT(2.0).sample(y.shape)
+        z, u = torch.randn(y.shape, generator=gen), torch.rand(y.shape, generator=gen)
+        t = z / torch.sqrt(-torch.log(u))  # Student-t, df 2: chi2(2) / 2 is Exp(1)
         return data.with_response(y + sigma * t)
     if kind == "response_x100":
         return data.with_response(100.0 * y)
@@ -121,11 +125,14 @@ def _row(post: am.Posterior, args: argparse.Namespace, seed: int) -> dict[str, A
     t2 = time.perf_counter()
     diag = post.diagnostics(args.verdict_draws, seed=seed)
     t3 = time.perf_counter()
+    other = post.diagnostics(args.verdict_draws, seed=seed + 7919, local_sbc=False)  # ok on other streams
     worst_p90 = max((v["k_p90"] for v in diag["levels"].values()), default=float("nan"))
     local = diag["local_sbc"]
     quantities = local.get("quantities", {})
     return {
         "ok": diag["ok"],
+        "ok_other_seed": other["ok"],
+        "globals_k_other_seed": other["pareto_k"],
         "by": _flagged_by(diag),
         "reason": diag["reason"],
         "globals_k": diag["pareto_k"],
@@ -188,7 +195,9 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
         for c in crit:  # per criterion: the rows it flagged
             confusion[r["truth"]].setdefault(f"by {c}", 0)
             confusion[r["truth"]][f"by {c}"] += c in r["by"].split("+")
+    flips = sum(r["ok"] != r["ok_other_seed"] for r in rows)
     cost = {
+        "ok_flips_between_seeds": flips,
         "verdict_ms_median": float(np.median([r["verdict_ms"] for r in rows])),
         "verdict_ms_without_local_median": float(np.median([r["verdict_ms_without_local"] for r in rows])),
         "draw_ms_median": float(np.median([r["draw_ms"] for r in rows])),
@@ -198,7 +207,8 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
     by = [f"by {c}" for c in ("k", "ess", "groups", "local", "model", "range")]
     md.append(to_markdown(table, ["truth", "ok", "not ok", *by]))
     md.append(
-        f"\nverdict {cost['verdict_ms_median']:.0f} ms per dataset (median; without the local SBC"
+        f"\n`ok` differs between two verdict seeds on {flips} of {len(rows)} rows; "
+        f"verdict {cost['verdict_ms_median']:.0f} ms per dataset (median; without the local SBC"
         f" {cost['verdict_ms_without_local_median']:.0f} ms), drawing 1000 draws {cost['draw_ms_median']:.0f} ms\n"
     )
     per_case: dict[tuple[str, str], dict[str, Any]] = {}
@@ -206,7 +216,8 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
         c = per_case.setdefault((r["case"], r["truth"]), {"case": r["case"], "truth": r["truth"], "ok": 0, "not ok": 0})
         c["ok" if r["ok"] else "not ok"] += 1
     md.append(to_markdown(list(per_case.values()), ["case", "truth", "ok", "not ok"]) + "\n")
-    cols = ["case", "dataset", "truth", "judged_by", "ok", "by", "globals_k", "ess_ratio", "group_k_p90", "joint_k"]
+    cols = ["case", "dataset", "truth", "judged_by", "ok", "ok_other_seed", "by"]
+    cols += ["globals_k", "ess_ratio", "group_k_p90", "joint_k"]
     cols += [
         "local_p_min",
         "local_worst",
