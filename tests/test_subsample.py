@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -275,6 +276,12 @@ def test_the_fitted_dataset_in_one_chunk_is_weighed_whole(trained) -> None:
         off.loc += 4 * s_mu  # q(mu) four posterior sds off
     wrong = am.Posterior(a.guide, normal_known, data, a.ranges, q_globals=off).diagnostics(1000, seed=0)
     assert wrong["ok"] is False and "globals'" in wrong["reason"], wrong["reason"]
+    wide = copy.deepcopy(a.q_globals)
+    with torch.no_grad():
+        wide.log_diag += math.log(4.0)  # q(mu) 4x too wide: a small k, but an ESS of about 35% of the draws
+    wide = am.Posterior(a.guide, normal_known, data, a.ranges, q_globals=wide).diagnostics(1000, seed=0)
+    assert wide["pareto_k"] <= 0.7 and wide["ess_ratio"] < 0.5 and wide["ok"] is False
+    assert "globals' importance ESS" in wide["reason"], wide["reason"]
 
 
 def test_three_level_model_streams_every_level() -> None:
