@@ -64,10 +64,9 @@ def _variant(a: am.Amortizer, data: am.HierarchicalData, kind: str, seed: int) -
         hi = a.ranges.get(top, [data.size(top)] * 2)[1]
         design = a.sampler.sample(gen)  # tiled to 4x the trained maximum of the outermost groups
         reps = max(1, int(np.ceil(4 * hi / design.size(top))))
-        return _sim(a, _tile(design, reps), seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        sim = am.simulate(a.model, a.structure, data.with_response(None), 1)
+        sim = _sim(a, _tile(design, reps), seed)
+        return sim.data.with_response(sim.data.y[0])
+    sim = _sim(a, data.with_response(None), seed)
     y, sigma = sim.data.y[0], float(sim.latents["sigma"].reshape(-1)[0])
     if kind == "noise_x5":
         return data.with_response(y + (24**0.5) * sigma * torch.randn(y.shape, generator=gen))
@@ -92,11 +91,11 @@ def _tile(design: am.HierarchicalData, reps: int) -> am.HierarchicalData:
     return am.HierarchicalData(levels, parents, group)
 
 
-def _sim(a: am.Amortizer, design: am.HierarchicalData, seed: int) -> am.HierarchicalData:
+def _sim(a: am.Amortizer, design: am.HierarchicalData, seed: int) -> Any:
+    """One dataset simulated from ``a``'s model on ``design``, on a stream of its own (``seed``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sim = am.simulate(a.model, a.structure, design, 1)
-    return sim.data.with_response(sim.data.y[0])
+        return am.simulate(a.model, a.structure, design, 1)
 
 
 def _flagged_by(diag: dict[str, Any]) -> str:
