@@ -113,9 +113,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
       amortize sample RUN_DIR --data my.csv --levels district,school --response y --covariates obs:x --out draws.csv
       amortize sample RUN_DIR --data my.csv --correct --num-samples 2000 --seed 1 --out draws.nc
 
-    The globals' Pareto k is estimated on --k-sets independent sets of --num-samples / 4 global draws
-    (at least 100) each: the pooled k, its range over the sets and the decision (ok, or why not) are
-    printed and written into the output.
+    The globals' Pareto k is estimated on --k-sets independent sets of --num-samples / 4 global draws (at
+    least 100) each: the pooled k, its range over the sets and the decision are printed and written out.
     """
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix not in (".nc", ".csv"):
@@ -123,17 +122,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     cfg, _, amortizer = load_run(args.run_dir, device=args.device)
     data = read_data(cfg, amortizer, args.data, args.levels, args.response, args.covariates, args.nested_ids)
     post = amortizer.posterior(data)
-    drawn = draw_checks.draw_sample(post, args.num_samples, args.seed, args.k_sets, args.correct)
+    drawn = draw_checks.draw_sample(post, args.num_samples, args.seed, args.k_sets, args.correct, args.local_sbc)
     diag, draws = drawn.diagnostics, drawn.draws
     what = "draws"
     if drawn.corrected:
         what = f"PSIS-corrected draws (from {draws.num_proposals} proposals, k {draws.pareto_k:.2f})"
+    checks = "\n".join(line for line in (draw_checks.k_line(diag), draw_checks.local_line(diag)) if line)
     if out is None:
         frame = post.summary(args.num_samples, args.seed, correct=args.correct)
-        print(frame.to_string(float_format=lambda x: f"{x:.3f}"))
-        print(draw_checks.k_line(diag), draw_checks.local_line(diag), sep="\n")
+        print(frame.to_string(float_format=lambda x: f"{x:.3f}"), checks, sep="\n")
         return 0
-    _note(args, draw_checks.k_line(diag) + "\n" + draw_checks.local_line(diag))
+    _note(args, checks)
     write_draws(post, out, args.num_samples, args.seed, correct=args.correct, record=drawn.record, draws=draws)
     print(f"wrote {args.num_samples} {what} to {out} ({draw_checks.verdict_word(diag)})")
     if draws is not None and not drawn.corrected:
@@ -305,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive, default=1000, help="draws (default 1000)")
     p.add_argument("--correct", action="store_true", help="PSIS-resampled draws (applied where Pareto k <= 0.7)")
     p.add_argument("--k-sets", **K_SETS)
+    p.add_argument("--local-sbc", action="store_true", help="also run the local SBC (reported, not deciding)")
     p.add_argument("--out", help="draws.nc (full ArviZ InferenceData) or draws.csv; default: print a summary")
     p.add_argument("--seed", type=int, default=0, help="seeds the draws and the diagnostics (default 0)")
 

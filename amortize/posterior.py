@@ -324,7 +324,7 @@ class Posterior:
         num_samples: int = 1000,
         seed: int | None = 0,
         repeats: int = 1,
-        local_sbc: bool | LocalSBC = True,
+        local_sbc: bool | LocalSBC = False,
         model_check: bool = True,
     ) -> Any:
         """Per-dataset trust from hierarchical importance weights (:mod:`amortize.verdict`): the globals'
@@ -342,8 +342,8 @@ class Posterior:
 
         ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
         repeat; ``repeats`` independent sets give the globals' k spread (``pareto_k_sets``) while the
-        decision pools them. ``local_sbc``: True (the defaults of :class:`~amortize.local_sbc.LocalSBC`:
-        200 replicates x 49 draws, family-wise level 0.01), a ``LocalSBC`` to size it, False to skip it;
+        decision pools them. ``local_sbc``: True runs it (the defaults of :class:`~amortize.local_sbc.LocalSBC`:
+        200 replicates x 49 draws, family-wise level 0.01), a ``LocalSBC`` sizes it; off by default;
         ``model_check=False`` skips the model check.
         The whole verdict is reproducible for a given ``seed`` and leaves this posterior's stream alone;
         a posterior whose draws are not finite is not ok, with the site in the reason."""

@@ -369,7 +369,8 @@ def test_validate_refuses_a_response_outside_the_support(tmp_path):
 def test_sample_correct_writes_k_its_spread_and_the_decision(trained, tmp_path):
     """``--correct --num-samples --seed``: the .nc carries the full InferenceData and the command's
     diagnostics (pooled k, one k per set, ok, reason); the same seed gives the same file; the .csv
-    gets a diagnostics JSON beside it; the printed summary ends with the k line and the local SBC line."""
+    gets a diagnostics JSON beside it; the printed summary ends with the k line, and with ``--local-sbc``
+    the local SBC line after it."""
     az = pytest.importorskip("arviz")
     run, _, data = trained
     argv = ("sample", run, "--data", data, "--num-samples", 60, "--seed", 3, "--correct", "--quiet")
@@ -394,8 +395,10 @@ def test_sample_correct_writes_k_its_spread_and_the_decision(trained, tmp_path):
     code, out, _ = run_cli("sample", run, "--data", data, "--num-samples", 40)
     lines = out.strip().splitlines()
     assert lines[0].split() == ["mean", "sd", "5%", "95%", "mcse_mean", "mcse_sd", "ess"]
-    assert lines[-2].startswith("pareto k ") and "4 sets of 100 draws" in lines[-2]
-    assert lines[-1].startswith("local SBC (reported, not deciding;")
+    assert lines[-1].startswith("pareto k ") and "4 sets of 100 draws" in lines[-1] and "local SBC" not in out
+    code, out, _ = run_cli("sample", run, "--data", data, "--num-samples", 40, "--local-sbc")
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith("pareto k ") and lines[-1].startswith("local SBC (reported, not deciding;")
     assert "passed" in lines[-1] or "outside its band" in lines[-1]
 
 

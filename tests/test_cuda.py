@@ -79,7 +79,7 @@ def test_a_cuda_run_resumes_on_the_cpu_and_back(trained, tmp_path: Path) -> None
 def test_the_verdict_and_the_correction_run_on_cuda(trained) -> None:
     a, _ = trained
     post = a.posterior(_dataset(a, 5))
-    diag = post.diagnostics(400, seed=0)
+    diag = post.diagnostics(400, seed=0, local_sbc=True)
     assert isinstance(diag["ok"], bool) and diag["reason"]
     assert diag["local_sbc"] is not None
     corrected = post.sample(200, seed=0, correct=True)

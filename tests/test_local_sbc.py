@@ -122,14 +122,14 @@ def test_diagnostics_report_it_name_the_site_and_do_not_decide_on_it(untrained, 
     assert diag["ok"] == off["ok"] and diag["reason"] == off["reason"]
 
 
-def test_the_verdict_is_reproducible_and_switching_it_off_keeps_the_k(untrained):
+def test_the_verdict_is_reproducible_and_off_by_default_with_the_same_k(untrained):
     data = datasets(untrained, 1)[0]
     post = am.Posterior(untrained.guide, normal_known, data, untrained.ranges, seed=5)
     first = post.sample(10)
     post = am.Posterior(untrained.guide, normal_known, data, untrained.ranges, seed=5)
     small = am.LocalSBC(replicates=20, draws=9)
     a, b = post.diagnostics(200, seed=1, local_sbc=small), post.diagnostics(200, seed=1, local_sbc=small)
-    off = post.diagnostics(200, seed=1, local_sbc=False)
+    off = post.diagnostics(200, seed=1)  # off by default
     assert a["local_sbc"] == b["local_sbc"] and "local_sbc" not in off
     assert a["pareto_k"] == off["pareto_k"] and a["levels"] == off["levels"]
     assert torch.equal(post.sample(10)["mu"], first["mu"])  # the posterior's own stream did not move
@@ -153,7 +153,7 @@ def test_what_is_skipped_says_why(untrained):
     res = full.diagnostics(200, seed=0, local_sbc=am.LocalSBC(replicates=20, draws=9))["local_sbc"]
     assert res["ok"] is None and "no room for replicate rows" in res["skipped"]
     streamed = am.Posterior(untrained.guide, normal_known, data, untrained.ranges, chunk_groups=2)
-    res = streamed.diagnostics(200, seed=0)["local_sbc"]
+    res = streamed.diagnostics(200, seed=0, local_sbc=True)["local_sbc"]
     assert res["ok"] is None and "streamed" in res["skipped"]
 
 

@@ -265,7 +265,7 @@ def test_the_fitted_dataset_in_one_chunk_is_weighed_whole(trained) -> None:
     post = a.posterior(data, chunk_groups=data.size("group"))
     assert post.streamed is None
     assert abs(float(post.sample(2000, seed=0)["mu"].mean()) - m_mu) < 0.5 * s_mu  # the fit's q(globals)
-    diag = post.diagnostics(1000, seed=0)
+    diag = post.diagnostics(1000, seed=0, local_sbc=True)
     assert diag["ok"] is True, diag["reason"]
     assert diag["pareto_k"] <= 0.5 and diag["levels"]["group"]["k_p90"] <= 0.5
     assert diag["local_sbc"]["ok"] is None and "Subsampled" in diag["local_sbc"]["skipped"]

@@ -47,10 +47,10 @@ def warn_diagnostics(diag: dict[str, Any], hint: str = "") -> None:
 
 def local_line(diag: dict[str, Any]) -> str:
     """``local SBC (reported, not deciding; 200 replicates x 49 draws, family-wise level 0.01): passed,
-    smallest p 0.21 ('tau', shift +0.05 sd)``, or why it was skipped."""
+    smallest p 0.21 ('tau', shift +0.05 sd)``, or why it was skipped; ``""`` where it was not run."""
     res = diag.get("local_sbc")
     if not res:
-        return "local SBC: off"
+        return ""
     if "quantities" not in res:
         return f"local SBC: {'failed' if res['ok'] is False else 'skipped'} ({res['skipped']})"
     worst = res["worst"]
@@ -125,10 +125,13 @@ class Drawn:
     record: dict[str, Any]
 
 
-def draw_sample(post: Posterior, num_samples: int, seed: int = 0, k_sets: int = 4, correct: bool = False) -> Drawn:
-    """Pareto k from ``k_sets`` independent sets of ``num_samples`` draws, and with ``correct`` the
-    PSIS-resampled draws (applied where the proposals' k <= 0.7); problems are logged as warnings."""
-    diag = post.diagnostics(num_samples=num_samples, seed=seed, repeats=k_sets)
+def draw_sample(
+    post: Posterior, num_samples: int, seed: int = 0, k_sets: int = 4, correct: bool = False, local_sbc: bool = False
+) -> Drawn:
+    """Pareto k from ``k_sets`` independent sets of ``num_samples`` draws (with ``local_sbc`` the local SBC
+    too), and with ``correct`` the PSIS-resampled draws (applied where the proposals' k <= 0.7); problems
+    are logged as warnings."""
+    diag = post.diagnostics(num_samples=num_samples, seed=seed, repeats=k_sets, local_sbc=local_sbc)
     warn_diagnostics(diag, hint="check with 'amortize validate RUN_DIR --data' (NUTS) or 'amortize ppc'")
     draws = post.sample(num_samples, seed, correct=True) if correct else None
     corrected = bool(draws.corrected) if draws is not None else False

@@ -122,7 +122,7 @@ def _row(post: am.Posterior, args: argparse.Namespace, seed: int) -> dict[str, A
     t1 = time.perf_counter()
     post.diagnostics(args.verdict_draws, seed=seed, local_sbc=False)
     t2 = time.perf_counter()
-    diag = post.diagnostics(args.verdict_draws, seed=seed)
+    diag = post.diagnostics(args.verdict_draws, seed=seed, local_sbc=True)
     t3 = time.perf_counter()
     other = post.diagnostics(args.verdict_draws, seed=seed + 7919, local_sbc=False)  # ok on other streams
     worst_p90 = max((v["k_p90"] for v in diag["levels"].values()), default=float("nan"))
