@@ -1,6 +1,7 @@
 """Does the per-dataset verdict (``post.diagnostics()``) tell good posteriors from bad ones (issue #20)?
 
-Per model (the shipped 2-level and 3-level Gaussians, trained here with ``--steps``):
+Per model (the shipped 2-level and 3-level Gaussians, trained here with ``--steps``, and the 2-level one on
+a design of 400-700 groups, ``gaussian_2level_large``):
 
 * cases: held-out prior-predictive datasets; the same datasets under an amortizer trained for 5% of
   the steps; data with 5x the noise; with Student-t (df 2) noise added; a design with 4x the trained
@@ -44,7 +45,16 @@ from amortize.validate.nuts import cached_nuts
 from amortize.validate.results import machine_info, results_header, write_results
 from amortize.verdict import ESS_RATIO_MIN
 
-MODELS = {"gaussian_2level": models.gaussian_2level, "gaussian_3level": models.gaussian_3level}
+MODELS = {
+    "gaussian_2level": models.gaussian_2level,
+    "gaussian_3level": models.gaussian_3level,
+    "gaussian_2level_large": models.gaussian_2level,  # 400-700 groups: 400-700 group latents
+}
+SAMPLERS = {
+    **models.SAMPLERS,
+    "gaussian_2level_large": lambda: am.StructureSampler(["group"], groups={"group": (400, 700)}, obs=(2, 12)),
+}
+TWINS = {"gaussian_2level_large": "gaussian_2level"}  # the NumPyro twin of a design's model (--numpyro)
 GOOD_Z, BAD_Z = 0.3, 0.5
 NUTS_JUDGED = ("held-out", "undertrained 5%", "noise_x5", "groups_x4")  # the cases whose truth NUTS decides
 
@@ -152,13 +162,20 @@ def _row(post: am.Posterior, args: argparse.Namespace, seed: int) -> dict[str, A
 
 def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
     model = MODELS[name]
-    sampler = models.SAMPLERS[name]()
+    sampler = SAMPLERS[name]()
     good = am.Amortizer(model, sampler, seed=args.seed)
     good.fit(steps=args.steps, batch_size=args.batch_size, progress=False)
     under = am.Amortizer(model, sampler, seed=args.seed)
     under.fit(steps=max(1, args.steps // 20), batch_size=args.batch_size, progress=False)
     levels = {s.name: s.level for s in good.structure.latents}
     nuts_cfg = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 2}
+    twin = None
+    if name in args.numpyro:  # NUTS on the NumPyro twin of the same model (the bench extra)
+        from numpyro_models import twin_reference
+
+        twin = twin_reference(
+            TWINS.get(name, name), args.nuts_warmup, args.nuts_samples, cache_dir=args.nuts_cache or None
+        )
     rows: list[dict[str, Any]] = []
 
     def judged(post: am.Posterior, data: am.HierarchicalData, i: int, case: str, by_construction: str) -> dict:
@@ -168,7 +185,10 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
         ref = None
         if case in args.nuts_cases:
             seed = i if case in ("held-out", "undertrained 5%") else 1000 * i + NUTS_JUDGED.index(case)
-            ref = cached_nuts(model, data, args.nuts_cache or None, seed=seed, **nuts_cfg)
+            if twin is not None:
+                ref = twin(data, seed)
+            else:
+                ref = cached_nuts(model, data, args.nuts_cache or None, seed=seed, **nuts_cfg)
         if ref is None or not ref.ok:
             return {**entry, "truth": by_construction, "judged_by": "construction"}
         zg, zgroup = _z_p90(post.sample(1000, seed=i), ref, levels)
@@ -242,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nuts-samples", type=int, default=1000)
     p.add_argument("--nuts-cache", default="checkpoints/nuts-cache", help="reuse NUTS references ('' : never)")
     p.add_argument("--nuts-cases", nargs="+", default=list(NUTS_JUDGED), choices=NUTS_JUDGED, help="cases NUTS judges")
+    p.add_argument("--numpyro", nargs="*", default=[], choices=list(MODELS), help="NUTS on these models' NumPyro twins")
     p.add_argument("--out", default="checkpoints/bench-verdict")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
