@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+import amortize as am
 from amortize.data import HierarchicalData
 from amortize.errors import AmortizeError, DataError
 from amortize.models import eight_schools  # noqa: E402
@@ -398,3 +399,38 @@ def test_report_without_nuts_has_no_nuts_time_or_speedup() -> None:
     assert lines[0].split()[:2] == ["site", "count"] and lines[1].startswith("mu") and "20.000" in lines[1]
     with pytest.raises(ValueError, match="by"):
         report.table(by="group")
+
+
+def test_against_nuts_also_compares_the_corrected_draws() -> None:
+    """``correct=True``: per dataset whether the correction applied and its k, and the rows of
+    ``sample(correct=True)`` against the reference (here the exact posterior of the conjugate model)."""
+    from amortize.validate.heldout import against_nuts, heldout_datasets
+
+    def exact_draws(data: HierarchicalData, seed: int) -> NUTSResult:
+        m = exact_posterior(data)  # independent normal draws with the exact means and sds suffice for z
+        gen = torch.Generator().manual_seed(seed)
+        samples = {
+            k: (m.mean[k] + m.sd[k] * torch.randn(4000, *m.mean[k].shape, generator=gen, dtype=torch.float64)).float()
+            for k in m.mean
+        }
+        return NUTSResult(samples, {}, {}, 0, 1.0, "exact", True)
+
+    sampler = am.StructureSampler(["group"], groups={"group": (3, 8)}, obs=(2, 6))
+    a = am.Amortizer(conjugate_model, sampler, hidden=16, seed=0)
+    a.fit(steps=300, batch_size=32, progress=False)
+    datasets = heldout_datasets(a, 3)
+    report = against_nuts(a, datasets, 1000, reference=exact_draws, correct=True)
+    assert [c["dataset"] for c in report.corrected] == [0, 1, 2]
+    assert all(c["applied"] == (c["pareto_k"] <= 0.7) for c in report.corrected)
+    assert sum(c["applied"] for c in report.corrected) >= 2
+    levels = {r["level"] for r in report.corrected_summary}
+    assert levels == {r["level"] for r in report.summary} and len(report.corrected_rows) == len(report.rows)
+    fixed = a.posterior(datasets[1]).sample(1000, seed=1, correct=True)
+    again = compare(fixed, exact_draws(datasets[1], 1).samples, {"theta": "group"})
+    assert [r["z"] for r in report.corrected_rows if r["dataset"] == 1] == [r["z"] for r in again]
+    mean_z = [sum(r["z"] for r in rows) / len(rows) for rows in (report.rows, report.corrected_rows)]
+    assert mean_z[1] <= mean_z[0]  # the correction does not make the means worse here
+    assert (
+        "corrected_summary" in report.to_dict()
+        and "corrected_summary" not in against_nuts(a, datasets[:1], 200, reference=exact_draws).to_dict()
+    )

@@ -87,6 +87,9 @@ class Report:
         nuts: per dataset, the NUTS run's checks (:meth:`~amortize.validate.nuts.NUTSResult.checks`).
         diagnostics: per dataset, the amortized posterior's diagnostics (Pareto k, training-range flags).
         compared: the first datasets' draws and references, for figures (``keep`` of :func:`against_nuts`).
+        corrected_rows, corrected_summary: the same for ``sample(correct=True)`` (``correct`` of
+            :func:`against_nuts`; uncorrected draws where the correction did not apply);
+        corrected: per dataset compared, whether the correction applied and its proposals' Pareto k.
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -96,6 +99,9 @@ class Report:
     nuts: list[dict[str, Any]] = field(default_factory=list)
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     compared: list[Compared] = field(default_factory=list, repr=False)
+    corrected_rows: list[dict[str, Any]] = field(default_factory=list)
+    corrected_summary: list[dict[str, Any]] = field(default_factory=list)
+    corrected: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def speedup(self) -> float | None:
@@ -124,6 +130,8 @@ class Report:
             "nuts": self.nuts,
             "diagnostics": self.diagnostics,
             "rows": self.rows,
+            **({"corrected_summary": self.corrected_summary, "corrected": self.corrected} if self.corrected else {}),
+            **({"corrected_rows": self.corrected_rows} if self.corrected else {}),
         }
 
     def table(self, by: str = "level") -> str:
@@ -148,6 +156,7 @@ def against_nuts(
     reference: Callable[[HierarchicalData, int], NUTSResult] | None = None,
     diagnose: bool = False,
     k_sets: int = 4,
+    correct: bool = False,
 ) -> Report:
     """Compare the amortized posterior with NUTS on each dataset (same model, same data).
 
@@ -161,6 +170,7 @@ def against_nuts(
     ``experiments/bench/numpyro_models.py``). ``diagnose``: add each dataset's posterior
     diagnostics (Pareto k, training-range flags; ``num_samples`` draws, seed ``seed + i``) to
     ``report.diagnostics``; ``k_sets`` independent sets of draws give k's spread (the pooled k decides).
+    ``correct``: also compare ``sample(num_samples, correct=True)`` (``report.corrected_*``).
     """
     report = Report()
     levels = {s.name: s.level for s in amortizer.structure.latents}
@@ -190,6 +200,12 @@ def against_nuts(
             continue
         for row in compare(draws, res.samples, levels, data.labels):
             report.rows.append({**row, "dataset": i})
+        if correct:
+            fixed = amortizer.posterior(data).sample(num_samples, seed=seed + i, correct=True)
+            report.corrected.append({"dataset": i, "applied": bool(fixed.corrected), "pareto_k": fixed.pareto_k})
+            report.corrected_rows += [{**r, "dataset": i} for r in compare(fixed, res.samples, levels, data.labels)]
     if report.rows:
         report.summary = summarize(report.rows, by="level")
+    if report.corrected_rows:
+        report.corrected_summary = summarize(report.corrected_rows, by="level")
     return report

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         help="reference by NumPyro NUTS (2 x (1000 warm-up + 1000 draws), target acceptance 0.99) on the model's"
         " NumPyro twin (the bench extra)",
     )
+    p.add_argument(
+        "--correct", action="store_true", help="also compare sample(correct=True) (the hierarchical PSIS correction)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     progress = not args.quiet and not os.environ.get("CI")
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 nuts_cache=args.nuts_cache or None,
                 cached_only=args.cached_only,
                 reference=ref_fn,
+                correct=args.correct,
             )
             entry.update(report.to_dict())
             rows = [
@@ -139,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"### {name}: {run} of {args.datasets} held-out datasets ({ok} with {which} passing its checks), "
                 f"{amortizer.step} NPE steps (train {train_s:.0f} s), speed-up {report.speedup:.0f}x\n"
             )
+            if report.corrected:
+                applied = [c for c in report.corrected if c["applied"]]
+                table += (
+                    f"\n\nWith `sample(correct=True)`: applied on {len(applied)} of {len(report.corrected)} datasets"
+                    " (proposals' k <= 0.7; elsewhere the draws are the uncorrected ones)\n\n"
+                    + to_markdown(report.corrected_summary, COLUMNS)
+                )
         results["models"][name] = entry
         md.append(head + "\n" + table + "\n")
         print(head + table, flush=True)
