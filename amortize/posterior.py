@@ -333,19 +333,19 @@ class Posterior:
         posterior SBC conditional on the data (``local_sbc``: :mod:`amortize.local_sbc`), the model check
         (``model_check``: posterior predictive p-values below 0.001 or above 0.999,
         :func:`amortize.predictive.misfit`), ``ok`` (globals' k and every level's p90 k <= 0.7, the
-        globals' ESS >= 50% of the draws, the model check not failed, no flag; the local SBC is reported,
-        not deciding; the joint k decides only crossed models and those without globals), ``correctable``
-        (the k's and flags alone: the corrected draws apply) and ``reason``. One dict (lists per dataset
-        for a batch), or a list of dicts for a list. A dataset streamed in several chunks is not judged:
-        its flags, k = NaN, ``ok`` None unless a flag makes it False (no weights); a dataset whose
-        q(globals) a subsampled fit learned gets no local SBC (a replicate would need a fit of its own).
+        globals' ESS >= 50% of the draws and weighted mean shift (``shift``) <= 0.5 sd, the model check
+        not failed, no flag; the local SBC is reported, not deciding; the joint k decides only crossed
+        models and those without globals), ``correctable`` (the k's and flags alone: the corrected draws
+        apply) and ``reason``. One dict (lists per dataset for a batch), or a list of dicts for a list.
+        A dataset streamed in several chunks is not judged: its flags, k = NaN, ``ok`` None unless a flag
+        makes it False (no weights); a subsampled fit's dataset gets no local SBC (a replicate needs a fit).
 
         ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
         repeat; ``repeats`` independent sets give the globals' k spread (``pareto_k_sets``) while the
         decision pools them. ``local_sbc``: True runs it (the defaults of :class:`~amortize.local_sbc.LocalSBC`:
         200 replicates x 49 draws, family-wise level 0.01), a ``LocalSBC`` sizes it; off by default;
-        ``model_check=False`` skips the model check.
-        The whole verdict is reproducible for a given ``seed`` and leaves this posterior's stream alone;
+        ``model_check=False`` skips the model check. The whole verdict is reproducible for a given ``seed``
+        and leaves this posterior's stream alone;
         a posterior whose draws are not finite is not ok, with the site in the reason."""
         try:
             return verdict(self, num_samples, seed, repeats, local_sbc, model_check)

@@ -4,6 +4,9 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
 
 * ``pareto_k``: the globals' Pareto k of their pseudo-marginal weights (``pareto_k_sets``: one per
   repeat, the Monte Carlo spread; the pooled value decides), with its importance ``ess``;
+* ``shift``: the global element whose importance-weighted mean lies farthest from q's, in weighted sds
+  (``z``, an estimate of q's error against the posterior; its Monte Carlo ``se``, ``sd_ratio`` q's sd
+  over the weighted one, ``site``: :func:`weighted_shift`);
 * ``levels``: per level with latent sites, the per-group k's worst and p90 (``k_worst``, ``k_p90``),
   the sites and the number of groups;
 * ``group_draws``, ``noise_sd``: draws per outermost group behind the globals' weights and the sd of
@@ -19,11 +22,12 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
 * ``model_check``: the default posterior predictive statistics (:func:`amortize.predictive.misfit`) with
   p below 0.001 or above 0.999 over 1000 replicated datasets: data the model cannot have generated
   (heavy tails under a Normal likelihood), a misfit no q can mend, reported apart from q's errors;
-* ``ok`` is True when the globals' k <= 0.7 and their importance ESS is at least 50% of the draws
-  (``ess_ratio``; a q much wider than the posterior has a small k but a small ESS), every level's p90
-  k <= 0.7, the model check passed and no flag is raised; ``reason`` says why not.
-  ``correctable``: the k's and flags alone (without the ESS condition, which judges the uncorrected
-  q), i.e. the corrected draws (``sample(n, correct=True)``) can be trusted.
+* ``ok`` is True when the globals' k <= 0.7, their importance ESS is at least 50% of the draws
+  (``ess_ratio``; a q much wider than the posterior has a small k but a small ESS) and their shift is at
+  most 0.5 sd (a q off by 0.5-0.8 sd keeps an ESS above 50%), every level's p90 k <= 0.7, the model check
+  passed and no flag is raised; ``reason`` says why not. ``correctable``: the k's and flags alone
+  (without the ESS and shift conditions, which judge the uncorrected q), i.e. the corrected draws
+  (``sample(n, correct=True)``) can be trusted.
 
 A dataset streamed in several chunks is not judged (``ok`` None, False with a flag): its weights are
 not computed. One that fits in one chunk is weighed whole, with a subsampled fit's q(globals).
@@ -53,6 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ESS_RATIO_MIN",
+    "SHIFT_MAX",
+    "weighted_shift",
     "verdict",
     "diagnose",
     "joint_diagnose",
@@ -70,11 +76,16 @@ log = logging.getLogger("amortize.posterior")
 # noise of the per-group evidence estimates (noise_sd <= 0.5 costs at most a factor exp(-0.25)).
 # Measured on held-out datasets vs NUTS (experiments/bench/verdict.py): good posteriors 0.69-0.95.
 ESS_RATIO_MIN = 0.5
+# The largest shift of a global's importance-weighted posterior mean from q's mean, in weighted posterior
+# sds (the benchmarks' z, estimated from the weights alone), at which q is still used uncorrected: the
+# verdict bench calls a posterior bad above 0.5 sd and good at most 0.3 sd from NUTS.
+SHIFT_MAX = 0.5
 _PER_DATASET = (
     "pareto_k",
     "pareto_k_sets",
     "ess",
     "ess_ratio",
+    "shift",
     "correctable",
     "levels",
     "joint_pareto_k",
@@ -126,6 +137,28 @@ def unusable(post: Posterior, why: str) -> Any:
         B = post.parts[0][1].data.batch_size or 1
         one = {k: [v] * B if k in _PER_DATASET else v for k, v in one.items()}
     return {**one, "flags": flags, "reason": "; ".join([reason, *flags])}
+
+
+def weighted_shift(draws: dict[str, torch.Tensor], log_weights: torch.Tensor) -> dict[str, Any]:
+    """How far q's global draws ``{site: [S, ...]}`` lie from the posterior their normalized log weights
+    ``[S]`` describe: per element ``|E_w x - E_q x| / sd_w x`` (an estimate of the z of q's mean against
+    the posterior), its Monte Carlo se (``sqrt(sum w^2 (x - E_w x)^2) / sd_w``) and ``sd_q / sd_w``; the
+    element with the largest shift (``z``, ``se``, ``sd_ratio``, ``site``: ``'tau'``, ``'beta[1]'``)."""
+    w = log_weights.to(torch.float64).exp()
+    w = w / w.sum()
+    best = {"z": 0.0, "se": 0.0, "sd_ratio": 1.0, "site": ""}
+    for site, x in draws.items():
+        x = x.to(torch.float64).reshape(x.shape[0], -1)
+        m_q, s_q = x.mean(0), x.std(0)
+        m_w = (w[:, None] * x).sum(0)
+        s_w = (w[:, None] * (x - m_w) ** 2).sum(0).sqrt()
+        z = torch.where(s_q > 0, (m_w - m_q).abs() / s_w, torch.zeros_like(s_q))
+        se = (w[:, None] ** 2 * (x - m_w) ** 2).sum(0).sqrt() / s_w
+        i = int(torch.nan_to_num(z, nan=math.inf).argmax())
+        if not float(z[i]) <= best["z"]:
+            name = site if x.shape[1] == 1 else f"{site}[{i}]"
+            best = {"z": float(z[i]), "se": float(se[i]), "sd_ratio": float(s_q[i] / s_w[i]), "site": name}
+    return best
 
 
 def globals_proposals(num_samples: int) -> int:
@@ -194,6 +227,7 @@ def diagnose(
     seed = post._next_seed() if seed is None else int(seed)  # what _seeded(None) would take: the k's as before
     local_res = local_checks(post, local, seed)
     fit_res = fit_checks(post, model_check, seed)
+    glob_sites = [s.name for s in post.structure.global_sites]
     with post._seeded(seed):
         for members, part in post.parts:
             sets = [hierarchical_weights(part, S, GROUP_DRAWS) for _ in range(repeats)]
@@ -214,8 +248,16 @@ def diagnose(
                         x.split(": ", 1)[1] for x in f if x.startswith(f"dataset {j}: ")
                     ]
                 ratio = res.ess / max(1, pooled.shape[0])
+                drawn = {s: torch.cat([hw.globals_draws[s][:, j] for hw in sets]) for s in glob_sites}
+                shift = weighted_shift(drawn, res.log_weights)
                 why = [f"globals' {r}" for r in reasons(res.k, [])] + level_reasons(levels) + reasons(0.0, f)
                 correctable = not why
+                if res.k <= K_THRESHOLD and shift["z"] > SHIFT_MAX:
+                    why.insert(
+                        0,
+                        f"globals' importance-weighted mean of '{shift['site']}' lies {shift['z']:.2f} posterior sds"
+                        f" (se {shift['se']:.2f}) from q's > {SHIFT_MAX}: q is off (sample(correct=True) applies)",
+                    )
                 if res.k <= K_THRESHOLD and ratio < ESS_RATIO_MIN:
                     why.insert(
                         0,
@@ -231,6 +273,7 @@ def diagnose(
                     "pareto_k_sets": ks,
                     "ess": res.ess,
                     "ess_ratio": ratio,
+                    "shift": shift,
                     "correctable": correctable,
                     "levels": levels,
                     "joint_pareto_k": psis(joint[:, j]).k,

@@ -19,6 +19,7 @@ import amortize as am
 from amortize.hierarchical_is import _subtree, group_log_weights, held_call, hierarchical_weights
 from amortize.importance import pareto_k_columns, psis
 from amortize.objectives import log_weights
+from amortize.verdict import weighted_shift
 
 from .test_psis import GROUP_SD, NOISE_SD, conjugate
 
@@ -255,3 +256,17 @@ def test_the_model_check_flags_data_the_model_cannot_have_generated(conjugate_am
     batch = design.with_response(torch.stack([sims[1].y, y]))
     both = conjugate_amortizer.posterior(batch).diagnostics(400, seed=0)["model_check"]
     assert [c["ok"] for c in both] == [True, False]
+
+
+def test_the_weighted_shift_estimates_how_far_q_lies_from_the_posterior() -> None:
+    """Draws of q = N(0, 1) weighted towards N(d, s): the shift is |d| / s in posterior sds, the sd ratio 1 / s,
+    the element is named; its se shrinks like one over the root of the effective draws."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 3, generator=gen)
+    d, s = torch.tensor([0.0, 0.6, -0.2]), torch.tensor([1.0, 1.0, 0.8])
+    log_w = (dist.Normal(d, s).log_prob(x) - dist.Normal(0.0, 1.0).log_prob(x)).sum(-1)
+    res = weighted_shift({"tau": x[:, 0], "beta": x[:, 1:]}, log_w - log_w.logsumexp(0))
+    assert res["site"] == "beta[0]" and abs(res["z"] - 0.6) < 0.1 and abs(res["sd_ratio"] - 1.0) < 0.1, res
+    assert 0.01 < res["se"] < 0.05
+    flat = weighted_shift({"tau": x[:, 0]}, torch.zeros(4000))  # equal weights: q is its own posterior
+    assert flat["z"] < 1e-9 and abs(flat["sd_ratio"] - 1.0) < 1e-3

@@ -282,6 +282,16 @@ def test_the_fitted_dataset_in_one_chunk_is_weighed_whole(trained) -> None:
     wide = am.Posterior(a.guide, normal_known, data, a.ranges, q_globals=wide).diagnostics(1000, seed=0)
     assert wide["pareto_k"] <= 0.7 and wide["ess_ratio"] < 0.5 and wide["ok"] is False
     assert "globals' importance ESS" in wide["reason"], wide["reason"]
+    for d, bad in ((0.2, False), (0.75, True)):  # q(mu) d posterior sds off: an ESS of exp(-d^2), above 50%
+        near = copy.deepcopy(a.q_globals)
+        with torch.no_grad():
+            near.loc.fill_(m_mu + d * s_mu)
+        near = am.Posterior(a.guide, normal_known, data, a.ranges, q_globals=near)
+        diag = near.diagnostics(1000, seed=0)
+        s_q = float(near.sample(4000, seed=0)["mu"].std())
+        assert diag["pareto_k"] <= 0.7 and diag["ess_ratio"] >= 0.5, diag["reason"]
+        assert abs(diag["shift"]["z"] - d * s_mu / s_q) < 0.15 and diag["shift"]["site"] == "mu", (diag["shift"], s_q)
+        assert diag["ok"] is (not bad) and ("importance-weighted mean of 'mu'" in diag["reason"]) is bad, diag["reason"]
 
 
 def test_three_level_model_streams_every_level() -> None:

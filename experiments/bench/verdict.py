@@ -10,13 +10,13 @@ a design of 400-700 groups, ``gaussian_2level_large``):
   5x noise, 4x groups): good when the amortized posterior agrees (globals' and groups' z p90 <= 0.3),
   bad when it does not (> 0.5), unclear between; by construction otherwise: Student-t noise is
   ``misspecified`` (the model check should say so), responses x 100 ``bad`` (``judged_by``);
-* for each row the verdict (``ok``, ``reason``), the globals' k, the per-group k p90, the joint k, the
-  local SBC (``local_ok``, its smallest p-value and quantity), and which criteria flagged it (``by``:
-  ``k`` globals' k, ``ess`` globals' ESS, ``groups`` a level's p90 k, ``local`` local SBC, ``model`` the
-  model check, ``range`` a flag); its cost in ms per dataset (with and without the local SBC) next to
-  drawing 1000 draws; on held-out rows the globals' z p90 of the hierarchically corrected draws next
-  to the uncorrected ones; ``ok`` of a second verdict on other streams (``ok_other_seed``; how often it
-  differs is printed). The local SBC is reported, not deciding (``by local`` counts what it flags).
+* for each row the verdict (``ok``, ``reason``), the globals' k, their weighted mean shift, the per-group
+  k p90, the joint k, the local SBC (``local_ok``, its smallest p-value and quantity), and which criteria
+  flagged it (``by``: ``k`` globals' k, ``ess`` globals' ESS, ``shift`` the globals' weighted mean shift,
+  ``groups`` a level's p90 k, ``local`` local SBC, ``model`` the model check, ``range`` a flag); its cost
+  in ms per dataset (with and without the local SBC) next to drawing 1000 draws; on held-out rows the
+  globals' z p90 of the hierarchically corrected draws next to the uncorrected ones; ``ok`` of a second
+  verdict on other streams (``ok_other_seed``; how often it differs is printed). The local SBC is reported, not deciding (``by local`` counts what it flags).
 
 Prints the confusion table (good/bad x ok/not ok) per model and writes ``results.json`` and
 ``results.md`` (atomically) to ``--out``.
@@ -31,6 +31,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,7 @@ from amortize.validate import compare, to_markdown
 from amortize.validate.heldout import heldout_datasets
 from amortize.validate.nuts import cached_nuts
 from amortize.validate.results import machine_info, results_header, write_results
-from amortize.verdict import ESS_RATIO_MIN
+from amortize.verdict import ESS_RATIO_MIN, SHIFT_MAX
 
 MODELS = {
     "gaussian_2level": models.gaussian_2level,
@@ -109,12 +110,16 @@ def _sim(a: am.Amortizer, design: am.HierarchicalData, seed: int) -> Any:
 
 
 def _flagged_by(diag: dict[str, Any]) -> str:
-    """Which criteria said no: ``k``, ``ess``, ``groups``, ``local``, ``model``, ``range`` (``-`` none)."""
+    """Which criteria said no: ``k``, ``ess``, ``shift``, ``groups``, ``local``, ``model``, ``range`` (``-``
+    none)."""
     by = []
     if not diag["pareto_k"] <= K_THRESHOLD:
         by.append("k")
-    elif diag["ess_ratio"] < ESS_RATIO_MIN:
-        by.append("ess")
+    else:
+        if diag["ess_ratio"] < ESS_RATIO_MIN:
+            by.append("ess")
+        if diag["shift"]["z"] > SHIFT_MAX:
+            by.append("shift")
     if any(not v["k_p90"] <= K_THRESHOLD for v in diag["levels"].values()):
         by.append("groups")
     if diag.get("local_sbc", {}).get("ok") is False:
@@ -146,6 +151,9 @@ def _row(post: am.Posterior, args: argparse.Namespace, seed: int) -> dict[str, A
         "reason": diag["reason"],
         "globals_k": diag["pareto_k"],
         "ess_ratio": diag["ess_ratio"],
+        "shift_z": diag["shift"]["z"],
+        "shift_se": diag["shift"]["se"],
+        "shift_site": diag["shift"]["site"],
         "group_k_p90": worst_p90,
         "joint_k": diag["joint_pareto_k"],
         "group_draws": diag["group_draws"],
@@ -160,13 +168,22 @@ def _row(post: am.Posterior, args: argparse.Namespace, seed: int) -> dict[str, A
     }
 
 
+def _trained(name: str, model: Any, sampler: am.StructureSampler, steps: int, args: argparse.Namespace) -> am.Amortizer:
+    """An amortizer of ``model`` trained for ``steps``, kept in ``--out`` and reused from there with ``--reuse``."""
+    path = Path(args.out) / f"{name}-{steps}-seed{args.seed}.pt"
+    if args.reuse and path.exists():
+        return am.Amortizer.load(path, model, sampler)
+    a = am.Amortizer(model, sampler, seed=args.seed)
+    a.fit(steps=steps, batch_size=args.batch_size, progress=False)
+    a.save(path)
+    return a
+
+
 def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
     model = MODELS[name]
     sampler = SAMPLERS[name]()
-    good = am.Amortizer(model, sampler, seed=args.seed)
-    good.fit(steps=args.steps, batch_size=args.batch_size, progress=False)
-    under = am.Amortizer(model, sampler, seed=args.seed)
-    under.fit(steps=max(1, args.steps // 20), batch_size=args.batch_size, progress=False)
+    good = _trained(name, model, sampler, args.steps, args)
+    under = _trained(name, model, sampler, max(1, args.steps // 20), args)
     levels = {s.name: s.level for s in good.structure.latents}
     nuts_cfg = {"num_warmup": args.nuts_warmup, "num_samples": args.nuts_samples, "num_chains": 2}
     twin = None
@@ -210,7 +227,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
     confusion = {t: {"ok": 0, "not ok": 0} for t in truths}
     for r in rows:
         confusion[r["truth"]]["ok" if r["ok"] else "not ok"] += 1
-        crit = ["k", "ess", "groups", "local", "model", "range"]
+        crit = ["k", "ess", "shift", "groups", "local", "model", "range"]
         for c in crit:  # per criterion: the rows it flagged
             confusion[r["truth"]].setdefault(f"by {c}", 0)
             confusion[r["truth"]][f"by {c}"] += c in r["by"].split("+")
@@ -223,7 +240,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
     }
     table = [{"truth": t, **c} for t, c in confusion.items() if c["ok"] + c["not ok"]]
     md = [f"### {name}: {args.heldout} held-out datasets ({args.steps} steps), 5 wrong cases each\n"]
-    by = [f"by {c}" for c in ("k", "ess", "groups", "local", "model", "range")]
+    by = [f"by {c}" for c in ("k", "ess", "shift", "groups", "local", "model", "range")]
     md.append(to_markdown(table, ["truth", "ok", "not ok", *by]))
     md.append(
         f"\n`ok` differs between two verdict seeds on {flips} of {len(rows)} rows; "
@@ -236,7 +253,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
         c["ok" if r["ok"] else "not ok"] += 1
     md.append(to_markdown(list(per_case.values()), ["case", "truth", "ok", "not ok"]) + "\n")
     cols = ["case", "dataset", "truth", "judged_by", "ok", "ok_other_seed", "by"]
-    cols += ["globals_k", "ess_ratio", "group_k_p90", "joint_k"]
+    cols += ["globals_k", "ess_ratio", "shift_z", "shift_se", "shift_site", "group_k_p90", "joint_k"]
     cols += [
         "local_p_min",
         "local_worst",
@@ -264,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nuts-cases", nargs="+", default=list(NUTS_JUDGED), choices=NUTS_JUDGED, help="cases NUTS judges")
     p.add_argument("--numpyro", nargs="*", default=[], choices=list(MODELS), help="NUTS on these models' NumPyro twins")
     p.add_argument("--out", default="checkpoints/bench-verdict")
+    p.add_argument("--reuse", action="store_true", help="reuse the amortizers an earlier run kept in --out")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
