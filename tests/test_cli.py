@@ -514,3 +514,6 @@ def test_k_line_with_sets_too_small_to_estimate_k():
     )
     one = {**diag, "pareto_k_sets": [0.3], "pareto_k": 0.3, "ok": True}
     assert k_line(one) == "pareto k 0.30, importance ESS 6/80: ok"
+    shifted = {**one, "shift": {"z": 0.123, "se": 0.05, "sd_ratio": 1.1, "site": "beta[1]"}}
+    assert k_line(shifted) == "pareto k 0.30, importance ESS 6/80, globals' shift 0.12 sd ('beta[1]'): ok"
+    assert k_line({**shifted, "pareto_k": 0.96, "ok": False}).endswith("ESS 6/80: NOT ok (r)")  # unusable k: no shift

@@ -68,15 +68,18 @@ def verdict_word(diag: dict[str, Any]) -> str:
 
 
 def k_line(diag: dict[str, Any]) -> str:
-    """``pareto k 0.42 (4 sets of 1000 draws: 0.38-0.47), importance ESS 2100/4000: ok``."""
+    """``pareto k 0.42 (4 sets of 1000 draws: 0.38-0.47), importance ESS 2100/4000, globals' shift 0.12 sd
+    ('tau'): ok``; the shift (:func:`amortize.verdict.weighted_shift`) only where the k is usable (<= 0.7)."""
     sets = diag.get("pareto_k_sets", [])
     known = [k for k in sets if k == k]  # NaN: a set too small (< 25 draws) to estimate k
     spread = f"{min(known):.2f}-{max(known):.2f}" if known else "too few draws per set to estimate"
     spread = f" ({len(sets)} sets of {diag['num_samples'] // max(1, len(sets))} draws: {spread})"
     decision = verdict_word(diag)
+    shift = diag.get("shift")
+    shift = f", globals' shift {shift['z']:.2f} sd ('{shift['site']}')" if shift and diag["pareto_k"] <= 0.7 else ""
     return (
         f"pareto k {diag['pareto_k']:.2f}{spread if len(sets) > 1 else ''},"
-        f" importance ESS {diag['ess']:.0f}/{diag['num_samples']}: {decision}"
+        f" importance ESS {diag['ess']:.0f}/{diag['num_samples']}{shift}: {decision}"
     )
 
 

@@ -49,9 +49,10 @@ SITE_COLUMNS = ["site", "count", "z_median", "z_p90", "sd_ratio_median", "covera
 
 
 def _verdicts(diagnostics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per dataset: the verdict's ``ok``, ``reason`` and the globals' Pareto k."""
+    """Per dataset: the verdict's ``ok``, ``reason``, the globals' Pareto k, ESS ratio and weighted mean shift."""
+    keys = ("reason", "pareto_k", "ess_ratio")
     return [
-        {"dataset": d["dataset"], "ok": bool(d.get("ok")), "reason": d.get("reason"), "pareto_k": d.get("pareto_k")}
+        {"dataset": d["dataset"], "ok": bool(d.get("ok")), **{k: d.get(k) for k in keys}, "shift": d.get("shift")}
         for d in diagnostics
     ]
 
