@@ -126,6 +126,7 @@ def heldout_arm(name: str, model, args: argparse.Namespace) -> dict[str, Any]:
         nuts_cache=args.nuts_cache or None,
         reference=_reference(name, args),
         diagnose=True,
+        correct=True,
     )
     out = {"train_seconds": seconds, "steps": a.step, **report.to_dict()}
     out["by_site"] = summarize(report.rows, by="site") if report.rows else []
@@ -218,6 +219,13 @@ def markdown(results: dict[str, Any]) -> str:
                 f" (failing: {[r['quantity'] for r in e['sbc']['rows'] if not r['passed']] or 'none'}).\n\n"
                 + (to_markdown(e["summary"], COLUMNS) if e["summary"] else "")
             )
+            if e.get("corrected"):
+                applied = sum(c["applied"] for c in e["corrected"])
+                md.append(
+                    f"With `sample(correct=True)` (the joint PSIS correction): applied on {applied} of"
+                    f" {len(e['corrected'])} datasets (elsewhere the draws are the uncorrected ones)\n\n"
+                    + to_markdown(e["corrected_summary"], COLUMNS)
+                )
     if "large" in arms:
         e = arms["large"]
         parts = [f"### large: {e['persons']:,} students x {e['items']:,} lecturers, {e['n_rows']:,} rows"]
