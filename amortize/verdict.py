@@ -25,9 +25,11 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
 * ``ok`` is True when the globals' k <= 0.7, their importance ESS is at least 50% of the draws
   (``ess_ratio``; a q much wider than the posterior has a small k but a small ESS) and their shift is at
   most 0.5 sd (a q off by 0.5-0.8 sd keeps an ESS above 50%), every level's p90 k <= 0.7, the model check
-  passed and no flag is raised; ``reason`` says why not. ``correctable``: the k's and flags alone
-  (without the ESS and shift conditions, which judge the uncorrected q), i.e. the corrected draws
-  (``sample(n, correct=True)``) can be trusted.
+  passed and no flag is raised; ``reason`` says why not and ``failed`` names the criteria that said no
+  (:data:`CRITERIA`: ``k``, ``ess``, ``shift``, ``groups``, ``model``, ``range``; ``finite`` for draws
+  that are not finite; the local SBC, which does not decide, is never among them). ``correctable``: the
+  k's and flags alone (without the ESS and shift conditions, which judge the uncorrected q), i.e. the
+  corrected draws (``sample(n, correct=True)``) can be trusted.
 
 A dataset streamed in several chunks is not judged (``ok`` None, False with a flag): its weights are
 not computed. One that fits in one chunk is weighed whole, with a subsampled fit's q(globals).
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ESS_RATIO_MIN",
     "SHIFT_MAX",
+    "CRITERIA",
     "weighted_shift",
     "verdict",
     "diagnose",
@@ -80,6 +83,9 @@ ESS_RATIO_MIN = 0.5
 # sds (the benchmarks' z, estimated from the weights alone), at which q is still used uncorrected: the
 # verdict bench calls a posterior bad above 0.5 sd and good at most 0.3 sd from NUTS.
 SHIFT_MAX = 0.5
+# The names ``failed`` lists, in this order: the globals' k, their ESS ratio, their weighted shift, a
+# level's p90 k, the model check, a range flag, draws that are not finite.
+CRITERIA = ("k", "ess", "shift", "groups", "model", "range", "finite")
 _PER_DATASET = (
     "pareto_k",
     "pareto_k_sets",
@@ -87,6 +93,7 @@ _PER_DATASET = (
     "ess_ratio",
     "shift",
     "correctable",
+    "failed",
     "levels",
     "joint_pareto_k",
     "local_sbc",
@@ -109,6 +116,7 @@ def verdict(
         why = why or [f"not judged: the weights of a dataset streamed in {chunks} chunks are not computed"]
         ok = False if flags else None
         out = dict(pareto_k=nan, pareto_k_sets=[], ess=nan, num_samples=0, flags=flags, ok=ok, reason="; ".join(why))
+        out["failed"] = ["range"] if flags else []
         if settings is not None:
             out["local_sbc"] = skipped("streamed: the replicates need the whole dataset at once", settings)
         return out
@@ -132,11 +140,39 @@ def unusable(post: Posterior, why: str) -> Any:
     one = dict(pareto_k=math.inf, pareto_k_sets=[math.inf], ess=0.0, num_samples=0, ok=False, correctable=False)
     reason = f"q's draws are not finite ({why}): the posterior cannot be used"
     if post.layout == "list":
-        return [{**one, "flags": f, "reason": "; ".join([reason, *f])} for f in flags]
+        return [
+            {**one, "failed": _failed(finite=False, flags=f), "flags": f, "reason": "; ".join([reason, *f])}
+            for f in flags
+        ]
+    failed = _failed(finite=False, flags=flags)
     if post.layout == "batch":
         B = post.parts[0][1].data.batch_size or 1
         one = {k: [v] * B if k in _PER_DATASET else v for k, v in one.items()}
-    return {**one, "flags": flags, "reason": "; ".join([reason, *flags])}
+        failed = [failed] * B
+    return {**one, "failed": failed, "flags": flags, "reason": "; ".join([reason, *flags])}
+
+
+def _failed(
+    k: float = 0.0,
+    ess_ratio: float = 1.0,
+    shift: float = 0.0,
+    levels: dict[str, dict[str, Any]] | None = None,
+    fit: dict[str, Any] | None = None,
+    flags: Any = (),
+    finite: bool = True,
+) -> list[str]:
+    """The :data:`CRITERIA` a dataset fails: the ESS and shift judge only where the globals' k is usable."""
+    usable = k <= K_THRESHOLD
+    out = {
+        "k": not usable,
+        "ess": usable and ess_ratio < ESS_RATIO_MIN,
+        "shift": usable and shift > SHIFT_MAX,
+        "groups": bool(level_reasons(levels or {})),
+        "model": fit is not None and not fit["ok"],
+        "range": bool(flags),
+        "finite": not finite,
+    }
+    return [c for c in CRITERIA if out[c]]
 
 
 def weighted_shift(draws: dict[str, torch.Tensor], log_weights: torch.Tensor) -> dict[str, Any]:
@@ -275,6 +311,7 @@ def diagnose(
                     "ess_ratio": ratio,
                     "shift": shift,
                     "correctable": correctable,
+                    "failed": _failed(res.k, ratio, shift["z"], levels, fit_res[i], f),
                     "levels": levels,
                     "joint_pareto_k": psis(joint[:, j]).k,
                     "num_samples": S * repeats,
@@ -343,6 +380,7 @@ def _verdict(
         "ess": ess if batch else ess[0],
         "num_samples": num_samples,
         "flags": flags,
+        "failed": _joint_failed(worst, fit, flags),
         "ok": not why,
         "reason": "; ".join(why) or "ok",
     }
@@ -351,3 +389,9 @@ def _verdict(
     if fit[0] is not None:
         out["model_check"] = fit if batch else fit[0]
     return out
+
+
+def _joint_failed(k: float, fit: list[dict[str, Any] | None], flags: list[str]) -> list[str]:
+    """The :data:`CRITERIA` the joint verdict of one dataset or a batch fails (the worst of its k's)."""
+    misfit_any = any(r is not None and not r["ok"] for r in fit)
+    return _failed(k, flags=flags, fit={"ok": False} if misfit_any else None)

@@ -220,6 +220,7 @@ def test_crossed_checkpoint_round_trip_draws_alike(trained, tmp_path):
     assert all(torch.equal(one[k], two[k]) for k in one)
     verdict = back.posterior(data.with_response(y)).diagnostics(local_sbc=False, model_check=False)
     assert verdict["flags"] == [] and verdict["pareto_k"] == verdict["pareto_k"]  # judged, by the joint k
+    assert verdict["ok"] is (verdict["failed"] == []) and set(verdict["failed"]) <= {"k"}, verdict["failed"]
 
 
 def test_the_elbo_on_one_whole_crossed_dataset_reaches_its_exact_posterior(trained):

@@ -167,7 +167,9 @@ def test_many_groups_verdict_is_stable_and_the_correction_works_where_the_joint_
     assert max(r for _, r in plain.values()) > 1.5  # q is too wide here: ok must be False
     verdicts = [post.diagnostics(400, seed=s) for s in range(5)]
     assert [v["ok"] for v in verdicts] == [False] * 5 and all(v["correctable"] for v in verdicts)
-    assert all("importance ESS" in v["reason"] for v in verdicts), [v["reason"] for v in verdicts]
+    assert all("importance ESS" in v["reason"] and "ess" in v["failed"] for v in verdicts), [
+        v["reason"] for v in verdicts
+    ]
     assert all(v["joint_pareto_k"] > 0.7 for v in verdicts), [v["joint_pareto_k"] for v in verdicts]
     ks = [v["pareto_k"] for v in verdicts]
     assert max(ks) <= 0.7 and all(v["noise_sd"] <= 0.55 for v in verdicts)
@@ -233,6 +235,7 @@ def test_a_level_that_already_fails_stops_the_rerun_and_the_globals_correction(c
     post = conjugate_amortizer.posterior(data.with_response(data.y * 100))
     diag = post.diagnostics(400, seed=0)
     assert not diag["ok"] and "level 'group'" in diag["reason"] and diag["levels"]["group"]["k_p90"] > 0.7
+    assert "groups" in diag["failed"] and "range" in diag["failed"], diag["failed"]
     assert diag["noise_sd"] > NOISE_SD_TARGET and diag["group_draws"] == GROUP_DRAWS
     assert post.sample(100, seed=0, correct=True).parts == {"globals": False, "groups": False}
 
@@ -251,6 +254,7 @@ def test_the_model_check_flags_data_the_model_cannot_have_generated(conjugate_am
     diag = post.diagnostics(400, seed=0)
     assert not diag["ok"] and not diag["model_check"]["ok"]
     assert "y: max" in [e["statistic"] for e in diag["model_check"]["extreme"]] and "model check" in diag["reason"]
+    assert "model" in diag["failed"]
     plain = post.diagnostics(400, seed=0, model_check=False)
     assert "model_check" not in plain and plain["pareto_k"] == diag["pareto_k"]
     batch = design.with_response(torch.stack([sims[1].y, y]))

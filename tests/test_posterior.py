@@ -224,6 +224,7 @@ def test_a_posterior_whose_q_is_not_finite_gets_a_verdict_naming_the_site_not_a_
             for v in verdict if isinstance(verdict, list) else [verdict]:
                 assert v["ok"] is False and v["correctable"] is False and v["pareto_k"] == float("inf")
                 assert "not finite" in v["reason"] and "'theta'" in v["reason"], v["reason"]
+                assert "finite" in v["failed"], v["failed"]
         with pytest.raises(am.NonFiniteDrawsError, match="site 'theta'.*not finite"):
             amortizer.posterior(data).sample(20, seed=0)
     finally:

@@ -255,6 +255,7 @@ def test_streamed_posterior_matches_exact_conjugate_posterior(trained) -> None:
     diag = post.diagnostics()
     assert diag["flags"] == []  # its own data: in range (the chunk, not G, is what the guide saw)
     assert diag["ok"] is None and "not judged" in diag["reason"] and "8 chunks" in diag["reason"]
+    assert diag["failed"] == []
 
 
 def test_the_fitted_dataset_in_one_chunk_is_weighed_whole(trained) -> None:
@@ -266,7 +267,7 @@ def test_the_fitted_dataset_in_one_chunk_is_weighed_whole(trained) -> None:
     assert post.streamed is None
     assert abs(float(post.sample(2000, seed=0)["mu"].mean()) - m_mu) < 0.5 * s_mu  # the fit's q(globals)
     diag = post.diagnostics(1000, seed=0, local_sbc=True)
-    assert diag["ok"] is True, diag["reason"]
+    assert diag["ok"] is True and diag["failed"] == [], diag["reason"]
     assert diag["pareto_k"] <= 0.5 and diag["levels"]["group"]["k_p90"] <= 0.5
     assert diag["local_sbc"]["ok"] is None and "Subsampled" in diag["local_sbc"]["skipped"]
     chosen = post.sample(50, groups=[5, 1], seed=0)  # groups of a dataset that is not streamed
@@ -281,7 +282,7 @@ def test_the_fitted_dataset_in_one_chunk_is_weighed_whole(trained) -> None:
         wide.log_diag += math.log(4.0)  # q(mu) 4x too wide: a small k, but an ESS of about 35% of the draws
     wide = am.Posterior(a.guide, normal_known, data, a.ranges, q_globals=wide).diagnostics(1000, seed=0)
     assert wide["pareto_k"] <= 0.7 and wide["ess_ratio"] < 0.5 and wide["ok"] is False
-    assert "globals' importance ESS" in wide["reason"], wide["reason"]
+    assert "globals' importance ESS" in wide["reason"] and wide["failed"] == ["ess"], wide["reason"]
     for d, bad in ((0.2, False), (0.75, True)):  # q(mu) d posterior sds off: an ESS of exp(-d^2), above 50%
         near = copy.deepcopy(a.q_globals)
         with torch.no_grad():
@@ -292,6 +293,7 @@ def test_the_fitted_dataset_in_one_chunk_is_weighed_whole(trained) -> None:
         assert diag["pareto_k"] <= 0.7 and diag["ess_ratio"] >= 0.5, diag["reason"]
         assert abs(diag["shift"]["z"] - d * s_mu / s_q) < 0.15 and diag["shift"]["site"] == "mu", (diag["shift"], s_q)
         assert diag["ok"] is (not bad) and ("importance-weighted mean of 'mu'" in diag["reason"]) is bad, diag["reason"]
+        assert diag["failed"] == (["shift"] if bad else []), diag["failed"]
 
 
 def test_three_level_model_streams_every_level() -> None:

@@ -12,11 +12,12 @@ a design of 400-700 groups, ``gaussian_2level_large``):
   ``misspecified`` (the model check should say so), responses x 100 ``bad`` (``judged_by``);
 * for each row the verdict (``ok``, ``reason``), the globals' k, their weighted mean shift, the per-group
   k p90, the joint k, the local SBC (``local_ok``, its smallest p-value and quantity), and which criteria
-  flagged it (``by``: ``k`` globals' k, ``ess`` globals' ESS, ``shift`` the globals' weighted mean shift,
-  ``groups`` a level's p90 k, ``local`` local SBC, ``model`` the model check, ``range`` a flag); its cost
-  in ms per dataset (with and without the local SBC) next to drawing 1000 draws; on held-out rows the
-  globals' z p90 of the hierarchically corrected draws next to the uncorrected ones; ``ok`` of a second
-  verdict on other streams (``ok_other_seed``; how often it differs is printed). The local SBC is reported, not deciding (``by local`` counts what it flags).
+  flagged it (``by``: the verdict's ``failed``, i.e. ``k`` globals' k, ``ess`` globals' ESS, ``shift`` the
+  globals' weighted mean shift, ``groups`` a level's p90 k, ``model`` the model check, ``range`` a flag;
+  and ``local`` where the local SBC, which is reported and does not decide, flagged it); its cost in ms
+  per dataset (with and without the local SBC) next to drawing 1000 draws; on held-out rows the globals'
+  z p90 of the hierarchically corrected draws next to the uncorrected ones; ``ok`` of a second verdict
+  on other streams (``ok_other_seed``; how often it differs is printed).
 
 Prints the confusion table (good/bad x ok/not ok) per model and writes ``results.json`` and
 ``results.md`` (atomically) to ``--out``.
@@ -39,12 +40,10 @@ import torch
 
 import amortize as am
 from amortize import models
-from amortize.importance import K_THRESHOLD
 from amortize.validate import compare, to_markdown
 from amortize.validate.heldout import heldout_datasets
 from amortize.validate.nuts import cached_nuts
 from amortize.validate.results import machine_info, results_header, write_results
-from amortize.verdict import ESS_RATIO_MIN, SHIFT_MAX
 
 MODELS = {
     "gaussian_2level": models.gaussian_2level,
@@ -110,24 +109,9 @@ def _sim(a: am.Amortizer, design: am.HierarchicalData, seed: int) -> Any:
 
 
 def _flagged_by(diag: dict[str, Any]) -> str:
-    """Which criteria said no: ``k``, ``ess``, ``shift``, ``groups``, ``local``, ``model``, ``range`` (``-``
-    none)."""
-    by = []
-    if not diag["pareto_k"] <= K_THRESHOLD:
-        by.append("k")
-    else:
-        if diag["ess_ratio"] < ESS_RATIO_MIN:
-            by.append("ess")
-        if diag["shift"]["z"] > SHIFT_MAX:
-            by.append("shift")
-    if any(not v["k_p90"] <= K_THRESHOLD for v in diag["levels"].values()):
-        by.append("groups")
-    if diag.get("local_sbc", {}).get("ok") is False:
-        by.append("local")
-    if diag.get("model_check", {}).get("ok") is False:
-        by.append("model")
-    if diag["flags"]:
-        by.append("range")
+    """Which criteria said no (the verdict's ``failed``), and ``local`` where the local SBC, which does not
+    decide, flagged it (``-`` none)."""
+    by = list(diag["failed"]) + (["local"] if diag.get("local_sbc", {}).get("ok") is False else [])
     return "+".join(by) or "-"
 
 
