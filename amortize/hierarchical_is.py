@@ -4,14 +4,18 @@ The joint weight ``p(y, z) / q(z | y)`` over every latent degenerates with the n
 when q is good (its log variance adds up over groups). The guide factorizes as
 ``q(globals | y) x prod_g q(z_g | parents, y)``, and so do the weights:
 
-* hold the globals (and the latents of the levels above ``L``) at S draws of q, draw the latents of
-  ``L`` and below M times each; per group g of ``L`` the subtree weight
+* hold the globals (and the latents of the levels above ``L``) at the first
+  :data:`PARENT_DRAWS_FOR_K` of S draws of q, draw the latents of ``L`` and below M times each; per
+  group g of ``L`` the subtree weight
   ``log w_g = log p(y_g, z_g, z_desc | parents) - log q(z_g, z_desc | parents, y)`` (descendants drawn
   once per draw: an unbiased estimate of their evidence) gives a per-group Pareto k (PSIS over the M
-  draws of each group, the median over the S parent draws);
-* ``log p_hat(y_g | globals) = logmeanexp_m log w_g`` for the outermost groups weighs the globals:
+  draws of each group, the median over the parent draws);
+* ``log p_hat(y_g | globals) = logmeanexp_m log w_g`` over :data:`WEIGHT_DRAWS` draws of the outermost
+  groups given each of the S global draws weighs the globals:
   ``log p(globals) + sum_g log p_hat(y_g | globals) - log q(globals | y)``, a pseudo-marginal weight in
-  the globals' dimension whose Pareto k judges (and whose PSIS corrects) q of the globals.
+  the globals' dimension whose Pareto k judges (and whose PSIS corrects) q of the globals. An unbiased
+  p_hat needs no more draws than keep the weights' noise low (it is measured, and the draws raised
+  where it is not), while a per-group k needs a tail of draws: hence two sizes.
 
 Densities come from the Pyro traces of one guide call (``compute_log_prob``: masks and scales as in
 :mod:`amortize.objectives`); each site's log density keeps its plate dim, rows map to their innermost
@@ -42,6 +46,7 @@ from .importance import K_THRESHOLD, pareto_k_columns
 
 __all__ = [
     "GROUP_DRAWS",
+    "WEIGHT_DRAWS",
     "MAX_GROUP_DRAWS",
     "NOISE_SD_TARGET",
     "PARENT_DRAWS_FOR_K",
@@ -54,6 +59,7 @@ __all__ = [
 ]
 
 GROUP_DRAWS = 32  # M: draws per group given its parents (a PSIS tail of 7; per-group k is the median over parents)
+WEIGHT_DRAWS = 8  # draws per outermost group behind the globals' weights, before the noise decides on more
 MAX_GROUP_DRAWS = 256  # the most draws per group the globals' pass is rerun with to tame its noise
 NOISE_SD_TARGET = 0.5  # sd of the globals' log weights from the per-group estimates that the pass aims below
 PARENT_DRAWS_FOR_K = 25  # per-group k from at most this many parent draws (its median is stable by then)
@@ -269,44 +275,54 @@ def _pass(
 
 
 @torch.no_grad()
-def hierarchical_weights(part: Any, num_globals: int, group_draws: int = GROUP_DRAWS) -> HierarchicalWeights:
+def hierarchical_weights(
+    part: Any,
+    num_globals: int,
+    group_draws: int = GROUP_DRAWS,
+    weight_draws: int = WEIGHT_DRAWS,
+    encoded: dict[str, Any] | None = None,
+) -> HierarchicalWeights:
     """The globals' pseudo-marginal log weights and every latent level's per-group k (module docstring)
-    for one :class:`~amortize.batch.StructureBatch`, on torch's RNG as it is (the caller seeds). Where the
+    for one :class:`~amortize.batch.StructureBatch`, on torch's RNG as it is (the caller seeds): the k's
+    from ``group_draws`` draws per group given each of the first :data:`PARENT_DRAWS_FOR_K` parent
+    draws, the weights from ``weight_draws`` per outermost group given each global draw. Where the
     noise of the globals' log weights (delta method) exceeds :data:`NOISE_SD_TARGET`, their pass is run
-    again with more draws per group (up to :data:`MAX_GROUP_DRAWS`), unless a level of that pass already
-    fails on every dataset (:func:`_decided`)."""
+    again with more draws per group (up to :data:`MAX_GROUP_DRAWS`), unless a level already fails on
+    every dataset (:func:`_decided`). ``encoded``: the part's encoding where the caller has it."""
     st, data = part.structure, part.data
     latent_levels = [lvl for lvl in data.levels if st.sites_at(lvl)]
-    M = int(group_draws) if latent_levels else 1
+    M, M_w = (int(group_draws), int(weight_draws)) if latent_levels else (1, 1)
     S = int(num_globals)
-    encoded = part.encode()
+    encoded = part.encode() if encoded is None else encoded
     held, _ = part.draws(S, encoded=encoded)  # every latent, user layout [S, B, ...]
     glob_sites = tuple(s.name for s in st.global_sites)
     if not glob_sites:
         raise ModelStructureError("hierarchical weights: the model has no global latent site to hold")
-    passes: dict[tuple[str, ...], list[str]] = {glob_sites: []}
+    passes: dict[tuple[str, ...], list[str]] = {}
     for lvl in latent_levels:
         above = glob_sites + tuple(s.name for s in st.latents if s.level in data.levels[: data.levels.index(lvl)])
         passes.setdefault(above, []).append(lvl)
-    out = HierarchicalWeights(torch.zeros(0), dict(held), group_draws=M)
-    for names, lvls in passes.items():
-        lw, sd, trees = _pass(part, held, names, M, encoded, names == glob_sites)
-        out.num_draws += S * M
+    out = HierarchicalWeights(torch.zeros(0), dict(held), group_draws=M_w)
+    parents = {k: v[:PARENT_DRAWS_FOR_K] for k, v in held.items()}
+    for names, lvls in passes.items():  # the per-group k's
+        _, _, trees = _pass(part, parents, names, M, encoded, False)
+        out.num_draws += min(S, PARENT_DRAWS_FOR_K) * M
         for lvl in lvls:
             out.levels[lvl] = _level_summary([s.name for s in st.sites_at(lvl)], _level_k(trees[lvl]))
-        if lw is not None and sd is not None:
-            noise = float(sd.median(0).values.max())
-            if latent_levels and noise > NOISE_SD_TARGET and M < MAX_GROUP_DRAWS and not _decided(out.levels, lvls):
-                more = min(MAX_GROUP_DRAWS, int(math.ceil(M * (noise / NOISE_SD_TARGET) ** 2)))
-                lw, sd, _ = _pass(part, held, names, more, encoded, True)
-                out.num_draws += S * more
-                out.group_draws = more
-            out.global_log_weights, out.noise_sd = lw, sd.median(0).values
+    lw, sd, _ = _pass(part, held, glob_sites, M_w, encoded, True)  # the globals' weights
+    out.num_draws += S * M_w
+    noise = float(sd.median(0).values.max())
+    if latent_levels and noise > NOISE_SD_TARGET and M_w < MAX_GROUP_DRAWS and not _decided(out.levels):
+        more = min(MAX_GROUP_DRAWS, int(math.ceil(M_w * (noise / NOISE_SD_TARGET) ** 2)))
+        lw, sd, _ = _pass(part, held, glob_sites, more, encoded, True)
+        out.num_draws += S * more
+        out.group_draws = more
+    out.global_log_weights, out.noise_sd = lw, sd.median(0).values
     return out
 
 
-def _decided(levels: dict[str, LevelK], names: list[str]) -> bool:
-    """Whether a level of ``names`` already fails the verdict on every dataset (p90 per-group k above
+def _decided(levels: dict[str, LevelK]) -> bool:
+    """Whether a level already fails the verdict on every dataset (p90 per-group k above
     :data:`~amortize.importance.K_THRESHOLD`, or NaN): then more draws per group cannot change the
     decision, and the correction does not apply, so the globals' pass is not rerun."""
-    return any(all(not (p <= K_THRESHOLD) for p in levels[lvl].k_p90) for lvl in names if lvl in levels)
+    return any(all(not (p <= K_THRESHOLD) for p in lk.k_p90) for lk in levels.values())

@@ -340,12 +340,12 @@ class Posterior:
         A dataset streamed in several chunks is not judged: its flags, k = NaN, ``ok`` None unless a flag
         makes it False (no weights); a subsampled fit's dataset gets no local SBC (a replicate needs a fit).
 
-        ``num_samples // 4`` (at least 100) global draws, each with 32 draws of every group given it, per
-        repeat; ``repeats`` independent sets give the globals' k spread (``pareto_k_sets``) while the
-        decision pools them. ``local_sbc``: True runs it (the defaults of :class:`~amortize.local_sbc.LocalSBC`:
-        200 replicates x 49 draws, family-wise level 0.01), a ``LocalSBC`` sizes it; off by default;
-        ``model_check=False`` skips the model check. The whole verdict is reproducible for a given ``seed``
-        and leaves this posterior's stream alone;
+        ``num_samples // 4`` (at least 100) global draws with 8 draws of each outermost group (32 of every
+        group given the first 25, for its k), per repeat; ``repeats`` independent sets give the globals'
+        k spread (``pareto_k_sets``), the decision pools them. ``local_sbc``: True runs it (the defaults
+        of :class:`~amortize.local_sbc.LocalSBC`: 200 replicates x 49 draws, family-wise level 0.01), a
+        ``LocalSBC`` sizes it; off by default; ``model_check=False`` skips the model check. The verdict is
+        reproducible for a given ``seed`` and leaves this posterior's stream alone;
         a posterior whose draws are not finite is not ok, with the site in the reason."""
         try:
             return verdict(self, num_samples, seed, repeats, local_sbc, model_check)

@@ -9,10 +9,10 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
   over the weighted one, ``site``: :func:`weighted_shift`);
 * ``levels``: per level with latent sites, the per-group k's worst and p90 (``k_worst``, ``k_p90``),
   the sites and the number of groups;
-* ``group_draws``, ``noise_sd``: draws per outermost group behind the globals' weights and the sd of
-  their noise (raised until it is below 0.5, or 256 draws);
-* ``joint_pareto_k``: the k of the joint weights over every latent (reported, not deciding: it
-  degenerates with the number of groups even for a good q);
+* ``group_draws``, ``noise_sd``: draws per outermost group behind the globals' weights (8, raised until
+  their noise is below 0.5, or 256 draws) and the sd of that noise;
+* ``joint_pareto_k``: the k of the joint weights over every latent, from as many joint draws as global
+  draws (reported, not deciding: it degenerates with the number of groups even for a good q);
 * ``flags``: data outside the training range;
 * ``local_sbc``: posterior SBC conditional on this dataset (:mod:`amortize.local_sbc`): per quantity
   its p-value, shift and whether its rank ECDF lies inside the band, the family-wise ``ok`` (None when
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .export import reasons
-from .hierarchical_is import GROUP_DRAWS, hierarchical_weights
+from .hierarchical_is import hierarchical_weights
 from .importance import K_THRESHOLD, psis
 from .local_sbc import LocalSBC, local_sbc, skipped
 from .plates import seeded
@@ -199,7 +199,9 @@ def weighted_shift(draws: dict[str, torch.Tensor], log_weights: torch.Tensor) ->
 
 def globals_proposals(num_samples: int) -> int:
     """Global draws the verdict weighs for a budget of ``num_samples``: a quarter (each carries
-    :data:`~amortize.hierarchical_is.GROUP_DRAWS` draws of every group), at least 100 (a PSIS tail of 30)."""
+    :data:`~amortize.hierarchical_is.WEIGHT_DRAWS` draws of every outermost group, the first
+    :data:`~amortize.hierarchical_is.PARENT_DRAWS_FOR_K` :data:`~amortize.hierarchical_is.GROUP_DRAWS` of
+    every group of a level), at least 100 (a PSIS tail of 30)."""
     return max(100, int(num_samples) // 4)
 
 
@@ -229,16 +231,19 @@ def local_checks(post: Posterior, settings: LocalSBC | None, seed: int) -> list[
 
 
 @torch.no_grad()
-def fit_checks(post: Posterior, enabled: bool, seed: int) -> list[dict[str, Any] | None]:
+def fit_checks(
+    post: Posterior, enabled: bool, seed: int, encodings: list[Any] | None = None
+) -> list[dict[str, Any] | None]:
     """The model check (:func:`amortize.predictive.misfit`) of every dataset in input order (None each
     when not ``enabled``), on :data:`~amortize.predictive.MISFIT_DRAWS` replicated datasets drawn on
-    streams of their own derived from ``seed``."""
+    streams of their own derived from ``seed``; ``encodings``: each part's, where the caller has them."""
     out: list[dict[str, Any] | None] = [None] * sum(len(m) for m, _ in post.parts)
     if not enabled:
         return out
     for p, (members, part) in enumerate(post.parts):
+        encoded = encodings[p] if encodings is not None else None
         with seeded(int(np.random.default_rng([int(seed) % 2**63, 30, p]).integers(2**62)), post.device):
-            y_rep = part.predictive(part.draws(MISFIT_DRAWS)[0])  # [n, B, N]
+            y_rep = part.predictive(part.draws(MISFIT_DRAWS, encoded=encoded)[0])  # [n, B, N]
         for j, i in enumerate(members):
             data = part.data if part.data.batch_size is None else part.data.with_response(part.data.y[j])
             out[i] = misfit(data, y_rep[:, j])
@@ -262,12 +267,13 @@ def diagnose(
     out: list[dict[str, Any]] = [{} for _ in range(total)]
     seed = post._next_seed() if seed is None else int(seed)  # what _seeded(None) would take: the k's as before
     local_res = local_checks(post, local, seed)
-    fit_res = fit_checks(post, model_check, seed)
+    encodings = [part.encode() for _, part in post.parts]  # one encoding per part serves every pass
+    fit_res = fit_checks(post, model_check, seed, encodings)
     glob_sites = [s.name for s in post.structure.global_sites]
     with post._seeded(seed):
-        for members, part in post.parts:
-            sets = [hierarchical_weights(part, S, GROUP_DRAWS) for _ in range(repeats)]
-            joint = part.draws(int(num_samples), with_weights=True)[1]  # [n, B]
+        for (members, part), encoded in zip(post.parts, encodings):
+            sets = [hierarchical_weights(part, S, encoded=encoded) for _ in range(repeats)]
+            joint = part.draws(S, with_weights=True, encoded=encoded)[1]  # [S, B]: reported, not deciding
             pooled = torch.cat([hw.global_log_weights for hw in sets])
             for j, i in enumerate(members):
                 res = psis(pooled[:, j])

@@ -229,14 +229,14 @@ def test_a_level_that_already_fails_stops_the_rerun_and_the_globals_correction(c
     """Responses x 100: the per-group k fails in the first pass, so the globals' pass is not rerun with
     more draws per group (its noise is above target, yet the decision cannot change), and the
     correction leaves the globals alone (their weights rest on the failing per-group estimates)."""
-    from amortize.hierarchical_is import GROUP_DRAWS, NOISE_SD_TARGET
+    from amortize.hierarchical_is import NOISE_SD_TARGET, WEIGHT_DRAWS
 
     data = _simulate(conjugate, _design(30, 3), 3)
     post = conjugate_amortizer.posterior(data.with_response(data.y * 100))
     diag = post.diagnostics(400, seed=0)
     assert not diag["ok"] and "level 'group'" in diag["reason"] and diag["levels"]["group"]["k_p90"] > 0.7
     assert "groups" in diag["failed"] and "range" in diag["failed"], diag["failed"]
-    assert diag["noise_sd"] > NOISE_SD_TARGET and diag["group_draws"] == GROUP_DRAWS
+    assert diag["noise_sd"] > NOISE_SD_TARGET and diag["group_draws"] == WEIGHT_DRAWS
     assert post.sample(100, seed=0, correct=True).parts == {"globals": False, "groups": False}
 
 
