@@ -62,6 +62,8 @@ __all__ = [
     "SHIFT_MAX",
     "CRITERIA",
     "weighted_shift",
+    "q_global_draws",
+    "Q_GLOBAL_DRAWS",
     "verdict",
     "diagnose",
     "joint_diagnose",
@@ -83,6 +85,8 @@ ESS_RATIO_MIN = 0.5
 # sds (the benchmarks' z, estimated from the weights alone), at which q is still used uncorrected: the
 # verdict bench calls a posterior bad above 0.5 sd and good at most 0.3 sd from NUTS.
 SHIFT_MAX = 0.5
+# Draws of q(globals) alone behind E_q and sd_q in the shift (an se of 0.016 q sds on E_q; no group drawn).
+Q_GLOBAL_DRAWS = 4000
 # The names ``failed`` lists, in this order: the globals' k, their ESS ratio, their weighted shift, a
 # level's p90 k, the model check, a range flag, draws that are not finite.
 CRITERIA = ("k", "ess", "shift", "groups", "model", "range", "finite")
@@ -175,26 +179,46 @@ def _failed(
     return [c for c in CRITERIA if out[c]]
 
 
-def weighted_shift(draws: dict[str, torch.Tensor], log_weights: torch.Tensor) -> dict[str, Any]:
+def weighted_shift(
+    draws: dict[str, torch.Tensor], log_weights: torch.Tensor, q_draws: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     """How far q's global draws ``{site: [S, ...]}`` lie from the posterior their normalized log weights
     ``[S]`` describe: per element ``|E_w x - E_q x| / sd_w x`` (an estimate of the z of q's mean against
-    the posterior), its Monte Carlo se (``sqrt(sum w^2 (x - E_w x)^2) / sd_w``) and ``sd_q / sd_w``; the
-    element with the largest shift (``z``, ``se``, ``sd_ratio``, ``site``: ``'tau'``, ``'beta[1]'``)."""
+    the posterior), its Monte Carlo se and ``sd_q / sd_w``; the element with the largest shift (``z``,
+    ``se``, ``sd_ratio``, ``site``: ``'tau'``, ``'beta[1]'``). ``q_draws``: more draws of q's globals
+    ``{site: [N, ...]}`` for ``E_q`` and ``sd_q`` (the S weighted draws' own mean errs by sd_q / sqrt(S),
+    far more than the weighted mean where q has a heavy tail the posterior has not); the se adds
+    both errors: ``sqrt(sum w^2 (x - E_w x)^2 + sd_q^2 / N) / sd_w``."""
     w = log_weights.to(torch.float64).exp()
     w = w / w.sum()
     best = {"z": 0.0, "se": 0.0, "sd_ratio": 1.0, "site": ""}
     for site, x in draws.items():
         x = x.to(torch.float64).reshape(x.shape[0], -1)
-        m_q, s_q = x.mean(0), x.std(0)
+        q = x if q_draws is None else q_draws[site].to(torch.float64).reshape(q_draws[site].shape[0], -1)
+        m_q, s_q = q.mean(0), q.std(0)
         m_w = (w[:, None] * x).sum(0)
         s_w = (w[:, None] * (x - m_w) ** 2).sum(0).sqrt()
         z = torch.where(s_q > 0, (m_w - m_q).abs() / s_w, torch.zeros_like(s_q))
-        se = (w[:, None] ** 2 * (x - m_w) ** 2).sum(0).sqrt() / s_w
+        var_q = s_q**2 / q.shape[0] if q_draws is not None else 0.0
+        se = ((w[:, None] ** 2 * (x - m_w) ** 2).sum(0) + var_q).sqrt() / s_w
         i = int(torch.nan_to_num(z, nan=math.inf).argmax())
         if not float(z[i]) <= best["z"]:
             name = site if x.shape[1] == 1 else f"{site}[{i}]"
             best = {"z": float(z[i]), "se": float(se[i]), "sd_ratio": float(s_q[i] / s_w[i]), "site": name}
     return best
+
+
+def q_global_draws(part: Any, encoded: dict[str, Any], n: int) -> dict[str, torch.Tensor]:
+    """``n`` draws of q(globals | y) alone, ``{site: [n, B, ...]}`` (user layout): from the encoding's
+    q over the unconstrained globals, without drawing any group (cheap, whatever the design's size)."""
+    st = part.structure
+    u = encoded["q_globals"].sample((int(n),))
+    out, offset = {}, 0
+    for site in st.global_sites:
+        value, _ = site.constrain(u[..., offset : offset + site.dim])
+        out[site.name] = st.to_user(site, value)
+        offset += site.dim
+    return out
 
 
 def globals_proposals(num_samples: int) -> int:
@@ -274,6 +298,7 @@ def diagnose(
         for (members, part), encoded in zip(post.parts, encodings):
             sets = [hierarchical_weights(part, S, encoded=encoded) for _ in range(repeats)]
             joint = part.draws(S, with_weights=True, encoded=encoded)[1]  # [S, B]: reported, not deciding
+            q_glob = q_global_draws(part, encoded, Q_GLOBAL_DRAWS)  # E_q for the shift
             pooled = torch.cat([hw.global_log_weights for hw in sets])
             for j, i in enumerate(members):
                 res = psis(pooled[:, j])
@@ -291,7 +316,7 @@ def diagnose(
                     ]
                 ratio = res.ess / max(1, pooled.shape[0])
                 drawn = {s: torch.cat([hw.globals_draws[s][:, j] for hw in sets]) for s in glob_sites}
-                shift = weighted_shift(drawn, res.log_weights)
+                shift = weighted_shift(drawn, res.log_weights, {k: v[:, j] for k, v in q_glob.items()})
                 why = [f"globals' {r}" for r in reasons(res.k, [])] + level_reasons(levels) + reasons(0.0, f)
                 correctable = not why
                 if res.k <= K_THRESHOLD and shift["z"] > SHIFT_MAX:
