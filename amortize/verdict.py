@@ -6,7 +6,7 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
   repeat, the Monte Carlo spread; the pooled value decides), with its importance ``ess``;
 * ``shift``: the global element whose importance-weighted mean lies farthest from q's, in weighted sds
   (``z``, an estimate of q's error against the posterior; its Monte Carlo ``se``, ``sd_ratio`` q's sd
-  over the weighted one, ``site``: :func:`weighted_shift`);
+  over the weighted one, ``site``: :func:`amortize.shift.weighted_shift`);
 * ``levels``: per level with latent sites, the per-group k's worst and p90 (``k_worst``, ``k_p90``),
   the sites and the number of groups;
 * ``group_draws``, ``noise_sd``: draws per outermost group behind the globals' weights (8, raised until
@@ -53,6 +53,7 @@ from .importance import K_THRESHOLD, psis
 from .local_sbc import LocalSBC, local_sbc, skipped
 from .plates import seeded
 from .predictive import MISFIT_DRAWS, misfit, misfit_reasons
+from .shift import Q_GLOBAL_DRAWS, q_global_draws, weighted_shift
 
 if TYPE_CHECKING:
     from .posterior import Posterior
@@ -61,9 +62,6 @@ __all__ = [
     "ESS_RATIO_MIN",
     "SHIFT_MAX",
     "CRITERIA",
-    "weighted_shift",
-    "q_global_draws",
-    "Q_GLOBAL_DRAWS",
     "verdict",
     "diagnose",
     "joint_diagnose",
@@ -85,8 +83,6 @@ ESS_RATIO_MIN = 0.5
 # sds (the benchmarks' z, estimated from the weights alone), at which q is still used uncorrected: the
 # verdict bench calls a posterior bad above 0.5 sd and good at most 0.3 sd from NUTS.
 SHIFT_MAX = 0.5
-# Draws of q(globals) alone behind E_q and sd_q in the shift (an se of 0.016 q sds on E_q; no group drawn).
-Q_GLOBAL_DRAWS = 4000
 # The names ``failed`` lists, in this order: the globals' k, their ESS ratio, their weighted shift, a
 # level's p90 k, the model check, a range flag, draws that are not finite.
 CRITERIA = ("k", "ess", "shift", "groups", "model", "range", "finite")
@@ -177,48 +173,6 @@ def _failed(
         "finite": not finite,
     }
     return [c for c in CRITERIA if out[c]]
-
-
-def weighted_shift(
-    draws: dict[str, torch.Tensor], log_weights: torch.Tensor, q_draws: dict[str, torch.Tensor] | None = None
-) -> dict[str, Any]:
-    """How far q's global draws ``{site: [S, ...]}`` lie from the posterior their normalized log weights
-    ``[S]`` describe: per element ``|E_w x - E_q x| / sd_w x`` (an estimate of the z of q's mean against
-    the posterior), its Monte Carlo se and ``sd_q / sd_w``; the element with the largest shift (``z``,
-    ``se``, ``sd_ratio``, ``site``: ``'tau'``, ``'beta[1]'``). ``q_draws``: more draws of q's globals
-    ``{site: [N, ...]}`` for ``E_q`` and ``sd_q`` (the S weighted draws' own mean errs by sd_q / sqrt(S),
-    far more than the weighted mean where q has a heavy tail the posterior has not); the se adds
-    both errors: ``sqrt(sum w^2 (x - E_w x)^2 + sd_q^2 / N) / sd_w``."""
-    w = log_weights.to(torch.float64).exp()
-    w = w / w.sum()
-    best = {"z": 0.0, "se": 0.0, "sd_ratio": 1.0, "site": ""}
-    for site, x in draws.items():
-        x = x.to(torch.float64).reshape(x.shape[0], -1)
-        q = x if q_draws is None else q_draws[site].to(torch.float64).reshape(q_draws[site].shape[0], -1)
-        m_q, s_q = q.mean(0), q.std(0)
-        m_w = (w[:, None] * x).sum(0)
-        s_w = (w[:, None] * (x - m_w) ** 2).sum(0).sqrt()
-        z = torch.where(s_q > 0, (m_w - m_q).abs() / s_w, torch.zeros_like(s_q))
-        var_q = s_q**2 / q.shape[0] if q_draws is not None else 0.0
-        se = ((w[:, None] ** 2 * (x - m_w) ** 2).sum(0) + var_q).sqrt() / s_w
-        i = int(torch.nan_to_num(z, nan=math.inf).argmax())
-        if not float(z[i]) <= best["z"]:
-            name = site if x.shape[1] == 1 else f"{site}[{i}]"
-            best = {"z": float(z[i]), "se": float(se[i]), "sd_ratio": float(s_q[i] / s_w[i]), "site": name}
-    return best
-
-
-def q_global_draws(part: Any, encoded: dict[str, Any], n: int) -> dict[str, torch.Tensor]:
-    """``n`` draws of q(globals | y) alone, ``{site: [n, B, ...]}`` (user layout): from the encoding's
-    q over the unconstrained globals, without drawing any group (cheap, whatever the design's size)."""
-    st = part.structure
-    u = encoded["q_globals"].sample((int(n),))
-    out, offset = {}, 0
-    for site in st.global_sites:
-        value, _ = site.constrain(u[..., offset : offset + site.dim])
-        out[site.name] = st.to_user(site, value)
-        offset += site.dim
-    return out
 
 
 def globals_proposals(num_samples: int) -> int:

@@ -19,7 +19,7 @@ import amortize as am
 from amortize.hierarchical_is import _subtree, group_log_weights, held_call, hierarchical_weights
 from amortize.importance import pareto_k_columns, psis
 from amortize.objectives import log_weights
-from amortize.verdict import weighted_shift
+from amortize.shift import weighted_shift
 
 from .test_psis import GROUP_SD, NOISE_SD, conjugate
 

@@ -69,7 +69,7 @@ def verdict_word(diag: dict[str, Any]) -> str:
 
 def k_line(diag: dict[str, Any]) -> str:
     """``pareto k 0.42 (4 sets of 1000 draws: 0.38-0.47), importance ESS 2100/4000, globals' shift 0.12 sd
-    ('tau'): ok``; the shift (:func:`amortize.verdict.weighted_shift`) only where the k is usable (<= 0.7)."""
+    ('tau'): ok``; the shift (:func:`amortize.shift.weighted_shift`) only where the k is usable (<= 0.7)."""
     sets = diag.get("pareto_k_sets", [])
     known = [k for k in sets if k == k]  # NaN: a set too small (< 25 draws) to estimate k
     spread = f"{min(known):.2f}-{max(known):.2f}" if known else "too few draws per set to estimate"
