@@ -5,8 +5,8 @@ when q is good (its log variance adds up over groups). The guide factorizes as
 ``q(globals | y) x prod_g q(z_g | parents, y)``, and so do the weights:
 
 * hold the globals (and the latents of the levels above ``L``) at the first
-  :data:`PARENT_DRAWS_FOR_K` of S draws of q, draw the latents of ``L`` and below M times each; per
-  group g of ``L`` the subtree weight
+  :data:`PARENT_DRAWS_FOR_K` of S draws of q (fewer where groups are many: :func:`parent_draws`), draw
+  the latents of ``L`` and below M times each; per group g of ``L`` the subtree weight
   ``log w_g = log p(y_g, z_g, z_desc | parents) - log q(z_g, z_desc | parents, y)`` (descendants drawn
   once per draw: an unbiased estimate of their evidence) gives a per-group Pareto k (PSIS over the M
   draws of each group, the median over the parent draws);
@@ -50,6 +50,8 @@ __all__ = [
     "MAX_GROUP_DRAWS",
     "NOISE_SD_TARGET",
     "PARENT_DRAWS_FOR_K",
+    "K_COLUMNS",
+    "parent_draws",
     "LevelK",
     "HierarchicalWeights",
     "group_log_weights",
@@ -63,6 +65,7 @@ WEIGHT_DRAWS = 8  # draws per outermost group behind the globals' weights, befor
 MAX_GROUP_DRAWS = 256  # the most draws per group the globals' pass is rerun with to tame its noise
 NOISE_SD_TARGET = 0.5  # sd of the globals' log weights from the per-group estimates that the pass aims below
 PARENT_DRAWS_FOR_K = 25  # per-group k from at most this many parent draws (its median is stable by then)
+K_COLUMNS = 2500  # per-group k's a level's quantile rests on: fewer parent draws (at least 5) where groups are many
 GROUP_QUANTILE = 0.9  # the per-group k quantile that decides (the worst of thousands of groups grows by chance)
 
 
@@ -230,6 +233,13 @@ def group_chunk(part: Any, M: int) -> int:
     return max(1, int(CHUNK_ELEMENTS // max(1, M * width)))
 
 
+def parent_draws(groups: int) -> int:
+    """Parent draws behind the per-group k's of ``groups`` groups: :data:`PARENT_DRAWS_FOR_K` up to 100
+    groups, then about :data:`K_COLUMNS` k's in all, at least 5 per group (a level's p90 over hundreds of
+    groups is stable with fewer per group, and the pass costs draws x groups)."""
+    return max(5, min(PARENT_DRAWS_FOR_K, math.ceil(K_COLUMNS / max(1, int(groups)))))
+
+
 def _level_k(w: torch.Tensor) -> torch.Tensor:
     """Per-group k ``[B, G]`` from subtree log weights ``[S, M, B, G]``: PSIS k over the M draws given
     each of the first :data:`PARENT_DRAWS_FOR_K` parent draws, then the median over them."""
@@ -303,10 +313,10 @@ def hierarchical_weights(
         above = glob_sites + tuple(s.name for s in st.latents if s.level in data.levels[: data.levels.index(lvl)])
         passes.setdefault(above, []).append(lvl)
     out = HierarchicalWeights(torch.zeros(0), dict(held), group_draws=M_w)
-    parents = {k: v[:PARENT_DRAWS_FOR_K] for k, v in held.items()}
     for names, lvls in passes.items():  # the per-group k's
-        _, _, trees = _pass(part, parents, names, M, encoded, False)
-        out.num_draws += min(S, PARENT_DRAWS_FOR_K) * M
+        n = parent_draws(sum(data.size(lvl) for lvl in lvls))
+        _, _, trees = _pass(part, {k: v[:n] for k, v in held.items()}, names, M, encoded, False)
+        out.num_draws += min(S, n) * M
         for lvl in lvls:
             out.levels[lvl] = _level_summary([s.name for s in st.sites_at(lvl)], _level_k(trees[lvl]))
     lw, sd, _ = _pass(part, held, glob_sites, M_w, encoded, True)  # the globals' weights

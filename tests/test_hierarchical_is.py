@@ -16,7 +16,14 @@ import pytest
 import torch
 
 import amortize as am
-from amortize.hierarchical_is import _subtree, group_log_weights, held_call, hierarchical_weights
+from amortize.hierarchical_is import (
+    WEIGHT_DRAWS,
+    _subtree,
+    group_log_weights,
+    held_call,
+    hierarchical_weights,
+    parent_draws,
+)
 from amortize.importance import pareto_k_columns, psis
 from amortize.objectives import log_weights
 from amortize.shift import weighted_shift
@@ -223,6 +230,14 @@ def test_three_level_weights_have_a_k_per_level():
     hw = hierarchical_weights(part, 40, 32)
     assert set(hw.levels) == {"district", "school"} and hw.global_log_weights.shape == (40, 1)
     assert hw.levels["school"].k.shape == (1, design.size("school"))
+    # the k's from 25 parent draws x 32 per level, the globals' weights from 40 x 8 (no rerun: small noise)
+    assert hw.num_draws == 2 * 25 * 32 + 40 * WEIGHT_DRAWS and hw.group_draws == WEIGHT_DRAWS, hw.num_draws
+
+
+def test_many_groups_rest_their_k_on_fewer_parent_draws() -> None:
+    """A level's k's cost parent draws x groups: up to 100 groups 25 parent draws each, then about 2500 k's
+    in all, never fewer than 5 per group."""
+    assert [parent_draws(g) for g in (1, 30, 100, 101, 250, 550, 2410)] == [25, 25, 25, 25, 10, 5, 5]
 
 
 def test_a_level_that_already_fails_stops_the_rerun_and_the_globals_correction(conjugate_amortizer):
