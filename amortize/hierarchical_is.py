@@ -294,11 +294,12 @@ def hierarchical_weights(
 ) -> HierarchicalWeights:
     """The globals' pseudo-marginal log weights and every latent level's per-group k (module docstring)
     for one :class:`~amortize.batch.StructureBatch`, on torch's RNG as it is (the caller seeds): the k's
-    from ``group_draws`` draws per group given each of the first :data:`PARENT_DRAWS_FOR_K` parent
-    draws, the weights from ``weight_draws`` per outermost group given each global draw. Where the
-    noise of the globals' log weights (delta method) exceeds :data:`NOISE_SD_TARGET`, their pass is run
-    again with more draws per group (up to :data:`MAX_GROUP_DRAWS`), unless a level already fails on
-    every dataset (:func:`_decided`). ``encoded``: the part's encoding where the caller has it."""
+    from ``group_draws`` draws per group given each of the first :func:`parent_draws` parent draws
+    (:data:`PARENT_DRAWS_FOR_K` up to 100 groups), the weights from ``weight_draws`` per outermost group
+    given each global draw. Where the noise of the globals' log weights (delta method) exceeds
+    :data:`NOISE_SD_TARGET`, their pass is run again with more draws per group (up to
+    :data:`MAX_GROUP_DRAWS`), unless a level already fails on every dataset (:func:`_decided`).
+    ``encoded``: the part's encoding where the caller has it."""
     st, data = part.structure, part.data
     latent_levels = [lvl for lvl in data.levels if st.sites_at(lvl)]
     M, M_w = (int(group_draws), int(weight_draws)) if latent_levels else (1, 1)
