@@ -242,8 +242,7 @@ def parent_draws(groups: int) -> int:
 
 def _level_k(w: torch.Tensor) -> torch.Tensor:
     """Per-group k ``[B, G]`` from subtree log weights ``[S, M, B, G]``: PSIS k over the M draws given
-    each of the first :data:`PARENT_DRAWS_FOR_K` parent draws, then the median over them."""
-    w = w[:PARENT_DRAWS_FOR_K]
+    each parent draw, then the median over them."""
     S, M, B, G = w.shape
     k = pareto_k_columns(w.permute(1, 0, 2, 3).reshape(M, -1)).reshape(S, B, G)
     return torch.from_numpy(np.nanmedian(np.where(np.isinf(k), np.nan, k), axis=0) if S > 1 else k[0])
@@ -257,10 +256,10 @@ def _level_summary(sites: list[str], k: torch.Tensor) -> LevelK:
 
 def _pass(
     part: Any, held: dict[str, torch.Tensor], names: tuple[str, ...], M: int, encoded: Any, globals_pass: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor] | None]:
     """One pass holding the sites ``names`` of ``held`` (S draws), M draws of the rest given each:
-    ``(globals' log weights [S, B], their noise sd [S, B], subtree log weights of the first
-    PARENT_DRAWS_FOR_K parent draws {level: [s, M, B, G]})``; weights and noise only in the globals' pass."""
+    ``(globals' log weights [S, B], their noise sd [S, B], None)`` in the globals' pass, ``(None, None,
+    subtree log weights {level: [S, M, B, G]})`` in a pass for the per-group k's."""
     data = part.data
     S = next(iter(held.values())).shape[0]
     chunk = group_chunk(part, M)
@@ -276,12 +275,11 @@ def _pass(
             # delta method: Var log p_hat_g = (E w^2 / (E w)^2 - 1) / M, summed over the groups
             rel = (torch.logsumexp(2 * outer, 1) + math.log(M) - 2 * lse).exp() - 1.0
             noise_sd.append((rel.clamp_min(0) / M).sum(-1).sqrt())
-        if start < PARENT_DRAWS_FOR_K:
+        else:
             trees.append(tree)
-    joined = {lvl: torch.cat([t[lvl] for t in trees]) for lvl in trees[0]}
     if not globals_pass:
-        return None, None, joined
-    return torch.cat(glob_w), torch.cat(noise_sd), joined
+        return None, None, {lvl: torch.cat([t[lvl] for t in trees]) for lvl in trees[0]}
+    return torch.cat(glob_w), torch.cat(noise_sd), None
 
 
 @torch.no_grad()
@@ -317,6 +315,7 @@ def hierarchical_weights(
     for names, lvls in passes.items():  # the per-group k's
         n = parent_draws(sum(data.size(lvl) for lvl in lvls))
         _, _, trees = _pass(part, {k: v[:n] for k, v in held.items()}, names, M, encoded, False)
+        assert trees is not None
         out.num_draws += min(S, n) * M
         for lvl in lvls:
             out.levels[lvl] = _level_summary([s.name for s in st.sites_at(lvl)], _level_k(trees[lvl]))
