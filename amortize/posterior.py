@@ -340,7 +340,7 @@ class Posterior:
         A dataset streamed in several chunks is not judged: its flags, k = NaN, ``ok`` None unless a flag
         makes it False (no weights); a subsampled fit's dataset gets no local SBC (a replicate needs a fit).
 
-        ``num_samples // 4`` (at least 100) global draws with 8 draws of each outermost group (32 of every
+        ``num_samples // 4`` (at least 100) global draws with 4 draws of each outermost group (32 of every
         group given the first 25, for its k), per repeat; ``repeats`` independent sets give the globals'
         k spread (``pareto_k_sets``), the decision pools them. ``local_sbc``: True runs it (the defaults
         of :class:`~amortize.local_sbc.LocalSBC`: 200 replicates x 49 draws, family-wise level 0.01), a

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,10 +41,39 @@ MISFIT_DRAWS = 1000  # replicated datasets behind the verdict's model check (p r
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean": lambda v: v.mean(-1),
-    "sd": lambda v: v.std(-1) if v.shape[-1] > 1 else torch.zeros(v.shape[:-1], dtype=v.dtype, device=v.device),
+    "sd": lambda v: _sd(v),
     "min": lambda v: v.amin(-1),
     "max": lambda v: v.amax(-1),
 }
+
+
+def _sd(v: torch.Tensor) -> torch.Tensor:
+    """The sample sd over the last dim (0 for one value) from the sums and the sums of squares (one
+    batched dot product, no centred copy: a fraction of ``Tensor.std``'s time on ``[1000, 10^4]``). In
+    float64 (as :func:`ppc` computes) its relative error is about 1e-16 (mean / sd)^2, far below a
+    float32 response's own resolution."""
+    n = v.shape[-1]
+    if n < 2:
+        return torch.zeros(v.shape[:-1], dtype=v.dtype, device=v.device)
+    flat = v.reshape(-1, 1, n)
+    sq = (flat @ flat.transpose(1, 2)).reshape(v.shape[:-1])
+    return ((sq - v.sum(-1).square() / n) / (n - 1)).clamp_min(0).sqrt()
+
+
+class _GroupMeans:
+    """The group means of one level, computed once per response tensor: the level's four statistics
+    share them (a weak reference to the last input, so that no replicate is kept alive)."""
+
+    def __init__(self, data: HierarchicalData, level: str) -> None:
+        self.data, self.level = data, level
+        self._last: tuple[Any, torch.Tensor | None] = (None, None)
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        ref, means = self._last
+        if means is None or ref() is not y:
+            means = _group_means(self.data, self.level, y)
+            self._last = (weakref.ref(y), means)
+        return means
 
 
 def _group_means(data: HierarchicalData, level: str, y: torch.Tensor) -> torch.Tensor:
@@ -61,8 +91,9 @@ def default_statistics(data: HierarchicalData) -> dict[str, tuple[str, Callable[
     for name, reduce in REDUCTIONS.items():
         out[f"{data.response}: {name}"] = (OBS, reduce)
     for level in reversed(data.levels):  # innermost groups first, next to the rows
+        means = _GroupMeans(data, level)
         for name, reduce in REDUCTIONS.items():
-            out[f"{level} means: {name}"] = (level, lambda y, lvl=level, r=reduce: r(_group_means(data, lvl, y)))
+            out[f"{level} means: {name}"] = (level, lambda y, m=means, r=reduce: r(m(y)))
     return out
 
 
@@ -113,8 +144,10 @@ def ppc(
     y = data.y.to(y_rep.device, torch.float64)
     y_rep = y_rep.double()
     rows, replicated = [], {}
-    for name, (level, stat) in (statistics or default_statistics(data)).items():
-        t_obs, t_rep = float(stat(y)), stat(y_rep).reshape(-1).cpu()
+    stats = statistics or default_statistics(data)
+    observed = {name: float(stat(y)) for name, (_, stat) in stats.items()}  # all of y first, then y_rep:
+    for name, (level, stat) in stats.items():  # the default statistics share a level's group means
+        t_obs, t_rep = observed[name], stat(y_rep).reshape(-1).cpu()
         lo, hi = torch.quantile(t_rep, torch.tensor([0.05, 0.95], dtype=t_rep.dtype)).tolist()
         p = float((t_rep > t_obs).double().mean() + 0.5 * (t_rep == t_obs).double().mean())
         rows.append(

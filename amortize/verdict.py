@@ -9,7 +9,7 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
   over the weighted one, ``site``: :func:`amortize.shift.weighted_shift`);
 * ``levels``: per level with latent sites, the per-group k's worst and p90 (``k_worst``, ``k_p90``),
   the sites and the number of groups;
-* ``group_draws``, ``noise_sd``: draws per outermost group behind the globals' weights (8, raised until
+* ``group_draws``, ``noise_sd``: draws per outermost group behind the globals' weights (4, raised until
   their noise is below 0.5, or 256 draws) and the sd of that noise;
 * ``joint_pareto_k``: the k of the joint weights over every latent, from as many joint draws as global
   draws (reported, not deciding: it degenerates with the number of groups even for a good q);
@@ -210,18 +210,24 @@ def local_checks(post: Posterior, settings: LocalSBC | None, seed: int) -> list[
 
 @torch.no_grad()
 def fit_checks(
-    post: Posterior, enabled: bool, seed: int, encodings: list[Any] | None = None
+    post: Posterior, enabled: bool, seed: int, held: list[dict[str, torch.Tensor]] | None = None
 ) -> list[dict[str, Any] | None]:
     """The model check (:func:`amortize.predictive.misfit`) of every dataset in input order (None each
     when not ``enabled``), on :data:`~amortize.predictive.MISFIT_DRAWS` replicated datasets drawn on
-    streams of their own derived from ``seed``; ``encodings``: each part's, where the caller has them."""
+    streams of their own derived from ``seed``: from ``held`` (each part's independent joint draws of q,
+    user layout ``[S, B, ...]``, those the globals' weights hold: ``ceil(MISFIT_DRAWS / S)`` replicates
+    each, so that the check draws nothing from q), else from as many fresh draws of q."""
     out: list[dict[str, Any] | None] = [None] * sum(len(m) for m, _ in post.parts)
     if not enabled:
         return out
     for p, (members, part) in enumerate(post.parts):
-        encoded = encodings[p] if encodings is not None else None
         with seeded(int(np.random.default_rng([int(seed) % 2**63, 30, p]).integers(2**62)), post.device):
-            y_rep = part.predictive(part.draws(MISFIT_DRAWS, encoded=encoded)[0])  # [n, B, N]
+            if held is None:
+                values = part.draws(MISFIT_DRAWS)[0]
+            else:
+                reps = -(-MISFIT_DRAWS // next(iter(held[p].values())).shape[0])
+                values = {k: v.repeat_interleave(reps, 0)[:MISFIT_DRAWS] for k, v in held[p].items()}
+            y_rep = part.predictive(values)  # [n, B, N]
         for j, i in enumerate(members):
             data = part.data if part.data.batch_size is None else part.data.with_response(part.data.y[j])
             out[i] = misfit(data, y_rep[:, j])
@@ -246,11 +252,15 @@ def diagnose(
     seed = post._next_seed() if seed is None else int(seed)  # what _seeded(None) would take: the k's as before
     local_res = local_checks(post, local, seed)
     encodings = [part.encode() for _, part in post.parts]  # one encoding per part serves every pass
-    fit_res = fit_checks(post, model_check, seed, encodings)
     glob_sites = [s.name for s in post.structure.global_sites]
     with post._seeded(seed):
-        for (members, part), encoded in zip(post.parts, encodings):
-            sets = [hierarchical_weights(part, S, encoded=encoded) for _ in range(repeats)]
+        weights = [
+            [hierarchical_weights(part, S, encoded=e) for _ in range(repeats)]
+            for (_, part), e in zip(post.parts, encodings)
+        ]
+        # the model check replicates from the draws the first set holds (independent joint draws of q)
+        fit_res = fit_checks(post, model_check, seed, [sets[0].globals_draws for sets in weights])
+        for (members, part), encoded, sets in zip(post.parts, encodings, weights):
             joint = part.draws(S, with_weights=True, encoded=encoded)[1]  # [S, B]: reported, not deciding
             q_glob = q_global_draws(part, encoded, Q_GLOBAL_DRAWS)  # E_q for the shift
             pooled = torch.cat([hw.global_log_weights for hw in sets])

@@ -177,7 +177,9 @@ def test_many_groups_verdict_is_stable_and_the_correction_works_where_the_joint_
     assert all("importance ESS" in v["reason"] and "ess" in v["failed"] for v in verdicts), [
         v["reason"] for v in verdicts
     ]
-    assert all(v["joint_pareto_k"] > 0.7 for v in verdicts), [v["joint_pareto_k"] for v in verdicts]
+    # the joint k, from 250 joint draws (from the 100 of diagnostics(400) its k spreads over 0.4-2.2)
+    joint = [post.diagnostics(1000, seed=s, model_check=False)["joint_pareto_k"] for s in range(3)]
+    assert all(k > 0.7 for k in joint), joint
     ks = [v["pareto_k"] for v in verdicts]
     assert max(ks) <= 0.7 and all(v["noise_sd"] <= 0.55 for v in verdicts)
     lv = verdicts[0]["levels"]["group"]
