@@ -32,12 +32,14 @@ __all__ = [
     "REDUCTIONS",
     "MISFIT_P",
     "MISFIT_DRAWS",
+    "MISFIT_FIRST",
     "misfit",
     "misfit_reasons",
 ]
 
 MISFIT_P = 0.001  # a default statistic with p below this or above 1 - this: the model misses the data
 MISFIT_DRAWS = 1000  # replicated datasets behind the verdict's model check (p resolution 0.0005)
+MISFIT_FIRST = 200  # replicated first: where they settle the check (:func:`misfit`'s ``total``), the rest are not drawn
 
 REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean": lambda v: v.mean(-1),
@@ -165,14 +167,25 @@ def ppc(
     return PPCResult(rows, replicated, int(y_rep.shape[0]))
 
 
-def misfit(data: HierarchicalData, y_rep: torch.Tensor, p: float = MISFIT_P) -> dict[str, Any]:
+def misfit(
+    data: HierarchicalData, y_rep: torch.Tensor, p: float = MISFIT_P, total: int | None = None
+) -> dict[str, Any] | None:
     """The verdict's model check of one dataset: the default statistics (:func:`default_statistics`)
     whose posterior predictive p-value is below ``p`` or above ``1 - p``. Posterior predictive p-values
     concentrate near 0.5 when the model fits, so with the default 0.001 a dataset the model generated
     is almost never flagged, while heavy tails the model has not (the response's max or min) or group
     means more spread than it allows are. ``{"ok", "extreme": [{"statistic", "level", "p_value"}],
-    "num_samples"}``."""
+    "num_samples"}``.
+
+    ``total``: the replicates the check is for, of which ``y_rep`` are the first n. A statistic's count
+    of replicates above the data (ties half) only grows, so where every p over the n lies within
+    ``[p total / n, 1 - p total / n]`` no statistic can fail over the ``total``: the check passes on the n
+    (exactly the decision of all ``total``); else None (the rest are needed)."""
     res = ppc(data, y_rep)
+    n = int(y_rep.shape[0])
+    if total is not None and total > n:
+        lo = p * total / n - 1e-12
+        return None if any(not lo <= r["p_value"] <= 1 - lo for r in res.rows) else misfit(data, y_rep, p)
     bad = [r for r in res.rows if not p <= r["p_value"] <= 1 - p]
     extreme = [{"statistic": r["statistic"], "level": r["level"], "p_value": r["p_value"]} for r in bad]
     return {"ok": not extreme, "extreme": extreme, "num_samples": res.num_samples}

@@ -52,7 +52,7 @@ from .hierarchical_is import hierarchical_weights
 from .importance import K_THRESHOLD, psis
 from .local_sbc import LocalSBC, local_sbc, skipped
 from .plates import seeded
-from .predictive import MISFIT_DRAWS, misfit, misfit_reasons
+from .predictive import MISFIT_DRAWS, MISFIT_FIRST, misfit, misfit_reasons
 from .shift import Q_GLOBAL_DRAWS, q_global_draws, weighted_shift
 
 if TYPE_CHECKING:
@@ -221,16 +221,22 @@ def fit_checks(
     if not enabled:
         return out
     for p, (members, part) in enumerate(post.parts):
+        d = part.data
+        datasets = [d] if d.batch_size is None else [d.with_response(y) for y in d.y]
         with seeded(int(np.random.default_rng([int(seed) % 2**63, 30, p]).integers(2**62)), post.device):
             if held is None:
                 values = part.draws(MISFIT_DRAWS)[0]
             else:
                 reps = -(-MISFIT_DRAWS // next(iter(held[p].values())).shape[0])
                 values = {k: v.repeat_interleave(reps, 0)[:MISFIT_DRAWS] for k, v in held[p].items()}
-            y_rep = part.predictive(values)  # [n, B, N]
+            # the first MISFIT_FIRST replicates, then the rest only where those leave the check open
+            y_rep = part.predictive({k: v[:MISFIT_FIRST] for k, v in values.items()})  # [n, B, N]
+            res = [misfit(d, y_rep[:, j], total=MISFIT_DRAWS) for j, d in enumerate(datasets)]
+            if any(r is None for r in res):
+                y_rep = torch.cat([y_rep, part.predictive({k: v[MISFIT_FIRST:] for k, v in values.items()})])
+                res = [r if r is not None else misfit(d, y_rep[:, j]) for j, (r, d) in enumerate(zip(res, datasets))]
         for j, i in enumerate(members):
-            data = part.data if part.data.batch_size is None else part.data.with_response(part.data.y[j])
-            out[i] = misfit(data, y_rep[:, j])
+            out[i] = res[j]
     return out
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import amortize as am
-from amortize.predictive import default_statistics, ppc
+from amortize.predictive import REDUCTIONS, default_statistics, misfit, ppc
 
 
 def two_levels():
@@ -64,3 +64,39 @@ def test_posterior_ppc_and_shape_errors(amortizer):
         ppc(data, torch.zeros(5, 7))
     with pytest.raises(am.DataError, match="one dataset"):
         amortizer.posterior([data, data]).ppc(5)
+
+
+def test_the_sd_statistic_matches_tensor_std_far_from_zero():
+    """The sd from sums and sums of squares agrees with ``Tensor.std`` for responses centred near 0 and
+    near 10^4 (sd 1: relative error 1e-8, far below a float32 response's resolution), and is 0 for one row."""
+    gen = torch.Generator().manual_seed(1)
+    sd = REDUCTIONS["sd"]
+    for offset in (0.0, 1e4):
+        v = (offset + torch.randn(20, 500, generator=gen)).double()
+        rel = float(((sd(v) - v.std(-1)) / v.std(-1)).abs().max())
+        assert rel < 1e-14 + 1e-15 * offset**2, (offset, rel)  # cancellation: about 1e-16 (mean / sd)^2
+    assert sd(torch.ones(3, 1, dtype=torch.float64)).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_the_model_check_settles_on_its_first_replicates_exactly():
+    """``misfit`` on the first 200 of 1000 replicates with ``total=1000``: where it settles it passes, and so
+    do all 1000 (a statistic's count above the data only grows); data the model misfits (one row moved
+    k sds) leave it open (None) on the first 200, and all 1000 fail them."""
+    gen = torch.Generator().manual_seed(2)
+    n = 300
+    base = am.HierarchicalData(["group"], {}, torch.arange(n) % 20, y=torch.randn(n, generator=gen))
+    settled = open_ = 0
+    for k in (0.0, 2.0, 3.0, 3.5, 4.0, 5.0, 8.0):
+        y = base.y.clone()
+        y[0] = k if k else y[0]
+        data = base.with_response(y)
+        y_rep = torch.randn(1000, n, generator=gen)
+        full, first = misfit(data, y_rep), misfit(data, y_rep[:200], total=1000)
+        if first is None:
+            open_ += 1
+        else:
+            settled += 1
+            assert first["ok"] and full["ok"] and first["num_samples"] == 200, k
+        if not full["ok"]:
+            assert first is None, k
+    assert settled >= 2 and open_ >= 2 and not misfit(base.with_response(y), y_rep)["ok"]
