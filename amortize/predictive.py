@@ -41,13 +41,6 @@ MISFIT_P = 0.001  # a default statistic with p below this or above 1 - this: the
 MISFIT_DRAWS = 1000  # replicated datasets behind the verdict's model check (p resolution 0.0005)
 MISFIT_FIRST = 200  # replicated first: where they settle the check (:func:`misfit`'s ``total``), the rest are not drawn
 
-REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "mean": lambda v: v.mean(-1),
-    "sd": lambda v: _sd(v),
-    "min": lambda v: v.amin(-1),
-    "max": lambda v: v.amax(-1),
-}
-
 
 def _sd(v: torch.Tensor) -> torch.Tensor:
     """The sample sd over the last dim (0 for one value) from the sums and the sums of squares (one
@@ -60,6 +53,14 @@ def _sd(v: torch.Tensor) -> torch.Tensor:
     flat = v.reshape(-1, 1, n)
     sq = (flat @ flat.transpose(1, 2)).reshape(v.shape[:-1])
     return ((sq - v.sum(-1).square() / n) / (n - 1)).clamp_min(0).sqrt()
+
+
+REDUCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": lambda v: v.mean(-1),
+    "sd": _sd,
+    "min": lambda v: v.amin(-1),
+    "max": lambda v: v.amax(-1),
+}
 
 
 class _GroupMeans:

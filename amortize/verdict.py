@@ -20,7 +20,8 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
   sds at augmented datasets, where an amortized q's error differs from its error at y, and on the
   held-out benchmark (experiments/bench/verdict.py) it failed 11 of 12 posteriors that agree with NUTS;
 * ``model_check``: the default posterior predictive statistics (:func:`amortize.predictive.misfit`) with
-  p below 0.001 or above 0.999 over 1000 replicated datasets: data the model cannot have generated
+  p below 0.001 or above 0.999 over 1000 replicated datasets (the first 200 where they settle it,
+  :func:`fit_checks`), from the globals' held draws of q: data the model cannot have generated
   (heavy tails under a Normal likelihood), a misfit no q can mend, reported apart from q's errors;
 * ``ok`` is True when the globals' k <= 0.7, their importance ESS is at least 50% of the draws
   (``ess_ratio``; a q much wider than the posterior has a small k but a small ESS) and their shift is at
