@@ -184,9 +184,10 @@ def misfit(
     (exactly the decision of all ``total``); else None (the rest are needed)."""
     res = ppc(data, y_rep)
     n = int(y_rep.shape[0])
-    if total is not None and total > n:
+    if total is not None and total > n:  # settled: no p over the n lies beyond p total / n, so none beyond p
         lo = p * total / n - 1e-12
-        return None if any(not lo <= r["p_value"] <= 1 - lo for r in res.rows) else misfit(data, y_rep, p)
+        if any(not lo <= r["p_value"] <= 1 - lo for r in res.rows):
+            return None
     bad = [r for r in res.rows if not p <= r["p_value"] <= 1 - p]
     extreme = [{"statistic": r["statistic"], "level": r["level"], "p_value": r["p_value"]} for r in bad]
     return {"ok": not extreme, "extreme": extreme, "num_samples": res.num_samples}
