@@ -328,8 +328,8 @@ class Posterior:
         model_check: bool = True,
     ) -> Any:
         """Per-dataset trust from hierarchical importance weights (:mod:`amortize.verdict`): the globals'
-        Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k (``levels``), the
-        joint k over every latent (``joint_pareto_k``), flags for data outside the training range, the
+        Pareto k (``pareto_k``, its ``ess``), per level the worst and p90 per-group k (``levels``),
+        flags for data outside the training range, the
         posterior SBC conditional on the data (``local_sbc``: :mod:`amortize.local_sbc`), the model check
         (``model_check``: posterior predictive p-values below 0.001 or above 0.999,
         :func:`amortize.predictive.misfit`), ``ok`` (globals' k and every level's p90 k <= 0.7, the

@@ -1,4 +1,4 @@
-"""The per-dataset verdict behind ``Posterior.diagnostics()``: hierarchical k, the joint k, range flags.
+"""The per-dataset verdict behind ``Posterior.diagnostics()``: hierarchical k, range flags, the model check.
 
 Per dataset (see :mod:`amortize.hierarchical_is`):
 
@@ -11,8 +11,6 @@ Per dataset (see :mod:`amortize.hierarchical_is`):
   the sites and the number of groups;
 * ``group_draws``, ``noise_sd``: draws per outermost group behind the globals' weights (4, raised until
   their noise is below 0.5, or 256 draws) and the sd of that noise;
-* ``joint_pareto_k``: the k of the joint weights over every latent, from as many joint draws as global
-  draws (reported, not deciding: it degenerates with the number of groups even for a good q);
 * ``flags``: data outside the training range;
 * ``local_sbc``: posterior SBC conditional on this dataset (:mod:`amortize.local_sbc`): per quantity
   its p-value, shift and whether its rank ECDF lies inside the band, the family-wise ``ok`` (None when
@@ -96,7 +94,6 @@ _PER_DATASET = (
     "correctable",
     "failed",
     "levels",
-    "joint_pareto_k",
     "local_sbc",
     "model_check",
 )
@@ -268,7 +265,6 @@ def diagnose(
         # the model check replicates from the draws the first set holds (independent joint draws of q)
         fit_res = fit_checks(post, model_check, seed, [sets[0].globals_draws for sets in weights])
         for (members, part), encoded, sets in zip(post.parts, encodings, weights):
-            joint = part.draws(S, with_weights=True, encoded=encoded)[1]  # [S, B]: reported, not deciding
             q_glob = q_global_draws(part, encoded, Q_GLOBAL_DRAWS)  # E_q for the shift
             pooled = torch.cat([hw.global_log_weights for hw in sets])
             for j, i in enumerate(members):
@@ -315,7 +311,6 @@ def diagnose(
                     "correctable": correctable,
                     "failed": _failed(res.k, ratio, shift["z"], levels, fit_res[i], f),
                     "levels": levels,
-                    "joint_pareto_k": psis(joint[:, j]).k,
                     "num_samples": S * repeats,
                     "group_draws": max(hw.group_draws for hw in sets),
                     "noise_sd": max(float(hw.noise_sd[j]) for hw in sets if hw.noise_sd is not None),

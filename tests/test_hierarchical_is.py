@@ -178,8 +178,12 @@ def test_many_groups_verdict_is_stable_and_the_correction_works_where_the_joint_
     assert all("importance ESS" in v["reason"] and "ess" in v["failed"] for v in verdicts), [
         v["reason"] for v in verdicts
     ]
-    # the joint k, from 250 joint draws (from the 100 of diagnostics(400) its k spreads over 0.4-2.2)
-    joint = [post.diagnostics(1000, seed=s, model_check=False)["joint_pareto_k"] for s in range(3)]
+    # the joint k, from 250 joint draws (from 100 its k spreads over 0.4-2.2)
+    joint = []
+    for s in range(3):
+        pyro.set_rng_seed(s)
+        with torch.no_grad():
+            joint.append(psis(post.proposals(250)[0][1][:, 0]).k)
     assert all(k > 0.7 for k in joint), joint
     ks = [v["pareto_k"] for v in verdicts]
     assert max(ks) <= 0.7 and all(v["noise_sd"] <= 0.55 for v in verdicts)
