@@ -19,7 +19,14 @@ pytest.importorskip("jax")
 
 import numpyro_models as nm  # noqa: E402
 
-TWINS = ["poisson_3level", "logistic_3level", "gaussian_contextual", "varying_slopes", "gaussian_4level"]
+TWINS = [
+    "poisson_3level",
+    "logistic_2level",
+    "logistic_3level",
+    "gaussian_contextual",
+    "varying_slopes",
+    "gaussian_4level",
+]
 
 
 def _simulate(name: str, seed: int):

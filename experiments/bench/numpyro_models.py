@@ -9,8 +9,8 @@ observation, each group's parent, the covariates and the response) and are the s
 site, with the same site names, shapes and distributions: the tests check that their log densities
 equal the Pyro models' log joints on the same values and data. :data:`MODELS` maps the name of each
 shipped Pyro model that has a NumPyro version to it: ``gaussian_2level``, ``gaussian_3level``,
-``poisson_3level``, ``logistic_3level``, ``gaussian_contextual`` (the radon contextual-effects model
-with HalfNormal scales), ``varying_slopes`` and ``gaussian_4level``.
+``poisson_3level``, ``logistic_2level``, ``logistic_3level``, ``gaussian_contextual`` (the radon
+contextual-effects model with HalfNormal scales), ``varying_slopes`` and ``gaussian_4level``.
 
 Example:
     >>> from numpyro_models import run_numpyro_nuts  # doctest: +SKIP
@@ -141,6 +141,25 @@ def poisson_3level(
     log_rate = a_c[county] + jnp.log(exposure)
     with numpyro.plate("obs", county.shape[0]):
         numpyro.sample("y", ndist.Poisson(jnp.exp(log_rate)), obs=y)
+
+
+def logistic_2level(group: jax.Array, x: jax.Array, n_groups: int, y: jax.Array | None = None) -> None:
+    """:func:`amortize.models.logistic_2level` in NumPyro: mu ~ N(0, 1.5), tau ~ HalfNormal(1),
+    beta ~ N(0, 1), alpha_g ~ N(mu, tau), y_i ~ Bernoulli(logit = alpha[group_i] + beta x_i).
+
+    Args:
+        group: group index of every observation ``[N]``, as ``data.index("group")``.
+        x: the row covariate ``[N]``.
+        n_groups: number of groups (static: it sets the shape of ``alpha``).
+        y: the 0/1 response ``[N]`` (None: simulate it).
+    """
+    mu = numpyro.sample("mu", ndist.Normal(0.0, 1.5))
+    tau = numpyro.sample("tau", ndist.HalfNormal(1.0))
+    beta = numpyro.sample("beta", ndist.Normal(0.0, 1.0))
+    with numpyro.plate("group", n_groups):
+        alpha = numpyro.sample("alpha", ndist.Normal(mu, tau))
+    with numpyro.plate("obs", group.shape[0]):
+        numpyro.sample("y", ndist.Bernoulli(logits=alpha[group] + beta * x), obs=y)
 
 
 def logistic_3level(
@@ -341,6 +360,10 @@ def _arrays_poisson_3level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...
     return args, sizes
 
 
+def _arrays_logistic_2level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
+    return (_index(data.index("group")), _float(data.x["x"])), {"n_groups": data.size("group")}
+
+
 def _arrays_logistic_3level(data: HierarchicalData) -> tuple[tuple[jax.Array, ...], dict[str, int]]:
     x = data.x
     args = (
@@ -405,6 +428,9 @@ MODELS: dict[str, NumPyroModel] = {
         ("mu", "tau_nation", "tau_region", "tau_county", "a_nation", "a_region", "a_county"),
         ("a_nation", "a_region", "a_county"),
         _arrays_poisson_3level,
+    ),
+    "logistic_2level": NumPyroModel(
+        logistic_2level, ("group",), ("mu", "tau", "beta", "alpha"), ("alpha",), _arrays_logistic_2level
     ),
     "logistic_3level": NumPyroModel(
         logistic_3level,

@@ -1,11 +1,13 @@
 """Does the per-dataset verdict (``post.diagnostics()``) tell good posteriors from bad ones (issue #20)?
 
-Per model (the shipped 2-level and 3-level Gaussians, trained here with ``--steps``, and the 2-level one on
-a design of 400-700 groups, ``gaussian_2level_large``):
+Per model (the shipped 2-level and 3-level Gaussians, trained here with ``--steps``, the 2-level one on
+a design of 400-700 groups, ``gaussian_2level_large``, and one the verdict was not tuned on: the shipped
+Bernoulli ``logistic_2level`` on 1000-2000 groups of 1-8 rows, singletons among them,
+``logistic_2level_many``):
 
 * cases: held-out prior-predictive datasets; the same datasets under an amortizer trained for 5% of
-  the steps; data with 5x the noise; with Student-t (df 2) noise added; a design with 4x the trained
-  groups; responses x 100;
+  the steps; for a Gaussian response data with 5x the noise, with Student-t (df 2) noise added, and
+  responses x 100; a design with 4x the trained groups;
 * truth by NUTS on the same data where it is affordable and its checks pass (held-out, undertrained,
   5x noise, 4x groups): good when the amortized posterior agrees (globals' and groups' z p90 <= 0.3),
   bad when it does not (> 0.5), unclear between; by construction otherwise: Student-t noise is
@@ -51,12 +53,25 @@ MODELS = {
     "gaussian_2level": models.gaussian_2level,
     "gaussian_3level": models.gaussian_3level,
     "gaussian_2level_large": models.gaussian_2level,  # 400-700 groups: 400-700 group latents
+    # a design the verdict was not tuned on: Bernoulli, 1000-2000 groups, 1-8 rows each (singletons)
+    "logistic_2level_many": models.logistic_2level,
 }
 SAMPLERS = {
     **models.SAMPLERS,
     "gaussian_2level_large": lambda: am.StructureSampler(["group"], groups={"group": (400, 700)}, obs=(2, 12)),
+    "logistic_2level_many": lambda: am.StructureSampler(
+        ["group"],
+        groups={"group": (1000, 2000)},
+        obs=(1, 8),
+        covariates={"obs": {"x": {"dist": "normal"}}},
+        vary_sizes=True,
+    ),
 }
-TWINS = {"gaussian_2level_large": "gaussian_2level"}  # the NumPyro twin of a design's model (--numpyro)
+# the NumPyro twin of a design's model (--numpyro)
+TWINS = {"gaussian_2level_large": "gaussian_2level", "logistic_2level_many": "logistic_2level"}
+# the wrong cases of a model beside its undertrained amortizer: those of a Gaussian response by default
+CASES = {"logistic_2level_many": ("groups_x4",)}
+GAUSSIAN_CASES = ("noise_x5", "student_t", "groups_x4", "response_x100")
 GOOD_Z, BAD_Z = 0.3, 0.5
 NUTS_JUDGED = ("held-out", "undertrained 5%", "noise_x5", "groups_x4")  # the cases whose truth NUTS decides
 
@@ -214,7 +229,7 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
     for i, data in enumerate(heldout_datasets(good, args.heldout, seed=args.seed + 10_000)):
         rows.append(judged(good.posterior(data), data, i, "held-out", "no reference"))
         rows.append(judged(under.posterior(data), data, i, "undertrained 5%", "bad"))
-        for kind in ("noise_x5", "student_t", "groups_x4", "response_x100"):
+        for kind in CASES.get(name, GAUSSIAN_CASES):
             bad = _variant(good, data, kind, seed=1000 * i + 7)
             truth = "misspecified" if kind == "student_t" else "bad"
             rows.append(judged(good.posterior(bad), bad, i, kind, truth))
@@ -234,7 +249,8 @@ def run_model(name: str, args: argparse.Namespace) -> tuple[dict, str]:
         "draw_ms_median": float(np.median([r["draw_ms"] for r in rows])),
     }
     table = [{"truth": t, **c} for t, c in confusion.items() if c["ok"] + c["not ok"]]
-    md = [f"### {name}: {args.heldout} held-out datasets ({args.steps} steps), 5 wrong cases each\n"]
+    wrong = 1 + len(CASES.get(name, GAUSSIAN_CASES))
+    md = [f"### {name}: {args.heldout} held-out datasets ({args.steps} steps), {wrong} wrong cases each\n"]
     by = [f"by {c}" for c in ("k", "ess", "shift", "groups", "local", "model", "range")]
     md.append(to_markdown(table, ["truth", "ok", "not ok", *by]))
     md.append(
