@@ -107,7 +107,7 @@ def _variant(a: am.Amortizer, data: am.HierarchicalData, kind: str, seed: int) -
 
 
 def _tile(design: am.HierarchicalData, reps: int) -> am.HierarchicalData:
-    """``reps`` copies of a design side by side (the outermost groups repeated)."""
+    """``reps`` copies of a design side by side (the outermost groups repeated, with their covariates)."""
     levels = list(design.levels)
     parents, offsets = {}, {lvl: design.size(lvl) for lvl in levels}
     for lvl in levels[1:]:
@@ -115,7 +115,8 @@ def _tile(design: am.HierarchicalData, reps: int) -> am.HierarchicalData:
         p = design.parents[lvl]
         parents[lvl] = torch.cat([p + r * offsets[above] for r in range(reps)])
     group = torch.cat([design.group + r * offsets[levels[-1]] for r in range(reps)])
-    return am.HierarchicalData(levels, parents, group)
+    covariates = {lvl: {k: torch.cat([v] * reps) for k, v in cols.items()} for lvl, cols in design.covariates.items()}
+    return am.HierarchicalData(levels, parents, group, covariates=covariates)
 
 
 def _sim(a: am.Amortizer, design: am.HierarchicalData, seed: int) -> Any:
