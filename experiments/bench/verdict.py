@@ -17,8 +17,8 @@ Bernoulli ``logistic_2level`` on 1000-2000 groups of 1-8 rows, singletons among 
   smallest p-value and quantity), and which criteria flagged it (``by``: the verdict's ``failed``, i.e. ``k``
   globals' k, ``ess`` globals' ESS, ``shift`` the globals' weighted mean shift, ``groups`` a level's p90 k,
   ``model`` the model check, ``range`` a flag; and ``local`` where the local SBC, which is reported and does
-  not decide, flagged it); its cost in ms
-  per dataset (with and without the local SBC) next to drawing 1000 draws; on held-out rows the globals'
+  not decide, flagged it); its cost in ms per dataset (with and without the local SBC) next to drawing 1000
+  draws; on held-out rows the globals'
   z p90 of the hierarchically corrected draws next to the uncorrected ones; ``ok`` of a second verdict
   on other streams (``ok_other_seed``; how often it differs is printed).
 
